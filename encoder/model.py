@@ -1,0 +1,139 @@
+"""The dual encoder: pretrained towers + projection heads into one L2-normalised space."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoder.backbones import (
+    StagedImageBackbone,
+    TextBackbone,
+    create_image_backbone,
+    create_text_backbone,
+)
+
+
+@dataclass
+class ModelConfig:
+    image_backbone: str = "efficientnet_lite0"
+    text_backbone: str = "all-MiniLM-L6-v2"
+    embed_dim: int = 256
+    head: str = "linear"  # linear | mlp
+    image_pool: str = "avg"  # avg | attention (learned pooling over the feature map)
+    # top image stages that are fine-tuned; their weights are saved in the checkpoint
+    image_tail_stages: int = 0
+    image_weights: str | None = None
+    text_weights: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Projection(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, kind: str):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"unknown head {kind!r}")
+        self.linear = nn.Linear(in_dim, out_dim)
+        # mlp = linear + residual two-layer branch (starts as the linear head)
+        self.mlp = None
+        if kind == "mlp":
+            self.mlp = nn.Sequential(
+                nn.Linear(in_dim, out_dim * 2), nn.GELU(), nn.Dropout(0.1),
+                nn.Linear(out_dim * 2, out_dim),
+            )
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y if self.mlp is None else y + self.mlp(x)
+
+
+class AttentionPool(nn.Module):
+    """Softmax-weighted average over positions, mixed with the plain average (starts at avg)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.score = nn.Conv2d(channels, 1, kernel_size=1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        weights = self.score(fmap).flatten(2).softmax(-1)  # [B, 1, h*w]
+        return (fmap.flatten(2) * weights).sum(-1)
+
+
+class ImageHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, head: str, pool: str):
+        super().__init__()
+        if pool not in ("avg", "attention"):
+            raise ValueError(f"unknown image_pool {pool!r}")
+        self.pool = AttentionPool(in_dim) if pool == "attention" else None
+        self.proj = Projection(in_dim, out_dim, head)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        if fmap.dim() == 4:
+            fmap = self.pool(fmap) if self.pool is not None else fmap.mean((2, 3))
+        return self.proj(fmap)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, image_backbone: StagedImageBackbone | None = None,
+                 text_backbone: TextBackbone | None = None, load_backbones: bool = True):
+        super().__init__()
+        self.config = config
+        if load_backbones:
+            image_backbone = image_backbone or create_image_backbone(
+                config.image_backbone, config.image_weights)
+            text_backbone = text_backbone or create_text_backbone(
+                config.text_backbone, config.text_weights)
+        self.image_backbone = image_backbone
+        self.text_backbone = text_backbone
+        img_dim = image_backbone.spec.out_dim if image_backbone else config.extra["image_dim"]
+        txt_dim = text_backbone.out_dim if text_backbone else config.extra["text_dim"]
+        config.extra.update(image_dim=img_dim, text_dim=txt_dim)
+        self.image_head = ImageHead(img_dim, config.embed_dim, config.head, config.image_pool)
+        self.text_head = Projection(txt_dim, config.embed_dim, config.head)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # --- the split between frozen and trainable image stages -----------------------------
+    @property
+    def image_split(self) -> int:
+        """Index of the first fine-tuned image stage (== number of stages when all frozen)."""
+        n = len(self.image_backbone.stages)
+        return n - self.config.image_tail_stages
+
+    def trainable_state_keys(self) -> list[str]:
+        keys = [k for k in self.state_dict() if not k.startswith(("image_backbone.", "text_backbone."))]
+        split = self.image_split
+        for k in self.state_dict():
+            if k.startswith("image_backbone.stages."):
+                if int(k.split(".")[2]) >= split:
+                    keys.append(k)
+        return keys
+
+    # --- encoding ---------------------------------------------------------------------------
+    def embed_image_features(self, fmap: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Head (and fine-tuned tail stages, from `start`) on cached backbone output."""
+        if start is not None and start < len(self.image_backbone.stages):
+            fmap = self.image_backbone(fmap, start=start)
+        return F.normalize(self.image_head(fmap), dim=-1)
+
+    def embed_text_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_head(feats), dim=-1)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_head(self.image_backbone(pixels)), dim=-1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.text_head(self.text_backbone(texts)), dim=-1)

@@ -1,0 +1,1 @@
+"""The index life cycle: object store, ingest, embedding, versioned FAISS indexes."""

@@ -1,0 +1,80 @@
+"""`python -m indexer {ingest,rebuild,update,status,prune}` — one command, one stage each."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from indexer.settings import get_settings
+
+
+def _encoder(settings):
+    from encoder import Encoder
+
+    return Encoder.from_checkpoint(settings.model_path, settings.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m indexer", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ing = sub.add_parser("ingest", help="copy Flickr8k (folder, zip path or URL) into the store")
+    ing.add_argument("--source", help="folder / Flickr8k_Dataset.zip path or URL "
+                                      "(default: FLICKR8K_SOURCE)")
+    ing.add_argument("--text-source", help="Flickr8k_text.zip path or URL (zip sources)")
+    ing.add_argument("--split", default="all", choices=["all", "train", "dev", "test"])
+    ing.add_argument("--limit", type=int, help="ingest at most N images (smoke runs)")
+    for name, text in (("rebuild", "embed every image and publish a fresh index version"),
+                       ("update", "embed only new/changed images; drop removed ones")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--batch-size", type=int, default=None)
+    sub.add_parser("status", help="model id, version, count, objects not indexed")
+    pr = sub.add_parser("prune", help="delete old index versions")
+    pr.add_argument("--keep", type=int, default=3)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from indexer.index import IndexRepository
+    from indexer.store import StoreError, open_store
+
+    s = get_settings()
+    repo = IndexRepository(s.index_dir)
+    try:
+        if args.cmd == "prune":
+            print(json.dumps({"removed": repo.prune(args.keep)}))
+            return 0
+        store = open_store(s)
+        if args.cmd == "ingest":
+            from indexer.ingest import ingest
+            from indexer.sources import open_source
+
+            src = open_source(args.source or s.flickr8k_source, args.text_source,
+                              cache_dir=f"{s.index_dir}/../downloads")
+            report = ingest(src, store, s.images_prefix, s.text_prefix, split=args.split,
+                            limit=args.limit, progress=not args.quiet)
+            print(json.dumps(report.__dict__))
+        elif args.cmd == "status":
+            print(json.dumps(_status(s, store, repo), indent=2))
+        else:
+            from indexer import pipeline
+
+            fn = pipeline.rebuild if args.cmd == "rebuild" else pipeline.update
+            report = fn(store, _encoder(s), repo, s.images_prefix,
+                        batch_size=args.batch_size or s.embed_batch_size, progress=not args.quiet)
+            print(json.dumps(report.to_dict(), indent=2))
+    except (StoreError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(s, store, repo) -> dict:
+    from encoder import read_card
+    from indexer.pipeline import status
+
+    try:
+        model_id = read_card(s.model_path)["model_id"]
+    except (FileNotFoundError, ValueError):
+        model_id = None
+    return status(store, repo, s.images_prefix, model_id)

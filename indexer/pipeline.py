@@ -1,0 +1,172 @@
+"""The index life cycle: embed objects from the store, rebuild, update incrementally, status."""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import faiss
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from encoder import Encoder
+from encoder.preprocessing import BadImage, decode_image
+from indexer.index import IndexLoadError, IndexRepository, new_flat_index
+from indexer.store import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclass
+class EmbedResult:
+    keys: list[str] = field(default_factory=list)
+    etags: list[str] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # key -> why
+
+
+def list_images(store: ObjectStore, prefix: str) -> dict[str, ObjectInfo]:
+    return {o.key: o for o in store.list(prefix) if o.key.lower().endswith(IMAGE_SUFFIXES)}
+
+
+def _load(store: ObjectStore, encoder: Encoder, info: ObjectInfo):
+    try:
+        return info, encoder.preprocess(decode_image(store.get(info.key))), None
+    except BadImage as exc:
+        return info, None, str(exc)
+
+
+def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
+                 batch_size: int, workers: int = 4) -> Iterator[tuple[list, torch.Tensor | None, dict]]:
+    """Fetch+decode in threads, ahead of the forward pass; yields (infos, pixels, failures)."""
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(objects), batch_size):
+            chunk = objects[start:start + batch_size]
+            loaded = list(pool.map(lambda o: _load(store, encoder, o), chunk))
+            ok = [(i, t) for i, t, err in loaded if err is None]
+            failed = {i.key: err for i, _, err in loaded if err is not None}
+            pixels = torch.stack([t for _, t in ok]) if ok else None
+            yield [i for i, _ in ok], pixels, failed
+
+
+def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
+                  batch_size: int = 32, progress: bool = True) -> EmbedResult:
+    out = EmbedResult()
+    chunks = []
+    with tqdm(total=len(objects), desc="embed", unit="img", disable=not progress) as bar:
+        for infos, pixels, failed in iter_batches(store, encoder, objects, batch_size):
+            out.failed.update(failed)
+            for key, why in failed.items():
+                log.warning("skipping %s: %s", key, why)
+            if pixels is not None:
+                chunks.append(encoder.encode_pixels(pixels))
+                out.keys += [i.key for i in infos]
+                out.etags += [i.etag for i in infos]
+            bar.update(len(infos) + len(failed))
+    out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
+    return out
+
+
+@dataclass
+class IndexReport:
+    action: str  # rebuilt | updated | unchanged
+    version: str | None
+    count: int
+    added: int = 0
+    removed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rebuild(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: str,
+            batch_size: int = 32, progress: bool = True) -> IndexReport:
+    t0 = time.perf_counter()
+    objects = sorted(list_images(store, prefix).values(), key=lambda o: o.key)
+    res = embed_objects(store, encoder, objects, batch_size, progress)
+    index = new_flat_index(encoder.dim)
+    ids = np.arange(len(res.keys), dtype=np.int64)
+    if len(ids):
+        index.add_with_ids(res.vectors, ids)
+    version = repo.publish(index, ids, res.keys, res.etags, encoder.model_id,
+                           extra={"source": store.describe(), "prefix": prefix})
+    return IndexReport("rebuilt", version, len(ids), added=len(ids), failed=res.failed,
+                       seconds=time.perf_counter() - t0)
+
+
+def update(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: str,
+           batch_size: int = 32, progress: bool = True) -> IndexReport:
+    """Embed only objects the current index lacks (or whose content changed); drop removed ones.
+
+    No new version is published when nothing changed. A different model id means a rebuild.
+    """
+    t0 = time.perf_counter()
+    try:
+        current = repo.load()
+    except IndexLoadError as exc:
+        log.info("no usable current index (%s): rebuilding", exc)
+        return rebuild(store, encoder, repo, prefix, batch_size, progress)
+    if current.model_id != encoder.model_id:
+        log.info("model changed (%s -> %s): rebuilding", current.model_id, encoder.model_id)
+        return rebuild(store, encoder, repo, prefix, batch_size, progress)
+
+    objects = list_images(store, prefix)
+    indexed = current.etag_by_key()
+    id_by_key = current.id_by_key()
+    gone = [k for k in indexed if k not in objects or objects[k].etag != indexed[k]]
+    new = sorted((o for k, o in objects.items() if indexed.get(k) != o.etag), key=lambda o: o.key)
+    if not gone and not new:
+        return IndexReport("unchanged", current.version, current.count,
+                           seconds=time.perf_counter() - t0)
+
+    res = embed_objects(store, encoder, new, batch_size, progress)
+    index = faiss.clone_index(current.index)
+    keep = np.ones(len(current.ids), bool)
+    if gone:
+        gone_ids = np.array([id_by_key[k] for k in gone], dtype=np.int64)
+        index.remove_ids(gone_ids)
+        keep &= ~np.isin(current.ids, gone_ids)
+    next_id = int(current.ids.max()) + 1 if len(current.ids) else 0
+    new_ids = np.arange(next_id, next_id + len(res.keys), dtype=np.int64)
+    if len(new_ids):
+        index.add_with_ids(res.vectors, new_ids)
+    ids = np.concatenate([current.ids[keep], new_ids])
+    keys = [k for k, m in zip(current.keys, keep) if m] + res.keys
+    etags = [e for e, m in zip(current.etags, keep) if m] + res.etags
+    if not len(new_ids) and not gone:
+        return IndexReport("unchanged", current.version, current.count, failed=res.failed,
+                           seconds=time.perf_counter() - t0)
+    version = repo.publish(index, ids, keys, etags, encoder.model_id,
+                           extra={"source": store.describe(), "prefix": prefix,
+                                  "parent": current.version})
+    return IndexReport("updated", version, len(ids), added=len(new_ids), removed=len(gone),
+                       failed=res.failed, seconds=time.perf_counter() - t0)
+
+
+def status(store: ObjectStore, repo: IndexRepository, prefix: str,
+           model_id: str | None = None) -> dict:
+    manifest = repo.read_manifest()
+    objects = list_images(store, prefix)
+    out = {"store": store.describe(), "objects": len(objects), "version": None,
+           "model_id": None, "count": 0, "not_indexed": len(objects), "removed_from_store": 0}
+    if manifest is None:
+        return out
+    out.update(version=manifest["version"], model_id=manifest["model_id"], count=manifest["count"])
+    try:
+        current = repo.load()
+    except IndexLoadError as exc:
+        out["error"] = str(exc)
+        return out
+    indexed = current.etag_by_key()
+    out["not_indexed"] = sum(1 for k, o in objects.items() if indexed.get(k) != o.etag)
+    out["removed_from_store"] = sum(1 for k in indexed if k not in objects)
+    if model_id is not None:
+        out["model_matches"] = model_id == current.model_id
+    return out

@@ -1,0 +1,1 @@
+"""FastAPI search service: settings, state, routes, schemas."""

@@ -1,0 +1,74 @@
+"""Request/response models. Field aliases keep the original form field names working."""
+from __future__ import annotations
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+
+class TextIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str = Field(validation_alias=AliasChoices("text", "query"),
+                      description="text to embed (`query` accepted too)")
+
+    @field_validator("text")
+    @classmethod
+    def not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty or whitespace")
+        return v.strip()
+
+
+class ImageEmbeddingIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    filename: str = Field(max_length=1024)
+    embedding: list[float] = Field(min_length=1, max_length=4096)
+
+
+class SearchIn(TextIn):
+    top_k: int = Field(5, ge=1, description="number of results (1..MAX_TOP_K)")
+    offset: int = Field(0, ge=0, le=10_000, description="skip this many results (pagination)")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description="drop results below")
+    image_embeddings: list[ImageEmbeddingIn] | None = Field(
+        None, max_length=10_000,
+        description="rank exactly these embeddings (as /encode_image returned them, each with "
+                    "a filename) instead of the index; form clients send it as a JSON string")
+
+
+class BatchSearchIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    queries: list[str] = Field(min_length=1)
+    top_k: int = Field(5, ge=1)
+    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class Hit(BaseModel):
+    rank: int
+    key: str
+    filename: str
+    score: float
+    similarity: float  # same as score; the original clients read this name
+    url: str | None = None
+
+
+class SearchOut(BaseModel):
+    query: str
+    model_id: str
+    index_version: str | None
+    total: int  # results available before offset/top_k were applied
+    results: list[Hit]
+
+
+class EmbeddingOut(BaseModel):
+    model_id: str
+    dim: int
+    embedding: list[float]
+    filename: str | None = None
+    text: str | None = None
+
+
+class HealthOut(BaseModel):
+    status: str  # ok | degraded
+    model_id: str
+    index_version: str | None
+    vector_count: int
+    store: str
+    last_reload_error: str | None = None

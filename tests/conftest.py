@@ -1,0 +1,103 @@
+"""Shared fixtures: a tiny Flickr8k-layout dataset made here, a real S3 server, a small model."""
+from __future__ import annotations
+
+import io
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy"))
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
+          "yellow": (240, 220, 30), "black": (10, 10, 10), "white": (245, 245, 245)}
+SHAPES = ["circle", "square"]
+
+
+def make_image(color: str, shape: str, seed: int, size: int = 96) -> bytes:
+    rnd = random.Random(seed)
+    bg = tuple(rnd.randint(90, 160) for _ in range(3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    m = rnd.randint(8, 20)
+    box = (m, m, size - m, size - m)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLORS[color])
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_tiny_flickr8k(root: Path, per_combo: int = 2) -> dict:
+    """Flickr8k layout: Images/*.jpg, Flickr8k.token.txt, train/dev split files."""
+    (root / "Images").mkdir(parents=True, exist_ok=True)
+    lines, names = [], []
+    n = 0
+    for color in COLORS:
+        for shape in SHAPES:
+            for k in range(per_combo):
+                name = f"{1000 + n}_{color}_{shape}.jpg"
+                (root / "Images" / name).write_bytes(make_image(color, shape, n))
+                caps = [f"a {color} {shape}", f"a {shape} that is {color}",
+                        f"the {color} {shape} in the middle", f"{color} colored {shape}",
+                        f"a picture of a {color} {shape}"]
+                lines += [f"{name}#{i}\t{c}" for i, c in enumerate(caps)]
+                names.append(name)
+                n += 1
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    dev = names[::4]
+    train = [x for x in names if x not in dev]
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(train) + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("\n".join(dev) + "\n")
+    return {"names": names, "train": train, "dev": dev}
+
+
+@pytest.fixture(scope="session")
+def tiny_flickr(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("flickr8k")
+    return root, write_tiny_flickr8k(root)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    import local_s3
+
+    port = local_s3.free_port()
+    creds = {"endpoint": f"127.0.0.1:{port}", "access_key": "test-access", "secret_key": "test-secret-123"}
+    proc = local_s3.start(tmp_path_factory.mktemp("s3"), port, creds["access_key"], creds["secret_key"])
+    yield creds
+    local_s3.stop(proc)
+
+
+@pytest.fixture
+def s3_store(s3_server, request):
+    from indexer.store import S3Store
+
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:30].strip("-")
+    bucket = f"t-{name}-{uuid.uuid4().hex[:8]}"
+    return S3Store(s3_server["endpoint"], s3_server["access_key"], s3_server["secret_key"], bucket)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """Real pretrained towers with freshly initialised heads (no training): fast to make."""
+    import torch
+
+    from encoder import DualEncoder, ModelConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    save_checkpoint(DualEncoder(ModelConfig(embed_dim=64)), path, {"name": "untrained test model"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder(small_checkpoint):
+    from encoder import Encoder
+
+    return Encoder.from_checkpoint(str(small_checkpoint))

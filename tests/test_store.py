@@ -1,0 +1,82 @@
+"""The object-store interface on both backends: the local directory and a real S3 server."""
+import pytest
+
+from indexer.store import (
+    InvalidKey,
+    LocalStore,
+    ObjectNotFound,
+    S3Store,
+    StoreAuthError,
+    StoreUnavailable,
+    md5_hex,
+)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(tmp_path, "bucket")
+    return request.getfixturevalue("s3_store")
+
+
+def test_put_get_stat_exists_delete(store):
+    info = store.put("flickr8k/images/a.jpg", b"abc")
+    assert info.etag == md5_hex(b"abc") and info.size == 3
+    assert store.get("flickr8k/images/a.jpg") == b"abc"
+    assert store.stat("flickr8k/images/a.jpg").etag == md5_hex(b"abc")
+    assert store.exists("flickr8k/images/a.jpg")
+    store.delete("flickr8k/images/a.jpg")
+    assert not store.exists("flickr8k/images/a.jpg")
+
+
+def test_list_with_prefix(store):
+    for k in ["flickr8k/images/1.jpg", "flickr8k/images/2.jpg", "flickr8k/text/t.txt", "other/x"]:
+        store.put(k, k.encode())
+    keys = sorted(o.key for o in store.list("flickr8k/images/"))
+    assert keys == ["flickr8k/images/1.jpg", "flickr8k/images/2.jpg"]
+    assert {o.etag for o in store.list("flickr8k/text/")} == {md5_hex(b"flickr8k/text/t.txt")}
+    assert len(list(store.list(""))) == 4
+
+
+def test_overwrite_changes_etag(store):
+    store.put("k/x", b"one")
+    store.put("k/x", b"two")
+    assert store.get("k/x") == b"two" and store.stat("k/x").etag == md5_hex(b"two")
+
+
+def test_missing_key_is_a_clear_error(store):
+    with pytest.raises(ObjectNotFound, match="no object 'nope/x.jpg'"):
+        store.get("nope/x.jpg")
+    with pytest.raises(ObjectNotFound):
+        store.stat("nope/x.jpg")
+    with pytest.raises(ObjectNotFound):
+        store.delete("nope/x.jpg")
+
+
+@pytest.mark.parametrize("key", ["../etc/passwd", "a/../../b", "/abs", "", "a//b", "a/./b",
+                                 "dir/", "a\\b", "bad\x00key"])
+def test_invalid_keys_are_refused(store, key):
+    with pytest.raises(InvalidKey):
+        store.put(key, b"x")
+    with pytest.raises(InvalidKey):
+        store.get(key)
+
+
+def test_local_store_cannot_escape_root(tmp_path):
+    store = LocalStore(tmp_path / "root", "b")
+    (tmp_path / "secret").write_text("s")
+    with pytest.raises(InvalidKey):
+        store.get("../../secret")
+    assert not (tmp_path / "root" / "evil").exists()
+
+
+def test_s3_wrong_credentials(s3_server):
+    with pytest.raises(StoreAuthError, match="credentials refused"):
+        S3Store(s3_server["endpoint"], s3_server["access_key"], "wrong-secret", "any-bucket")
+
+
+def test_s3_server_not_reachable():
+    from local_s3 import free_port
+
+    with pytest.raises(StoreUnavailable, match="not reachable"):
+        S3Store(f"127.0.0.1:{free_port()}", "a", "b", "some-bucket", timeout=1, retries=0)

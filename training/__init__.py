@@ -1,0 +1,1 @@
+"""Training and evaluation of the dual encoder on Flickr8k."""

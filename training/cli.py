@@ -1,0 +1,97 @@
+"""`python -m training`: train the dual encoder on Flickr8k train, evaluate on dev, save a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from encoder.model import ModelConfig
+from training.train import TrainConfig
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="Flickr8k folder (or Flickr8k_Dataset.zip); default FLICKR8K_SOURCE")
+    p.add_argument("--from-store", action="store_true",
+                   help="stream images and captions from the configured object store (MinIO)")
+
+
+def load_splits(args, names: list[str]):
+    from indexer.settings import get_settings
+    from training.data import load_split_from_folder, load_split_from_store
+
+    s = get_settings()
+    if args.from_store:
+        from indexer.store import open_store
+
+        store = open_store(s)
+        return [load_split_from_store(store, n, s.images_prefix, s.text_prefix) for n in names], \
+            store.describe()
+    root = args.data or s.flickr8k_source
+    return [load_split_from_folder(root, n) for n in names], str(root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    add_data_args(p)
+    p.add_argument("--out", default="models/flickr8k-dual-encoder.pt")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3, help="heads' learning rate")
+    p.add_argument("--tail-lr", type=float, default=1e-4, help="fine-tuned image stages' lr")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--image-backbone", default="efficientnet_lite0")
+    p.add_argument("--text-backbone", default="all-MiniLM-L6-v2")
+    p.add_argument("--image-weights", help="local weights file for the image backbone")
+    p.add_argument("--text-weights", help="local model folder for the text backbone")
+    p.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    p.add_argument("--image-pool", default="avg", choices=["avg", "attention"])
+    p.add_argument("--unfreeze-image-stages", type=int, default=0,
+                   help="fine-tune this many top stages of the image tower")
+    p.add_argument("--position-dropout", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode+augment images every epoch (GPU path) instead of cached features")
+    p.add_argument("--cache-dir", default=".cache/features")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--resume", help="start from this checkpoint's weights (its config wins)")
+    p.add_argument("--train-limit", type=int, help="use only the first N train images")
+    p.add_argument("--dev-limit", type=int, help="evaluate on the first N dev images")
+    p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from training.train import build_model, train_and_save
+
+    (train, dev), desc = load_splits(args, ["train", "dev"])
+    if args.train_limit:
+        train = train.subset(args.train_limit)
+    if args.dev_limit:
+        dev = dev.subset(args.dev_limit)
+    config = ModelConfig(image_backbone=args.image_backbone, text_backbone=args.text_backbone,
+                         embed_dim=args.embed_dim, head=args.head, image_pool=args.image_pool,
+                         image_tail_stages=args.unfreeze_image_stages,
+                         image_weights=args.image_weights, text_weights=args.text_weights)
+    model = build_model(config, args.resume)
+    out = Path(args.out)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      tail_lr=args.tail_lr, weight_decay=args.weight_decay, seed=args.seed,
+                      device=args.device, amp=not args.no_amp, cache=not args.no_cache,
+                      cache_dir=args.cache_dir, workers=args.workers, eval_every=args.eval_every,
+                      position_dropout=args.position_dropout,
+                      log_path=str(out.with_suffix(".log.jsonl")))
+    out.with_suffix(".log.jsonl").unlink(missing_ok=True)
+    model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc)
+    result = {"checkpoint": str(out), "model_id": model_id,
+              "dev": trainer.history[-1].get("dev") if trainer.history else None}
+    if not args.no_plots and trainer.history:
+        from training.plots import plot_examples, plot_history
+
+        plot_history(trainer.history, out.with_suffix(".curve.png"))
+        plot_examples(model, dev, out.with_suffix(".examples.png"), cfg.cache_dir, trainer.device)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,52 @@
+"""`python -m training.evaluate --checkpoint PATH [--split dev]`: Recall@1/5/10 both directions and
+median rank, the standard Flickr8k protocol; written into the checkpoint's model card by default."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from datetime import datetime, timezone
+
+from encoder.checkpoint import load_checkpoint, update_card
+from training.cli import add_data_args, load_splits
+from training.metrics import retrieval_metrics
+from training.train import embed_split, git_commit, resolve_device
+
+
+def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/features",
+                        device: str = "cpu", use_cache: bool = True) -> dict:
+    loaded = load_checkpoint(path)
+    model = loaded.model.to(device)
+    img, txt, owner = embed_split(model, split, cache_dir, device, use_cache=use_cache)
+    return {"model_id": loaded.model_id, "split": split.name, "images": len(split),
+            "captions": len(owner), **retrieval_metrics(img, txt, owner)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
+    add_data_args(p)
+    p.add_argument("--checkpoint", default="models/flickr8k-dual-encoder.pt")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, help="first N images only (not the standard protocol)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    p.add_argument("--cache-dir", default=".cache/features")
+    p.add_argument("--no-cache", action="store_true", help="run the full image tower on pixels")
+    p.add_argument("--no-write-card", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    (split,), _ = load_splits(args, [args.split])
+    if args.limit:
+        split = split.subset(args.limit)
+    result = evaluate_checkpoint(args.checkpoint, split, args.cache_dir,
+                                 resolve_device(args.device), use_cache=not args.no_cache)
+    result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["commit"] = git_commit()
+    if not args.no_write_card and not args.limit:
+        update_card(args.checkpoint, metrics=result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

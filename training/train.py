@@ -1,0 +1,304 @@
+"""The training job: InfoNCE over image/caption pairs of the Flickr8k train split.
+
+Two paths share one loop:
+- cached (default on CPU): frozen image stages run once into a feature cache; each step runs only
+  the fine-tuned tail stages (if any) and the heads. Text features are cached too (frozen tower).
+- pixels (`--no-cache`, for a GPU): images decoded and augmented every epoch; stages below the
+  tail run without gradients; BatchNorm statistics stay frozen (training mode hurt, see notes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.model import DualEncoder, ModelConfig
+from encoder.preprocessing import eval_transform, train_transform
+from training.data import Flickr8kSplit, ImageDataset, collate_indexed
+from training.features import image_features, text_features
+from training.metrics import retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    tail_lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA only
+    cache: bool = True
+    cache_dir: str = ".cache/features"
+    workers: int = 2
+    eval_every: int = 1
+    position_dropout: float = 0.0  # drop feature-map positions (cached-path augmentation)
+    log_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but CUDA is not available")
+    if name == "mps" and not (torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps asked for, but MPS is not available")
+    return name
+
+
+def cache_stage(model: DualEncoder) -> int:
+    """First stage after which the feature map reaches its final (smallest) resolution."""
+    backbone = model.image_backbone
+    size = backbone.spec.input_size
+    x = torch.zeros(1, 3, size, size)
+    sizes = []
+    with torch.no_grad():
+        for stage in backbone.stages:
+            x = stage.eval()(x)
+            sizes.append(x.shape[-1])
+    first_final = sizes.index(sizes[-1])
+    return min(first_final + 1, model.image_split)
+
+
+@torch.no_grad()
+def advance(model: DualEncoder, feats: torch.Tensor, start: int, stop: int, device: str,
+            batch: int = 256) -> torch.Tensor:
+    """Run frozen image stages [start, stop) over cached features, in batches (fp16 out)."""
+    if start >= stop:
+        return feats
+    backbone = model.image_backbone.eval()
+    return torch.cat([backbone(feats[i:i + batch].to(device).float(), start=start,
+                               stop=stop).half().cpu() for i in range(0, len(feats), batch)])
+
+
+@torch.no_grad()
+def embed_split(model: DualEncoder, split: Flickr8kSplit, cache_dir: str | None, device: str,
+                use_cache: bool = True, workers: int = 2, amp: bool = False):
+    """Embeddings of every image and caption of a split -> (images, captions, owner)."""
+    model.eval()
+    texts, owner = split.flat_captions()
+    t = text_features(model.text_backbone, texts, cache_dir, device=device)
+    txt = model.embed_text_features(t.to(device)).float().cpu()
+    if use_cache:
+        stop, tail = cache_stage(model), model.image_split
+        feats = advance(model, image_features(model.image_backbone, split, stop, cache_dir,
+                                              device=device), stop, tail, device)
+        img = torch.cat([model.embed_image_features(feats[i:i + 256].to(device).float(), start=tail)
+                         .float().cpu() for i in range(0, len(feats), 256)])
+    else:
+        loader = DataLoader(ImageDataset(split, eval_transform(model.image_backbone.spec)),
+                            batch_size=128, num_workers=workers, collate_fn=collate_indexed)
+        chunks = []
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):
+            for pixels, _ in loader:
+                chunks.append(model.encode_images(pixels.to(device)).float().cpu())
+        img = torch.cat(chunks)
+    return img, txt, owner
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+class Trainer:
+    def __init__(self, model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit | None,
+                 cfg: TrainConfig):
+        self.model, self.train_split, self.dev_split, self.cfg = model, train, dev, cfg
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.split = model.image_split
+        self.stop = cache_stage(model) if cfg.cache else 0
+        self.history: list[dict] = []
+        self._prepare()
+
+    # --- setup ------------------------------------------------------------------------------
+    def _prepare(self):
+        m, cfg = self.model, self.cfg
+        m.to(self.device)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for name, p in m.named_parameters():
+            if name in set(m.trainable_state_keys()):
+                p.requires_grad_(True)
+        self.tail_params = [p for n, p in m.named_parameters()
+                            if p.requires_grad and n.startswith("image_backbone.")]
+        head_params = [p for n, p in m.named_parameters()
+                       if p.requires_grad and not n.startswith("image_backbone.")]
+        groups = [{"params": head_params, "lr": cfg.lr}]
+        if self.tail_params:
+            groups.append({"params": self.tail_params, "lr": cfg.tail_lr})
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+        texts, owner = self.train_split.flat_captions()
+        self.train_owner = torch.tensor(owner)
+        self.train_text = text_features(m.text_backbone, texts, cfg.cache_dir,
+                                        device=self.device)
+        # caption ids of each image (all five are used: one drawn per image per epoch)
+        self.captions_of = [[] for _ in range(len(self.train_split))]
+        for c, i in enumerate(owner):
+            self.captions_of[i].append(c)
+        if cfg.cache:
+            self.train_img = advance(m, image_features(
+                m.image_backbone, self.train_split, self.stop, cfg.cache_dir, device=self.device),
+                self.stop, self.split, self.device)
+        else:
+            ds = ImageDataset(self.train_split, train_transform(m.image_backbone.spec))
+            self.loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                     num_workers=cfg.workers, collate_fn=collate_indexed,
+                                     pin_memory=self.device == "cuda", persistent_workers=cfg.workers > 0)
+        steps_per_epoch = (len(self.train_split) // cfg.batch_size) or 1
+        self.total_steps = steps_per_epoch * cfg.epochs
+        self.step = 0
+
+    def _lr_factor(self) -> float:
+        w = self.cfg.warmup_steps
+        if self.step < w:
+            return (self.step + 1) / w
+        progress = (self.step - w) / max(1, self.total_steps - w)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _autocast(self):
+        enabled = self.cfg.amp and self.device == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+
+    # --- forward ----------------------------------------------------------------------------
+    def _image_embed(self, x: torch.Tensor, from_stage: int, train: bool) -> torch.Tensor:
+        """x = output of stages[:from_stage] -> normalised embedding (tail+head with grad)."""
+        backbone = self.model.image_backbone
+        backbone.eval()  # BatchNorm statistics stay frozen; dropout/drop-connect off
+        with torch.no_grad():
+            x = backbone(x, start=from_stage, stop=self.split)
+        if train and self.cfg.position_dropout > 0:
+            keep = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device)
+                    >= self.cfg.position_dropout).to(x.dtype)
+            x = x * keep / keep.mean((2, 3), keepdim=True).clamp(min=1e-3)
+        return self.model.embed_image_features(x, start=self.split)
+
+    def _batches(self):
+        if self.cfg.cache:
+            order = torch.randperm(len(self.train_split))
+            bs = self.cfg.batch_size
+            for s in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
+                idx = order[s:s + bs]
+                yield self.train_img[idx].to(self.device).float(), idx, self.split
+        else:
+            for pixels, idx in self.loader:
+                yield pixels.to(self.device, non_blocking=True), idx, 0
+
+    def train_epoch(self, epoch: int) -> float:
+        m = self.model
+        m.image_head.train()
+        m.text_head.train()
+        losses = []
+        bar = tqdm(self._batches(), desc=f"epoch {epoch}", unit="batch", leave=False,
+                   total=max(1, len(self.train_split) // self.cfg.batch_size))
+        for x, idx, from_stage in bar:
+            caps = torch.tensor([random.choice(self.captions_of[i]) for i in idx.tolist()])
+            t = self.train_text[caps].to(self.device)
+            for g, base in zip(self.opt.param_groups, (self.cfg.lr, self.cfg.tail_lr)):
+                g["lr"] = base * self._lr_factor()
+            with self._autocast():
+                img = self._image_embed(x, from_stage, train=True)
+                txt = m.embed_text_features(t)
+                scale = m.logit_scale.exp().clamp(max=100)
+                logits = scale * img.float() @ txt.float().T
+                labels = torch.arange(len(idx), device=self.device)
+                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def evaluate(self, split: Flickr8kSplit) -> dict:
+        img, txt, owner = embed_split(self.model, split, self.cfg.cache_dir, self.device,
+                                      self.cfg.cache, self.cfg.workers, self.cfg.amp)
+        return retrieval_metrics(img, txt, owner)
+
+    def fit(self) -> list[dict]:
+        for epoch in range(1, self.cfg.epochs + 1):
+            t0 = time.perf_counter()
+            loss = self.train_epoch(epoch)
+            row = {"epoch": epoch, "loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1),
+                   "temperature": round(1 / self.model.logit_scale.exp().item(), 4)}
+            if self.dev_split is not None and (epoch % self.cfg.eval_every == 0
+                                               or epoch == self.cfg.epochs):
+                row["dev"] = self.evaluate(self.dev_split)
+            self.history.append(row)
+            dev = row.get("dev", {}).get("text_to_image", {})
+            log.info("epoch %d loss %.4f %s (%.1fs)", epoch, loss,
+                     " ".join(f"{k}={v}" for k, v in dev.items() if k.startswith("R@")),
+                     row["seconds"])
+            if self.cfg.log_path:
+                with open(self.cfg.log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        return self.history
+
+
+def build_model(config: ModelConfig, resume: str | None = None) -> DualEncoder:
+    if resume:
+        loaded = load_checkpoint(resume)
+        return loaded.model
+    return DualEncoder(config)
+
+
+def make_card(model: DualEncoder, trainer: Trainer, cfg: TrainConfig, seconds: float,
+              data_desc: str) -> dict:
+    spec = model.image_backbone.spec
+    return {
+        "name": "flickr8k dual encoder",
+        "backbones": {"image": model.config.image_backbone, "text": model.config.text_backbone},
+        "embedding_dim": model.config.embed_dim,
+        "preprocessing": {"image_size": spec.input_size, "resize": "squash to square",
+                          "mean": spec.mean, "std": spec.std, "text_max_tokens":
+                          model.text_backbone.max_length, "text_pooling": "mean over mask"},
+        "data": {"source": data_desc, "train_split": "Flickr8k official train",
+                 "train_images": len(trainer.train_split),
+                 "train_captions": int(trainer.train_owner.numel())},
+        "training": {k: v for k, v in cfg.__dict__.items() if k not in ("extra",)}
+        | {"device": trainer.device, "seconds": round(seconds, 1), "history": trainer.history},
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def train_and_save(model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit | None,
+                   cfg: TrainConfig, out: str, data_desc: str) -> tuple[str, Trainer]:
+    t0 = time.perf_counter()
+    trainer = Trainer(model, train, dev, cfg)
+    trainer.fit()
+    card = make_card(model, trainer, cfg, time.perf_counter() - t0, data_desc)
+    if trainer.history and "dev" in trainer.history[-1]:
+        card["metrics"] = {"split": "dev", "images": len(dev), **trainer.history[-1]["dev"]}
+    model_id = save_checkpoint(model.cpu(), out, card)
+    return model_id, trainer
