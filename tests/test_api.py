@@ -1,0 +1,168 @@
+"""The search API: JSON and the original clients' form fields on the same routes; bad input -> 4xx."""
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from indexer import pipeline
+from indexer.index import IndexRepository
+from indexer.ingest import ingest
+from indexer.sources import open_source
+from indexer.store import LocalStore
+from search_api.config import ApiSettings
+from search_api.main import create_app
+from search_api.state import ServiceState
+from tests.conftest import make_image
+
+PREFIX = "flickr8k/images/"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_flickr, tmp_path_factory, encoder):
+    root, _ = tiny_flickr
+    tmp = tmp_path_factory.mktemp("api")
+    store = LocalStore(tmp / "store", "b")
+    ingest(open_source(str(root)), store, split="dev", progress=False)
+    repo = IndexRepository(tmp / "index")
+    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
+    settings = ApiSettings(index_dir=str(tmp / "index"), reload_interval_s=0, max_top_k=50)
+    state = ServiceState(encoder, repo, store)
+    state.reload()
+    with TestClient(create_app(settings, state)) as c:
+        yield c
+
+
+def _jpeg(color="red", shape="circle"):
+    return make_image(color, shape, 123)
+
+
+def test_health(client, encoder):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["model_id"] == encoder.model_id
+    assert h["vector_count"] > 0 and h["index_version"]
+
+
+def test_encode_text_json_and_form_agree(client):
+    a = client.post("/encode_text", json={"text": "a red circle"}).json()
+    b = client.post("/encode_text", data={"text": "a red circle"}).json()
+    assert a["dim"] == 64 and len(a["embedding"]) == 64
+    assert a["embedding"] == pytest.approx(b["embedding"], abs=1e-6)
+
+
+def test_search_json_and_form(client):
+    j = client.post("/search_images_by_text", json={"query": "a blue square", "top_k": 3})
+    f = client.post("/search_images_by_text", data={"text": "a blue square", "top_k": "3"})
+    assert j.status_code == 200 and f.status_code == 200
+    jr, fr = j.json()["results"], f.json()["results"]
+    assert [r["key"] for r in jr] == [r["key"] for r in fr] and len(jr) == 3
+    for r in jr:
+        assert r["similarity"] == r["score"] and r["filename"] == r["key"].rsplit("/", 1)[-1]
+    assert jr[0]["score"] >= jr[1]["score"] >= jr[2]["score"]
+    img = client.get(jr[0]["url"])
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+    Image.open(io.BytesIO(img.content)).verify()
+
+
+def test_pagination_offset(client):
+    full = client.post("/search_images_by_text", json={"query": "x", "top_k": 6}).json()["results"]
+    page2 = client.post("/search_images_by_text",
+                        json={"query": "x", "top_k": 3, "offset": 3}).json()["results"]
+    assert [r["key"] for r in page2] == [r["key"] for r in full[3:6]]
+    assert page2[0]["rank"] == 4
+
+
+def test_original_client_flow_with_image_embeddings(client):
+    embs = []
+    for color in ("red", "green", "blue"):
+        r = client.post("/encode_image", files={"image": (f"{color}.jpg", _jpeg(color), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        embs.append({**r.json(), "filename": f"{color}.jpg"})
+    r = client.post("/search_images_by_text",
+                    data={"text": "a green circle", "top_k": "2", "image_embeddings": json.dumps(embs)})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res) == 2 and {x["filename"] for x in res} <= {"red.jpg", "green.jpg", "blue.jpg"}
+    # ranking exactly these embeddings: scores equal the cosine with the text embedding
+    t = client.post("/encode_text", data={"text": "a green circle"}).json()["embedding"]
+    byname = {e["filename"]: e["embedding"] for e in embs}
+    for x in res:
+        cos = sum(a * b for a, b in zip(t, byname[x["filename"]]))
+        assert x["similarity"] == pytest.approx(cos, abs=1e-4)
+
+
+def test_search_by_image_finds_itself(client, tiny_flickr):
+    root, meta = tiny_flickr
+    name = meta["dev"][2]
+    data = (root / "Images" / name).read_bytes()
+    r = client.post("/search_images_by_image", files={"image": (name, data, "image/jpeg")},
+                    data={"top_k": "1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["key"] == PREFIX + name
+    assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_batch_search(client):
+    r = client.post("/search_images_by_texts", json={"queries": ["red", "blue"], "top_k": 2})
+    assert r.status_code == 200 and [x["query"] for x in r.json()] == ["red", "blue"]
+
+
+@pytest.mark.parametrize("payload,status", [
+    ({"query": ""}, 422),
+    ({"query": "   "}, 422),
+    ({"query": "x" * 5000}, 422),
+    ({"query": "dog", "top_k": 0}, 422),
+    ({"query": "dog", "top_k": -1}, 422),
+    ({"query": "dog", "top_k": 10**6}, 422),
+    ({"query": "dog", "top_k": "many"}, 422),
+    ({"top_k": 3}, 422),
+    ({"query": "dog", "offset": -5}, 422),
+    ({"query": ["a", "b"]}, 422),
+    ({"query": "dog", "min_score": 7}, 422),
+])
+def test_bad_search_input_is_4xx_json(client, payload, status):
+    r = client.post("/search_images_by_text", json=payload)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+
+
+def test_bad_bodies(client):
+    assert client.post("/search_images_by_text", content=b"{not json",
+                       headers={"content-type": "application/json"}).status_code == 400
+    assert client.post("/search_images_by_text", content=b"[1,2]",
+                       headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/search_images_by_text", content=b"text=dog",
+                       headers={"content-type": "text/plain"}).status_code == 415
+    r = client.post("/search_images_by_text", data={"text": "dog", "image_embeddings": "nope"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("name,data", [
+    ("empty.jpg", b""),
+    ("text.jpg", b"this is not an image at all"),
+    ("trunc.jpg", None),
+])
+def test_bad_images_are_400(client, name, data):
+    if data is None:
+        data = _jpeg()[:200]
+    r = client.post("/encode_image", files={"image": (name, data, "image/jpeg")})
+    assert r.status_code == 400, r.text
+    assert "image" in r.json()["detail"]
+
+
+def test_missing_image_field(client):
+    r = client.post("/encode_image", files={"photo": ("a.jpg", _jpeg(), "image/jpeg")})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("key,status", [
+    ("../../etc/passwd", 400),
+    ("flickr8k/images/../../../etc/passwd", 400),
+    ("flickr8k/text/Flickr8k.token.txt", 404),
+    ("flickr8k/images/missing.jpg", 404),
+])
+def test_image_route_refuses_bad_keys(client, key, status):
+    r = client.get(f"/images/{key}")
+    assert r.status_code in (status, 404) and r.status_code < 500
+    assert b"root:" not in r.content

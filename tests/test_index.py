@@ -1,0 +1,150 @@
+"""Index versions, atomic publish, corruption detection, and the rebuild/update/status cycle."""
+import json
+
+import numpy as np
+import pytest
+
+from indexer import pipeline
+from indexer.index import IndexLoadError, IndexRepository, new_flat_index
+from indexer.ingest import ingest
+from indexer.sources import open_source
+from indexer.store import LocalStore
+
+PREFIX = "flickr8k/images/"
+
+
+def _vectors(n, d=8, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _publish(repo, n=5, model_id="m-1"):
+    idx = new_flat_index(8)
+    ids = np.arange(n, dtype=np.int64)
+    idx.add_with_ids(_vectors(n), ids)
+    keys = [f"{PREFIX}{i}.jpg" for i in range(n)]
+    return repo.publish(idx, ids, keys, [f"e{i}" for i in range(n)], model_id)
+
+
+def test_publish_and_load_round_trip(tmp_path):
+    repo = IndexRepository(tmp_path)
+    assert repo.current_version() is None
+    v = _publish(repo)
+    assert repo.current_version() == v
+    loaded = repo.load()
+    assert loaded.count == 5 and loaded.model_id == "m-1"
+    scores, keys = loaded.search(_vectors(5)[:1], 3)
+    assert keys[0][0] == f"{PREFIX}0.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-5)
+    m = repo.read_manifest()
+    assert m["dim"] == 8 and m["count"] == 5 and set(m["checksums"]) == {"index.faiss", "table.json"}
+
+
+def test_top_k_larger_than_index(tmp_path):
+    repo = IndexRepository(tmp_path)
+    _publish(repo, n=3)
+    scores, keys = repo.load().search(_vectors(2), 10)
+    assert scores.shape == (2, 3) and len(keys[0]) == 3
+
+
+def test_corrupt_or_missing_files_are_detected(tmp_path):
+    repo = IndexRepository(tmp_path)
+    v = _publish(repo)
+    f = tmp_path / "versions" / v / "index.faiss"
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(IndexLoadError, match="corrupt"):
+        repo.load()
+    f.unlink()
+    with pytest.raises(IndexLoadError, match="missing"):
+        repo.load()
+
+
+def test_model_mismatch_is_refused(tmp_path):
+    repo = IndexRepository(tmp_path)
+    _publish(repo, model_id="model-a")
+    with pytest.raises(IndexLoadError, match="built by model model-a"):
+        repo.load(expect_model_id="model-b")
+
+
+def test_failed_publish_leaves_no_partial_version(tmp_path, monkeypatch):
+    repo = IndexRepository(tmp_path)
+    good = _publish(repo)
+    import faiss
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", boom)
+    with pytest.raises(OSError):
+        _publish(repo)
+    assert repo.list_versions() == [good] and repo.current_version() == good
+    assert not list((tmp_path / "versions").glob(".tmp-*"))
+
+
+def test_prune_keeps_current(tmp_path):
+    repo = IndexRepository(tmp_path)
+    versions = [_publish(repo) for _ in range(4)]
+    removed = repo.prune(keep=2)
+    assert removed == versions[:2] and repo.list_versions() == versions[2:]
+
+
+def test_rebuild_update_status_cycle(tiny_flickr, tmp_path, encoder):
+    root, meta = tiny_flickr
+    store = LocalStore(tmp_path / "store", "b")
+    repo = IndexRepository(tmp_path / "index")
+    ingest(open_source(str(root)), store, split="dev", progress=False)
+    n_dev = len(meta["dev"])
+
+    st = pipeline.status(store, repo, PREFIX)
+    assert st["version"] is None and st["not_indexed"] == n_dev
+
+    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)  # no index yet -> rebuild
+    assert r.action == "rebuilt" and r.count == n_dev
+    v1 = r.version
+
+    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
+    assert r.action == "unchanged" and r.version == v1 and repo.list_versions() == [v1]
+
+    # two new images, one removed, one changed
+    ingest(open_source(str(root)), store, split="train", limit=2, progress=False)
+    removed = f"{PREFIX}{meta['dev'][0]}"
+    store.delete(removed)
+    changed = f"{PREFIX}{meta['dev'][1]}"
+    store.put(changed, (root / "Images" / meta["train"][-1]).read_bytes())
+    assert pipeline.status(store, repo, PREFIX)["not_indexed"] == 3
+
+    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
+    assert r.action == "updated" and r.added == 3 and r.removed == 2
+    cur = repo.load()
+    assert cur.count == n_dev + 1 and removed not in cur.keys and changed in cur.keys
+    assert len(set(cur.ids.tolist())) == cur.count  # stable, unique ids
+    st = pipeline.status(store, repo, PREFIX, encoder.model_id)
+    assert st["not_indexed"] == 0 and st["removed_from_store"] == 0 and st["model_matches"]
+
+    # the changed object's vector is the new content's vector (same as a fresh rebuild gives)
+    fresh = pipeline.rebuild(store, encoder, IndexRepository(tmp_path / "fresh"), PREFIX,
+                             progress=False)
+    ref = IndexRepository(tmp_path / "fresh").load()
+    a = cur.index.reconstruct(cur.id_by_key()[changed])
+    b = ref.index.reconstruct(ref.id_by_key()[changed])
+    assert fresh.count == cur.count and np.allclose(a, b, atol=1e-5)
+
+
+def test_bad_image_is_skipped_not_fatal(tiny_flickr, tmp_path, encoder):
+    root, _ = tiny_flickr
+    store = LocalStore(tmp_path / "store", "b")
+    ingest(open_source(str(root)), store, split="dev", limit=2, progress=False)
+    store.put(f"{PREFIX}broken.jpg", b"\xff\xd8\xff\xe0 truncated")
+    r = pipeline.rebuild(store, encoder, IndexRepository(tmp_path / "i"), PREFIX, progress=False)
+    assert r.count == 2 and list(r.failed) == [f"{PREFIX}broken.jpg"]
+
+
+def test_model_change_triggers_rebuild(tiny_flickr, tmp_path, encoder):
+    root, _ = tiny_flickr
+    store = LocalStore(tmp_path / "store", "b")
+    ingest(open_source(str(root)), store, split="dev", limit=3, progress=False)
+    repo = IndexRepository(tmp_path / "i")
+    _publish(repo, model_id="some-older-model")
+    manifest_before = json.loads(json.dumps(repo.read_manifest()))
+    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
+    assert r.action == "rebuilt" and repo.read_manifest()["model_id"] == encoder.model_id
+    assert manifest_before["model_id"] == "some-older-model"
