@@ -43,6 +43,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; services may run as another user
     os.replace(tmp, path)
 
 
@@ -54,15 +55,49 @@ def _write(path: Path, payload: dict) -> None:
     _write_atomic(path.with_suffix(".card.json"), (json.dumps(card, indent=2) + "\n").encode())
 
 
+INT8 = "::int8"
+SCALE = "::scale"
+
+
+def _int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 (storage only: weights are dequantized on load)."""
+    flat = t.reshape(t.shape[0], -1).float()
+    scale = (flat.abs().amax(1) / 127).clamp(min=1e-12)
+    q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(t.shape), scale
+
+
+def _dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        if k.endswith(INT8):
+            base = k[: -len(INT8)]
+            scale = state[base + SCALE].float()
+            out[base] = v.float() * scale.view(-1, *([1] * (v.dim() - 1)))
+        elif not k.endswith(SCALE):
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
 def save_checkpoint(model: DualEncoder, path: str | os.PathLike, card: dict | None = None,
-                    half: bool = True) -> str:
-    """Write atomically (fp16 weights by default); also writes `<name>.card.json`. Returns the id."""
+                    half: bool = True, int8_backbone: bool = False) -> str:
+    """Write atomically; also writes `<name>.card.json`. Returns the model id.
+
+    Weights are stored in fp16 by default; `int8_backbone` stores fine-tuned image-tower
+    matrices/kernels as per-channel int8 (halves a fine-tuned tower's size again).
+    """
     path = Path(path)
     state = model.state_dict()
     keep = {}
     for k in model.trainable_state_keys():
         t = state[k].detach().cpu()
-        keep[k] = t.half() if half and t.is_floating_point() and t.numel() > 1 else t.clone()
+        if int8_backbone and k.startswith("image_backbone.") and t.is_floating_point() and t.dim() >= 2:
+            keep[k + INT8], keep[k + SCALE] = _int8(t)
+            keep[k + SCALE] = keep[k + SCALE].half()
+        elif half and t.is_floating_point() and t.numel() > 1:
+            keep[k] = t.half()
+        else:
+            keep[k] = t.clone()
     config = model.config.to_dict()
     payload = {"format": FORMAT, "model_id": _model_id(path.stem, config, keep),
                "config": config, "state_dict": keep, "card": card or {}}
@@ -87,11 +122,12 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
     payload = _read(path)
     config = ModelConfig.from_dict(payload["config"])
     model = DualEncoder(config, load_backbones=load_backbones)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    state = _dequantize(payload["state_dict"])
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"checkpoint has weights the model lacks: {unexpected[:5]}")
-    absent = set(model.trainable_state_keys()) - set(state)
+    own = model.state_dict()
+    absent = {k for k in set(model.trainable_state_keys()) - set(state) if own[k].numel()}
     if absent:
         raise ValueError(f"checkpoint lacks trainable weights: {sorted(absent)[:5]}")
     model.eval()

@@ -64,11 +64,11 @@ def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo
             for key, why in failed.items():
                 log.warning("skipping %s: %s", key, why)
             if pixels is not None:
-                chunks.append(encoder.encode_pixels(pixels))
+                chunks.append(encoder.image_index_vectors(encoder.encode_pixels(pixels)))
                 out.keys += [i.key for i in infos]
                 out.etags += [i.etag for i in infos]
             bar.update(len(infos) + len(failed))
-    out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
+    out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.index_dim), np.float32)
     return out
 
 
@@ -91,7 +91,7 @@ def rebuild(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix:
     t0 = time.perf_counter()
     objects = sorted(list_images(store, prefix).values(), key=lambda o: o.key)
     res = embed_objects(store, encoder, objects, batch_size, progress)
-    index = new_flat_index(encoder.dim)
+    index = new_flat_index(encoder.index_dim)
     ids = np.arange(len(res.keys), dtype=np.int64)
     if len(ids):
         index.add_with_ids(res.vectors, ids)

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from encoder import Encoder, ModelConfig, read_card
+from encoder import Encoder, ModelConfig, load_checkpoint, read_card, save_checkpoint
 from training.cli import main as train_main
 from training.data import load_split_from_folder, load_split_from_store
 from training.evaluate import main as eval_main
@@ -59,6 +59,19 @@ def test_fine_tuning_tail_stages_changes_them_and_saves_them(tiny_flickr, tmp_pa
     keys = model.trainable_state_keys()
     assert any(k.startswith("image_backbone.stages.17.") for k in keys)
     assert not any(k.startswith("image_backbone.stages.0.") for k in keys)
+
+    # fp16 and int8 storage of the fine-tuned tail reload to nearly the same image embeddings
+    pixels = torch.randn(4, 3, 224, 224)
+    model.eval()
+    with torch.no_grad():
+        ref = model.encode_images(pixels)
+    for int8 in (False, True):
+        path = tmp_path / f"tail-{int8}.pt"
+        save_checkpoint(model, path, int8_backbone=int8)
+        with torch.no_grad():
+            got = load_checkpoint(path).model.encode_images(pixels)
+        assert (ref * got).sum(1).min() > (0.99 if int8 else 0.999)
+    assert (tmp_path / "tail-True.pt").stat().st_size < (tmp_path / "tail-False.pt").stat().st_size
 
 
 def test_pixel_path_runs(tiny_flickr, tmp_path):

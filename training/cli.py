@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unfreeze-image-stages", type=int, default=0,
                    help="fine-tune this many top stages of the image tower")
     p.add_argument("--position-dropout", type=float, default=0.0)
+    p.add_argument("--query-bank", type=int, default=1000,
+                   help="training captions kept for hubness correction at search time (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                       tail_lr=args.tail_lr, weight_decay=args.weight_decay, seed=args.seed,
                       device=args.device, amp=not args.no_amp, cache=not args.no_cache,
                       cache_dir=args.cache_dir, workers=args.workers, eval_every=args.eval_every,
-                      position_dropout=args.position_dropout,
+                      position_dropout=args.position_dropout, query_bank=args.query_bank,
                       log_path=str(out.with_suffix(".log.jsonl")))
     out.with_suffix(".log.jsonl").unlink(missing_ok=True)
     model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc)

@@ -9,8 +9,7 @@ from datetime import datetime, timezone
 
 from encoder.checkpoint import load_checkpoint, update_card
 from training.cli import add_data_args, load_splits
-from training.metrics import retrieval_metrics
-from training.train import embed_split, git_commit, resolve_device
+from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
 
 def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/features",
@@ -19,7 +18,7 @@ def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/featur
     model = loaded.model.to(device)
     img, txt, owner = embed_split(model, split, cache_dir, device, use_cache=use_cache)
     return {"model_id": loaded.model_id, "split": split.name, "images": len(split),
-            "captions": len(owner), **retrieval_metrics(img, txt, owner)}
+            "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ def text_features(backbone: TextBackbone, texts: list[str], cache_dir: str | Pat
     key = _key("txt", backbone.name, backbone.max_length, *texts)
     path = Path(cache_dir) / f"txt-{backbone.name}-{len(texts)}-{key}.npy" if cache_dir else None
     if path is not None and path.exists():
-        return torch.from_numpy(np.load(path))
+        return torch.from_numpy(np.load(path)).float()
     backbone = backbone.to(device).eval()
     chunks = []
     for i in tqdm(range(0, len(texts), batch_size), desc=f"features {backbone.name}",

@@ -1,0 +1,354 @@
+"""ONNX Runtime towers for CPU inference (same weights, same outputs as eager PyTorch).
+
+Each tower (image: pixels -> L2-normalised embedding; text: token ids + mask -> L2-normalised
+embedding) is exported once per model id into a cache folder and run by ONNX Runtime:
+
+    <cache_dir>/<model_id>/image.onnx        fp32, checked against eager PyTorch on export
+    <cache_dir>/<model_id>/text.onnx         fp32, checked likewise
+    <cache_dir>/<model_id>/text.int8.onnx    dynamic int8 (MatMul weights), from text.onnx
+    <cache_dir>/<model_id>/image.int8.onnx   static int8 (QDQ, per channel), calibrated on
+                                             real images: build it with `build_image_int8`
+                                             or `python -m encoder.runtime_onnx int8-image`
+
+Why: on a 2-core CPU the fp32 ONNX graph runs the image tower several times faster than eager
+PyTorch and a single text query in a few ms (BENCHMARKS.md has the figures and the commands).
+The model id is unchanged: the exported graph computes the same function (cosine >= 0.9999 to
+eager on export, else the export is refused and the caller falls back to PyTorch).
+
+Runtimes (`Encoder(image_runtime=..., text_runtime=...)`): "torch" (eager), "onnx" (fp32),
+"onnx-int8". An int8 image graph needs calibration images; without a built one, "onnx-int8"
+for the image tower runs the fp32 graph and says so in the log.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+OPSET = 17
+EXPORT_MIN_COSINE = 0.9999  # fp32 graphs must reproduce eager PyTorch this closely
+INT8_MIN_COSINE = 0.95      # a sanity floor only: int8 quality is judged by Recall@K (bench/)
+
+
+class OnnxUnavailable(RuntimeError):
+    """onnxruntime is not installed, or the model could not be exported faithfully."""
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ONNX_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / ".cache" / "onnx"
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise OnnxUnavailable("onnxruntime is not installed (pip install onnxruntime)") from exc
+    return ort
+
+
+# --- the exported functions ---------------------------------------------------------------
+class _ImageGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, pixels):
+        return self.m.encode_images(pixels)
+
+
+class _TextGraph(nn.Module):
+    """Transformer + mean pooling over the mask + projection + L2 normalisation."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.m.text_backbone.model(input_ids=input_ids,
+                                            attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+        return F.normalize(self.m.text_head(pooled), dim=-1)
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
+            dynamic_axes: dict) -> None:
+    tmp = _atomic_target(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names,
+                              output_names=["embedding"], dynamic_axes=dynamic_axes,
+                              opset_version=OPSET, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float((a * b).sum(1).min())
+
+
+def _probe_pixels(size: int, n: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    # smooth-ish images in the model's input range, not white noise
+    low = torch.rand(n, 3, size // 16, size // 16, generator=g) * 2 - 1
+    return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+PROBE_TEXTS = ["two dogs playing in the snow", "a man rides a bicycle down a city street",
+               "a child", "people sitting on a bench next to the water at sunset"]
+
+
+def session_options(threads: int | None = None, spinning: bool = False):
+    """One intra-op pool of `threads` (default: all cores), no inter-op parallelism.
+
+    Spinning is off: on a shared 2-core machine, worker threads that busy-wait between ops
+    steal the cores that fetch/decode threads and other processes need (measured in bench/).
+    """
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxTowers:
+    """Lazily exports and loads the ONNX graphs of one model; each tower on first use."""
+
+    def __init__(self, model, model_id: str, cache_dir: str | os.PathLike | None = None,
+                 threads: int | None = None, spinning: bool = False):
+        self.model = model
+        self.model_id = model_id
+        self.dir = Path(cache_dir or default_cache_dir()) / model_id
+        self.threads = threads
+        self.spinning = spinning
+        self._sessions: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.variants: dict[str, str] = {}  # tower -> variant actually running
+
+    # --- paths and building ---------------------------------------------------------------
+    def path(self, tower: str, int8: bool = False) -> Path:
+        return self.dir / f"{tower}{'.int8' if int8 else ''}.onnx"
+
+    def _record(self, name: str, info: dict) -> None:
+        meta_path = self.dir / "export.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            meta = {}
+        meta[name] = info
+        tmp = _atomic_target(meta_path)
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
+
+    def _verify(self, path: Path, tower: str, floor: float) -> float:
+        sess = self._new_session(path)
+        if tower == "image":
+            x = _probe_pixels(self.model.image_backbone.spec.input_size)
+            with torch.inference_mode():
+                ref = self.model.encode_images(x).float().numpy()
+            out = sess.run(None, {"pixels": x.numpy()})[0]
+        else:
+            with torch.inference_mode():
+                ref = self.model.encode_texts(PROBE_TEXTS).float().numpy()
+            out = sess.run(None, self._text_feed(PROBE_TEXTS))[0]
+        cos = _cosine_min(ref, out)
+        if cos < floor:
+            path.unlink(missing_ok=True)
+            raise OnnxUnavailable(f"{path.name}: exported graph differs from eager PyTorch "
+                                  f"(min cosine {cos:.5f} < {floor})")
+        return cos
+
+    def export_image(self) -> Path:
+        path = self.path("image")
+        size = self.model.image_backbone.spec.input_size
+        x = _probe_pixels(size, 2)
+        _export(_ImageGraph(self.model), (x,), path, ["pixels"],
+                {"pixels": {0: "batch"}, "embedding": {0: "batch"}})
+        cos = self._verify(path, "image", EXPORT_MIN_COSINE)
+        self._record("image", {"min_cosine_vs_torch": cos, "torch": torch.__version__})
+        return path
+
+    def export_text(self) -> Path:
+        path = self.path("text")
+        tok = self.model.text_backbone.tokenize(PROBE_TEXTS[:2])
+        _export(_TextGraph(self.model), (tok["input_ids"], tok["attention_mask"]), path,
+                ["input_ids", "attention_mask"],
+                {"input_ids": {0: "batch", 1: "tokens"},
+                 "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}})
+        cos = self._verify(path, "text", EXPORT_MIN_COSINE)
+        self._record("text", {"min_cosine_vs_torch": cos, "torch": torch.__version__})
+        return path
+
+    def quantize_text(self) -> Path:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        src = self.path("text") if self.path("text").is_file() else self.export_text()
+        dst = self.path("text", int8=True)
+        tmp = _atomic_target(dst)
+        try:
+            # MatMul weights per channel int8, activations quantized per call (dynamic)
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+                             per_channel=True, op_types_to_quantize=["MatMul"])
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        cos = self._verify(dst, "text", INT8_MIN_COSINE)
+        self._record("text.int8", {"min_cosine_vs_torch": cos, "method": "dynamic, MatMul"})
+        return dst
+
+    def quantize_image(self, calibration: np.ndarray, batch: int = 16) -> Path:
+        """Static QDQ int8 (per-channel weights, uint8 activations) calibrated on `calibration`
+        pixels [N, 3, H, W] (preprocessed real images; a few dozen suffice)."""
+        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        src = self.path("image") if self.path("image").is_file() else self.export_image()
+        calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"pixels": calibration[i:i + batch]}
+                                for i in range(0, len(calibration), batch)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        dst = self.path("image", int8=True)
+        pre, tmp = _atomic_target(dst), _atomic_target(dst)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+                quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8)
+            os.replace(tmp, dst)
+        finally:
+            pre.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        cos = self._verify(dst, "image", INT8_MIN_COSINE)
+        self._record("image.int8", {"min_cosine_vs_torch": cos, "method": "static QDQ",
+                                    "calibration_images": int(len(calibration))})
+        return dst
+
+    # --- sessions ---------------------------------------------------------------------------
+    def _new_session(self, path: Path):
+        ort = _ort()
+        return ort.InferenceSession(str(path), session_options(self.threads, self.spinning),
+                                    providers=["CPUExecutionProvider"])
+
+    def session(self, tower: str, int8: bool = False):
+        name = f"{tower}{'.int8' if int8 else ''}"
+        sess = self._sessions.get(name)
+        if sess is not None:
+            return sess
+        with self._lock:
+            if name in self._sessions:
+                return self._sessions[name]
+            path = self.path(tower, int8)
+            if int8 and tower == "image" and not path.is_file():
+                log.warning("no calibrated int8 image graph at %s (build it with `python -m "
+                            "encoder.runtime_onnx int8-image`); running the fp32 graph", path)
+                return self.session("image", False) if "image" not in self._sessions \
+                    else self._sessions["image"]
+            try:
+                if not path.is_file():
+                    if tower == "image":
+                        self.export_image()
+                    elif int8:
+                        self.quantize_text()
+                    else:
+                        self.export_text()
+                sess = self._new_session(path)
+            except OnnxUnavailable:
+                raise
+            except Exception as exc:  # exporter / quantizer / loader errors of many types
+                raise OnnxUnavailable(f"cannot build {path.name}: {type(exc).__name__}: "
+                                      f"{exc}") from exc
+            self._sessions[name] = sess
+            self.variants[tower] = name
+            return sess
+
+    # --- running ----------------------------------------------------------------------------
+    def _text_feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        bb = self.model.text_backbone
+        tok = bb.tokenizer(list(texts), padding=True, truncation=True, max_length=bb.max_length,
+                           return_tensors="np")
+        return {"input_ids": tok["input_ids"].astype(np.int64),
+                "attention_mask": tok["attention_mask"].astype(np.int64)}
+
+    def encode_texts(self, texts: Sequence[str], int8: bool = False) -> np.ndarray:
+        return self.session("text", int8).run(None, self._text_feed(texts))[0]
+
+    def encode_pixels(self, pixels: np.ndarray, int8: bool = False) -> np.ndarray:
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        return self.session("image", int8).run(None, {"pixels": pixels})[0]
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """`python -m encoder.runtime_onnx {export,int8-image} --checkpoint P [--images DIR]`."""
+    import argparse
+
+    from encoder.checkpoint import load_checkpoint
+    from encoder.preprocessing import decode_image, eval_transform
+
+    p = argparse.ArgumentParser(prog="python -m encoder.runtime_onnx", description=_main.__doc__)
+    p.add_argument("cmd", choices=["export", "int8-image"])
+    p.add_argument("--checkpoint", default="models/flickr8k-dual-encoder.pt")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--images", help="folder of calibration images (int8-image)")
+    p.add_argument("--limit", type=int, default=64, help="calibration images (sorted by name)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    loaded = load_checkpoint(args.checkpoint)
+    towers = OnnxTowers(loaded.model, loaded.model_id, args.cache_dir)
+    if args.cmd == "export":
+        print(towers.export_image())
+        print(towers.export_text())
+        print(towers.quantize_text())
+    else:
+        if not args.images:
+            p.error("int8-image needs --images DIR")
+        tf = eval_transform(loaded.model.image_backbone.spec)
+        files = sorted(f for f in Path(args.images).iterdir()
+                       if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.limit]
+        calib = torch.stack([tf(decode_image(f.read_bytes())) for f in files]).numpy()
+        print(towers.quantize_image(calib))
+    print(json.dumps(json.loads((towers.dir / "export.json").read_text()), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
