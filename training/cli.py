@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots and trainer.history:
         from training.plots import plot_examples, plot_history
 
+        from training.train import embed_split
+
         plot_history(trainer.history, out.with_suffix(".curve.png"))
-        plot_examples(model, dev, out.with_suffix(".examples.png"), cfg.cache_dir, trainer.device)
+        img, _, _ = embed_split(model.to(trainer.device), dev, cfg.cache_dir, trainer.device,
+                                cfg.cache, cfg.workers)
+        plot_examples(model, dev, out.with_suffix(".examples.png"), img)
     print(json.dumps(result, indent=2))
     return 0

@@ -13,10 +13,20 @@ from training.train import corrected_metrics, embed_split, git_commit, resolve_d
 
 
 def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/features",
-                        device: str = "cpu", use_cache: bool = True) -> dict:
+                        device: str = "cpu", use_cache: bool = True, plots: bool = False) -> dict:
     loaded = load_checkpoint(path)
     model = loaded.model.to(device)
     img, txt, owner = embed_split(model, split, cache_dir, device, use_cache=use_cache)
+    if plots:
+        from pathlib import Path
+
+        from training.plots import plot_examples, plot_history
+
+        out = Path(path)
+        plot_examples(model, split, out.with_suffix(".examples.png"), img)
+        history = loaded.card.get("training_history") or loaded.card.get("training", {}).get("history")
+        if history:
+            plot_history(history, out.with_suffix(".curve.png"))
     return {"model_id": loaded.model_id, "split": split.name, "images": len(split),
             "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
 
@@ -31,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=".cache/features")
     p.add_argument("--no-cache", action="store_true", help="run the full image tower on pixels")
     p.add_argument("--no-write-card", action="store_true")
+    p.add_argument("--plots", action="store_true",
+                   help="write <checkpoint>.examples.png (and .curve.png from the card's history)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -38,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         split = split.subset(args.limit)
     result = evaluate_checkpoint(args.checkpoint, split, args.cache_dir,
-                                 resolve_device(args.device), use_cache=not args.no_cache)
+                                 resolve_device(args.device), use_cache=not args.no_cache,
+                                 plots=args.plots)
     result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["commit"] = git_commit()
     if not args.no_write_card and not args.limit:

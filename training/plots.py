@@ -34,13 +34,12 @@ def plot_history(history: list[dict], path: str | Path) -> None:
 
 
 @torch.no_grad()
-def plot_examples(model, split, path: str | Path, cache_dir, device: str,
+def plot_examples(model, split, path: str | Path, img: torch.Tensor,
                   queries: list[str] = EXAMPLE_QUERIES, k: int = 5) -> None:
-    from training.train import embed_split
-
-    img, _, _ = embed_split(model, split, cache_dir, device)
+    """Top-k images of `split` (embeddings `img`) for each query, scored as the service does."""
     q = model.eval().encode_texts(queries).float().cpu()
-    scores, idx = (q @ img.T).topk(min(k, len(img)), dim=1)
+    bias = model.image_bias(img.to(model.query_bank.device)).float().cpu()
+    scores, idx = (q @ img.T - bias[None, :]).topk(min(k, len(img)), dim=1)
     fig, axes = plt.subplots(len(queries), idx.shape[1], figsize=(2.2 * idx.shape[1], 2.4 * len(queries)),
                              squeeze=False)
     for r, query in enumerate(queries):

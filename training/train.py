@@ -102,7 +102,7 @@ def embed_split(model: DualEncoder, split: Flickr8kSplit, cache_dir: str | None,
     texts, owner = split.flat_captions()
     t = text_features(model.text_backbone, texts, cache_dir, device=device)
     txt = model.embed_text_features(t.to(device)).float().cpu()
-    if use_cache:
+    if use_cache and cache_stage(model) > 0:  # a fully fine-tuned tower leaves nothing to cache
         stop, tail = cache_stage(model), model.image_split
         feats = advance(model, image_features(model.image_backbone, split, stop, cache_dir,
                                               device=device), stop, tail, device)
