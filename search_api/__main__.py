@@ -1,28 +1,62 @@
-"""`python -m search_api [--host H] [--port P]`: serve the API; exits non-zero if the model is missing."""
+"""`python -m search_api [--host H] [--port P]`: serve the API and the web page.
+
+Exits with status 2 and a one-line error, before binding the port, when the model checkpoint is
+missing or unreadable (or the settings are invalid). A missing index or an unreachable object
+store do not stop it: /health says `degraded` until they are there.
+"""
 import argparse
 import logging
 import sys
+import zipfile
+from pathlib import Path
 
 
-def main() -> int:
+def preflight(model_path: str) -> str | None:
+    """Cheap checks before importing torch (seconds): why the model cannot load, or None."""
+    path = Path(model_path)
+    if not path.is_file():
+        return f"model checkpoint not found: {path}"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        return f"{path} is not a readable checkpoint (not a torch.save archive)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m search_api")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    args = p.parse_args()
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from pydantic import ValidationError
+
+    try:
+        from search_api.config import get_api_settings
+
+        settings = get_api_settings()
+    except ValidationError as exc:
+        print(f"error: cannot start: invalid settings: {exc}", file=sys.stderr)
+        return 2
+
+    problem = preflight(settings.model_path)
+    if problem:
+        print(f"error: cannot start: {problem} (MODEL_PATH={settings.model_path})", file=sys.stderr)
+        return 2
 
     import uvicorn
 
-    from search_api.config import get_api_settings
+    from encoder import BackboneUnavailable
     from search_api.main import build_state, create_app
 
-    settings = get_api_settings()
     try:
         state = build_state(settings)  # fail before binding the port
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: cannot start: {exc}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, BackboneUnavailable, OSError) as exc:
+        print(f"error: cannot start: {exc} (MODEL_PATH={settings.model_path})", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings, state), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(settings, state), host=args.host, port=args.port,
+                log_level=args.log_level)
     return 0
 
 

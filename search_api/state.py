@@ -1,56 +1,134 @@
-"""What the service holds: the text/image encoder and the current index, swapped atomically."""
+"""What the service holds: the text/image encoder and the current index, swapped atomically.
+
+Hot reload: `reload()` loads the version CURRENT points at (checksums and model id verified) and
+swaps one reference; a request reads `state.index` once and keeps that version to the end, so
+queries never see a half-loaded index and never fail during a swap. A version that cannot be
+loaded (corrupt, missing files, built by another model) is refused and the old one keeps serving.
+"""
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from typing import Callable
 
 import faiss
 
 from encoder import Encoder
 from indexer.index import IndexLoadError, IndexRepository, IndexVersion
+from search_api.batching import Batcher
+from search_api.images import LRUBytes
 
 log = logging.getLogger(__name__)
 
 
 class ServiceState:
-    def __init__(self, encoder: Encoder, repo: IndexRepository, store=None):
+    def __init__(self, encoder: Encoder, repo: IndexRepository, store=None,
+                 store_factory: Callable | None = None, store_retry_s: float = 10.0,
+                 thumbnail_cache_items: int = 1024, text_batch_max: int = 64):
         self.encoder = encoder
         self.repo = repo
         self.store = store
+        self.store_factory = store_factory  # reopens a store that was down at start
+        self.store_retry_s = store_retry_s
+        self.store_ok: bool = store is not None
+        self.store_error: str | None = None
         self.index: IndexVersion | None = None
+        self.loaded_at: float | None = None
         self.last_reload_error: str | None = None
+        self.reload_counts = {"ok": 0, "error": 0}
+        self.thumbnails = LRUBytes(thumbnail_cache_items)
+        self.observe_stage: Callable[[str, float], None] | None = None  # set by the app (metrics)
+        self._failed_version: str | None = None
         self._reload_lock = threading.Lock()
+        self._store_lock = threading.Lock()
+        self._store_tried = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # concurrent queries share one forward pass (see batching.py)
+        self.encode_texts = Batcher(encoder.encode_texts, "text", max_batch=text_batch_max,
+                                    observe=lambda s, n: self._observe("text_encode", s))
+        self.encode_images = Batcher(encoder.encode_images, "image", max_batch=16,
+                                     observe=lambda s, n: self._observe("image_encode", s))
         faiss.omp_set_num_threads(1)  # single queries: one thread beats two (DESIGN.md)
 
-    def reload(self, force: bool = False) -> dict:
-        """Load the published version if it differs from the one served; keep the old on error."""
+    @property
+    def index_dim(self) -> int:
+        """Dimension of the vectors the index stores (the embedding, plus one with the
+        encoder's hubness correction)."""
+        return getattr(self.encoder, "index_dim", self.encoder.dim)
+
+    def query_vectors(self, emb):
+        """Query embeddings -> the vectors searched against the index."""
+        convert = getattr(self.encoder, "query_index_vectors", None)
+        return convert(emb) if convert is not None else emb
+
+    def _observe(self, stage: str, seconds: float) -> None:
+        if self.observe_stage is not None:
+            self.observe_stage(stage, seconds)
+
+    # --- index -------------------------------------------------------------------------------
+    def reload(self, force: bool = False, retry_failed: bool = True) -> dict:
+        """Load the published version if it differs from the one served; keep the old on error.
+
+        force: reload even the version already served. retry_failed=False (the watcher) skips a
+        version that failed before, so a broken publish is reported once, not every interval.
+        """
         with self._reload_lock:
-            current = self.repo.current_version()
             served = self.index.version if self.index else None
-            if current is None or (current == served and not force):
+            try:
+                current = self.repo.current_version()
+            except OSError as exc:  # e.g. the index volume is gone or unreadable
+                msg = f"cannot read the CURRENT pointer under {self.repo.root}: {exc}"
+                self.last_reload_error = msg
+                return {"changed": False, "version": served, "error": msg}
+            if current is None:
+                return {"changed": False, "version": served,
+                        **({"error": self.last_reload_error} if self.last_reload_error else {})}
+            if current == served and not force:
                 return {"changed": False, "version": served}
+            if current == self._failed_version and not retry_failed:
+                return {"changed": False, "version": served, "error": self.last_reload_error}
+            t0 = time.perf_counter()
             try:
                 new = self.repo.load(current, expect_model_id=self.encoder.model_id)
-            except (IndexLoadError, OSError, ValueError, KeyError) as exc:
-                self.last_reload_error = str(exc)
-                log.error("index reload failed, still serving %s: %s", served, exc)
-                return {"changed": False, "version": served, "error": str(exc)}
+            except (IndexLoadError, OSError, ValueError, KeyError, TypeError) as exc:
+                msg = str(exc) if isinstance(exc, IndexLoadError) else \
+                    f"index version {current}: cannot load: {type(exc).__name__}: {exc}"
+                self.last_reload_error = msg
+                self._failed_version = current
+                self.reload_counts["error"] += 1
+                log.error("index reload refused, still serving %s: %s", served, msg)
+                return {"changed": False, "version": served, "error": msg}
+            if new.index.d != self.index_dim:
+                msg = (f"index version {current} has dimension {new.index.d}, the model "
+                       f"searches with {self.index_dim}")
+                self.last_reload_error, self._failed_version = msg, current
+                self.reload_counts["error"] += 1
+                log.error("index reload refused, still serving %s: %s", served, msg)
+                return {"changed": False, "version": served, "error": msg}
             self.index = new  # a single reference swap: in-flight requests keep the old one
+            self.thumbnails.clear()  # a new version may come with changed objects
+            self.loaded_at = time.time()
             self.last_reload_error = None
-            log.info("serving index version %s (%d vectors)", new.version, new.count)
-            return {"changed": True, "version": new.version, "previous": served}
+            self._failed_version = None
+            self.reload_counts["ok"] += 1
+            seconds = time.perf_counter() - t0
+            self._observe("index_load", seconds)
+            log.info("serving index version %s (%d vectors, loaded in %.2f s)", new.version,
+                     new.count, seconds)
+            return {"changed": True, "version": new.version, "previous": served,
+                    "vector_count": new.count}
 
     def start_watcher(self, interval_s: float) -> None:
-        if interval_s <= 0:
+        if interval_s <= 0 or (self._thread is not None and self._thread.is_alive()):
             return
+        self._stop.clear()
 
         def loop():
             while not self._stop.wait(interval_s):
                 try:
-                    self.reload()
+                    self.reload(retry_failed=False)
                 except Exception:  # never let the watcher die
                     log.exception("index watcher")
 
@@ -58,4 +136,30 @@ class ServiceState:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the watcher and the model worker threads (they restart on the next use)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.encode_texts.close()
+        self.encode_images.close()
+
+    # --- object store ------------------------------------------------------------------------
+    def get_store(self):
+        """The store, reopening it (at most every store_retry_s) if it was down at start."""
+        if self.store is not None or self.store_factory is None:
+            return self.store
+        with self._store_lock:
+            now = time.monotonic()
+            if self.store is None and now - self._store_tried >= self.store_retry_s:
+                self._store_tried = now
+                try:
+                    self.store = self.store_factory()
+                    self.mark_store(True)
+                except Exception as exc:  # StoreError, or anything a client raises
+                    self.mark_store(False, str(exc))
+        return self.store
+
+    def mark_store(self, ok: bool, error: str | None = None) -> None:
+        self.store_ok = ok
+        self.store_error = None if ok else error

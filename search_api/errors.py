@@ -1,0 +1,78 @@
+"""Every error is JSON `{"detail": ...}`: 4xx for bad input, a bare 500 JSON for our own bugs.
+
+FastAPI's default validation handler echoes the offending input back, which breaks on NaN /
+Infinity (not valid JSON: the handler itself would fail with a 500) and would mirror a 10 MB
+body; here inputs are kept only when short and JSON-safe.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+log = logging.getLogger(__name__)
+
+MAX_ECHO = 80
+MAX_ERRORS = 10
+
+
+class ErrorOut(BaseModel):
+    detail: str | list[dict]
+
+
+def _safe_input(value):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 10**15 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + f"... ({len(value)} chars)"
+    return f"<{type(value).__name__}>"
+
+
+def clean_errors(errors) -> list[dict]:
+    errors = list(errors)
+    out = []
+    for e in errors[:MAX_ERRORS]:
+        item = {"type": e.get("type"), "loc": [str(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", ""))}
+        if "input" in e:
+            item["input"] = _safe_input(e["input"])
+        out.append(item)
+    if len(errors) > MAX_ERRORS:
+        out.append({"type": "too_many_errors", "loc": [],
+                    "msg": f"... and {len(errors) - MAX_ERRORS} more errors"})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": clean_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # pragma: no cover - our bugs
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+ERROR_RESPONSES = {
+    400: "malformed body, or an image that cannot be decoded",
+    401: "missing or wrong X-API-Key (only when the service is configured with API_KEY)",
+    404: "no such object",
+    413: "body or image too large",
+    415: "unsupported content type",
+    422: "a field is missing or out of range",
+    503: "no index loaded yet, or the object store is down",
+}
+
+
+def responses(*codes: int) -> dict:
+    """OpenAPI `responses` entries for the error codes a route can answer."""
+    return {c: {"model": ErrorOut, "description": ERROR_RESPONSES[c]} for c in codes}

@@ -1,0 +1,164 @@
+"""The web page in a real headless browser (Debian's chromium, driven by playwright).
+
+Type a query, see thumbnails that really load, page on, open the full image, then search by an
+uploaded image and by a dropped one (the service needs an API key for that: the page asks for
+it). Screenshots of the results land in test-artifacts/ (git-ignored).
+
+CI needs `apt-get install -y --no-install-recommends chromium` (playwright drives that binary;
+no browser download). Without chromium the tests skip, except when CI is set.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.api_helpers import PREFIX, build_service, serve
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+KEY = "web-test-key"
+PER_PAGE = 8
+
+# skipped on a machine without chromium, but never in CI (CI set): there it must run
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                                reason="needs Debian's chromium (apt-get install -y chromium)")
+
+ALL_LOADED = """n => {
+  const imgs = [...document.querySelectorAll('#results .hit img')];
+  return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0);
+}"""
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_flickr, tmp_path_factory, encoder):
+    root, _ = tiny_flickr
+    svc = build_service(tmp_path_factory.mktemp("web"), root, encoder, split="all", api_key=KEY)
+    with serve(svc.app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    with sync_api.sync_playwright() as p:
+        # a new, empty profile directory for every run
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
+            headless=True, args=FLAGS, viewport={"width": 1280, "height": 900})
+        pg = ctx.new_page()
+        pg.errors = []
+        pg.on("pageerror", lambda e: pg.errors.append(f"page error: {e}"))
+        pg.on("console", lambda m: m.type == "error" and pg.errors.append(f"console: {m.text}"))
+        pg.set_default_timeout(20_000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        yield pg
+        ctx.close()
+
+
+def _hits(page) -> list[dict]:
+    return page.eval_on_selector_all(
+        "#results .hit", "els => els.map(e => ({key: e.dataset.key, score: +e.dataset.score, "
+                         "rank: e.querySelector('.rank').textContent, "
+                         "shown: e.querySelector('.score').textContent}))")
+
+
+def test_text_search_thumbnails_paging_and_viewer(page, base_url):
+    page.goto(f"{base_url}/?per_page={PER_PAGE}")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('24')")
+    assert page.title() == "Image search"
+
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    page.wait_for_function(ALL_LOADED, arg=PER_PAGE)
+    hits = _hits(page)
+    assert [h["rank"] for h in hits] == [f"#{i}" for i in range(1, PER_PAGE + 1)]
+    assert all(h["key"].startswith(PREFIX) for h in hits)
+    assert all(h["shown"] == f"{h['score']:.3f}" for h in hits)  # scores are shown
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert "Showing 8 of 24" in page.text_content("#summary")
+    assert "q=a+red+circle" in page.url  # the search can be shared as a link
+    page.screenshot(path=str(ARTIFACTS / "web-results.png"), full_page=True)
+
+    # more results on demand, appended below, until there are no more
+    page.click("#more")
+    page.wait_for_function(ALL_LOADED, arg=2 * PER_PAGE)
+    page.click("#more")
+    page.wait_for_function(ALL_LOADED, arg=3 * PER_PAGE)
+    all_hits = _hits(page)
+    assert [h["rank"] for h in all_hits] == [f"#{i}" for i in range(1, 25)]
+    assert len({h["key"] for h in all_hits}) == 24
+    assert page.is_hidden("#more")
+
+    # a click shows the full image
+    page.click("#results .hit:nth-child(3) .thumb")
+    page.wait_for_function("() => { const i = document.getElementById('viewer-img');"
+                           " return i.complete && i.naturalWidth > 0; }")
+    assert page.is_visible("#viewer")
+    src = page.get_attribute("#viewer-img", "src")
+    assert src == "/images/" + all_hits[2]["key"]  # the original, not the thumbnail
+    assert all_hits[2]["key"].rsplit("/", 1)[-1] in page.text_content("#viewer-caption")
+    page.keyboard.press("Escape")
+    assert page.is_hidden("#viewer")
+    assert not page.errors, page.errors
+
+
+def test_search_by_uploaded_and_dropped_image(page, base_url, tiny_flickr):
+    root, meta = tiny_flickr
+    name = meta["names"][13]
+    path = root / "Images" / name
+    page.goto(f"{base_url}/?per_page={PER_PAGE}")
+
+    # the service wants a key for uploads: the page says so and offers a field for it
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "API key" in page.text_content("#error")
+    assert page.is_visible("#api-key")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.errors[:] = [e for e in page.errors if "401" not in e]  # that refusal was expected
+
+    page.set_input_files("#file", str(path))
+    page.wait_for_function(ALL_LOADED, arg=PER_PAGE)
+    hits = _hits(page)
+    assert hits[0]["key"] == PREFIX + name and hits[0]["shown"] == "1.000"
+    assert page.is_visible("#query-image") and page.is_hidden("#error")
+    page.wait_for_function("() => document.getElementById('query-thumb').naturalWidth > 0")
+    page.click("#more")  # paging works for image searches too
+    page.wait_for_function(ALL_LOADED, arg=2 * PER_PAGE)
+    page.screenshot(path=str(ARTIFACTS / "web-image-results.png"), full_page=True)
+
+    # drop another image anywhere on the page
+    other = meta["names"][2]
+    b64 = base64.b64encode((root / "Images" / other).read_bytes()).decode()
+    page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'dropped.jpg', {type: 'image/jpeg'}));
+        for (const type of ['dragenter', 'dragover', 'drop'])
+            document.body.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true,
+                                                             cancelable: true}));
+    }""", b64)
+    page.wait_for_function(f"() => document.querySelector('#results .hit')?.dataset.key"
+                           f" === '{PREFIX + other}'")
+    page.wait_for_function(ALL_LOADED, arg=PER_PAGE)
+    assert page.is_hidden("#drop")
+    assert not page.errors, page.errors
+
+
+def test_errors_are_shown_not_thrown(page, base_url):
+    page.goto(base_url + "/")
+    page.evaluate("() => { document.getElementById('q').removeAttribute('maxlength'); }")
+    page.fill("#q", "x" * 1500)  # over the service's query limit
+    page.press("#q", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "longer than 1000" in page.text_content("#error")
+    assert page.eval_on_selector_all("#results .hit", "els => els.length") == 0
