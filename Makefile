@@ -8,8 +8,11 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@command -v bc >/dev/null && command -v curl >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq --no-install-recommends bc curl)
+	@# system tools: bc/curl (demo), chromium (browser test), docker-compose (compose validation)
+	@command -v bc >/dev/null && command -v curl >/dev/null && command -v chromium >/dev/null \
+		&& command -v docker-compose >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+			bc curl chromium docker-compose)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[airflow,test]"

@@ -4,13 +4,12 @@ Type a query, see thumbnails that really load, page on, open the full image, the
 uploaded image and by a dropped one (the service needs an API key for that: the page asks for
 it). Screenshots of the results land in test-artifacts/ (git-ignored).
 
-CI needs `apt-get install -y --no-install-recommends chromium` (playwright drives that binary;
-no browser download). Without chromium the tests skip, except when CI is set.
+`make setup` installs Debian's chromium (playwright drives that binary; no browser download);
+without it these tests fail rather than skip.
 """
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from tests.api_helpers import PREFIX, build_service, serve
 
-sync_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -28,10 +27,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage"]
 KEY = "web-test-key"
 PER_PAGE = 8
-
-# skipped on a machine without chromium, but never in CI (CI set): there it must run
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
-                                reason="needs Debian's chromium (apt-get install -y chromium)")
 
 ALL_LOADED = """n => {
   const imgs = [...document.querySelectorAll('#results .hit img')];
