@@ -1,0 +1,90 @@
+"""`flickr8k_data_ingestion`: Flickr8k (URL, zip or folder) -> object store -> a new index version.
+
+    fetch_archives -> verify_and_unpack -> upload_to_store -> embed_and_publish -> prune_versions
+
+Each task is an idempotent transaction done by `indexer.jobs` (this file only wires them):
+downloads resume and are checked (size / sha256 / zip CRC) before use, uploads are skipped when
+the object's content hash already matches, and `embed_and_publish` publishes a new index version
+only when something changed (atomically: a failed run leaves the current version in place).
+
+Configuration (environment of the Airflow workers, or the run's params): FLICKR8K_SOURCE (a
+folder, a Flickr8k_Dataset.zip path or URL; unset -> the public archives), FLICKR8K_TEXT_SOURCE,
+FLICKR8K_IMAGES_SHA256 / FLICKR8K_TEXT_SHA256, FLICKR8K_WORK_DIR, STORE_BACKEND=s3, MINIO_*,
+MODEL_PATH, INDEX_DIR, INDEX_KEEP_VERSIONS.
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, task
+
+DEFAULT_ARGS = {
+    "owner": "flickr-search",
+    # FLICKR8K_TASK_RETRIES (default 3): attempts after the first, 30 s, 60 s, 120 s ... apart
+    "retries": int(os.environ.get("FLICKR8K_TASK_RETRIES") or 3),
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _call(job: str, *args, **kwargs):
+    """Run indexer.jobs.<job>; configuration/credential errors fail at once, without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from indexer import jobs
+
+    try:
+        return getattr(jobs, job)(*args, **kwargs)
+    except jobs.PERMANENT_ERRORS as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dag(
+    dag_id="flickr8k_data_ingestion",
+    description="Download/unpack Flickr8k, upload to the object store, embed, publish an index version",
+    schedule=None,
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["flickr8k", "ingest", "index"],
+    doc_md=__doc__,
+    params={
+        "source": Param(None, type=["null", "string"],
+                        description="folder, Flickr8k_Dataset.zip path or URL (default FLICKR8K_SOURCE)"),
+        "text_source": Param(None, type=["null", "string"],
+                             description="Flickr8k_text.zip path or URL (default: beside source)"),
+        "images_sha256": Param(None, type=["null", "string"], description="expected sha256"),
+        "text_sha256": Param(None, type=["null", "string"], description="expected sha256"),
+        "split": Param("all", enum=["all", "train", "dev", "test"]),
+        "limit": Param(None, type=["null", "integer"], minimum=1, description="at most N images"),
+    },
+)
+def flickr8k_data_ingestion():
+    @task(execution_timeout=timedelta(hours=3))
+    def fetch_archives(params=None) -> dict:
+        return _call("fetch_archives", params["source"], params["text_source"],
+                     params["images_sha256"], params["text_sha256"])
+
+    @task(execution_timeout=timedelta(hours=1))
+    def verify_and_unpack(fetched: dict) -> dict:
+        return _call("unpack", fetched)
+
+    @task(execution_timeout=timedelta(hours=2))
+    def upload_to_store(unpacked: dict, params=None) -> dict:
+        return _call("upload", unpacked["folder"], split=params["split"], limit=params["limit"])
+
+    @task(execution_timeout=timedelta(hours=6))
+    def embed_and_publish(uploaded: dict) -> dict:
+        return _call("publish_index")
+
+    @task
+    def prune_versions(published: dict) -> dict:
+        return _call("prune_versions")
+
+    prune_versions(embed_and_publish(upload_to_store(verify_and_unpack(fetch_archives()))))
+
+
+flickr8k_data_ingestion()

@@ -1,0 +1,79 @@
+"""`flickr8k_reindex`: on a schedule, bring the index in line with the bucket.
+
+    find_changes (short-circuit) -> update_index -> prune_versions
+
+`find_changes` compares the bucket's images with the current index version (new or changed
+objects, removed objects) and the model id of MODEL_PATH with the index's, without loading the
+model; when nothing differs the run stops there (the other tasks are skipped, no new version).
+`update_index` embeds only the new objects and drops removed ones; a changed model id means a full
+rebuild (also forced with the `force_rebuild` param). The work is done by `indexer.jobs`.
+
+Schedule: REINDEX_SCHEDULE (cron or preset, read when the file is parsed; default @hourly).
+"""
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, task
+
+DEFAULT_ARGS = {
+    "owner": "flickr-search",
+    # FLICKR8K_TASK_RETRIES (default 3): attempts after the first, 30 s, 60 s, 120 s ... apart
+    "retries": int(os.environ.get("FLICKR8K_TASK_RETRIES") or 3),
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def _call(job: str, *args, **kwargs):
+    """Run indexer.jobs.<job>; configuration/credential errors fail at once, without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from indexer import jobs
+
+    try:
+        return getattr(jobs, job)(*args, **kwargs)
+    except jobs.PERMANENT_ERRORS as exc:
+        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dag(
+    dag_id="flickr8k_reindex",
+    description="Scheduled incremental re-indexing of the bucket (rebuild when the model changed)",
+    schedule=os.environ.get("REINDEX_SCHEDULE") or "@hourly",
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    dagrun_timeout=timedelta(hours=6),
+    tags=["flickr8k", "index"],
+    doc_md=__doc__,
+    params={"force_rebuild": Param(False, type="boolean",
+                                   description="re-embed everything even if nothing changed")},
+)
+def flickr8k_reindex():
+    @task.short_circuit
+    def find_changes(params=None) -> bool:
+        import logging
+
+        changes = _call("find_changes")
+        logging.getLogger(__name__).info("changes: %s", changes)
+        return bool(changes["changed"] or params["force_rebuild"])
+
+    @task(execution_timeout=timedelta(hours=6))
+    def update_index(params=None) -> dict:
+        return _call("publish_index", force_rebuild=params["force_rebuild"])
+
+    @task
+    def prune_versions(published: dict) -> dict:
+        return _call("prune_versions")
+
+    changed = find_changes()
+    published = update_index()
+    changed >> published
+    prune_versions(published)
+
+
+flickr8k_reindex()

@@ -1,0 +1,217 @@
+"""indexer.jobs (the DAG task bodies) without Airflow: retries, checks, idempotency, no partial
+index versions. The session's small encoder is loaded once; Airflow itself runs in test_dags.py."""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pytest
+
+from indexer import jobs, pipeline
+from indexer.index import IndexRepository
+from indexer.settings import Settings
+from indexer.sources import SourceError
+from indexer.store import LocalStore, StoreAuthError, StoreUnavailable
+
+
+# --- retries / lock -------------------------------------------------------------------------
+def test_with_retries_backs_off_then_succeeds_or_gives_up():
+    calls, sleeps = [], []
+
+    def flaky(n_fail):
+        calls.append(1)
+        if len(calls) <= n_fail:
+            raise StoreUnavailable("S3 server not reachable")
+        return "ok"
+
+    assert jobs.with_retries(flaky, 2, attempts=4, base_delay=1.0, sleep=sleeps.append) == "ok"
+    assert len(calls) == 3 and len(sleeps) == 2
+    assert 0.75 <= sleeps[0] <= 1.25 and 1.5 <= sleeps[1] <= 2.5  # exponential, with jitter
+
+    calls.clear(), sleeps.clear()
+    with pytest.raises(StoreUnavailable):
+        jobs.with_retries(flaky, 99, attempts=3, base_delay=10, max_delay=12, sleep=sleeps.append)
+    assert len(calls) == 3 and len(sleeps) == 2 and max(sleeps) <= 12 * 1.25
+
+    def refused():
+        calls.append(1)
+        raise StoreAuthError("credentials refused")
+
+    calls.clear(), sleeps.clear()
+    with pytest.raises(StoreAuthError):
+        jobs.with_retries(refused, sleep=sleeps.append)
+    assert len(calls) == 1 and sleeps == []  # not transient: no retry
+    assert issubclass(StoreAuthError, jobs.PERMANENT_ERRORS)
+
+
+def test_index_lock_excludes_a_second_writer(tmp_path):
+    with jobs.index_lock(tmp_path):
+        with pytest.raises(TimeoutError):
+            with jobs.index_lock(tmp_path, timeout=0.1):
+                pass
+    with jobs.index_lock(tmp_path, timeout=0.1):  # released
+        pass
+
+
+# --- fetch / unpack / upload ----------------------------------------------------------------
+def _zips(root, out):
+    out.mkdir(parents=True, exist_ok=True)
+    images, text = out / "Flickr8k_Dataset.zip", out / "Flickr8k_text.zip"
+    with zipfile.ZipFile(images, "w") as z:
+        for p in sorted((root / "Images").iterdir()):
+            z.write(p, f"Flicker8k_Dataset/{p.name}")
+    with zipfile.ZipFile(text, "w") as z:
+        for p in sorted(root.glob("*.txt")):
+            z.write(p, p.name)
+    return images, text
+
+
+def _settings(tmp_path, **kw) -> Settings:
+    return Settings(store_backend="local", local_store_dir=str(tmp_path / "store"),
+                    index_dir=str(tmp_path / "index"), model_path=str(tmp_path / "model.pt"),
+                    minio_bucket="b", **kw)
+
+
+def test_fetch_unpack_upload_are_checked_and_idempotent(tiny_flickr, tmp_path, monkeypatch):
+    root, meta = tiny_flickr
+    monkeypatch.setenv("FLICKR8K_WORK_DIR", str(tmp_path / "work"))
+    for k in ("FLICKR8K_TEXT_SOURCE", "FLICKR8K_IMAGES_SHA256", "FLICKR8K_TEXT_SHA256"):
+        monkeypatch.delenv(k, raising=False)
+    s = _settings(tmp_path)
+    images, text = _zips(root, tmp_path / "zips")
+
+    assert jobs.fetch_archives(str(root), settings=s) == {"kind": "folder", "folder": str(root)}
+    with pytest.raises(SourceError, match="sha256"):
+        jobs.fetch_archives(str(images), images_sha256="0" * 64, settings=s)
+    sha = hashlib.sha256(images.read_bytes()).hexdigest()
+    fetched = jobs.fetch_archives(str(images), images_sha256=sha, settings=s)
+    assert fetched["images_sha256"] == sha and fetched["text_zip"] == str(text)
+
+    first = jobs.unpack(fetched, settings=s)
+    assert first["unpacked"] is True and first["images"] == len(meta["names"])
+    again = jobs.unpack(fetched, settings=s)
+    assert again["unpacked"] is False and again["folder"] == first["folder"]
+
+    up1 = jobs.upload(first["folder"], settings=s)
+    assert up1["uploaded"] == len(meta["names"]) and up1["texts_uploaded"] == 3
+    up2 = jobs.upload(first["folder"], settings=s)
+    assert up2["uploaded"] == 0 and up2["texts_uploaded"] == 0
+    assert up2["images_in_store"] == len(meta["names"])
+
+
+def test_unpack_rejects_a_corrupt_member_and_leaves_nothing(tiny_flickr, tmp_path, monkeypatch):
+    root, _ = tiny_flickr
+    monkeypatch.setenv("FLICKR8K_WORK_DIR", str(tmp_path / "work"))
+    s = _settings(tmp_path)
+    images, _ = _zips(root, tmp_path / "zips")
+    raw = bytearray(images.read_bytes())
+    first = next(iter(zipfile.ZipFile(images).infolist()))
+    pos = first.header_offset + 30 + len(first.filename) + first.compress_size // 2
+    raw[pos] ^= 0xFF  # flip one byte inside the first stored image: its CRC no longer matches
+    images.write_bytes(bytes(raw))
+    with pytest.raises(SourceError, match="CRC"):  # the zip directory is still readable
+        jobs.fetch_archives(str(images), settings=s)
+    assert images.exists()  # a local archive of the user's is reported, never deleted
+    fetched = {"kind": "zip", "images_zip": str(images), "images_sha256": "a" * 64,
+               "text_zip": str(tmp_path / "zips" / "Flickr8k_text.zip"), "text_sha256": "b" * 64}
+    with pytest.raises(zipfile.BadZipFile):  # unpack checks every CRC on read too
+        jobs.unpack(fetched, settings=s)
+    assert [p.name for p in (tmp_path / "work" / "unpacked").iterdir()] == []
+
+
+# --- publish: transactions ------------------------------------------------------------------
+@pytest.fixture
+def fake_model(monkeypatch, encoder):
+    """The session's small real encoder, loaded once; `id` pretends a different checkpoint."""
+    import copy
+
+    from encoder import Encoder
+
+    current = {"id": encoder.model_id, "loads": 0}
+
+    def load(path, device="cpu", *a, **kw):
+        current["loads"] += 1
+        enc = copy.copy(encoder)
+        enc.model_id = current["id"]
+        return enc
+
+    monkeypatch.setattr(jobs, "_model_id", lambda path: current["id"])
+    monkeypatch.setattr(Encoder, "from_checkpoint", staticmethod(load))
+    return current
+
+
+def test_publish_index_is_a_transaction(tiny_flickr, tmp_path, fake_model, monkeypatch):
+    root, meta = tiny_flickr
+    s = _settings(tmp_path)
+    store = LocalStore(s.local_store_dir, s.minio_bucket)
+    jobs.upload(str(root), settings=s)
+    repo = IndexRepository(s.index_dir)
+
+    assert jobs.find_changes(s)["changed"] is True
+    r1 = jobs.publish_index(s)
+    assert r1["action"] == "rebuilt" and r1["count"] == len(meta["names"]) and r1["versions"] == 1
+    v1 = repo.current_version()
+
+    # nothing changed: no model load, no new version
+    loads = fake_model["loads"]
+    assert jobs.find_changes(s)["changed"] is False
+    r2 = jobs.publish_index(s)
+    assert r2["action"] == "unchanged" and r2["version"] == v1 and r2["versions"] == 1
+    assert fake_model["loads"] == loads
+
+    # a new image, and embedding fails half-way: no new version, no temp left, CURRENT kept
+    store.put("flickr8k/images/new.jpg", (root / "Images" / meta["names"][0]).read_bytes())
+    real_embed = pipeline.embed_objects
+
+    def broken(*a, **kw):
+        raise RuntimeError("worker died while embedding")
+
+    monkeypatch.setattr(pipeline, "embed_objects", broken)
+    with pytest.raises(RuntimeError):
+        jobs.publish_index(s)
+    assert repo.current_version() == v1 and repo.list_versions() == [v1]
+    assert list(repo.versions_dir.glob(".tmp-*")) == []
+
+    # a publish killed mid-write left a temp folder: the next run removes it and publishes
+    (repo.versions_dir / ".tmp-killed").mkdir()
+    (repo.versions_dir / ".tmp-killed" / "index.faiss").write_bytes(b"partial")
+    monkeypatch.setattr(pipeline, "embed_objects", real_embed)
+    r3 = jobs.publish_index(s)
+    assert r3["action"] == "updated" and r3["added"] == 1 and r3["versions"] == 2
+    assert list(repo.versions_dir.glob(".tmp-*")) == []
+
+    # the model changed: find_changes says so, publish rebuilds everything
+    fake_model["id"] = "another-model"
+    ch = jobs.find_changes(s)
+    assert ch["changed"] is True and ch["model_changed"] is True and ch["not_indexed"] == 0
+    r4 = jobs.publish_index(s)
+    assert r4["action"] == "rebuilt" and r4["count"] == len(meta["names"]) + 1
+    assert repo.load().model_id == "another-model"
+
+    pr = jobs.prune_versions(keep=2, settings=s)
+    assert len(pr["removed"]) == 1 and pr["versions"] == 2 and pr["current"] == r4["version"]
+    assert jobs.prune_versions(keep=2, settings=s)["removed"] == []
+
+
+def test_default_source_is_the_public_archives(tmp_path, monkeypatch):
+    """No FLICKR8K_SOURCE configured (or an empty one, as docker-compose passes): the public zips."""
+    import indexer.sources as sources
+
+    asked = []
+
+    def fake_download(url, dest, expected_size=None, sha256=None):
+        asked.append(url)
+        raise SourceError("offline")
+
+    monkeypatch.setattr(sources, "download", fake_download)
+    monkeypatch.setenv("FLICKR8K_WORK_DIR", str(tmp_path / "work"))
+    for k in ("FLICKR8K_SOURCE", "FLICKR8K_TEXT_SOURCE"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(SourceError, match="offline"):
+        jobs.fetch_archives(settings=_settings(tmp_path))
+    monkeypatch.setenv("FLICKR8K_SOURCE", "")
+    with pytest.raises(SourceError, match="offline"):
+        jobs.fetch_archives(settings=Settings(_env_file=None))
+    assert asked == [sources.DEFAULT_IMAGES_URL] * 2
+    assert sources.DEFAULT_TEXT_URL == sources.DEFAULT_IMAGES_URL.replace(
+        "Flickr8k_Dataset.zip", "Flickr8k_text.zip")  # what fetch_archives derives
