@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from indexer.logs import setup_logging
 from indexer.settings import get_settings
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--keep", type=int, default=3)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     from indexer.index import IndexRepository
     from indexer.store import StoreError, open_store

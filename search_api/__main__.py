@@ -5,10 +5,11 @@ missing or unreadable (or the settings are invalid). A missing index or an unrea
 store do not stop it: /health says `degraded` until they are there.
 """
 import argparse
-import logging
 import sys
 import zipfile
 from pathlib import Path
+
+from indexer.logs import setup_logging
 
 
 def preflight(model_path: str) -> str | None:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     from pydantic import ValidationError
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 from encoder.model import ModelConfig
+from indexer.logs import setup_logging
 from training.train import TrainConfig
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     from training.train import build_model, train_and_save
 
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
               "dev": trainer.history[-1].get("dev") if trainer.history else None}
     if not args.no_plots and trainer.history:
         from training.plots import plot_examples, plot_history
-
         from training.train import embed_split
 
         plot_history(trainer.history, out.with_suffix(".curve.png"))

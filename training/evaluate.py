@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from datetime import datetime, timezone
 
 from encoder.checkpoint import load_checkpoint, update_card
+from indexer.logs import setup_logging
 from training.cli import add_data_args, load_splits
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", action="store_true",
                    help="write <checkpoint>.examples.png (and .curve.png from the card's history)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     (split,), _ = load_splits(args, [args.split])
     if args.limit:
