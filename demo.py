@@ -95,7 +95,7 @@ def save_picture(query: str, results: list[dict], images: dict[str, bytes], out:
         ax.set_title(f"{hit['rank']}. {hit['similarity']:.3f}\n{hit['filename']}", fontsize=8)
         ax.axis("off")
     fig.suptitle(query)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(out, dpi=80)
     plt.close(fig)
 
