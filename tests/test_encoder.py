@@ -33,7 +33,7 @@ def test_hubness_correction_round_trip(tmp_path):
 
     img = F.normalize(torch.randn(5, 16), dim=-1).numpy()
     txt = F.normalize(torch.randn(3, 16), dim=-1).numpy()
-    t = float(1 / enc.model.logit_scale.exp())
+    t = float(1 / enc.model.logit_scale.detach().exp())
     stored_bank = enc.model.query_bank.numpy()
     bias = t * np.log(np.exp(img @ stored_bank.T / t).sum(1))
     got = enc.query_index_vectors(txt) @ enc.image_index_vectors(img).T
