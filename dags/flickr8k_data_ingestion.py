@@ -14,31 +14,10 @@ MODEL_PATH, INDEX_DIR, INDEX_KEEP_VERSIONS.
 """
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
-
-DEFAULT_ARGS = {
-    "owner": "flickr-search",
-    # FLICKR8K_TASK_RETRIES (default 3): attempts after the first, 30 s, 60 s, 120 s ... apart
-    "retries": int(os.environ.get("FLICKR8K_TASK_RETRIES") or 3),
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-
-
-def _call(job: str, *args, **kwargs):
-    """Run indexer.jobs.<job>; configuration/credential errors fail at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from indexer import jobs
-
-    try:
-        return getattr(jobs, job)(*args, **kwargs)
-    except jobs.PERMANENT_ERRORS as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+from flickr8k_common import DEFAULT_ARGS, call_job
 
 
 @dag(
@@ -65,24 +44,24 @@ def _call(job: str, *args, **kwargs):
 def flickr8k_data_ingestion():
     @task(execution_timeout=timedelta(hours=3))
     def fetch_archives(params=None) -> dict:
-        return _call("fetch_archives", params["source"], params["text_source"],
+        return call_job("fetch_archives", params["source"], params["text_source"],
                      params["images_sha256"], params["text_sha256"])
 
     @task(execution_timeout=timedelta(hours=1))
     def verify_and_unpack(fetched: dict) -> dict:
-        return _call("unpack", fetched)
+        return call_job("unpack", fetched)
 
     @task(execution_timeout=timedelta(hours=2))
     def upload_to_store(unpacked: dict, params=None) -> dict:
-        return _call("upload", unpacked["folder"], split=params["split"], limit=params["limit"])
+        return call_job("upload", unpacked["folder"], split=params["split"], limit=params["limit"])
 
     @task(execution_timeout=timedelta(hours=6))
     def embed_and_publish(uploaded: dict) -> dict:
-        return _call("publish_index")
+        return call_job("publish_index")
 
     @task
     def prune_versions(published: dict) -> dict:
-        return _call("prune_versions")
+        return call_job("prune_versions")
 
     prune_versions(embed_and_publish(upload_to_store(verify_and_unpack(fetch_archives()))))
 

@@ -16,27 +16,7 @@ import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
-
-DEFAULT_ARGS = {
-    "owner": "flickr-search",
-    # FLICKR8K_TASK_RETRIES (default 3): attempts after the first, 30 s, 60 s, 120 s ... apart
-    "retries": int(os.environ.get("FLICKR8K_TASK_RETRIES") or 3),
-    "retry_delay": timedelta(seconds=30),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=10),
-}
-
-
-def _call(job: str, *args, **kwargs):
-    """Run indexer.jobs.<job>; configuration/credential errors fail at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from indexer import jobs
-
-    try:
-        return getattr(jobs, job)(*args, **kwargs)
-    except jobs.PERMANENT_ERRORS as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+from flickr8k_common import DEFAULT_ARGS, call_job
 
 
 @dag(
@@ -58,17 +38,17 @@ def flickr8k_reindex():
     def find_changes(params=None) -> bool:
         import logging
 
-        changes = _call("find_changes")
+        changes = call_job("find_changes")
         logging.getLogger(__name__).info("changes: %s", changes)
         return bool(changes["changed"] or params["force_rebuild"])
 
     @task(execution_timeout=timedelta(hours=6))
     def update_index(params=None) -> dict:
-        return _call("publish_index", force_rebuild=params["force_rebuild"])
+        return call_job("publish_index", force_rebuild=params["force_rebuild"])
 
     @task
     def prune_versions(published: dict) -> dict:
-        return _call("prune_versions")
+        return call_job("prune_versions")
 
     changed = find_changes()
     published = update_index()

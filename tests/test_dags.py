@@ -125,6 +125,7 @@ def test_dagbag_loads_both_dags_thin(airflow_env):
     """No import errors, the expected DAGs and tasks, and no heavy module imported at parse time."""
     code = r"""
 import json, sys
+sys.path.insert(0, sys.argv[1])  # as Airflow's own processes do: DAGS_FOLDER is on sys.path
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 heavy = sorted(m for m in ("torch", "faiss", "numpy", "transformers", "minio", "indexer", "encoder")
