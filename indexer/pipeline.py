@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -14,7 +15,8 @@ from tqdm import tqdm
 
 from encoder import Encoder
 from encoder.preprocessing import BadImage, decode_image
-from indexer.index import IndexLoadError, IndexRepository, new_flat_index
+from indexer.index import (IndexLoadError, IndexRepository, build_index,
+                           index_spec_of, needs_restructure, rebuild_structure)
 from indexer.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -42,16 +44,41 @@ def _load(store: ObjectStore, encoder: Encoder, info: ObjectInfo):
 
 
 def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
-                 batch_size: int, workers: int = 4) -> Iterator[tuple[list, torch.Tensor | None, dict]]:
-    """Fetch+decode in threads, ahead of the forward pass; yields (infos, pixels, failures)."""
+                 batch_size: int, workers: int = 4, prefetch: int = 2
+                 ) -> Iterator[tuple[list, torch.Tensor | None, dict]]:
+    """Fetch+decode in threads, `prefetch` batches ahead of the forward pass (so fetching and
+    decoding overlap the model's compute); yields (infos, pixels, failures) in order."""
+    chunks = [objects[s:s + batch_size] for s in range(0, len(objects), batch_size)]
     with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(objects), batch_size):
-            chunk = objects[start:start + batch_size]
-            loaded = list(pool.map(lambda o: _load(store, encoder, o), chunk))
+        pending: deque = deque()
+
+        def submit(chunk):
+            return [pool.submit(_load, store, encoder, o) for o in chunk]
+
+        for chunk in chunks[:prefetch + 1]:
+            pending.append(submit(chunk))
+        queued = len(pending)
+        while pending:
+            futures = pending.popleft()
+            if queued < len(chunks):
+                pending.append(submit(chunks[queued]))
+                queued += 1
+            loaded = [f.result() for f in futures]
             ok = [(i, t) for i, t, err in loaded if err is None]
             failed = {i.key: err for i, _, err in loaded if err is not None}
             pixels = torch.stack([t for _, t in ok]) if ok else None
             yield [i for i, _ in ok], pixels, failed
+
+
+def tuning_queries(encoder: Encoder, n: int = 300) -> np.ndarray | None:
+    """Real query vectors to tune an approximate index on: the model's bank of training-caption
+    embeddings when it has one (hubness correction), else None (build_index makes stand-ins)."""
+    bank = getattr(encoder.model, "query_bank", None)
+    if bank is None or not len(bank):
+        return None
+    q = bank[:n].detach().float().cpu().numpy()
+    to_query = getattr(encoder, "query_index_vectors", None)
+    return to_query(q) if to_query is not None else q
 
 
 def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
@@ -91,12 +118,12 @@ def rebuild(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix:
     t0 = time.perf_counter()
     objects = sorted(list_images(store, prefix).values(), key=lambda o: o.key)
     res = embed_objects(store, encoder, objects, batch_size, progress)
-    index = new_flat_index(encoder.index_dim)
     ids = np.arange(len(res.keys), dtype=np.int64)
-    if len(ids):
-        index.add_with_ids(res.vectors, ids)
+    # flat while exact search is fast enough, IVF (nprobe tuned to a recall target) above
+    index, params = build_index(res.vectors, ids, tuning_queries=tuning_queries(encoder))
     version = repo.publish(index, ids, res.keys, res.etags, encoder.model_id,
-                           extra={"source": store.describe(), "prefix": prefix})
+                           extra={"source": store.describe(), "prefix": prefix,
+                                  "index_params": params})
     return IndexReport("rebuilt", version, len(ids), added=len(ids), failed=res.failed,
                        seconds=time.perf_counter() - t0)
 
@@ -143,9 +170,14 @@ def update(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: 
     if not len(new_ids) and not gone:
         return IndexReport("unchanged", current.version, current.count, failed=res.failed,
                            seconds=time.perf_counter() - t0)
-    version = repo.publish(index, ids, keys, etags, encoder.model_id,
-                           extra={"source": store.describe(), "prefix": prefix,
-                                  "parent": current.version})
+    extra = {"source": store.describe(), "prefix": prefix, "parent": current.version}
+    if needs_restructure(index, index.ntotal):
+        # the collection outgrew its index type (or shrank below it): same vectors, new type
+        index, extra["index_params"] = rebuild_structure(index, tuning_queries(encoder))
+    else:
+        extra["index_params"] = {**current.manifest.get("index_params", {}),
+                                 **index_spec_of(index).to_dict()}
+    version = repo.publish(index, ids, keys, etags, encoder.model_id, extra=extra)
     return IndexReport("updated", version, len(ids), added=len(new_ids), removed=len(gone),
                        failed=res.failed, seconds=time.perf_counter() - t0)
 

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
                                  validation_alias=AliasChoices("FLICKR8K_SOURCE", "flickr8k_source"))
 
     device: str = Field("cpu", validation_alias=AliasChoices("DEVICE", "device"))
+    # tower runtimes on CPU: "onnx" (ONNX Runtime fp32: same embeddings as PyTorch, several
+    # times faster), "onnx-int8" (faster again; dev Recall@K within 0.5 point, BENCHMARKS.md)
+    # or "torch" (eager). A runtime that cannot start falls back to eager PyTorch.
+    image_runtime: str = Field("onnx", validation_alias=AliasChoices("IMAGE_RUNTIME", "image_runtime"))
+    text_runtime: str = Field("onnx", validation_alias=AliasChoices("TEXT_RUNTIME", "text_runtime"))
+    # exported ONNX graphs, one folder per model id (written once, then reused)
+    onnx_cache_dir: str = Field(str(REPO_ROOT / ".cache" / "onnx"),
+                                validation_alias=AliasChoices("ONNX_CACHE_DIR", "onnx_cache_dir"))
     embed_batch_size: int = 32
 
 

@@ -1,0 +1,117 @@
+"""Indexing throughput: end-to-end images/s from the object store (list, fetch, decode,
+preprocess, forward, FAISS add, publish) against the same tower's raw batched forward rate on
+pre-decoded tensors, measured in the same run, interleaved.
+
+    python bench/indexing.py [--n 512] [--runtimes onnx,onnx-int8,torch] [--rounds 2]
+
+The store is a local-directory store holding N Flickr8k images (dev split first). For every
+runtime: raw forward (batch 32, tensors already decoded) and `indexer.pipeline.rebuild`
+(batch 32), alternately, `rounds` times; plus the pipeline as it was before prefetching
+(fetch/decode of a batch only after the previous forward, `--no-overlap-baseline` to skip).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import FLICKR, MODEL, header, median, save_json, table
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--checkpoint", default=MODEL)
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--torch-n", type=int, default=128, help="images for the slow eager runtime")
+    p.add_argument("--runtimes", default="onnx,onnx-int8,torch")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--no-overlap-baseline", action="store_true")
+    args = p.parse_args()
+    header("indexing: end to end vs raw forward")
+
+    from encoder import Encoder, load_checkpoint
+    from encoder.preprocessing import decode_image
+    from indexer import pipeline
+    from indexer.index import IndexRepository
+    from indexer.store import LocalStore
+    from training.data import load_split_from_folder
+
+    work = Path(tempfile.mkdtemp(prefix="bench-index-"))
+    store = LocalStore(work / "store", "bench")
+    names = sorted(p.name for p in (FLICKR / "Images").iterdir())
+    dev = load_split_from_folder(str(FLICKR), "dev").images
+    order = dev + [n for n in names if n not in set(dev)]
+    loaded = load_checkpoint(args.checkpoint)
+    cache = tempfile.mkdtemp(prefix="onnx-")
+    rows, raw_json = [], {}
+    for rt in args.runtimes.split(","):
+        n = args.torch_n if rt == "torch" else args.n
+        prefix = f"img-{n}/"
+        for name in order[:n]:
+            if not store.exists(prefix + name):
+                store.put(prefix + name, (FLICKR / "Images" / name).read_bytes())
+        enc = Encoder(loaded, image_runtime=rt, text_runtime="torch", onnx_cache_dir=cache)
+        if rt == "onnx-int8":
+            train = load_split_from_folder(str(FLICKR), "train")
+            calib = torch.stack([enc.preprocess(decode_image(train.read(x)))
+                                 for x in train.images[:64]]).numpy()
+            enc.onnx.quantize_image(calib)
+        t = time.perf_counter()
+        pixels = [enc.preprocess(decode_image(store.get(prefix + x))) for x in order[:n]]
+        decode_s = (time.perf_counter() - t) / n
+        pixels = torch.stack(pixels)
+        enc.encode_pixels(pixels[:args.batch])  # warm (export / session load)
+        repo = IndexRepository(work / f"index-{rt}")
+
+        def raw():
+            for i in range(0, n, args.batch):
+                enc.image_index_vectors(enc.encode_pixels(pixels[i:i + args.batch]))
+
+        def e2e():
+            pipeline.rebuild(store, enc, repo, prefix, batch_size=args.batch, progress=False)
+
+        def e2e_no_overlap():
+            # the old behaviour: a batch is fetched+decoded only after the previous forward
+            orig = pipeline.iter_batches
+
+            def serial(store_, enc_, objects, batch_size, workers=4):
+                for s in range(0, len(objects), batch_size):
+                    yield from orig(store_, enc_, objects[s:s + batch_size], batch_size, workers)
+            pipeline.iter_batches = serial
+            try:
+                pipeline.rebuild(store, enc, repo, prefix, batch_size=args.batch, progress=False)
+            finally:
+                pipeline.iter_batches = orig
+
+        fns = {"raw forward": raw, "end to end": e2e}
+        if not args.no_overlap_baseline:
+            fns["end to end, no overlap (before)"] = e2e_no_overlap
+        times = {k: [] for k in fns}
+        for _ in range(args.rounds):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        raw_rate = [n / t for t in times["raw forward"]]
+        for k, ts in times.items():
+            rate = [n / t for t in ts]
+            rows.append({"runtime": rt, "images": n, "what": k,
+                         "img/s (median)": median(rate),
+                         "x raw forward (median of per-round ratios)":
+                             round(median([r / b for r, b in zip(rate, raw_rate)]), 2)})
+        rows.append({"runtime": rt, "images": n, "what": "decode+preprocess alone, 1 thread",
+                     "img/s (median)": 1 / decode_s, "x raw forward (median of per-round ratios)": ""})
+        raw_json[rt] = times
+    print(f"batch {args.batch}, {args.rounds} rounds per runtime, local store at {work}\n")
+    print(table(rows))
+    save_json("indexing", {"rows": rows, "times": raw_json})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
