@@ -54,6 +54,14 @@ class Encoder:
                         text_runtime: str = "torch", **kw) -> "Encoder":
         return cls(load_checkpoint(path), device, image_runtime, text_runtime, **kw)
 
+    @classmethod
+    def from_settings(cls, settings) -> "Encoder":
+        """The encoder every process uses: MODEL_PATH, DEVICE, IMAGE_RUNTIME, TEXT_RUNTIME."""
+        return cls.from_checkpoint(settings.model_path, settings.device,
+                                   image_runtime=settings.image_runtime,
+                                   text_runtime=settings.text_runtime,
+                                   onnx_cache_dir=settings.onnx_cache_dir)
+
     def _fallback(self, tower: str, exc: Exception) -> None:
         log.warning("%s tower: %s; falling back to eager PyTorch", tower, exc)
         setattr(self, f"{tower}_runtime", "torch")

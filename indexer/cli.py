@@ -12,10 +12,7 @@ from indexer.settings import get_settings
 def _encoder(settings):
     from encoder import Encoder
 
-    return Encoder.from_checkpoint(settings.model_path, settings.device,
-                                   image_runtime=settings.image_runtime,
-                                   text_runtime=settings.text_runtime,
-                                   onnx_cache_dir=settings.onnx_cache_dir)
+    return Encoder.from_settings(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,13 @@ class IndexVersion:
     def id_by_key(self) -> dict[str, int]:
         return {k: int(i) for k, i in zip(self.keys, self.ids)}
 
+    def stored_vectors(self, keys: list[str]) -> np.ndarray:
+        """The vectors the index holds for these keys (as published)."""
+        if not hasattr(self, "_id_of_key"):
+            self._id_of_key = {k: int(i) for k, i in zip(self.keys, self.ids)}
+        return np.stack([self.index.reconstruct(self._id_of_key[k]) for k in keys]) if keys \
+            else np.zeros((0, self.index.d), np.float32)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count)."""
         k = min(k, self.count)

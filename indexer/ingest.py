@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from indexer.sources import Flickr8kSource
-from indexer.store import md5_hex as md5_of
 from indexer.store import ObjectStore
+from indexer.store import md5_hex as md5_of
 
 log = logging.getLogger(__name__)
 

@@ -272,7 +272,7 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
                         "seconds": 0.0, "versions": len(repo.list_versions())}
         from encoder import Encoder
 
-        encoder = Encoder.from_checkpoint(s.model_path, s.device)
+        encoder = Encoder.from_settings(s)
         store = with_retries(open_store, s)
         fn = pipeline.rebuild if force_rebuild else pipeline.update
         report = with_retries(fn, store, encoder, repo, s.images_prefix,

@@ -15,8 +15,14 @@ from tqdm import tqdm
 
 from encoder import Encoder
 from encoder.preprocessing import BadImage, decode_image
-from indexer.index import (IndexLoadError, IndexRepository, build_index,
-                           index_spec_of, needs_restructure, rebuild_structure)
+from indexer.index import (
+    IndexLoadError,
+    IndexRepository,
+    build_index,
+    index_spec_of,
+    needs_restructure,
+    rebuild_structure,
+)
 from indexer.store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ def build_state(settings: ApiSettings) -> ServiceState:
     from indexer.index import IndexRepository
     from indexer.store import open_store
 
-    encoder = Encoder.from_checkpoint(settings.model_path, settings.device)
+    encoder = Encoder.from_settings(settings)
+    encoder.warmup()  # export/load the runtime sessions now, not on the first request
     state = ServiceState(encoder, IndexRepository(settings.index_dir), None,
                          store_factory=lambda: open_store(settings),
                          store_retry_s=settings.store_retry_s,

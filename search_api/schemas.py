@@ -63,7 +63,9 @@ class Hit(BaseModel):
     key: str
     filename: str
     score: float
-    similarity: float  # same as score; the original clients read this name
+    # cosine similarity of query and image (the original clients read this name); `score` is
+    # what results are ranked by: the cosine minus the image's hubness term (README)
+    similarity: float
     url: str | None = None
 
 

@@ -134,3 +134,35 @@ def test_concurrent_queries_match_sequential(client, svc):
     for q, vec in zip(queries * 3, together):
         assert np.allclose(vec, alone[q], atol=1e-5), q
     assert calls["n"] <= len(queries) * 3
+
+
+def test_hubness_corrected_model_reports_cosine_and_ranks_by_corrected_score(
+        tiny_flickr, tmp_path, small_checkpoint):
+    """With a query bank the index is 257-d: results rank by cosine minus the image's hubness
+    term (`score`) and report the plain cosine (`similarity`)."""
+    import torch
+    import torch.nn.functional as F
+    from fastapi.testclient import TestClient
+
+    from encoder import Encoder, load_checkpoint, save_checkpoint
+    from tests.api_helpers import build_service
+
+    root, _ = tiny_flickr
+    loaded = load_checkpoint(small_checkpoint)
+    loaded.model.set_query_bank(F.normalize(torch.randn(40, 64, generator=torch.Generator()
+                                                        .manual_seed(1)), dim=-1))
+    path = tmp_path / "corrected.pt"
+    save_checkpoint(loaded.model, path)
+    enc = Encoder.from_checkpoint(str(path))
+    svc = build_service(tmp_path, root, enc)
+    assert svc.repo.read_manifest()["dim"] == 65
+    with TestClient(svc.app) as client:
+        res = client.post("/search_images_by_text", json={"query": "a red circle", "top_k": 5})
+        assert res.status_code == 200, res.text
+        hits = res.json()["results"]
+    q = enc.encode_texts(["a red circle"])[0]
+    stored = svc.state.index.stored_vectors([h["key"] for h in hits])
+    for h, v in zip(hits, stored):
+        assert h["similarity"] == pytest.approx(float(q @ v[:-1]), abs=1e-4)  # plain cosine
+        assert h["score"] == pytest.approx(float(q @ v[:-1] + v[-1]), abs=1e-4)  # minus bias
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)

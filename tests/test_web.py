@@ -62,6 +62,7 @@ def page(tmp_path_factory):
 def _hits(page) -> list[dict]:
     return page.eval_on_selector_all(
         "#results .hit", "els => els.map(e => ({key: e.dataset.key, score: +e.dataset.score, "
+                         "similarity: +e.dataset.similarity, "
                          "rank: e.querySelector('.rank').textContent, "
                          "shown: e.querySelector('.score').textContent}))")
 
@@ -77,7 +78,7 @@ def test_text_search_thumbnails_paging_and_viewer(page, base_url):
     hits = _hits(page)
     assert [h["rank"] for h in hits] == [f"#{i}" for i in range(1, PER_PAGE + 1)]
     assert all(h["key"].startswith(PREFIX) for h in hits)
-    assert all(h["shown"] == f"{h['score']:.3f}" for h in hits)  # scores are shown
+    assert all(h["shown"] == f"{h['similarity']:.3f}" for h in hits)  # similarities are shown
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert "Showing 8 of 24" in page.text_content("#summary")
     assert "q=a+red+circle" in page.url  # the search can be shared as a link

@@ -1,6 +1,8 @@
 """Encoding and search routes. Each accepts JSON or the original clients' form fields."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -76,19 +78,29 @@ async def _read_image(files: dict[str, UploadFile], settings) -> tuple[str, byte
     return upload.filename or "upload", data
 
 
-def _hits(request: Request, scores, keys, offset: int, top_k: int, min_score, urls=True):
-    hits = []
+def _hits(request: Request, scores, keys, offset: int, top_k: int, min_score, urls=True,
+          similarity=None):
+    """Result rows; `similarity(keys, scores)` gives the cosine where scores are not plain cosine."""
+    kept = []
     for rank, (score, key) in enumerate(zip(scores, keys), 1):
         if rank <= offset:
             continue
         if min_score is not None and score < min_score:
             break
-        hits.append(Hit(rank=rank, key=key, filename=key.rsplit("/", 1)[-1], score=float(score),
-                        similarity=float(score),
-                        url=str(request.url_for("get_image", key=key)) if urls else None))
-        if len(hits) == top_k:
+        kept.append((rank, float(score), key))
+        if len(kept) == top_k:
             break
-    return hits
+    cosines = similarity([k for _, _, k in kept], np.array([s for _, s, _ in kept])) \
+        if similarity is not None and kept else [s for _, s, _ in kept]
+    base = str(request.url_for("get_image", key="")) if urls else None  # once, not per hit
+    return [Hit(rank=rank, key=key, filename=key.rsplit("/", 1)[-1], score=score,
+                similarity=float(cos), url=base + quote(key, safe="/") if urls else None)
+            for (rank, score, key), cos in zip(kept, cosines)]
+
+
+# below this size a flat search costs well under a millisecond: run it on the event loop rather
+# than paying a thread hop (BENCHMARKS.md §1); larger indexes search in the thread pool
+INLINE_SEARCH_MAX = 20_000
 
 
 async def _search_index(state, metrics, vectors: np.ndarray, k: int):
@@ -96,8 +108,19 @@ async def _search_index(state, metrics, vectors: np.ndarray, k: int):
     if index is None:
         raise HTTPException(503, "no index is loaded yet; run `python -m indexer rebuild`")
     vectors = state.query_vectors(vectors)
-    scores, keys = await run_in_threadpool(metrics.timed, "faiss_search", index.search, vectors, k)
+    if index.count <= INLINE_SEARCH_MAX:
+        scores, keys = metrics.timed("faiss_search", index.search, vectors, k)
+    else:
+        scores, keys = await run_in_threadpool(metrics.timed, "faiss_search", index.search,
+                                               vectors, k)
     return index, scores, keys
+
+
+def _cosine(state, index):
+    """Cosine similarity of the hits: the index score plus the image's hubness term back."""
+    if getattr(state.encoder, "corrected", False):
+        return lambda keys, scores: scores - index.stored_vectors(keys)[:, -1]
+    return None
 
 
 async def _decode(data: bytes, settings, metrics):
@@ -165,7 +188,8 @@ async def search_images_by_text(request: Request, state: StateDep, settings: Set
                          total=len(names), results=hits)
 
     index, scores, keys = await _search_index(state, metrics, vec[None, :], body.offset + top_k)
-    hits = _hits(request, scores[0], keys[0], body.offset, top_k, body.min_score)
+    hits = _hits(request, scores[0], keys[0], body.offset, top_k, body.min_score,
+                 similarity=_cosine(state, index))
     return SearchOut(query=text, model_id=state.encoder.model_id, index_version=index.version,
                      total=index.count, results=hits)
 
@@ -185,7 +209,8 @@ async def search_images_by_image(request: Request, state: StateDep, settings: Se
         raise HTTPException(503, "no index is loaded yet; run `python -m indexer rebuild`")
     vec = await state.encode_images([image])
     index, scores, keys = await _search_index(state, metrics, vec, body.offset + top_k)
-    hits = _hits(request, scores[0], keys[0], body.offset, top_k, body.min_score)
+    hits = _hits(request, scores[0], keys[0], body.offset, top_k, body.min_score,
+                 similarity=_cosine(state, index))
     return SearchOut(query=filename, model_id=state.encoder.model_id, index_version=index.version,
                      total=index.count, results=hits)
 
@@ -211,5 +236,6 @@ async def search_images_by_texts(request: Request, state: StateDep, settings: Se
     index, scores, keys = await _search_index(state, metrics, vecs, top_k)
     return [SearchOut(query=t, model_id=state.encoder.model_id, index_version=index.version,
                       total=index.count,
-                      results=_hits(request, s, k, 0, top_k, body.min_score))
+                      results=_hits(request, s, k, 0, top_k, body.min_score,
+                                    similarity=_cosine(state, index)))
             for t, s, k in zip(texts, scores, keys)]

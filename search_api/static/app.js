@@ -62,6 +62,7 @@ function addResult(hit) {
   li.className = "hit";
   li.dataset.key = hit.key;
   li.dataset.score = String(hit.score);
+  li.dataset.similarity = String(hit.similarity);
 
   const btn = document.createElement("button");
   btn.type = "button";
@@ -82,7 +83,7 @@ function addResult(hit) {
   rank.textContent = "#" + hit.rank;
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = hit.score.toFixed(3);
+  score.textContent = hit.similarity.toFixed(3);
   score.title = "cosine similarity";
   const name = document.createElement("span");
   name.className = "name";
@@ -167,7 +168,7 @@ function searchImage(file) {
 function openViewer(hit) {
   $("viewer-img").src = imageUrl(hit.key);
   $("viewer-img").alt = hit.filename;
-  $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  score ${hit.score.toFixed(3)}`;
+  $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  similarity ${hit.similarity.toFixed(3)}`;
   $("viewer-open").href = imageUrl(hit.key);
   $("viewer").hidden = false;
   $("viewer-close").focus();
