@@ -7,9 +7,8 @@ Builds an index of N Flickr8k images in a temp dir, starts the real service (`py
 search_api`, one uvicorn worker) on a free port, then alternates: floor calls and 1-client HTTP
 calls one by one (ratio of p50s), then blocks of 16 concurrent clients (asyncio + keep-alive
 httpx, in this process) for throughput. The load generator shares the 2 cores with the server,
-as any client on this machine would. Until `search_api.main.build_state` passes the runtime
-settings to the Encoder, the service is started through a shim that applies IMAGE_RUNTIME /
-TEXT_RUNTIME (see BENCHMARKS.md).
+as any client on this machine would. The service reads IMAGE_RUNTIME / TEXT_RUNTIME like
+any deployment.
 """
 from __future__ import annotations
 
@@ -33,21 +32,6 @@ QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city st
            "children playing soccer on a field", "a woman climbing a rock wall",
            "a brown dog runs through the grass", "a group of people stand in front of a building"]
 
-SHIM = """
-import sys, encoder.inference as inf
-orig = inf.Encoder.from_checkpoint.__func__
-def from_checkpoint(cls, path, device="cpu", *a, **kw):
-    import os
-    kw.setdefault("image_runtime", os.environ.get("IMAGE_RUNTIME", "torch"))
-    kw.setdefault("text_runtime", os.environ.get("TEXT_RUNTIME", "torch"))
-    kw.setdefault("onnx_cache_dir", os.environ.get("ONNX_CACHE_DIR"))
-    enc = orig(cls, path, device, *a, **kw)
-    enc.warmup()
-    return enc
-inf.Encoder.from_checkpoint = classmethod(from_checkpoint)
-from search_api.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def free_port() -> int:
@@ -113,7 +97,7 @@ def main() -> int:
            "STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(work / "store"),
            "MINIO_BUCKET": "flickr8k", "IMAGE_RUNTIME": "onnx", "TEXT_RUNTIME": args.text_runtime,
            "ONNX_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-c", SHIM, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "search_api", "--port", str(port),
                                "--log-level", "warning"], env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -140,7 +124,6 @@ def main() -> int:
             http.post(url, json={"query": q, "top_k": 10}).raise_for_status()
         t_floor, t_http1, thr1, lat16, thr16 = [], [], [], [], []
         for _ in range(args.rounds):
-            t0 = time.perf_counter()
             for i in range(args.requests):
                 q = QUERIES[i % len(QUERIES)]
                 t = time.perf_counter()

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from common import FLICKR, MODEL, header, interleaved, median, pct, save_json, table
@@ -190,7 +189,7 @@ def main() -> int:
             "ONNX Runtime fp32": lambda: enc.onnx.encode_texts(batch16),
             "ONNX Runtime int8 (dynamic)": lambda: enc.onnx.encode_texts(batch16, int8=True),
         }, max(5, args.text_rounds // 6), warmup=1)
-    b1, b16 = t1["eager fp32 (baseline)"], t16["eager fp32 (baseline)"]
+    b1 = t1["eager fp32 (baseline)"]
     rows = []
     for k in one:
         rows.append({"text tower": k, "1 query p50 ms": 1000 * median(t1[k]),
