@@ -13,7 +13,6 @@ atomically: readers see the old version or the new one, never a partial one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from indexer.store import sha256_file
 
 MANIFEST_FORMAT = "flickr-search-index/1"
 
@@ -248,14 +249,6 @@ def rebuild_structure(index: faiss.Index, tuning_queries: np.ndarray | None = No
     return build_index(vecs, ids, tuning_queries=tuning_queries)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class IndexRepository:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -305,7 +298,7 @@ class IndexRepository:
             path = vdir / name
             if not path.is_file():
                 raise IndexLoadError(f"index version {version}: {name} is missing")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise IndexLoadError(f"index version {version}: {name} is corrupt (checksum mismatch)")
         try:
             index = faiss.read_index(str(vdir / "index.faiss"))
@@ -344,7 +337,7 @@ class IndexRepository:
                 "created": now.isoformat(),
                 "index_type": type(faiss.downcast_index(index.index)).__name__
                 if isinstance(index, faiss.IndexIDMap2) else type(index).__name__,
-                "checksums": {n: _sha256(tmp / n) for n in ("index.faiss", "table.json")},
+                "checksums": {n: sha256_file(tmp / n) for n in ("index.faiss", "table.json")},
                 # what choose_index/build_index picked (kind, nlist, nprobe, tuned recall)
                 "index_params": index_spec_of(index).to_dict(),
                 **(extra or {}),

@@ -15,7 +15,6 @@ back-off; Airflow's task retries (also with back-off) sit on top of that.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from indexer.settings import Settings, get_settings
-from indexer.store import InvalidKey, StoreAuthError, StoreUnavailable
+from indexer.store import InvalidKey, StoreAuthError, StoreUnavailable, sha256_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,14 +87,6 @@ def work_dir(settings: Settings | None = None) -> Path:
     return Path(os.environ.get("FLICKR8K_WORK_DIR") or Path(s.index_dir).resolve().parent / "downloads")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- ingestion -----------------------------------------------------------------------------
 def fetch_archives(source: str | None = None, text_source: str | None = None,
                    images_sha256: str | None = None, text_sha256: str | None = None,
@@ -140,7 +131,7 @@ def fetch_archives(source: str | None = None, text_source: str | None = None,
             path = Path(loc)
             if not path.is_file():
                 raise SourceError(f"source not found: {loc}")
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if sha and digest != sha:
             problem = f"sha256 {digest} does not match the expected {sha}"
         elif size is not None and path.stat().st_size != size:

@@ -1,7 +1,6 @@
 """Where Flickr8k comes from: a folder in the original layout, the original zips, or their URLs."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.error
@@ -13,6 +12,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from tqdm import tqdm
+
+from indexer.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,8 @@ def download(url: str, dest: Path, expected_size: int | None = None,
 def _verified(path: Path, expected_size: int | None, sha256: str | None) -> bool:
     if expected_size is not None and path.stat().st_size != expected_size:
         return False
-    if sha256 is not None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != sha256:
-            return False
+    if sha256 is not None and sha256_file(path) != sha256:
+        return False
     if path.suffix == ".zip" or path.name.endswith(".zip.part"):
         try:
             with zipfile.ZipFile(path) as z:

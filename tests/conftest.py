@@ -54,6 +54,23 @@ def write_tiny_flickr8k(root: Path, per_combo: int = 2) -> dict:
     return {"names": names, "train": train, "dev": dev}
 
 
+def zip_flickr8k(root: Path, out_dir: Path) -> tuple[Path, Path]:
+    """The original distribution: Flickr8k_Dataset.zip (Flicker8k_Dataset/*.jpg) + Flickr8k_text.zip."""
+    import zipfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = out_dir / "Flickr8k_Dataset.zip"
+    with zipfile.ZipFile(images, "w") as z:
+        for p in sorted((root / "Images").iterdir()):
+            z.write(p, f"Flicker8k_Dataset/{p.name}")
+        z.writestr("__MACOSX/Flicker8k_Dataset/._junk", b"junk")
+    text = out_dir / "Flickr8k_text.zip"
+    with zipfile.ZipFile(text, "w") as z:
+        for p in sorted(root.glob("*.txt")):
+            z.write(p, p.name)
+    return images, text
+
+
 @pytest.fixture(scope="session")
 def tiny_flickr(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("flickr8k")
@@ -73,10 +90,10 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture
 def s3_store(s3_server, request):
-    from indexer.store import S3Store
-
     import re
     import uuid
+
+    from indexer.store import S3Store
 
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:30].strip("-")
     bucket = f"t-{name}-{uuid.uuid4().hex[:8]}"

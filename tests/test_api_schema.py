@@ -9,7 +9,6 @@ operation and mode, derandomized (same cases every run).
 `Item._nodeid`; the operations' Hypothesis strategies are driven directly instead.)
 """
 import pytest
-
 import schemathesis  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.generation.modes import GenerationMode  # noqa: E402

@@ -19,11 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from contextlib import closing
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import zip_flickr8k
 
 ROOT = Path(__file__).resolve().parent.parent
 DAGS = ROOT / "dags"
@@ -77,26 +78,13 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def _zip_flickr(root: Path, out_dir: Path) -> tuple[Path, Path]:
-    """The original layout: Flickr8k_Dataset.zip (Flicker8k_Dataset/*.jpg) + Flickr8k_text.zip."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    images = out_dir / "Flickr8k_Dataset.zip"
-    with zipfile.ZipFile(images, "w") as z:
-        for p in sorted((root / "Images").iterdir()):
-            z.write(p, f"Flicker8k_Dataset/{p.name}")
-        z.writestr("__MACOSX/Flicker8k_Dataset/._junk", b"junk")
-    text = out_dir / "Flickr8k_text.zip"
-    with zipfile.ZipFile(text, "w") as z:
-        for p in sorted(root.glob("*.txt")):
-            z.write(p, p.name)
-    return images, text
 
 
 @pytest.fixture(scope="module")
 def served_flickr(tiny_flickr, tmp_path_factory):
     root, meta = tiny_flickr
     served = tmp_path_factory.mktemp("served")
-    images, text = _zip_flickr(root, served)
+    images, text = zip_flickr8k(root, served)
     handler = lambda *a, **kw: _RangeHandler(*a, directory=str(served), **kw)  # noqa: E731
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.seen = []

@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder import DualEncoder, Encoder, ModelConfig, load_checkpoint, read_card, save_checkpoint
+from encoder import (
+    DualEncoder,
+    Encoder,
+    ModelConfig,
+    load_checkpoint,
+    read_card,
+    save_checkpoint,
+)
 from encoder.backbones import create_image_backbone, create_text_backbone
 
 

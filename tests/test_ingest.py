@@ -1,7 +1,6 @@
 """Ingest from a folder, from the original zips, and from URLs; idempotent by content hash."""
 import http.server
 import threading
-import zipfile
 from functools import partial
 
 import pytest
@@ -9,20 +8,7 @@ import pytest
 from indexer.ingest import ingest
 from indexer.sources import SourceError, download, open_source
 from indexer.store import LocalStore
-
-
-def _zip_flickr(root, out_dir):
-    """The original distribution: Flickr8k_Dataset.zip (Flicker8k_Dataset/*.jpg) + Flickr8k_text.zip."""
-    images = out_dir / "Flickr8k_Dataset.zip"
-    with zipfile.ZipFile(images, "w") as z:
-        for p in sorted((root / "Images").iterdir()):
-            z.write(p, f"Flicker8k_Dataset/{p.name}")
-        z.writestr("__MACOSX/._junk", b"junk")
-    text = out_dir / "Flickr8k_text.zip"
-    with zipfile.ZipFile(text, "w") as z:
-        for p in root.glob("*.txt"):
-            z.write(p, p.name)
-    return images, text
+from tests.conftest import zip_flickr8k
 
 
 @pytest.fixture
@@ -61,7 +47,7 @@ def test_split_filter_and_changed_content(tiny_flickr, tmp_path):
 
 def test_zip_ingest_matches_folder(tiny_flickr, tmp_path):
     root, meta = tiny_flickr
-    images_zip, _ = _zip_flickr(root, tmp_path)
+    images_zip, _ = zip_flickr8k(root, tmp_path)
     src = open_source(str(images_zip))  # text zip found beside it by name
     assert src.image_names() == sorted(meta["names"])
     assert src.split("dev") == meta["dev"]
@@ -72,7 +58,7 @@ def test_zip_ingest_matches_folder(tiny_flickr, tmp_path):
 def test_url_ingest_downloads_resumes_and_verifies(tiny_flickr, http_server, tmp_path):
     root, meta = tiny_flickr
     served, base = http_server
-    images_zip, text_zip = _zip_flickr(root, served)
+    images_zip, text_zip = zip_flickr8k(root, served)
     cache = tmp_path / "cache"
     # a partial earlier download is resumed, not restarted
     cache.mkdir()

@@ -3,13 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from encoder import Encoder, load_checkpoint
-from encoder import runtime_onnx
+from encoder import Encoder, load_checkpoint, runtime_onnx
 from indexer import index as index_mod
-from indexer.index import (IndexRepository, build_index, choose_index, index_contents,
-                           index_spec_of, needs_restructure)
-
-pytest.importorskip("onnxruntime")
+from indexer.index import (
+    IndexRepository,
+    build_index,
+    choose_index,
+    index_contents,
+    index_spec_of,
+    needs_restructure,
+)
 
 TEXTS = ["a red circle", "two dogs playing in the snow", "a man riding a bike down the road"]
 

@@ -14,10 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright import sync_api  # noqa: E402
 
 from tests.api_helpers import PREFIX, build_service, serve
-
-from playwright import sync_api  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
