@@ -9,7 +9,7 @@ import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -187,8 +187,3 @@ def _local(location: str, cache_dir: Path) -> Path:
     if not path.is_file():
         raise SourceError(f"source not found: {location}")
     return path
-
-
-def iter_images(source: Flickr8kSource, split: str = "all") -> Iterator[tuple[str, bytes]]:
-    for name in source.image_names(split):
-        yield name, source.read_image(name)
