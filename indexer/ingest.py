@@ -5,6 +5,7 @@ The content hash decides: an object whose md5 already matches is not uploaded ag
 from __future__ import annotations
 
 import logging
+import mimetypes
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ def ingest(source: Flickr8kSource, store: ObjectStore, images_prefix: str = "fli
         key = images_prefix + name
         if existing.get(key) == md5_of(data):
             return False
-        store.put(key, data, content_type="image/jpeg")
+        store.put(key, data, content_type=mimetypes.guess_type(name)[0] or "application/octet-stream")
         return True
 
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(names), desc="ingest", unit="img",
