@@ -9,12 +9,6 @@ from indexer.logs import setup_logging
 from indexer.settings import get_settings
 
 
-def _encoder(settings):
-    from encoder import Encoder
-
-    return Encoder.from_settings(settings)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m indexer", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -57,10 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "status":
             print(json.dumps(_status(s, store, repo), indent=2))
         else:
+            from encoder import Encoder
             from indexer import pipeline
 
             fn = pipeline.rebuild if args.cmd == "rebuild" else pipeline.update
-            report = fn(store, _encoder(s), repo, s.images_prefix,
+            report = fn(store, Encoder.from_settings(s), repo, s.images_prefix,
                         batch_size=args.batch_size or s.embed_batch_size, progress=not args.quiet)
             print(json.dumps(report.to_dict(), indent=2))
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,13 +62,15 @@ class IndexVersion:
     def etag_by_key(self) -> dict[str, str]:
         return dict(zip(self.keys, self.etags))
 
-    def id_by_key(self) -> dict[str, int]:
+    @cached_property
+    def _id_of_key(self) -> dict[str, int]:
         return {k: int(i) for k, i in zip(self.keys, self.ids)}
+
+    def id_by_key(self) -> dict[str, int]:
+        return dict(self._id_of_key)
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
         """The vectors the index holds for these keys (as published)."""
-        if not hasattr(self, "_id_of_key"):
-            self._id_of_key = {k: int(i) for k, i in zip(self.keys, self.ids)}
         return np.stack([self.index.reconstruct(self._id_of_key[k]) for k in keys]) if keys \
             else np.zeros((0, self.index.d), np.float32)
 
