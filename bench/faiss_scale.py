@@ -1,4 +1,4 @@
-"""FAISS at scale: exact flat search vs the index the project chooses (indexer.index.choose_index
+"""FAISS at scale: exact flat search vs the index the project chooses (indexer.index_policy.choose_index
 + build_index), at 100k and 1M vectors of dimension 256.
 
     python bench/faiss_scale.py [--sizes 100000,1000000] [--queries 200]
@@ -39,8 +39,8 @@ def embeddings(args):
     rng = np.random.default_rng(1)
     pick = rng.choice(len(texts), args.queries, replace=False)
     queries = enc.encode_texts([texts[i] for i in pick])
-    bank = enc.model.query_bank.float().numpy()
-    tuning = bank[:300] if len(bank) else None
+    # raw embeddings here (no bias column): tune on the bank's raw caption embeddings
+    tuning = enc.scoring.bank[:300].numpy() if enc.scoring.corrected else None
     return np.concatenate(imgs).astype(np.float32), queries.astype(np.float32), tuning
 
 
@@ -65,7 +65,7 @@ def main() -> int:
     args = p.parse_args()
     header("FAISS: exact flat vs the chosen index")
 
-    from indexer.index import build_index, choose_index, recall_at
+    from indexer.index_policy import build_index, choose_index, recall_at
 
     base, queries, tuning = embeddings(args)
     rows, raw = [], {}

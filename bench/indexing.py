@@ -36,8 +36,8 @@ def main() -> int:
     from encoder import Encoder, load_checkpoint
     from encoder.preprocessing import decode_image
     from indexer import pipeline
-    from indexer.index import IndexRepository
-    from indexer.store import LocalStore
+    from indexer.repository import IndexRepository
+    from objectstore import LocalStore
     from training.data import load_split_from_folder
 
     work = Path(tempfile.mkdtemp(prefix="bench-index-"))
@@ -69,7 +69,7 @@ def main() -> int:
 
         def raw():
             for i in range(0, n, args.batch):
-                enc.image_index_vectors(enc.encode_pixels(pixels[i:i + args.batch]))
+                enc.scoring.image_vectors(enc.encode_pixels(pixels[i:i + args.batch]))
 
         def e2e():
             pipeline.rebuild(store, enc, repo, prefix, batch_size=args.batch, progress=False)

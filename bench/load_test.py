@@ -67,15 +67,14 @@ def prepare(workdir: Path, vectors: int, model: str | None) -> dict:
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from encoder import read_card
-    from indexer.index import IndexRepository, new_flat_index
+    from encoder import Scoring, load_checkpoint
+    from indexer.repository import IndexRepository
+    from indexer.index_policy import new_flat_index
 
     model_path = Path(model) if model else ROOT / "models" / "flickr8k-dual-encoder.pt"
     if model_path.is_file():
-        card = read_card(str(model_path))
-        model_id, dim = card["model_id"], card["config"]["embed_dim"]
-        if card["config"].get("query_bank_size", 0):  # hubness-corrected: [v, -bias] vectors
-            dim += 1
+        loaded = load_checkpoint(str(model_path), load_backbones=False)
+        model_id, dim = loaded.model_id, Scoring.of(loaded.model).index_dim
         print(f"model: {model_path} ({model_id})")
     else:
         import torch

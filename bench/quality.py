@@ -75,8 +75,7 @@ def main() -> int:
         txt[rt] = np.concatenate(chunks)
         secs[f"text {rt}"] = time.perf_counter() - t
 
-    to_index = getattr(enc, "image_index_vectors", lambda e: e)
-    to_query = getattr(enc, "query_index_vectors", lambda e: e)
+    to_index, to_query = enc.scoring.image_vectors, enc.scoring.query_vectors
     combos = [("torch", "torch"), ("onnx", "onnx"), ("onnx", "onnx-int8"),
               ("onnx-int8", "onnx"), ("onnx-int8", "onnx-int8")]
     rows, ref = [], None

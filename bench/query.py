@@ -76,8 +76,8 @@ def main() -> int:
 
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline
-    from indexer.index import IndexRepository
-    from indexer.store import LocalStore
+    from indexer.repository import IndexRepository
+    from objectstore import LocalStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
     cache = str(work / "onnx")
@@ -115,7 +115,7 @@ def main() -> int:
 
         def floor(q):
             v = enc.encode_texts([q])
-            v = getattr(enc, "query_index_vectors", lambda e: e)(v)
+            v = enc.scoring.query_vectors(v)
             return index.search(v, 10)
 
         http = httpx.Client(timeout=60)

@@ -29,8 +29,8 @@ def main() -> int:
 
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline
-    from indexer.index import IndexRepository
-    from indexer.store import LocalStore
+    from indexer.repository import IndexRepository
+    from objectstore import LocalStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-update-"))
     store = LocalStore(work / "store", "bench")

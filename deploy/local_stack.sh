@@ -100,7 +100,7 @@ start() {
     --access-key "$MINIO_ACCESS_KEY" --secret-key "$MINIO_SECRET_KEY"
   wait_http s3 "http://127.0.0.1:$S3_PORT/healthz" 60
   # what minio-setup does in docker-compose: the bucket
-  "$PY" -c "from indexer.store import open_store; s = open_store(); print('bucket ready:', s.describe())"
+  "$PY" -c "from objectstore import open_store; s = open_store(); print('bucket ready:', s.describe())"
 
   echo "== airflow standalone on 127.0.0.1:$AIRFLOW_PORT"
   "$PY" - <<'PY'

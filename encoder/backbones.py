@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -180,7 +179,10 @@ def _minilm(name: str, path: str | None) -> TextBackbone:
 
 
 def _distilbert(name: str, path: str | None) -> TextBackbone:
-    path = path or os.environ.get("DISTILBERT_PATH")
+    if path is None:
+        from core.settings import get_settings
+
+        path = get_settings().distilbert_path or None
     if path is None:
         # Works where the Hugging Face hub (or its cache) is reachable; fails loudly offline.
         log.warning("distilbert-base-uncased: no local path given; trying the Hugging Face hub")

@@ -16,6 +16,7 @@ from PIL import Image
 from encoder.checkpoint import LoadedModel, load_checkpoint
 from encoder.preprocessing import eval_transform
 from encoder.runtime_onnx import RUNTIMES, OnnxTowers, OnnxUnavailable
+from encoder.scoring import Scoring
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,8 @@ class Encoder:
         self.model = loaded.model.to(self.device).eval()
         self.model_id = loaded.model_id
         self.dim = loaded.model.config.embed_dim
-        # with a query bank the index holds [v, -bias] and queries are [q, 1] (one extra dim)
-        self.corrected = loaded.model.query_bank.shape[0] > 0
-        self.index_dim = self.dim + 1 if self.corrected else self.dim
+        # how embeddings become index and query vectors (the one owner of that convention)
+        self.scoring = Scoring.of(loaded.model)
         self.transform = eval_transform(self.model.image_backbone.spec)
         # (x/255 - mean)/std == x*scale + offset, per channel
         mean = np.asarray(self.model.image_backbone.spec.mean, np.float64)
@@ -108,17 +108,3 @@ class Encoder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         return self.encode_pixels(torch.stack([self.preprocess(im) for im in images]))
-
-    @torch.inference_mode()
-    def image_index_vectors(self, emb: np.ndarray) -> np.ndarray:
-        """Image embeddings -> the vectors an index stores (hubness-corrected when enabled)."""
-        if not self.corrected:
-            return emb
-        bias = self.model.image_bias(torch.from_numpy(emb).to(self.device)).float().cpu().numpy()
-        return np.concatenate([emb, -bias[:, None]], axis=1).astype(np.float32)
-
-    def query_index_vectors(self, emb: np.ndarray) -> np.ndarray:
-        """Text (or image) query embeddings -> the vectors searched against the index."""
-        if not self.corrected:
-            return emb
-        return np.concatenate([emb, np.ones((len(emb), 1), np.float32)], axis=1)

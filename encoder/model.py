@@ -27,7 +27,7 @@ class ModelConfig:
     image_tail_stages: int = 0
     image_weights: str | None = None
     text_weights: str | None = None
-    # hubness correction: a bank of training-caption embeddings (see DualEncoder.image_bias)
+    # hubness correction: a bank of training-caption embeddings (see encoder/scoring.py)
     query_bank_size: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -135,25 +135,11 @@ class DualEncoder(nn.Module):
     def embed_text_features(self, feats: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_head(feats), dim=-1)
 
-    # --- hubness correction (inverted softmax over a bank of training queries) ---------------
+    # --- hubness correction: the bank is stored with the model, scoring.py uses it ------------
     def set_query_bank(self, text_emb: torch.Tensor) -> None:
         """Keep these (normalised) training-caption embeddings as the query bank."""
         self.query_bank = text_emb.detach().to(self.query_bank.device, torch.float32).clone()
         self.config.query_bank_size = int(self.query_bank.shape[0])
-
-    @torch.no_grad()
-    def image_bias(self, image_emb: torch.Tensor) -> torch.Tensor:
-        """T·logsumexp_b(<b, v>/T) per image: how strongly an image attracts *any* query.
-
-        Subtracting it from every score demotes "hub" images that come up for everything
-        (inverted softmax, T = the model's learned temperature). It is per image, so an index
-        stores [v, -bias] and a query [q, 1]: inner-product search stays exact.
-        """
-        if self.query_bank.shape[0] == 0:
-            return torch.zeros(image_emb.shape[0], device=image_emb.device)
-        t = 1.0 / self.logit_scale.exp().clamp(max=100)
-        bank = self.query_bank.to(image_emb.dtype)
-        return t * torch.logsumexp(image_emb @ bank.T / t, dim=1)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_head(self.image_backbone(pixels)), dim=-1)

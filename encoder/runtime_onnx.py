@@ -48,10 +48,9 @@ class OnnxUnavailable(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("ONNX_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache" / "onnx"
+    from core.settings import get_settings
+
+    return Path(get_settings().onnx_cache_dir)
 
 
 def _ort():

@@ -5,8 +5,8 @@ import argparse
 import json
 import sys
 
-from indexer.logs import setup_logging
-from indexer.settings import get_settings
+from core.logs import setup_logging
+from core.settings import get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
 
-    from indexer.index import IndexRepository
-    from indexer.store import StoreError, open_store
+    from indexer.repository import IndexRepository
+    from objectstore import StoreError, open_store
 
     s = get_settings()
     repo = IndexRepository(s.index_dir)
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(s)
         if args.cmd == "ingest":
             from indexer.ingest import ingest
-            from indexer.sources import open_source
+            from flickr8k.sources import open_source
 
             src = open_source(args.source or s.flickr8k_source, args.text_source,
                               cache_dir=f"{s.index_dir}/../downloads")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from indexer.sources import Flickr8kSource
-from indexer.store import ObjectStore
-from indexer.store import md5_hex as md5_of
+from flickr8k.sources import Flickr8kSource
+from objectstore import ObjectStore
+from core.hashing import md5_hex as md5_of
 
 log = logging.getLogger(__name__)
 

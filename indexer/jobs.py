@@ -26,8 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from indexer.settings import Settings, get_settings
-from indexer.store import InvalidKey, StoreAuthError, StoreUnavailable, sha256_file
+from core.settings import Settings, get_settings
+from objectstore import InvalidKey, StoreAuthError, StoreUnavailable
+from core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -98,7 +99,8 @@ def fetch_archives(source: str | None = None, text_source: str | None = None,
 
     Defaults: FLICKR8K_SOURCE / FLICKR8K_TEXT_SOURCE / FLICKR8K_IMAGES_SHA256 / FLICKR8K_TEXT_SHA256;
     with no FLICKR8K_SOURCE configured, the public Flickr8k_Dataset.zip and Flickr8k_text.zip."""
-    from indexer.sources import DEFAULT_IMAGES_URL, SourceError, download
+    from flickr8k.sources import DEFAULT_IMAGES_URL, download
+    from flickr8k.format import SourceError
 
     s = _settings(settings)
     env = os.environ.get
@@ -166,7 +168,7 @@ def unpack(fetched: dict, settings: Settings | None = None) -> dict:
     complete (temp dir + rename), so a rerun with the same archives finds it and does nothing."""
     if fetched["kind"] == "folder":
         return {"folder": fetched["folder"], "unpacked": False}
-    from indexer.sources import open_source
+    from flickr8k.sources import open_source
 
     root = work_dir(settings) / "unpacked"
     root.mkdir(parents=True, exist_ok=True)
@@ -203,8 +205,8 @@ def upload(folder: str, split: str = "all", limit: int | None = None,
            settings: Settings | None = None) -> dict:
     """Images -> <prefix>images/, captions and splits -> <prefix>text/; only changed content."""
     from indexer.ingest import ingest
-    from indexer.sources import open_source
-    from indexer.store import open_store
+    from flickr8k.sources import open_source
+    from objectstore import open_store
 
     s = _settings(settings)
     store = with_retries(open_store, s)
@@ -226,9 +228,9 @@ def _model_id(model_path: str) -> str:
 def find_changes(settings: Settings | None = None) -> dict:
     """What an update would do, without loading the model: new/changed objects, removed ones,
     whether the model differs from the index's. `changed` is true when there is any work."""
-    from indexer.index import IndexRepository
+    from indexer.repository import IndexRepository
     from indexer.pipeline import status
-    from indexer.store import open_store
+    from objectstore import open_store
 
     s = _settings(settings)
     store = with_retries(open_store, s)
@@ -246,8 +248,8 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
     changed or there is no usable index). Nothing changed -> no model load, no new version.
     Holds the index lock; removes temp folders a killed earlier publish left behind."""
     from indexer import pipeline
-    from indexer.index import IndexRepository
-    from indexer.store import open_store
+    from indexer.repository import IndexRepository
+    from objectstore import open_store
 
     s = _settings(settings)
     with index_lock(s.index_dir):
@@ -273,7 +275,7 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
 
 def prune_versions(keep: int | None = None, settings: Settings | None = None) -> dict:
     """Delete index versions beyond the newest `keep` (INDEX_KEEP_VERSIONS, default 5)."""
-    from indexer.index import IndexRepository
+    from indexer.repository import IndexRepository
 
     s = _settings(settings)
     keep = keep if keep is not None else int(os.environ.get("INDEX_KEEP_VERSIONS") or 5)

@@ -15,15 +15,9 @@ from tqdm import tqdm
 
 from encoder import Encoder
 from encoder.preprocessing import BadImage, decode_image
-from indexer.index import (
-    IndexLoadError,
-    IndexRepository,
-    build_index,
-    index_spec_of,
-    needs_restructure,
-    rebuild_structure,
-)
-from indexer.store import ObjectInfo, ObjectStore
+from indexer.repository import IndexLoadError, IndexRepository
+from indexer.index_policy import build_index, index_spec_of, needs_restructure, rebuild_structure
+from objectstore import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +70,6 @@ def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo]
             yield [i for i, _ in ok], pixels, failed
 
 
-def tuning_queries(encoder: Encoder, n: int = 300) -> np.ndarray | None:
-    """Real query vectors to tune an approximate index on: the model's bank of training-caption
-    embeddings when it has one (hubness correction), else None (build_index makes stand-ins)."""
-    bank = getattr(encoder.model, "query_bank", None)
-    if bank is None or not len(bank):
-        return None
-    q = bank[:n].detach().float().cpu().numpy()
-    to_query = getattr(encoder, "query_index_vectors", None)
-    return to_query(q) if to_query is not None else q
-
-
 def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
                   batch_size: int = 32, progress: bool = True) -> EmbedResult:
     out = EmbedResult()
@@ -97,11 +80,11 @@ def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo
             for key, why in failed.items():
                 log.warning("skipping %s: %s", key, why)
             if pixels is not None:
-                chunks.append(encoder.image_index_vectors(encoder.encode_pixels(pixels)))
+                chunks.append(encoder.scoring.image_vectors(encoder.encode_pixels(pixels)))
                 out.keys += [i.key for i in infos]
                 out.etags += [i.etag for i in infos]
             bar.update(len(infos) + len(failed))
-    out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.index_dim), np.float32)
+    out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.scoring.index_dim), np.float32)
     return out
 
 
@@ -126,7 +109,7 @@ def rebuild(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix:
     res = embed_objects(store, encoder, objects, batch_size, progress)
     ids = np.arange(len(res.keys), dtype=np.int64)
     # flat while exact search is fast enough, IVF (nprobe tuned to a recall target) above
-    index, params = build_index(res.vectors, ids, tuning_queries=tuning_queries(encoder))
+    index, params = build_index(res.vectors, ids, tuning_queries=encoder.scoring.tuning_queries())
     version = repo.publish(index, ids, res.keys, res.etags, encoder.model_id,
                            extra={"source": store.describe(), "prefix": prefix,
                                   "index_params": params})
@@ -179,7 +162,7 @@ def update(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: 
     extra = {"source": store.describe(), "prefix": prefix, "parent": current.version}
     if needs_restructure(index, index.ntotal):
         # the collection outgrew its index type (or shrank below it): same vectors, new type
-        index, extra["index_params"] = rebuild_structure(index, tuning_queries(encoder))
+        index, extra["index_params"] = rebuild_structure(index, encoder.scoring.tuning_queries())
     else:
         extra["index_params"] = {**current.manifest.get("index_params", {}),
                                  **index_spec_of(index).to_dict()}

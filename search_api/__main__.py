@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from indexer.logs import setup_logging
+from core.logs import setup_logging
 
 
 def preflight(model_path: str) -> str | None:
@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     try:
-        from search_api.config import get_api_settings
+        from core.settings import get_settings
 
-        settings = get_api_settings()
+        settings = get_settings()
     except ValidationError as exc:
         print(f"error: cannot start: invalid settings: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from search_api.config import ApiSettings
+from core.settings import Settings
 from search_api.metrics import Metrics
 from search_api.state import ServiceState
 
@@ -21,7 +21,7 @@ def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_settings_dep(request: Request) -> ApiSettings:
+def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -30,7 +30,7 @@ def get_metrics(request: Request) -> Metrics:
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
-SettingsDep = Annotated[ApiSettings, Depends(get_settings_dep)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,

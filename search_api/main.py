@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from search_api import errors
-from search_api.config import ApiSettings, get_api_settings
+from core.settings import Settings, get_settings
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from search_api.routes import search, system, web
@@ -19,12 +19,12 @@ log = logging.getLogger(__name__)
 BODY_SLACK = 64 * 1024
 
 
-def build_state(settings: ApiSettings) -> ServiceState:
+def build_state(settings: Settings) -> ServiceState:
     """Load the model (FileNotFoundError / ValueError when it is missing or unreadable) and the
     CURRENT index if there is one. The object store may be down: the service still starts."""
     from encoder import Encoder
-    from indexer.index import IndexRepository
-    from indexer.store import open_store
+    from indexer.repository import IndexRepository
+    from objectstore import open_store
 
     encoder = Encoder.from_settings(settings)
     encoder.warmup()  # export/load the runtime sessions now, not on the first request
@@ -40,7 +40,7 @@ def build_state(settings: ApiSettings) -> ServiceState:
     return state
 
 
-def _document_limits(app: FastAPI, settings: ApiSettings) -> None:
+def _document_limits(app: FastAPI, settings: Settings) -> None:
     """Write the configured limits into the OpenAPI schema (they are settings, not constants)."""
     original = app.openapi
     done = False
@@ -92,8 +92,8 @@ def _document_limits(app: FastAPI, settings: ApiSettings) -> None:
     app.openapi = openapi
 
 
-def create_app(settings: ApiSettings | None = None, state: ServiceState | None = None) -> FastAPI:
-    settings = settings or get_api_settings()
+def create_app(settings: Settings | None = None, state: ServiceState | None = None) -> FastAPI:
+    settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

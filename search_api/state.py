@@ -15,7 +15,7 @@ from typing import Callable
 import faiss
 
 from encoder import Encoder
-from indexer.index import IndexLoadError, IndexRepository, IndexVersion
+from indexer.repository import IndexLoadError, IndexRepository, IndexVersion
 from search_api.batching import Batcher
 from search_api.images import LRUBytes
 
@@ -51,17 +51,6 @@ class ServiceState:
         self.encode_images = Batcher(encoder.encode_images, "image", max_batch=16,
                                      observe=lambda s, n: self._observe("image_encode", s))
         faiss.omp_set_num_threads(1)  # single queries: one thread beats two (DESIGN.md)
-
-    @property
-    def index_dim(self) -> int:
-        """Dimension of the vectors the index stores (the embedding, plus one with the
-        encoder's hubness correction)."""
-        return getattr(self.encoder, "index_dim", self.encoder.dim)
-
-    def query_vectors(self, emb):
-        """Query embeddings -> the vectors searched against the index."""
-        convert = getattr(self.encoder, "query_index_vectors", None)
-        return convert(emb) if convert is not None else emb
 
     def _observe(self, stage: str, seconds: float) -> None:
         if self.observe_stage is not None:
@@ -100,9 +89,9 @@ class ServiceState:
                 self.reload_counts["error"] += 1
                 log.error("index reload refused, still serving %s: %s", served, msg)
                 return {"changed": False, "version": served, "error": msg}
-            if new.index.d != self.index_dim:
+            if new.index.d != self.encoder.scoring.index_dim:
                 msg = (f"index version {current} has dimension {new.index.d}, the model "
-                       f"searches with {self.index_dim}")
+                       f"searches with {self.encoder.scoring.index_dim}")
                 self.last_reload_error, self._failed_version = msg, current
                 self.reload_counts["error"] += 1
                 log.error("index reload refused, still serving %s: %s", served, msg)

@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image
 
 from indexer import pipeline
-from indexer.index import IndexRepository, new_flat_index
+from indexer.repository import IndexRepository
+from indexer.index_policy import new_flat_index
 from indexer.ingest import ingest
-from indexer.sources import open_source
-from indexer.store import LocalStore
-from search_api.config import ApiSettings
+from flickr8k.sources import open_source
+from objectstore import LocalStore
+from core.settings import Settings
 from search_api.main import create_app
 from search_api.state import ServiceState
 
@@ -31,7 +32,7 @@ PREFIX = "flickr8k/images/"
 class Service:
     app: object
     state: ServiceState
-    settings: ApiSettings
+    settings: Settings
     repo: IndexRepository
     store: object
     root: Path
@@ -44,7 +45,7 @@ def build_service(tmp: Path, flickr_root: Path, encoder, split: str = "dev", sto
     ingest(open_source(str(flickr_root)), store, split=split, progress=False)
     repo = IndexRepository(tmp / "index")
     pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
-    settings = ApiSettings(index_dir=str(tmp / "index"), **{"reload_interval_s": 0, **settings_kw})
+    settings = Settings(index_dir=str(tmp / "index"), **{"reload_interval_s": 0, **settings_kw})
     state = ServiceState(encoder, repo, store)
     state.reload()
     return Service(create_app(settings, state), state, settings, repo, store, tmp)

@@ -93,7 +93,7 @@ def s3_store(s3_server, request):
     import re
     import uuid
 
-    from indexer.store import S3Store
+    from objectstore import S3Store
 
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:30].strip("-")
     bucket = f"t-{name}-{uuid.uuid4().hex[:8]}"

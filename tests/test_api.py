@@ -7,11 +7,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from indexer import pipeline
-from indexer.index import IndexRepository
+from indexer.repository import IndexRepository
 from indexer.ingest import ingest
-from indexer.sources import open_source
-from indexer.store import LocalStore
-from search_api.config import ApiSettings
+from flickr8k.sources import open_source
+from objectstore import LocalStore
+from core.settings import Settings
 from search_api.main import create_app
 from search_api.state import ServiceState
 from tests.conftest import make_image
@@ -27,7 +27,7 @@ def client(tiny_flickr, tmp_path_factory, encoder):
     ingest(open_source(str(root)), store, split="dev", progress=False)
     repo = IndexRepository(tmp / "index")
     pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
-    settings = ApiSettings(index_dir=str(tmp / "index"), reload_interval_s=0, max_top_k=50)
+    settings = Settings(index_dir=str(tmp / "index"), reload_interval_s=0, max_top_k=50)
     state = ServiceState(encoder, repo, store)
     state.reload()
     with TestClient(create_app(settings, state)) as c:

@@ -20,7 +20,7 @@ def test_object_store_down_and_back(tiny_flickr, tmp_path, encoder):
     """A SeaweedFS of its own (the shared one must stay up), stopped and restarted mid-test."""
     import local_s3
 
-    from indexer.store import S3Store
+    from objectstore import S3Store
 
     root, _ = tiny_flickr
     port = free_port()
@@ -64,14 +64,14 @@ def test_store_unreachable_and_index_corrupt_at_start(tiny_flickr, tmp_path, enc
                                                       small_checkpoint):
     """Nothing answers on the S3 port and CURRENT names a damaged version: the service still
     starts (text search needs neither... once an index is there), /health says why."""
-    from search_api.config import ApiSettings
+    from core.settings import Settings
     from search_api.main import build_state, create_app
 
     root, _ = tiny_flickr
     svc = build_service(tmp_path, root, encoder)
     version = svc.repo.current_version()
     (svc.repo.versions_dir / version / "table.json").write_text("[]")  # checksum mismatch
-    settings = ApiSettings(model_path=str(small_checkpoint), index_dir=str(svc.repo.root),
+    settings = Settings(model_path=str(small_checkpoint), index_dir=str(svc.repo.root),
                            store_backend="s3", minio_endpoint=f"127.0.0.1:{free_port()}",
                            reload_interval_s=0, store_retry_s=0)
     state = build_state(settings)
@@ -112,17 +112,17 @@ def test_unloadable_checkpoint_exits_nonzero_in_process(tmp_path, monkeypatch, c
     import zipfile
 
     from search_api.__main__ import main
-    from search_api.config import get_api_settings
+    from core.settings import get_settings
 
     model = tmp_path / "model.pt"
     with zipfile.ZipFile(model, "w") as z:
         z.writestr("hello.txt", "not a model")
     monkeypatch.setenv("MODEL_PATH", str(model))
     monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
-    get_api_settings.cache_clear()
+    get_settings.cache_clear()
     try:
         assert main(["--port", str(free_port())]) == 2
     finally:
-        get_api_settings.cache_clear()
+        get_settings.cache_clear()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: cannot start:") and "not a readable checkpoint" in err

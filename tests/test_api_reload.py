@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.index import IndexRepository
+from indexer.repository import IndexRepository
 from tests.api_helpers import build_service, republish, serve
 
 KEY = "reload-key"
@@ -195,14 +195,14 @@ def test_starts_without_an_index_then_picks_one_up(tiny_flickr, tmp_path, encode
     root, _ = tiny_flickr
     svc = build_service(tmp_path, root, encoder, api_key=KEY)
     # a second service on an empty index directory
-    from search_api.config import ApiSettings
+    from core.settings import Settings
     from search_api.main import create_app
     from search_api.state import ServiceState
 
     empty = IndexRepository(tmp_path / "empty-index")
     state = ServiceState(encoder, empty, svc.store)
     state.reload()
-    app = create_app(ApiSettings(index_dir=str(empty.root), reload_interval_s=0, api_key=KEY), state)
+    app = create_app(Settings(index_dir=str(empty.root), reload_interval_s=0, api_key=KEY), state)
     with TestClient(app) as c:
         h = c.get("/health").json()
         assert h["status"] == "degraded" and h["index_version"] is None and h["vector_count"] == 0

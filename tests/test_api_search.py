@@ -161,8 +161,9 @@ def test_hubness_corrected_model_reports_cosine_and_ranks_by_corrected_score(
         assert res.status_code == 200, res.text
         hits = res.json()["results"]
     q = enc.encode_texts(["a red circle"])[0]
-    stored = svc.state.index.stored_vectors([h["key"] for h in hits])
-    for h, v in zip(hits, stored):
-        assert h["similarity"] == pytest.approx(float(q @ v[:-1]), abs=1e-4)  # plain cosine
-        assert h["score"] == pytest.approx(float(q @ v[:-1] + v[-1]), abs=1e-4)  # minus bias
+    emb = enc.scoring.embeddings(svc.state.index.stored_vectors([h["key"] for h in hits]))
+    bias = enc.scoring.image_bias(emb)
+    for h, v, b in zip(hits, emb, bias):
+        assert h["similarity"] == pytest.approx(float(q @ v), abs=1e-4)  # plain cosine
+        assert h["score"] == pytest.approx(float(q @ v - b), abs=1e-4)  # minus the bias
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)

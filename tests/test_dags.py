@@ -204,7 +204,7 @@ def _bucket(store) -> dict[str, tuple[str, str]]:
 
 
 def _index(index_dir: Path) -> dict:
-    from indexer.index import IndexRepository
+    from indexer.repository import IndexRepository
 
     repo = IndexRepository(index_dir)
     out = {"current": repo.current_version(), "versions": repo.list_versions(), "count": 0,
@@ -224,7 +224,7 @@ def test_both_dags_for_real_twice(airflow_env, served_flickr, s3_server, small_c
                                   tmp_path):
     from conftest import make_image
 
-    from indexer.store import S3Store
+    from objectstore import S3Store
 
     meta = served_flickr["meta"]
     n = len(meta["names"])

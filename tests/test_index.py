@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from indexer import pipeline
-from indexer.index import IndexLoadError, IndexRepository, new_flat_index
+from indexer.repository import IndexLoadError, IndexRepository
+from indexer.index_policy import new_flat_index
 from indexer.ingest import ingest
-from indexer.sources import open_source
-from indexer.store import LocalStore
+from flickr8k.sources import open_source
+from objectstore import LocalStore
 
 PREFIX = "flickr8k/images/"
 

@@ -6,8 +6,9 @@ from functools import partial
 import pytest
 
 from indexer.ingest import ingest
-from indexer.sources import SourceError, download, open_source
-from indexer.store import LocalStore
+from flickr8k.format import SourceError
+from flickr8k.sources import download, open_source
+from objectstore import LocalStore
 from tests.conftest import zip_flickr8k
 
 

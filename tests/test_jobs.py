@@ -8,10 +8,10 @@ import zipfile
 import pytest
 
 from indexer import jobs, pipeline
-from indexer.index import IndexRepository
-from indexer.settings import Settings
-from indexer.sources import SourceError
-from indexer.store import LocalStore, StoreAuthError, StoreUnavailable
+from indexer.repository import IndexRepository
+from core.settings import Settings
+from flickr8k.format import SourceError
+from objectstore import LocalStore, StoreAuthError, StoreUnavailable
 
 
 # --- retries / lock -------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_publish_index_is_a_transaction(tiny_flickr, tmp_path, fake_model, monke
 
 def test_default_source_is_the_public_archives(tmp_path, monkeypatch):
     """No FLICKR8K_SOURCE configured (or an empty one, as docker-compose passes): the public zips."""
-    import indexer.sources as sources
+    import flickr8k.sources as sources
 
     asked = []
 

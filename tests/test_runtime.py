@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from encoder import Encoder, load_checkpoint, runtime_onnx
-from indexer import index as index_mod
-from indexer.index import (
-    IndexRepository,
+from indexer import index_policy as index_mod
+from indexer.repository import IndexRepository
+from indexer.index_policy import (
     build_index,
     choose_index,
     index_contents,
@@ -154,7 +154,7 @@ def test_update_restructures_when_the_collection_outgrows_flat(monkeypatch):
 
 def test_prefetching_batches_keep_order(encoder, tiny_flickr, tmp_path):
     from indexer.pipeline import iter_batches
-    from indexer.store import LocalStore
+    from objectstore import LocalStore
 
     root, meta = tiny_flickr
     store = LocalStore(tmp_path, "b")

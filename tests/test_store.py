@@ -1,15 +1,15 @@
 """The object-store interface on both backends: the local directory and a real S3 server."""
 import pytest
 
-from indexer.store import (
+from objectstore import (
     InvalidKey,
     LocalStore,
     ObjectNotFound,
     S3Store,
     StoreAuthError,
     StoreUnavailable,
-    md5_hex,
 )
+from core.hashing import md5_hex
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -89,7 +89,7 @@ def test_minio_dataset_streams_from_s3(tiny_flickr, s3_store):
     from encoder.backbones import ImageSpec
     from encoder.preprocessing import eval_transform
     from indexer.ingest import ingest
-    from indexer.sources import open_source
+    from flickr8k.sources import open_source
     from training.data import MinIOFlickr8kDataset
 
     root, meta = tiny_flickr

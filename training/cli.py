@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from encoder.model import ModelConfig
-from indexer.logs import setup_logging
+from core.logs import setup_logging
 from training.train import TrainConfig
 
 
@@ -17,12 +17,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_splits(args, names: list[str]):
-    from indexer.settings import get_settings
+    from core.settings import get_settings
     from training.data import load_split_from_folder, load_split_from_store
 
     s = get_settings()
     if args.from_store:
-        from indexer.store import open_store
+        from objectstore import open_store
 
         store = open_store(s)
         return [load_split_from_store(store, n, s.images_prefix, s.text_prefix) for n in names], \

@@ -9,8 +9,9 @@ import torch
 from torch.utils.data import Dataset
 
 from encoder.preprocessing import decode_image
-from indexer.sources import SPLIT_FILES, TOKEN_FILE, open_source, parse_captions, parse_split
-from indexer.store import ObjectStore
+from flickr8k.format import SPLIT_FILES, TOKEN_FILE, parse_captions, parse_split
+from flickr8k.sources import open_source
+from objectstore import ObjectStore
 
 
 @dataclass

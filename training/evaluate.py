@@ -7,7 +7,7 @@ import json
 from datetime import datetime, timezone
 
 from encoder.checkpoint import load_checkpoint, update_card
-from indexer.logs import setup_logging
+from core.logs import setup_logging
 from training.cli import add_data_args, load_splits
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 

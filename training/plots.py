@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from encoder.preprocessing import decode_image  # noqa: E402
+from encoder.scoring import Scoring  # noqa: E402
 
 EXAMPLE_QUERIES = ["a dog running on the beach", "children playing in a fountain",
                    "a man riding a bike on a dirt path", "a group of people in the snow"]
@@ -38,8 +39,7 @@ def plot_examples(model, split, path: str | Path, img: torch.Tensor,
                   queries: list[str] = EXAMPLE_QUERIES, k: int = 5) -> None:
     """Top-k images of `split` (embeddings `img`) for each query, scored as the service does."""
     q = model.eval().encode_texts(queries).float().cpu()
-    bias = model.image_bias(img.to(model.query_bank.device)).float().cpu()
-    scores, idx = (q @ img.T - bias[None, :]).topk(min(k, len(img)), dim=1)
+    scores, idx = Scoring.of(model).scores(q, img).topk(min(k, len(img)), dim=1)
     fig, axes = plt.subplots(len(queries), idx.shape[1], figsize=(2.2 * idx.shape[1], 2.4 * len(queries)),
                              squeeze=False)
     for r, query in enumerate(queries):

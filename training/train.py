@@ -27,6 +27,7 @@ from tqdm import tqdm
 from encoder.checkpoint import load_checkpoint, save_checkpoint
 from encoder.model import DualEncoder, ModelConfig
 from encoder.preprocessing import eval_transform, train_transform
+from encoder.scoring import Scoring
 from training.data import Flickr8kSplit, ImageDataset, collate_indexed
 from training.features import image_features, text_features
 from training.metrics import retrieval_metrics
@@ -125,13 +126,11 @@ def corrected_metrics(model: DualEncoder, img: torch.Tensor, txt: torch.Tensor,
     """Metrics under the scoring the service uses: cosine minus the image's hubness bias
     when the model has a query bank (image->text is unchanged by a per-image bias)."""
     raw = retrieval_metrics(img, txt, owner)
-    if model.query_bank.shape[0] == 0:
-        return {**raw, "scoring": "cosine"}
-    bias = model.image_bias(img.to(model.query_bank.device)).float().cpu()
-    out = retrieval_metrics(torch.cat([img, -bias[:, None]], 1),
-                            torch.cat([txt, torch.ones(len(txt), 1)], 1), owner)
-    out["scoring"] = (f"cosine minus hubness bias (inverted softmax over "
-                      f"{model.query_bank.shape[0]} training captions)")
+    scoring = Scoring.of(model)
+    if not scoring.corrected:
+        return {**raw, "scoring": scoring.describe()}
+    out = retrieval_metrics(scoring.image_vectors(img), scoring.query_vectors(txt), owner)
+    out["scoring"] = scoring.describe()
     out["raw_cosine"] = raw
     return out
 

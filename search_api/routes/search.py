@@ -107,7 +107,7 @@ async def _search_index(state, metrics, vectors: np.ndarray, k: int):
     index = state.index  # one reference for the whole request (hot reload swaps it)
     if index is None:
         raise HTTPException(503, "no index is loaded yet; run `python -m indexer rebuild`")
-    vectors = state.query_vectors(vectors)
+    vectors = state.encoder.scoring.query_vectors(vectors)
     if index.count <= INLINE_SEARCH_MAX:
         scores, keys = metrics.timed("faiss_search", index.search, vectors, k)
     else:
@@ -117,10 +117,9 @@ async def _search_index(state, metrics, vectors: np.ndarray, k: int):
 
 
 def _cosine(state, index):
-    """Cosine similarity of the hits: the index score plus the image's hubness term back."""
-    if getattr(state.encoder, "corrected", False):
-        return lambda keys, scores: scores - index.stored_vectors(keys)[:, -1]
-    return None
+    """Cosine similarity of the hits, read back from their stored vectors and scores."""
+    scoring = state.encoder.scoring
+    return lambda keys, scores: scoring.cosine(index.stored_vectors(keys), scores)
 
 
 async def _decode(data: bytes, settings, metrics):

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from encoder.preprocessing import BadImage
-from indexer.store import InvalidKey, ObjectNotFound, StoreError, validate_key
+from objectstore import InvalidKey, ObjectNotFound, StoreError, validate_key
 from search_api.deps import ApiKeyDep, MetricsDep, SettingsDep, StateDep
 from search_api.errors import responses
 from search_api.images import SAFE_IMAGE_TYPES, make_thumbnail

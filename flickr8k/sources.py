@@ -6,48 +6,27 @@ import os
 import urllib.error
 import urllib.request
 import zipfile
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from tqdm import tqdm
 
-from indexer.store import sha256_file
+from core.hashing import sha256_file
+from flickr8k.format import (
+    IMAGE_DIRS,
+    SPLIT_FILES,
+    TOKEN_FILE,
+    SourceError,
+    parse_captions,
+    parse_split,
+)
 
 log = logging.getLogger(__name__)
 
 # The public copies of the original distribution.
 DEFAULT_IMAGES_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
 DEFAULT_TEXT_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip"
-
-TOKEN_FILE = "Flickr8k.token.txt"
-SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
-IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
-
-
-class SourceError(RuntimeError):
-    pass
-
-
-def parse_captions(text: str) -> dict[str, list[str]]:
-    """`IMAGE.jpg#N<TAB>caption` lines -> {image: [captions in N order]}."""
-    caps: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            ref, caption = line.split("\t", 1)
-            name, n = ref.rsplit("#", 1)
-            caps[name].append((int(n), caption.strip()))
-        except ValueError:
-            raise SourceError(f"{TOKEN_FILE} line {lineno} is malformed: {line[:80]!r}") from None
-    return {k: [c for _, c in sorted(v)] for k, v in caps.items()}
-
-
-def parse_split(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def download(url: str, dest: Path, expected_size: int | None = None,

@@ -1,0 +1,1 @@
+"""What every process shares: one settings object, one logging setup, content hashes."""

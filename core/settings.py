@@ -1,0 +1,94 @@
+"""The one settings object of every process (pydantic-settings).
+
+Each field is read from the environment variable of the same name in upper case (or from
+`.env`): `model_path` <- MODEL_PATH. Command lines and DAGs take their defaults from here; the
+README's configuration table lists exactly these fields.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = REPO_ROOT / "models" / "flickr8k-dual-encoder.pt"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # --- model -------------------------------------------------------------------------------
+    model_path: str = str(SHIPPED_MODEL)
+    # embedding size of newly trained models (`python -m training --embed-dim` default); a
+    # checkpoint carries its own
+    embedding_dim: int = Field(256, ge=8)
+    device: str = "cpu"
+    # tower runtimes on CPU: "onnx" (ONNX Runtime fp32: same embeddings as PyTorch, several
+    # times faster), "onnx-int8" (faster again; dev Recall@K within 0.5 point, BENCHMARKS.md)
+    # or "torch" (eager). A runtime that cannot start falls back to eager PyTorch.
+    image_runtime: str = "onnx"
+    text_runtime: str = "onnx"
+    # exported ONNX graphs, one folder per model id (written once, then reused)
+    onnx_cache_dir: str = str(REPO_ROOT / ".cache" / "onnx")
+    # a local copy of distilbert-base-uncased (the text backbone option without shipped weights)
+    distilbert_path: str | None = None
+
+    # --- object store: "local" (a directory, the embedded default) or "s3" (MinIO / any S3) --
+    store_backend: str = "local"
+    local_store_dir: str = str(REPO_ROOT / "data" / "store")
+    minio_endpoint: str = "localhost:9000"
+    minio_access_key: str = "minioadmin"
+    minio_secret_key: str = "minioadmin"
+    minio_bucket: str = "flickr8k"
+    minio_secure: bool = False
+    # data layout inside the bucket
+    images_prefix: str = "flickr8k/images/"
+    text_prefix: str = "flickr8k/text/"
+
+    # --- index -------------------------------------------------------------------------------
+    # index versions live here (a shared volume in docker-compose)
+    index_dir: str = str(REPO_ROOT / "data" / "index")
+    # versions kept by `prune` (the CLI's and the DAGs'); the current one is always kept
+    index_keep_versions: int = Field(5, ge=1)
+    embed_batch_size: int = Field(32, ge=1)
+
+    # --- where Flickr8k comes from (ingest: CLI and DAG alike) ---------------------------------
+    # a folder in the original layout, a Flickr8k_Dataset.zip path, or its URL
+    flickr8k_source: str = str(REPO_ROOT.parent / "shared" / "datasets" / "flickr8k")
+    # Flickr8k_text.zip path or URL (default: beside a zip source)
+    flickr8k_text_source: str | None = None
+    # expected sha256 of downloaded archives (checked when set)
+    flickr8k_images_sha256: str | None = None
+    flickr8k_text_sha256: str | None = None
+    # downloads and unpacked archives
+    flickr8k_work_dir: str = str(REPO_ROOT / "data" / "downloads")
+
+    # --- Airflow -----------------------------------------------------------------------------
+    reindex_schedule: str = "@hourly"
+    flickr8k_task_retries: int = Field(3, ge=0)
+
+    # --- search API --------------------------------------------------------------------------
+    # when set, upload and admin routes need header X-API-Key
+    api_key: str | None = None
+    # limits: each refusal is a 4xx JSON error, never a 5xx
+    max_top_k: int = Field(100, ge=1)
+    max_offset: int = Field(10_000, ge=0)
+    max_query_chars: int = Field(1000, ge=1)
+    max_batch_queries: int = Field(32, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # concurrent text queries are encoded together, up to this many per forward pass (1: off)
+    text_batch_max: int = Field(64, ge=1)
+    # thumbnails kept in memory for the web page (`GET /images/{key}?size=N`)
+    thumbnail_cache_items: int = Field(1024, ge=0)
+    # seconds between checks for a newly published index version (0: only /admin/reload)
+    reload_interval_s: float = Field(10.0, ge=0)
+    # seconds between attempts to reopen an object store that was down when the service started
+    store_retry_s: float = Field(10.0, ge=0)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,114 @@
+"""S3 / MinIO backend through the `minio` client."""
+from __future__ import annotations
+
+import io
+
+from core.hashing import md5_hex
+from objectstore.base import (
+    ObjectInfo,
+    ObjectNotFound,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+    validate_key,
+)
+
+
+class S3Store:
+    """S3 / MinIO through the `minio` client. Network errors fail fast with a clear message."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str,
+                 secure: bool = False, create_bucket: bool = True, timeout: float = 10.0,
+                 retries: int = 2):
+        import urllib3
+        from minio import Minio
+
+        self.bucket = bucket
+        self.endpoint = endpoint
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout),
+            retries=urllib3.Retry(total=retries, connect=retries, read=0, backoff_factor=0.2,
+                                  status_forcelist=(500, 502, 503, 504)),
+            maxsize=16,
+        )
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                            secure=secure, http_client=http)
+        if create_bucket:
+            self._call(self._ensure_bucket)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket} at {self.endpoint}"
+
+    def _ensure_bucket(self):
+        if not self.client.bucket_exists(self.bucket):
+            self.client.make_bucket(self.bucket)
+
+    def _call(self, fn, *args, key: str | None = None, **kwargs):
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound") and key is not None:
+                raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
+            if exc.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+                raise StoreAuthError(
+                    f"{self.describe()}: credentials refused ({exc.code}); check "
+                    "MINIO_ACCESS_KEY / MINIO_SECRET_KEY") from None
+            if exc.code == "NoSuchBucket":
+                raise StoreError(f"{self.describe()}: bucket does not exist") from None
+            raise StoreError(f"{self.describe()}: {exc.code}: {exc.message}") from None
+        except HTTPError as exc:
+            raise StoreUnavailable(
+                f"S3 server at {self.endpoint} not reachable ({type(exc).__name__}); check "
+                "MINIO_ENDPOINT and that the server is running") from None
+        except ValueError as exc:  # minio maps some HTTP statuses to ValueError-like errors
+            raise StoreError(f"{self.describe()}: {exc}") from None
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        validate_key(key)
+        self._call(self.client.put_object, self.bucket, key, io.BytesIO(data), len(data),
+                   content_type=content_type, key=key)
+        return ObjectInfo(key, len(data), md5_hex(data))
+
+    def get(self, key):
+        validate_key(key)
+
+        def _get():
+            resp = self.client.get_object(self.bucket, key)
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        return self._call(_get, key=key)
+
+    def stat(self, key):
+        validate_key(key)
+        st = self._call(self.client.stat_object, self.bucket, key, key=key)
+        return ObjectInfo(key, st.size, (st.etag or "").strip('"'))
+
+    def exists(self, key):
+        try:
+            self.stat(key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def delete(self, key):
+        self.stat(key)  # S3 deletes are silent on missing keys; the interface is not
+        self._call(self.client.remove_object, self.bucket, key, key=key)
+
+    def list(self, prefix=""):
+        it = self._call(self.client.list_objects, self.bucket, prefix=prefix, recursive=True)
+        while True:
+            obj = self._call(next, it, None)
+            if obj is None:
+                return
+            if not obj.is_dir:
+                yield ObjectInfo(obj.object_name, obj.size, (obj.etag or "").strip('"'))
+
+    def check(self):
+        self._call(self.client.bucket_exists, self.bucket)
