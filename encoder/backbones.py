@@ -153,17 +153,22 @@ class TextBackbone(nn.Module):
         self.out_dim = self.model.config.hidden_size
         self.max_length = max_length
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt",
-        )
+    def tokenize(self, texts: list[str], tensors: str = "pt") -> dict:
+        """input_ids and attention_mask ("pt": torch tensors, "np": int64 numpy arrays)."""
+        tok = self.tokenizer(list(texts), padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors=tensors)
+        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the last hidden states over the attention mask (the ONNX graph exports this)."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+        tok = self.tokenize(texts)
+        return self.forward_tokens(tok["input_ids"].to(self.device),
+                                   tok["attention_mask"].to(self.device))
 
     @property
     def device(self) -> torch.device:

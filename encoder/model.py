@@ -146,3 +146,9 @@ class DualEncoder(nn.Module):
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return F.normalize(self.text_head(self.text_backbone(texts)), dim=-1)
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                           ) -> torch.Tensor:
+        """The text tower over token ids: what `encode_texts` runs after tokenizing."""
+        return F.normalize(self.text_head(self.text_backbone.forward_tokens(
+            input_ids, attention_mask)), dim=-1)

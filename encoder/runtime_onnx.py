@@ -72,18 +72,12 @@ class _ImageGraph(nn.Module):
 
 
 class _TextGraph(nn.Module):
-    """Transformer + mean pooling over the mask + projection + L2 normalisation."""
-
     def __init__(self, model):
         super().__init__()
         self.m = model
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.m.text_backbone.model(input_ids=input_ids,
-                                            attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-        return F.normalize(self.m.text_head(pooled), dim=-1)
+        return self.m.encode_text_tokens(input_ids, attention_mask)
 
 
 def _atomic_target(path: Path) -> Path:
@@ -329,11 +323,8 @@ class OnnxTowers:
 
     # --- running ----------------------------------------------------------------------------
     def _text_feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        bb = self.model.text_backbone
-        tok = bb.tokenizer(list(texts), padding=True, truncation=True, max_length=bb.max_length,
-                           return_tensors="np")
-        return {"input_ids": tok["input_ids"].astype(np.int64),
-                "attention_mask": tok["attention_mask"].astype(np.int64)}
+        tok = self.model.text_backbone.tokenize(texts, tensors="np")
+        return {k: v.astype(np.int64, copy=False) for k, v in tok.items()}
 
     def encode_texts(self, texts: Sequence[str], int8: bool = False) -> np.ndarray:
         return self.session("text", int8).run(None, self._text_feed(texts))[0]
