@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test stop bench
+.PHONY: setup demo test stop
 
 setup: $(VENV)/.installed
 

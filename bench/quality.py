@@ -3,7 +3,7 @@
     python bench/quality.py [--limit N]
 
 Embeds the Flickr8k dev split (1,000 images, 5,000 captions) with each tower runtime, then
-computes the standard Recall@1/5/10 both ways (training.metrics) on the vectors the service
+computes the standard Recall@1/5/10 both ways (training.recall) on the vectors the service
 really searches (hubness-corrected when the model has a query bank). A speed change may not
 lower any dev Recall@K by more than 0.5 point. The int8 image graph is calibrated on the first
 64 *train* images (never dev).
@@ -32,7 +32,7 @@ def main() -> int:
     from encoder import Encoder, load_checkpoint
     from encoder.preprocessing import decode_image
     from training.data import load_split_from_folder
-    from training.metrics import retrieval_metrics
+    from training.recall import retrieval_metrics
 
     cache = args.cache_dir or tempfile.mkdtemp(prefix="onnx-")
     loaded = load_checkpoint(args.checkpoint)

@@ -7,10 +7,10 @@ embedding) is exported once per model id into a cache folder and run by ONNX Run
     <cache_dir>/<model_id>/text.onnx         fp32, checked likewise
     <cache_dir>/<model_id>/text.int8.onnx    dynamic int8 (MatMul weights), from text.onnx
     <cache_dir>/<model_id>/image.int8.onnx   static int8 (QDQ, per channel), calibrated on
-                                             real images: build it with `build_image_int8`
+                                             real images: build it with `quantize_image`
                                              or `python -m encoder.runtime_onnx int8-image`
 
-Why: on a 2-core CPU the fp32 ONNX graph runs the image tower several times faster than eager
+Why: on a small CPU the fp32 ONNX graph runs the image tower several times faster than eager
 PyTorch and a single text query in a few ms (BENCHMARKS.md has the figures and the commands).
 The model id is unchanged: the exported graph computes the same function (cosine >= 0.9999 to
 eager on export, else the export is refused and the caller falls back to PyTorch).
@@ -144,7 +144,7 @@ class _quiet_root_logger:
 def session_options(threads: int | None = None, spinning: bool = False):
     """One intra-op pool of `threads` (default: all cores), no inter-op parallelism.
 
-    Spinning is off: on a shared 2-core machine, worker threads that busy-wait between ops
+    Spinning is off: on a machine with few cores, worker threads that busy-wait between ops
     steal the cores that fetch/decode threads and other processes need (measured in bench/).
     """
     ort = _ort()

@@ -4,7 +4,7 @@ Two paths share one loop:
 - cached (default on CPU): frozen image stages run once into a feature cache; each step runs only
   the fine-tuned tail stages (if any) and the heads. Text features are cached too (frozen tower).
 - pixels (`--no-cache`, for a GPU): images decoded and augmented every epoch; stages below the
-  tail run without gradients; BatchNorm statistics stay frozen (training mode hurt, see notes).
+  tail run without gradients; BatchNorm statistics stay frozen (training mode lowered dev recall).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from encoder.preprocessing import eval_transform, train_transform
 from encoder.scoring import Scoring
 from training.data import Flickr8kSplit, ImageDataset, collate_indexed
 from training.features import image_features, text_features
-from training.metrics import retrieval_metrics
+from training.recall import retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if torch.backends.mps.is_available():
             return "mps"
         return "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but CUDA is not available")
-    if name == "mps" and not (torch.backends.mps.is_available()):
+    if name == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("--device mps asked for, but MPS is not available")
     return name
 

@@ -1,6 +1,6 @@
 import torch
 
-from training.metrics import _ranks_i2t, _ranks_t2i, retrieval_metrics, summarize
+from training.recall import _ranks_i2t, _ranks_t2i, retrieval_metrics, summarize
 
 
 def test_t2i_ranks_on_handmade_similarity():
