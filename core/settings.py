@@ -1,8 +1,9 @@
 """The one settings object of every process (pydantic-settings).
 
 Each field is read from the environment variable of the same name in upper case (or from
-`.env`): `model_path` <- MODEL_PATH. Command lines and DAGs take their defaults from here; the
-README's configuration table lists exactly these fields.
+`.env`): `model_path` <- MODEL_PATH; an empty value (docker-compose passes `VAR=` for unset ones)
+counts as unset. Command lines and DAGs take their defaults from here; the README's
+configuration table lists exactly these fields.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ SHIPPED_MODEL = REPO_ROOT / "models" / "flickr8k-dual-encoder.pt"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore",
+                                      protected_namespaces=())
 
     # --- model -------------------------------------------------------------------------------
     model_path: str = str(SHIPPED_MODEL)
@@ -55,14 +57,15 @@ class Settings(BaseSettings):
     embed_batch_size: int = Field(32, ge=1)
 
     # --- where Flickr8k comes from (ingest: CLI and DAG alike) ---------------------------------
-    # a folder in the original layout, a Flickr8k_Dataset.zip path, or its URL
+    # a folder in the original layout, a Flickr8k_Dataset.zip path, or its URL (e.g. the public
+    # copy, flickr8k.sources.PUBLIC_IMAGES_URL); a missing one fails at once, naming this variable
     flickr8k_source: str = str(REPO_ROOT.parent / "shared" / "datasets" / "flickr8k")
     # Flickr8k_text.zip path or URL (default: beside a zip source)
     flickr8k_text_source: str | None = None
     # expected sha256 of downloaded archives (checked when set)
     flickr8k_images_sha256: str | None = None
     flickr8k_text_sha256: str | None = None
-    # downloads and unpacked archives
+    # downloads and unpacked archives (CLI and DAG alike)
     flickr8k_work_dir: str = str(REPO_ROOT / "data" / "downloads")
 
     # --- Airflow -----------------------------------------------------------------------------

@@ -1,26 +1,34 @@
-"""What both Flickr8k DAGs share: retry policy and the call into `indexer.jobs` (no DAG here)."""
+"""What both Flickr8k DAGs share: retry policy and the permanent-error rule (no DAG here)."""
 from __future__ import annotations
 
-import os
+import functools
 from datetime import timedelta
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from core.settings import get_settings
 
 DEFAULT_ARGS = {
     "owner": "flickr-search",
-    # FLICKR8K_TASK_RETRIES (default 3): attempts after the first, 30 s, 60 s, 120 s ... apart
-    "retries": int(os.environ.get("FLICKR8K_TASK_RETRIES") or 3),
+    # attempts after the first (FLICKR8K_TASK_RETRIES), 30 s, 60 s, 120 s ... apart
+    "retries": get_settings().flickr8k_task_retries,
     "retry_delay": timedelta(seconds=30),
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10),
 }
 
 
-def call_job(job: str, *args, **kwargs):
-    """Run indexer.jobs.<job>; configuration/credential errors fail at once, without retries."""
-    from airflow.sdk.exceptions import AirflowFailException
+def fail_fast(fn):
+    """Errors no retry can fix (`indexer.jobs.PERMANENT_ERRORS`: configuration, credentials, a
+    missing source or model) fail the task at once, without Airflow's retries."""
 
-    from indexer import jobs
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from indexer.jobs import PERMANENT_ERRORS  # not at parse time: DAG files stay light
 
-    try:
-        return getattr(jobs, job)(*args, **kwargs)
-    except jobs.PERMANENT_ERRORS as exc:
-        raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return fn(*args, **kwargs)
+        except PERMANENT_ERRORS as exc:
+            raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
+
+    return run

@@ -7,17 +7,18 @@ downloads resume and are checked (size / sha256 / zip CRC) before use, uploads a
 the object's content hash already matches, and `embed_and_publish` publishes a new index version
 only when something changed (atomically: a failed run leaves the current version in place).
 
-Configuration (environment of the Airflow workers, or the run's params): FLICKR8K_SOURCE (a
-folder, a Flickr8k_Dataset.zip path or URL; unset -> the public archives), FLICKR8K_TEXT_SOURCE,
-FLICKR8K_IMAGES_SHA256 / FLICKR8K_TEXT_SHA256, FLICKR8K_WORK_DIR, STORE_BACKEND=s3, MINIO_*,
-MODEL_PATH, INDEX_DIR, INDEX_KEEP_VERSIONS.
+Configuration (core.settings: environment of the Airflow workers or .env; a run's params win):
+FLICKR8K_SOURCE (a folder, a Flickr8k_Dataset.zip path or URL, as for `python -m indexer ingest`;
+one that does not exist fails the run at once), FLICKR8K_TEXT_SOURCE, FLICKR8K_IMAGES_SHA256 /
+FLICKR8K_TEXT_SHA256, FLICKR8K_WORK_DIR, STORE_BACKEND=s3, MINIO_*, MODEL_PATH, INDEX_DIR,
+INDEX_KEEP_VERSIONS.
 """
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
-from flickr8k_common import DEFAULT_ARGS, call_job
+from flickr8k_common import DEFAULT_ARGS, fail_fast
 
 
 @dag(
@@ -43,25 +44,40 @@ from flickr8k_common import DEFAULT_ARGS, call_job
 )
 def flickr8k_data_ingestion():
     @task(execution_timeout=timedelta(hours=3))
+    @fail_fast
     def fetch_archives(params=None) -> dict:
-        return call_job("fetch_archives", params["source"], params["text_source"],
-                     params["images_sha256"], params["text_sha256"])
+        from indexer import jobs
+
+        return jobs.fetch_archives(params["source"], params["text_source"],
+                                   params["images_sha256"], params["text_sha256"])
 
     @task(execution_timeout=timedelta(hours=1))
+    @fail_fast
     def verify_and_unpack(fetched: dict) -> dict:
-        return call_job("unpack", fetched)
+        from indexer import jobs
+
+        return jobs.unpack(fetched)
 
     @task(execution_timeout=timedelta(hours=2))
+    @fail_fast
     def upload_to_store(unpacked: dict, params=None) -> dict:
-        return call_job("upload", unpacked["folder"], split=params["split"], limit=params["limit"])
+        from indexer import jobs
+
+        return jobs.upload(unpacked["folder"], split=params["split"], limit=params["limit"])
 
     @task(execution_timeout=timedelta(hours=6))
+    @fail_fast
     def embed_and_publish(uploaded: dict) -> dict:
-        return call_job("publish_index")
+        from indexer import jobs
+
+        return jobs.publish_index()
 
     @task
+    @fail_fast
     def prune_versions(published: dict) -> dict:
-        return call_job("prune_versions")
+        from indexer import jobs
+
+        return jobs.prune_versions()
 
     prune_versions(embed_and_publish(upload_to_store(verify_and_unpack(fetch_archives()))))
 

@@ -12,17 +12,19 @@ Schedule: REINDEX_SCHEDULE (cron or preset, read when the file is parsed; defaul
 """
 from __future__ import annotations
 
-import os
+import logging
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
-from flickr8k_common import DEFAULT_ARGS, call_job
+
+from core.settings import get_settings
+from flickr8k_common import DEFAULT_ARGS, fail_fast
 
 
 @dag(
     dag_id="flickr8k_reindex",
     description="Scheduled incremental re-indexing of the bucket (rebuild when the model changed)",
-    schedule=os.environ.get("REINDEX_SCHEDULE") or "@hourly",
+    schedule=get_settings().reindex_schedule,
     start_date=datetime(2024, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -35,20 +37,27 @@ from flickr8k_common import DEFAULT_ARGS, call_job
 )
 def flickr8k_reindex():
     @task.short_circuit
+    @fail_fast
     def find_changes(params=None) -> bool:
-        import logging
+        from indexer import jobs
 
-        changes = call_job("find_changes")
+        changes = jobs.find_changes()
         logging.getLogger(__name__).info("changes: %s", changes)
         return bool(changes["changed"] or params["force_rebuild"])
 
     @task(execution_timeout=timedelta(hours=6))
+    @fail_fast
     def update_index(params=None) -> dict:
-        return call_job("publish_index", force_rebuild=params["force_rebuild"])
+        from indexer import jobs
+
+        return jobs.publish_index(force_rebuild=params["force_rebuild"])
 
     @task
+    @fail_fast
     def prune_versions(published: dict) -> dict:
-        return call_job("prune_versions")
+        from indexer import jobs
+
+        return jobs.prune_versions()
 
     changed = find_changes()
     published = update_index()

@@ -9,7 +9,7 @@ PORT=${DEMO_PORT:-8000}
 QUERY=${DEMO_QUERY:-a dog running on the beach}
 SPLIT=${DEMO_SPLIT:-dev}
 LIMIT=${DEMO_LIMIT:-}
-export MODEL_PATH=${MODEL_PATH:-models/flickr8k-dual-encoder.pt}
+MODEL_PATH=$($PY -c "from core.settings import get_settings; print(get_settings().model_path)")
 mkdir -p data
 
 stage() { STAGE_T0=$(date +%s.%N); echo; echo "=== $1"; }

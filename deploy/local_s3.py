@@ -69,11 +69,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 if __name__ == "__main__":
+    from core.settings import get_settings
+
+    s = get_settings()
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--dir", default="data/s3")
     p.add_argument("--port", type=int, default=9000)
-    p.add_argument("--access-key", default=os.environ.get("MINIO_ACCESS_KEY", "minioadmin"))
-    p.add_argument("--secret-key", default=os.environ.get("MINIO_SECRET_KEY", "minioadmin"))
+    p.add_argument("--access-key", default=s.minio_access_key)
+    p.add_argument("--secret-key", default=s.minio_secret_key)
     a = p.parse_args()
     proc = start(a.dir, a.port, a.access_key, a.secret_key)
     print(f"SeaweedFS S3 on 127.0.0.1:{a.port} (pid {proc.pid}); Ctrl-C stops it", flush=True)

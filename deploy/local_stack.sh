@@ -11,7 +11,8 @@
 # Then: Airflow UI http://127.0.0.1:8080 (AIRFLOW_ADMIN_USER / AIRFLOW_ADMIN_PASSWORD, default
 # admin / admin), API http://127.0.0.1:8000, S3 127.0.0.1:9000; trigger the ingestion with
 #   PATH=.venv/bin:$PATH AIRFLOW_HOME=data/stack/airflow airflow dags trigger flickr8k_data_ingestion
-# (or from the UI). Settings come from .env (same names as docker-compose) and the environment.
+# (or from the UI). Settings come from .env (same names as docker-compose) and the environment;
+# FLICKR8K_SOURCE says where the ingestion reads Flickr8k (a folder, a zip path or URL).
 # Everything lives under STACK_DIR (default data/stack): logs, pids, S3 data, index, downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,9 @@ export MINIO_ACCESS_KEY=${MINIO_ACCESS_KEY:-minioadmin}
 export MINIO_SECRET_KEY=${MINIO_SECRET_KEY:-minioadmin}
 export MINIO_BUCKET=${MINIO_BUCKET:-flickr8k}
 export MINIO_SECURE=false
-export MODEL_PATH=$(realpath -m "${MODEL_PATH:-models/flickr8k-dual-encoder.pt}")
+# unset ones take core/settings.py's defaults (FLICKR8K_SOURCE: ../shared/datasets/flickr8k; a
+# source that does not exist fails the ingestion at once, naming the variable to set)
+if [ -n "${MODEL_PATH:-}" ]; then export MODEL_PATH=$(realpath -m "$MODEL_PATH"); fi
 export INDEX_DIR=$STACK_DIR/index
 export FLICKR8K_WORK_DIR=$STACK_DIR/downloads
 export AIRFLOW_HOME=$STACK_DIR/airflow

@@ -17,6 +17,10 @@ class SourceError(RuntimeError):
     pass
 
 
+class SourceNotFound(SourceError):
+    """The configured location does not exist: a retry cannot help."""
+
+
 def parse_captions(text: str) -> dict[str, list[str]]:
     """`IMAGE.jpg#N<TAB>caption` lines -> {image: [captions in N order]}."""
     caps: dict[str, list[tuple[int, str]]] = defaultdict(list)

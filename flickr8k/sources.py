@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -13,20 +14,22 @@ from typing import Callable
 from tqdm import tqdm
 
 from core.hashing import sha256_file
+from core.settings import get_settings
 from flickr8k.format import (
     IMAGE_DIRS,
     SPLIT_FILES,
     TOKEN_FILE,
     SourceError,
+    SourceNotFound,
     parse_captions,
     parse_split,
 )
 
 log = logging.getLogger(__name__)
 
-# The public copies of the original distribution.
-DEFAULT_IMAGES_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
-DEFAULT_TEXT_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip"
+# A public copy of the original distribution (Flickr8k_text.zip lies beside it): one value a
+# user can give FLICKR8K_SOURCE.
+PUBLIC_IMAGES_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip"
 
 
 def download(url: str, dest: Path, expected_size: int | None = None,
@@ -45,7 +48,8 @@ def download(url: str, dest: Path, expected_size: int | None = None,
         if exc.code == 416 and have:  # already complete
             resp = None
         else:
-            raise SourceError(f"download of {url} failed: HTTP {exc.code}") from None
+            error = SourceNotFound if exc.code in (404, 410) else SourceError
+            raise error(f"download of {url} failed: HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise SourceError(f"download of {url} failed: {exc}") from None
     if resp is not None:
@@ -143,26 +147,93 @@ def _zip_members(path: Path, suffixes: tuple[str, ...]) -> dict[str, Callable[[]
     return out
 
 
-def open_source(source: str, text_source: str | None = None,
-                cache_dir: str | os.PathLike = "data/downloads") -> Flickr8kSource:
-    """A folder, a Flickr8k_Dataset.zip (path or URL, with Flickr8k_text.zip beside it), or both."""
-    if "://" not in source and Path(source).is_dir():
-        return _folder_source(Path(source))
-    if text_source is None:
+def _zip_problem(path: Path) -> str | None:
+    """None when every member's CRC checks out, else what is wrong."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"not a readable zip archive ({exc})"
+    return f"member {bad} is corrupt (CRC mismatch)" if bad else None
+
+
+def _not_found(location: str, variable: str) -> SourceNotFound:
+    return SourceNotFound(
+        f"Flickr8k source not found: {location}. Set {variable} (or pass the location) to a "
+        f"Flickr8k folder, a Flickr8k_Dataset.zip path or its URL, e.g. {PUBLIC_IMAGES_URL}")
+
+
+def resolve(source: str, text_source: str | None = None, *,
+            cache_dir: str | os.PathLike | None = None,
+            images_sha256: str | None = None, text_sha256: str | None = None,
+            images_size: int | None = None, text_size: int | None = None) -> dict:
+    """A source location made local and checked; every entry point goes through here.
+
+    A folder -> {"kind": "folder", "folder"}. A Flickr8k_Dataset.zip path or URL (with
+    Flickr8k_text.zip beside it unless `text_source` says where) -> {"kind": "zip",
+    "<role>_zip", "<role>_sha256", "<role>_bytes"} for images and text: URLs are downloaded into
+    `cache_dir` (default FLICKR8K_WORK_DIR; a partial `.part` is resumed), and both archives are
+    checked: size and sha256 when given, every member's CRC always. A download that fails a check
+    is deleted so that a retry fetches it afresh; a local archive of the user's is only reported.
+    A location that does not exist raises SourceNotFound, which no retry can fix."""
+    if "://" not in source:
+        if Path(source).is_dir():
+            return {"kind": "folder", "folder": str(Path(source).resolve())}
+        if not Path(source).is_file():
+            raise _not_found(source, "FLICKR8K_SOURCE")
+    if not text_source:
         text_source = source.replace("Flickr8k_Dataset.zip", "Flickr8k_text.zip")
         if text_source == source:
-            raise SourceError(f"{source}: give the Flickr8k_text.zip location too (--text-source)")
-    images_zip = _local(source, Path(cache_dir))
-    text_zip = _local(text_source, Path(cache_dir))
-    return Flickr8kSource(_zip_members(images_zip, (".jpg", ".jpeg", ".png")),
-                          _zip_members(text_zip, (".txt",)))
+            raise SourceNotFound(f"{source}: set FLICKR8K_TEXT_SOURCE (or pass --text-source) "
+                                 "to the Flickr8k_text.zip location")
+    cache = Path(cache_dir if cache_dir is not None else get_settings().flickr8k_work_dir)
+    names = {role: PurePosixPath(urllib.request.urlparse(loc).path).name or f"{role}.zip"
+             for role, loc in (("images", source), ("text", text_source))}
+    if names["images"] == names["text"]:  # e.g. two ".../download" links: keep both files
+        names = {role: f"{role}-{name}" for role, name in names.items()}
+    out: dict = {"kind": "zip"}
+    for role, loc, sha, size, variable in (
+            ("images", source, images_sha256, images_size, "FLICKR8K_SOURCE"),
+            ("text", text_source, text_sha256, text_size, "FLICKR8K_TEXT_SOURCE")):
+        sha = (sha or "").strip().lower() or None
+        downloaded = "://" in loc
+        if downloaded:
+            t0 = time.perf_counter()
+            try:
+                path = download(loc, cache / names[role], expected_size=size, sha256=sha)
+            except SourceNotFound as exc:
+                raise SourceNotFound(f"{exc}: check {variable}") from None
+            log.info("%s archive %s ready in %.1f s", role, path, time.perf_counter() - t0)
+        else:
+            path = Path(loc)
+            if not path.is_file():
+                raise _not_found(loc, variable)
+        digest = sha256_file(path)
+        if sha and digest != sha:
+            problem = f"sha256 {digest} does not match the expected {sha}"
+        elif size is not None and path.stat().st_size != size:
+            problem = f"{path.stat().st_size} bytes, expected {size}"
+        else:
+            problem = _zip_problem(path)
+        if problem:
+            if downloaded:  # ours: remove it so that a retry fetches it again
+                path.unlink(missing_ok=True)
+            raise SourceError(f"{loc}: {problem}")
+        out[f"{role}_zip"] = str(path.resolve())
+        out[f"{role}_sha256"] = digest
+        out[f"{role}_bytes"] = path.stat().st_size
+    return out
 
 
-def _local(location: str, cache_dir: Path) -> Path:
-    if "://" in location:
-        name = PurePosixPath(urllib.request.urlparse(location).path).name or "download.zip"
-        return download(location, cache_dir / name)
-    path = Path(location)
-    if not path.is_file():
-        raise SourceError(f"source not found: {location}")
-    return path
+def open_resolved(local: dict) -> Flickr8kSource:
+    """Read what `resolve` returned (zip members are CRC-checked again on every read)."""
+    if local["kind"] == "folder":
+        return _folder_source(Path(local["folder"]))
+    return Flickr8kSource(_zip_members(Path(local["images_zip"]), (".jpg", ".jpeg", ".png")),
+                          _zip_members(Path(local["text_zip"]), (".txt",)))
+
+
+def open_source(source: str, text_source: str | None = None,
+                cache_dir: str | os.PathLike | None = None, **checks) -> Flickr8kSource:
+    """A folder, a Flickr8k_Dataset.zip (path or URL, with Flickr8k_text.zip beside it), or both."""
+    return open_resolved(resolve(source, text_source, cache_dir=cache_dir, **checks))

@@ -24,11 +24,14 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--batch-size", type=int, default=None)
     sub.add_parser("status", help="model id, version, count, objects not indexed")
     pr = sub.add_parser("prune", help="delete old index versions")
-    pr.add_argument("--keep", type=int, default=3)
+    pr.add_argument("--keep", type=int, help="versions to keep (default: INDEX_KEEP_VERSIONS)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     setup_logging()
 
+    from flickr8k.sources import open_resolved
+    from indexer import jobs
+    from indexer.ingest import ingest
     from indexer.repository import IndexRepository
     from objectstore import StoreError, open_store
 
@@ -36,15 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     repo = IndexRepository(s.index_dir)
     try:
         if args.cmd == "prune":
-            print(json.dumps({"removed": repo.prune(args.keep)}))
+            print(json.dumps(jobs.prune_versions(args.keep, s)))
             return 0
         store = open_store(s)
-        if args.cmd == "ingest":
-            from indexer.ingest import ingest
-            from flickr8k.sources import open_source
-
-            src = open_source(args.source or s.flickr8k_source, args.text_source,
-                              cache_dir=f"{s.index_dir}/../downloads")
+        if args.cmd == "ingest":  # the source resolved and checked as the DAG's first task does
+            src = open_resolved(jobs.fetch_archives(args.source, args.text_source, settings=s))
             report = ingest(src, store, s.images_prefix, s.text_prefix, split=args.split,
                             limit=args.limit, progress=not args.quiet)
             print(json.dumps(report.__dict__))

@@ -27,14 +27,18 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from core.settings import Settings, get_settings
-from objectstore import InvalidKey, StoreAuthError, StoreUnavailable
-from core.hashing import sha256_file
+from flickr8k import sources
+from flickr8k.format import SourceNotFound
+from indexer.ingest import ingest
+from indexer.repository import IndexRepository
+from objectstore import InvalidKey, StoreAuthError, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Errors a retry cannot fix (bad credentials, a missing model file): fail the task at once.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (StoreAuthError, InvalidKey, FileNotFoundError)
+# Errors a retry cannot fix (bad credentials, a missing model file or source): fail at once.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (StoreAuthError, InvalidKey, FileNotFoundError,
+                                                     SourceNotFound)
 
 UNPACK_MARKER = ".complete.json"
 
@@ -82,84 +86,20 @@ def _settings(settings: Settings | None) -> Settings:
     return settings or get_settings()
 
 
-def work_dir(settings: Settings | None = None) -> Path:
-    """Downloads and unpacked archives: FLICKR8K_WORK_DIR, else `downloads/` beside INDEX_DIR."""
-    s = _settings(settings)
-    return Path(os.environ.get("FLICKR8K_WORK_DIR") or Path(s.index_dir).resolve().parent / "downloads")
-
-
 # --- ingestion -----------------------------------------------------------------------------
 def fetch_archives(source: str | None = None, text_source: str | None = None,
                    images_sha256: str | None = None, text_sha256: str | None = None,
                    images_size: int | None = None, text_size: int | None = None,
                    settings: Settings | None = None) -> dict:
-    """Resolve the source. A folder is used as is; zips (paths or URLs) are downloaded (resuming a
-    partial `.part`) and checked: size and sha256 when given, and always every member's CRC. A
-    downloaded archive that fails a check is deleted, so that a retry downloads it afresh.
-
-    Defaults: FLICKR8K_SOURCE / FLICKR8K_TEXT_SOURCE / FLICKR8K_IMAGES_SHA256 / FLICKR8K_TEXT_SHA256;
-    with no FLICKR8K_SOURCE configured, the public Flickr8k_Dataset.zip and Flickr8k_text.zip."""
-    from flickr8k.sources import DEFAULT_IMAGES_URL, download
-    from flickr8k.format import SourceError
-
+    """The source made local and checked by `flickr8k.sources.resolve` (a folder as is; zips
+    downloaded, resumably, into FLICKR8K_WORK_DIR and verified). Unset arguments take their
+    setting: FLICKR8K_SOURCE, FLICKR8K_TEXT_SOURCE, FLICKR8K_IMAGES_SHA256, FLICKR8K_TEXT_SHA256."""
     s = _settings(settings)
-    env = os.environ.get
-    # FLICKR8K_SOURCE when configured (environment or .env) and not empty, else the public archives
-    configured = s.flickr8k_source if "flickr8k_source" in s.model_fields_set else ""
-    source = source or configured.strip() or DEFAULT_IMAGES_URL
-    text_source = text_source or env("FLICKR8K_TEXT_SOURCE")
-    images_sha256 = (images_sha256 or env("FLICKR8K_IMAGES_SHA256") or "").strip().lower() or None
-    text_sha256 = (text_sha256 or env("FLICKR8K_TEXT_SHA256") or "").strip().lower() or None
-    if "://" not in source and Path(source).is_dir():
-        return {"kind": "folder", "folder": str(Path(source).resolve())}
-    if not text_source:
-        text_source = source.replace("Flickr8k_Dataset.zip", "Flickr8k_text.zip")
-        if text_source == source:
-            raise SourceError(f"{source}: give the Flickr8k_text.zip location too")
-    cache = work_dir(s)
-    out: dict = {"kind": "zip"}
-    names = {role: Path(loc.split("?", 1)[0]).name or f"{role}.zip"
-             for role, loc in (("images", source), ("text", text_source))}
-    if names["images"] == names["text"]:  # e.g. two ".../download" links: keep both files
-        names = {role: f"{role}-{name}" for role, name in names.items()}
-    for role, loc, sha, size in (("images", source, images_sha256, images_size),
-                                 ("text", text_source, text_sha256, text_size)):
-        if "://" in loc:
-            name = names[role]
-            t0 = time.perf_counter()
-            path = download(loc, cache / name, expected_size=size, sha256=sha)
-            log.info("%s archive %s ready in %.1f s", role, path, time.perf_counter() - t0)
-        else:
-            path = Path(loc)
-            if not path.is_file():
-                raise SourceError(f"source not found: {loc}")
-        digest = sha256_file(path)
-        if sha and digest != sha:
-            problem = f"sha256 {digest} does not match the expected {sha}"
-        elif size is not None and path.stat().st_size != size:
-            problem = f"{path.stat().st_size} bytes, expected {size}"
-        else:
-            problem = _zip_problem(path)
-        if problem:
-            if "://" in loc:  # our download: remove it so that the task's retry fetches it again
-                path.unlink(missing_ok=True)
-            raise SourceError(f"{loc}: {problem}")
-        out[f"{role}_zip"] = str(path.resolve())
-        out[f"{role}_sha256"] = digest
-        out[f"{role}_bytes"] = path.stat().st_size
-    return out
-
-
-def _zip_problem(path: Path) -> str | None:
-    """None when every member's CRC checks out, else what is wrong."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        return f"not a readable zip archive ({exc})"
-    return f"member {bad} is corrupt (CRC mismatch)" if bad else None
+    return sources.resolve(source or s.flickr8k_source, text_source or s.flickr8k_text_source,
+                           cache_dir=s.flickr8k_work_dir,
+                           images_sha256=images_sha256 or s.flickr8k_images_sha256,
+                           text_sha256=text_sha256 or s.flickr8k_text_sha256,
+                           images_size=images_size, text_size=text_size)
 
 
 def unpack(fetched: dict, settings: Settings | None = None) -> dict:
@@ -168,9 +108,7 @@ def unpack(fetched: dict, settings: Settings | None = None) -> dict:
     complete (temp dir + rename), so a rerun with the same archives finds it and does nothing."""
     if fetched["kind"] == "folder":
         return {"folder": fetched["folder"], "unpacked": False}
-    from flickr8k.sources import open_source
-
-    root = work_dir(settings) / "unpacked"
+    root = Path(_settings(settings).flickr8k_work_dir) / "unpacked"
     root.mkdir(parents=True, exist_ok=True)
     name = f"flickr8k-{fetched['images_sha256'][:16]}-{fetched['text_sha256'][:16]}"
     dest = root / name
@@ -179,7 +117,7 @@ def unpack(fetched: dict, settings: Settings | None = None) -> dict:
     if (dest / UNPACK_MARKER).is_file():
         info = json.loads((dest / UNPACK_MARKER).read_text())
         return {"folder": str(dest), "unpacked": False, **info}
-    src = open_source(fetched["images_zip"], fetched["text_zip"], cache_dir=root)
+    src = sources.open_resolved(fetched)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         (tmp / "Images").mkdir()
@@ -204,13 +142,9 @@ def unpack(fetched: dict, settings: Settings | None = None) -> dict:
 def upload(folder: str, split: str = "all", limit: int | None = None,
            settings: Settings | None = None) -> dict:
     """Images -> <prefix>images/, captions and splits -> <prefix>text/; only changed content."""
-    from indexer.ingest import ingest
-    from flickr8k.sources import open_source
-    from objectstore import open_store
-
     s = _settings(settings)
     store = with_retries(open_store, s)
-    src = open_source(folder)
+    src = sources.open_source(folder)
     t0 = time.perf_counter()
     report = with_retries(ingest, src, store, s.images_prefix, s.text_prefix, split=split,
                           limit=limit, progress=False)
@@ -219,6 +153,8 @@ def upload(folder: str, split: str = "all", limit: int | None = None,
 
 
 # --- indexing ------------------------------------------------------------------------------
+# `encoder` and `indexer.pipeline` import torch (seconds per task process): only the tasks that
+# embed or read a model card import them.
 def _model_id(model_path: str) -> str:
     from encoder import read_card
 
@@ -228,9 +164,7 @@ def _model_id(model_path: str) -> str:
 def find_changes(settings: Settings | None = None) -> dict:
     """What an update would do, without loading the model: new/changed objects, removed ones,
     whether the model differs from the index's. `changed` is true when there is any work."""
-    from indexer.repository import IndexRepository
     from indexer.pipeline import status
-    from objectstore import open_store
 
     s = _settings(settings)
     store = with_retries(open_store, s)
@@ -247,9 +181,8 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
     """Embed what the current index lacks and publish a new version (a rebuild when the model
     changed or there is no usable index). Nothing changed -> no model load, no new version.
     Holds the index lock; removes temp folders a killed earlier publish left behind."""
+    from encoder import Encoder
     from indexer import pipeline
-    from indexer.repository import IndexRepository
-    from objectstore import open_store
 
     s = _settings(settings)
     with index_lock(s.index_dir):
@@ -263,8 +196,6 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
                 return {"action": "unchanged", "version": changes["version"],
                         "count": changes["count"], "added": 0, "removed": 0, "failed": {},
                         "seconds": 0.0, "versions": len(repo.list_versions())}
-        from encoder import Encoder
-
         encoder = Encoder.from_settings(s)
         store = with_retries(open_store, s)
         fn = pipeline.rebuild if force_rebuild else pipeline.update
@@ -274,11 +205,9 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
 
 
 def prune_versions(keep: int | None = None, settings: Settings | None = None) -> dict:
-    """Delete index versions beyond the newest `keep` (INDEX_KEEP_VERSIONS, default 5)."""
-    from indexer.repository import IndexRepository
-
+    """Delete index versions beyond the newest `keep` (default INDEX_KEEP_VERSIONS)."""
     s = _settings(settings)
-    keep = keep if keep is not None else int(os.environ.get("INDEX_KEEP_VERSIONS") or 5)
+    keep = keep if keep is not None else s.index_keep_versions
     with index_lock(s.index_dir):
         repo = IndexRepository(s.index_dir)
         removed = repo.prune(keep)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -149,6 +150,29 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
         assert set(d["retries"].values()) == {3} and set(d["backoff"].values()) == {2.0}
         assert d["max_active_runs"] == 1 and d["catchup"] is False
     assert out["heavy"] == [], f"DAG files import heavy modules at parse time: {out['heavy']}"
+
+
+def test_permanent_errors_fail_the_task_at_once(monkeypatch):
+    """`fail_fast` turns indexer.jobs.PERMANENT_ERRORS into AirflowFailException (no retries)
+    and lets every other error through to Airflow's retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from flickr8k.format import SourceError, SourceNotFound
+
+    monkeypatch.syspath_prepend(str(DAGS))
+    from flickr8k_common import fail_fast
+
+    @fail_fast
+    def task_body(error: Exception, params=None) -> dict:
+        raise error
+
+    with pytest.raises(AirflowFailException, match="SourceNotFound: set FLICKR8K_SOURCE"):
+        task_body(SourceNotFound("set FLICKR8K_SOURCE"))
+    with pytest.raises(SourceError):  # e.g. a download cut off: retried
+        task_body(SourceError("connection reset"))
+    # what Airflow's @task reads: the name, the context arguments, the return annotation
+    assert task_body.__name__ == "task_body" and task_body.__annotations__["return"] == "dict"
+    assert "params" in inspect.signature(task_body).parameters
 
 
 def _latest_run(home: str, dag_id: str) -> tuple[str, str, dict, dict]:

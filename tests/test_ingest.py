@@ -6,8 +6,8 @@ from functools import partial
 import pytest
 
 from indexer.ingest import ingest
-from flickr8k.format import SourceError
-from flickr8k.sources import download, open_source
+from flickr8k.format import SourceError, SourceNotFound
+from flickr8k.sources import download, open_source, resolve
 from objectstore import LocalStore
 from tests.conftest import zip_flickr8k
 
@@ -77,8 +77,10 @@ def test_download_rejects_wrong_size_and_bad_url(tiny_flickr, http_server, tmp_p
     with pytest.raises(SourceError, match="verification"):
         download(f"{base}/f.bin", tmp_path / "dl" / "f.bin", expected_size=99)
     assert not (tmp_path / "dl" / "f.bin").exists() and not (tmp_path / "dl" / "f.bin.part").exists()
-    with pytest.raises(SourceError, match="HTTP 404"):
+    with pytest.raises(SourceNotFound, match="HTTP 404"):  # permanent: no retry can fix it
         download(f"{base}/missing.zip", tmp_path / "dl" / "m.zip")
+    with pytest.raises(SourceNotFound, match="HTTP 404.*FLICKR8K_SOURCE"):
+        resolve(f"{base}/missing/Flickr8k_Dataset.zip", cache_dir=tmp_path / "dl")
 
 
 def test_bad_sources(tmp_path):

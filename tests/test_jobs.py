@@ -67,14 +67,13 @@ def _zips(root, out):
 
 
 def _settings(tmp_path, **kw) -> Settings:
-    return Settings(store_backend="local", local_store_dir=str(tmp_path / "store"),
+    return Settings(_env_file=None, store_backend="local", local_store_dir=str(tmp_path / "store"),
                     index_dir=str(tmp_path / "index"), model_path=str(tmp_path / "model.pt"),
-                    minio_bucket="b", **kw)
+                    flickr8k_work_dir=str(tmp_path / "work"), minio_bucket="b", **kw)
 
 
 def test_fetch_unpack_upload_are_checked_and_idempotent(tiny_flickr, tmp_path, monkeypatch):
     root, meta = tiny_flickr
-    monkeypatch.setenv("FLICKR8K_WORK_DIR", str(tmp_path / "work"))
     for k in ("FLICKR8K_TEXT_SOURCE", "FLICKR8K_IMAGES_SHA256", "FLICKR8K_TEXT_SHA256"):
         monkeypatch.delenv(k, raising=False)
     s = _settings(tmp_path)
@@ -99,9 +98,8 @@ def test_fetch_unpack_upload_are_checked_and_idempotent(tiny_flickr, tmp_path, m
     assert up2["images_in_store"] == len(meta["names"])
 
 
-def test_unpack_rejects_a_corrupt_member_and_leaves_nothing(tiny_flickr, tmp_path, monkeypatch):
+def test_unpack_rejects_a_corrupt_member_and_leaves_nothing(tiny_flickr, tmp_path):
     root, _ = tiny_flickr
-    monkeypatch.setenv("FLICKR8K_WORK_DIR", str(tmp_path / "work"))
     s = _settings(tmp_path)
     images, _ = _zips(root, tmp_path / "zips")
     raw = bytearray(images.read_bytes())
@@ -193,25 +191,34 @@ def test_publish_index_is_a_transaction(tiny_flickr, tmp_path, fake_model, monke
     assert jobs.prune_versions(keep=2, settings=s)["removed"] == []
 
 
-def test_default_source_is_the_public_archives(tmp_path, monkeypatch):
-    """No FLICKR8K_SOURCE configured (or an empty one, as docker-compose passes): the public zips."""
+def test_one_source_setting_and_a_missing_source_fails_at_once(tiny_flickr, tmp_path, monkeypatch):
+    """FLICKR8K_SOURCE is the default of every entry point (an empty value, as docker-compose
+    passes, counts as unset); a source that does not exist is a permanent error naming the
+    variable, with no download attempted."""
     import flickr8k.sources as sources
+    from indexer import cli
 
-    asked = []
+    root, meta = tiny_flickr
 
-    def fake_download(url, dest, expected_size=None, sha256=None):
-        asked.append(url)
-        raise SourceError("offline")
+    def no_download(*a, **kw):
+        raise AssertionError("no download for a local source")
 
-    monkeypatch.setattr(sources, "download", fake_download)
-    monkeypatch.setenv("FLICKR8K_WORK_DIR", str(tmp_path / "work"))
-    for k in ("FLICKR8K_SOURCE", "FLICKR8K_TEXT_SOURCE"):
-        monkeypatch.delenv(k, raising=False)
-    with pytest.raises(SourceError, match="offline"):
-        jobs.fetch_archives(settings=_settings(tmp_path))
+    monkeypatch.setattr(sources, "download", no_download)
     monkeypatch.setenv("FLICKR8K_SOURCE", "")
-    with pytest.raises(SourceError, match="offline"):
-        jobs.fetch_archives(settings=Settings(_env_file=None))
-    assert asked == [sources.DEFAULT_IMAGES_URL] * 2
-    assert sources.DEFAULT_TEXT_URL == sources.DEFAULT_IMAGES_URL.replace(
-        "Flickr8k_Dataset.zip", "Flickr8k_text.zip")  # what fetch_archives derives
+    assert Settings(_env_file=None).flickr8k_source == Settings.model_fields["flickr8k_source"].default
+    missing = str(tmp_path / "nowhere")
+    s = _settings(tmp_path, flickr8k_source=missing)
+    with pytest.raises(jobs.PERMANENT_ERRORS, match="FLICKR8K_SOURCE") as err:
+        jobs.fetch_archives(settings=s)
+    assert isinstance(err.value, SourceError) and sources.PUBLIC_IMAGES_URL in str(err.value)
+    assert not (tmp_path / "work").exists()
+
+    # the CLI's ingest takes the same setting, and fails the same way
+    monkeypatch.setattr(cli, "get_settings", lambda: s)
+    assert cli.main(["--quiet", "ingest"]) == 1
+    monkeypatch.setattr(cli, "get_settings",
+                        lambda: _settings(tmp_path, flickr8k_source=str(root)))
+    assert cli.main(["--quiet", "ingest", "--split", "dev"]) == 0
+    assert jobs.fetch_archives(settings=_settings(tmp_path, flickr8k_source=str(root))) == \
+        {"kind": "folder", "folder": str(root)}
+

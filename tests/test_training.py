@@ -1,5 +1,7 @@
 """Training on a tiny slice: the loss falls, retrieval is learned, the checkpoint reloads exactly."""
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -100,3 +102,20 @@ def test_minio_dataset_streams_from_s3(tiny_flickr, s3_store):
     ds = MinIOFlickr8kDataset(s3_store, "train", eval_transform(spec))
     x, i = ds[0]
     assert x.shape == (3, 32, 32) and len(ds) == len(meta["train"])
+
+
+def test_training_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    """Without --out a new checkpoint never replaces the shipped MODEL_PATH."""
+    import training.cli as cli
+    import training.train as train
+
+    written = []
+    monkeypatch.setattr(cli, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(cli, "load_splits", lambda args, names: ([None, None], "stub"))
+    monkeypatch.setattr(train, "build_model", lambda config, resume: None)
+    monkeypatch.setattr(train, "train_and_save", lambda model, tr, dev, cfg, out, desc:
+                        written.append(out) or ("id", SimpleNamespace(history=[])))
+    assert cli.main(["--no-plots"]) == 0
+    out = Path(written[0])
+    assert out.parent == tmp_path / "runs" and out.name.startswith("dual-encoder-")
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(out)

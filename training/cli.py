@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
-from encoder.model import ModelConfig
 from core.logs import setup_logging
+from core.settings import REPO_ROOT, get_settings
+from encoder.model import ModelConfig
 from training.train import TrainConfig
+
+log = logging.getLogger(__name__)
+# new checkpoints go here (git-ignored), never over the shipped MODEL_PATH unless --out says so
+RUNS_DIR = REPO_ROOT / "runs"
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -17,7 +24,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_splits(args, names: list[str]):
-    from core.settings import get_settings
     from training.data import load_split_from_folder, load_split_from_store
 
     s = get_settings()
@@ -34,13 +40,14 @@ def load_splits(args, names: list[str]):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     add_data_args(p)
-    p.add_argument("--out", default="models/flickr8k-dual-encoder.pt")
+    p.add_argument("--out", help="checkpoint to write (default: runs/dual-encoder-<UTC time>.pt)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3, help="heads' learning rate")
     p.add_argument("--tail-lr", type=float, default=1e-4, help="fine-tuned image stages' lr")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--embed-dim", type=int, default=get_settings().embedding_dim,
+                   help="default: EMBEDDING_DIM")
     p.add_argument("--image-backbone", default="efficientnet_lite0")
     p.add_argument("--text-backbone", default="all-MiniLM-L6-v2")
     p.add_argument("--image-weights", help="local weights file for the image backbone")
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                          image_tail_stages=args.unfreeze_image_stages,
                          image_weights=args.image_weights, text_weights=args.text_weights)
     model = build_model(config, args.resume)
-    out = Path(args.out)
+    out = Path(args.out or RUNS_DIR / f"dual-encoder-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       tail_lr=args.tail_lr, weight_decay=args.weight_decay, seed=args.seed,
                       device=args.device, amp=not args.no_amp, cache=not args.no_cache,
@@ -98,5 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         img, _, _ = embed_split(model.to(trainer.device), dev, cfg.cache_dir, trainer.device,
                                 cfg.cache, cfg.workers)
         plot_examples(model, dev, out.with_suffix(".examples.png"), img)
+    log.info("checkpoint written to %s (serve it with MODEL_PATH=%s)", out, out)
     print(json.dumps(result, indent=2))
     return 0

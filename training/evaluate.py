@@ -6,8 +6,9 @@ import argparse
 import json
 from datetime import datetime, timezone
 
-from encoder.checkpoint import load_checkpoint, update_card
 from core.logs import setup_logging
+from core.settings import get_settings
+from encoder.checkpoint import load_checkpoint, update_card
 from training.cli import add_data_args, load_splits
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
@@ -34,7 +35,7 @@ def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/featur
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
     add_data_args(p)
-    p.add_argument("--checkpoint", default="models/flickr8k-dual-encoder.pt")
+    p.add_argument("--checkpoint", default=get_settings().model_path, help="default: MODEL_PATH")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     p.add_argument("--limit", type=int, help="first N images only (not the standard protocol)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from core.settings import get_settings
 from encoder.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import add_data_args, load_splits
 from training.features import text_features
@@ -17,7 +18,7 @@ from training.train import describe_model, git_commit
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", default=get_settings().model_path, help="default: MODEL_PATH")
     p.add_argument("--out", required=True)
     p.add_argument("--int8-backbone", action="store_true")
     p.add_argument("--query-bank", type=int, default=0,
