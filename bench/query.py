@@ -2,13 +2,16 @@
 FAISS search in one Python call, same runtime, same index), at 1 and at 16 concurrent clients.
 
     python bench/query.py [--n 1000] [--text-runtime onnx] [--requests 200] [--rounds 2]
+                          [--baseline-tree DIR]
 
 Builds an index of N Flickr8k images in a temp dir, starts the real service (`python -m
 search_api`, one uvicorn worker) on a free port, then alternates: floor calls and 1-client HTTP
 calls one by one (ratio of p50s), then blocks of 16 concurrent clients (asyncio + keep-alive
 httpx, in this process) for throughput. The load generator shares the 2 cores with the server,
 as any client on this machine would. The service reads IMAGE_RUNTIME / TEXT_RUNTIME like
-any deployment.
+any deployment. --baseline-tree DIR also starts the service of another checkout (cwd and
+PYTHONPATH DIR, same index, same environment, another port) and measures it in the same rounds,
+interleaved (floor, this tree, baseline), so a before/after comparison is one command.
 """
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--baseline-tree", default=None,
+                   help="another checkout whose service is measured side by side")
     args = p.parse_args()
     header("query path: HTTP vs in-process floor")
 
@@ -92,25 +97,32 @@ def main() -> int:
     index = repo.load()
     enc.warmup()
 
-    port = free_port()
     env = {**os.environ, "MODEL_PATH": args.checkpoint, "INDEX_DIR": str(work / "index"),
            "STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(work / "store"),
            "MINIO_BUCKET": "flickr8k", "IMAGE_RUNTIME": "onnx", "TEXT_RUNTIME": args.text_runtime,
-           "ONNX_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen([sys.executable, "-m", "search_api", "--port", str(port),
-                               "--log-level", "warning"], env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
+           "ONNX_CACHE_DIR": cache}
+    trees = {"this tree": ROOT}
+    if args.baseline_tree:
+        trees["baseline"] = Path(args.baseline_tree).resolve()
+    servers, urls = [], {}
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit("the service did not start")
-            time.sleep(0.5)
-        url = base + "/search_images_by_text"
+        for name, tree in trees.items():
+            port = free_port()
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "search_api", "--port", str(port), "--log-level",
+                 "warning"], env={**env, "PYTHONPATH": str(tree)}, cwd=tree))
+            urls[name] = f"http://127.0.0.1:{port}"
+        for server, base in zip(servers, urls.values()):
+            for _ in range(600):
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if server.poll() is not None:
+                    raise SystemExit(f"the service at {base} did not start")
+                time.sleep(0.5)
+        search = {name: base + "/search_images_by_text" for name, base in urls.items()}
         faiss.omp_set_num_threads(1)
 
         def floor(q):
@@ -119,42 +131,55 @@ def main() -> int:
             return index.search(v, 10)
 
         http = httpx.Client(timeout=60)
-        for q in QUERIES:  # warm both paths
+        for q in QUERIES:  # warm every path
             floor(q)
-            http.post(url, json={"query": q, "top_k": 10}).raise_for_status()
-        t_floor, t_http1, thr1, lat16, thr16 = [], [], [], [], []
+            for url in search.values():
+                http.post(url, json={"query": q, "top_k": 10}).raise_for_status()
+        t_floor = []
+        t_http1 = {name: [] for name in search}
+        thr1 = {name: [] for name in search}
+        lat16 = {name: [] for name in search}
+        thr16 = {name: [] for name in search}
         for _ in range(args.rounds):
             for i in range(args.requests):
                 q = QUERIES[i % len(QUERIES)]
                 t = time.perf_counter()
                 floor(q)
                 t_floor.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                http.post(url, json={"query": q, "top_k": 10}).raise_for_status()
-                t_http1.append(time.perf_counter() - t)
-            # 1-client throughput: back-to-back requests, nothing else in between
-            lat, thr = asyncio.run(clients(url, 1, args.requests))
-            thr1.append(thr)
-            lat, thr = asyncio.run(clients(url, args.concurrency, args.requests * 2))
-            lat16 += lat
-            thr16.append(thr)
-        health = http.get(base + "/health").json()
+                for name, url in search.items():  # floor, this tree, baseline, floor, ...
+                    t = time.perf_counter()
+                    http.post(url, json={"query": q, "top_k": 10}).raise_for_status()
+                    t_http1[name].append(time.perf_counter() - t)
+            for name, url in search.items():
+                # 1-client throughput: back-to-back requests, nothing else in between
+                lat, thr = asyncio.run(clients(url, 1, args.requests))
+                thr1[name].append(thr)
+                lat, thr = asyncio.run(clients(url, args.concurrency, args.requests * 2))
+                lat16[name] += lat
+                thr16[name].append(thr)
+        health = http.get(urls["this tree"] + "/health").json()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-    f50, h50 = median(t_floor), median(t_http1)
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=30)
+    f50 = median(t_floor)
     rows = [
         {"what": "in-process floor (encode + FAISS)", "clients": 1, "p50 ms": 1000 * f50,
-         "p95 ms": 1000 * pct(t_floor, 95), "req/s": 1 / np.mean(t_floor), "ratio": "1 (baseline)"},
-        {"what": "HTTP POST /search_images_by_text", "clients": 1, "p50 ms": 1000 * h50,
-         "p95 ms": 1000 * pct(t_http1, 95), "req/s": median(thr1),
-         "ratio": f"p50 {h50 / f50:.2f} x floor"},
-        {"what": "HTTP POST /search_images_by_text", "clients": args.concurrency,
-         "p50 ms": 1000 * median(lat16), "p95 ms": 1000 * pct(lat16, 95), "req/s": median(thr16),
-         "ratio": f"throughput {median(thr16) / median(thr1):.2f} x 1 client"},
-    ]
+         "p95 ms": 1000 * pct(t_floor, 95), "req/s": 1 / np.mean(t_floor), "ratio": "1 (baseline)"}]
+    for name in search:
+        h50 = median(t_http1[name])
+        rows += [
+            {"what": f"HTTP POST /search_images_by_text ({name})", "clients": 1,
+             "p50 ms": 1000 * h50, "p95 ms": 1000 * pct(t_http1[name], 95),
+             "req/s": median(thr1[name]), "ratio": f"p50 {h50 / f50:.2f} x floor"},
+            {"what": f"HTTP POST /search_images_by_text ({name})", "clients": args.concurrency,
+             "p50 ms": 1000 * median(lat16[name]), "p95 ms": 1000 * pct(lat16[name], 95),
+             "req/s": median(thr16[name]),
+             "ratio": f"throughput {median(thr16[name]) / median(thr1[name]):.2f} x 1 client"}]
     print(f"index: {index.count} vectors ({index.manifest.get('index_type')}), text runtime "
-          f"{args.text_runtime}, {args.rounds} rounds x {args.requests} requests; "
+          f"{args.text_runtime}, {args.rounds} rounds x {args.requests} requests, "
+          f"trees: {', '.join(f'{k}={v}' for k, v in trees.items())}; "
           f"service reports {health.get('model_id', '?')}\n")
     print(table(rows))
     save_json("query", {"rows": rows, "floor": t_floor, "http1": t_http1, "thr1": thr1,

@@ -14,6 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from encoder.preprocessing import BadImage
+from search_api.images import ImageTooLarge
+from search_api.state import NoIndex
+
 log = logging.getLogger(__name__)
 
 MAX_ECHO = 80
@@ -51,7 +55,20 @@ def clean_errors(errors) -> list[dict]:
     return out
 
 
+# domain errors raised below the routes, and the one status each maps to
+DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
+    (BadImage, 400, "not a usable image: "),
+    (ImageTooLarge, 413, ""),
+    (NoIndex, 503, ""),
+]
+
+
 def install(app: FastAPI) -> None:
+    for exc_type, status, prefix in DOMAIN_ERRORS:
+        async def handler(request: Request, exc: Exception, status=status, prefix=prefix):
+            return JSONResponse({"detail": prefix + str(exc)}, status_code=status)
+        app.add_exception_handler(exc_type, handler)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse({"detail": clean_errors(exc.errors())}, status_code=422)

@@ -3,7 +3,8 @@
 Uploads are checked before any pixel is decoded: only common raster formats are opened (no EPS,
 which would run Ghostscript, no exotic codecs), and the pixel count in the header is compared
 with the limit, so a small file that would decompress to gigabytes (a "decompression bomb") is
-refused with 413 without being decoded.
+refused without being decoded. Errors are domain errors (BadImage, ImageTooLarge); errors.py
+gives them their HTTP status.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import threading
 import warnings
 from collections import OrderedDict
 
-from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 
 from encoder.preprocessing import BadImage, decode_image
@@ -21,28 +21,30 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 SAFE_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"}
 
 
+class ImageTooLarge(ValueError):
+    """An upload over the byte limit, or an image with more pixels than allowed."""
+
+
 def check_header(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height) from the header alone; 4xx HTTPException when unusable."""
+    """(format, width, height) from the header alone; BadImage / ImageTooLarge when unusable."""
     if not data:
-        raise HTTPException(400, "not a usable image: the image file is empty (0 bytes)")
+        raise BadImage("the image file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
                 fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError as exc:
-        raise HTTPException(413, f"image has too many pixels: {exc}") from None
+        raise ImageTooLarge(f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
-        raise HTTPException(400, "not a usable image: not a JPEG, PNG, WebP, GIF or BMP "
-                                 "image (or the file is damaged)") from None
+        raise BadImage("not a JPEG, PNG, WebP, GIF or BMP image (or the file is damaged)") \
+            from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise HTTPException(400, f"not a usable image: corrupt or truncated image "
-                                 f"({type(exc).__name__}: {exc})") from None
+        raise BadImage(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
     if w <= 0 or h <= 0:
-        raise HTTPException(400, "not a usable image: zero width or height")
+        raise BadImage("zero width or height")
     if w * h > max_pixels:
-        raise HTTPException(413, f"image has too many pixels: {w}x{h} = {w * h} "
-                                 f"(limit {max_pixels})")
+        raise ImageTooLarge(f"image has too many pixels: {w}x{h} = {w * h} (limit {max_pixels})")
     return fmt, w, h
 
 
@@ -51,13 +53,12 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     check_header(data, max_pixels)
     try:
         return decode_image(data, max_pixels)
-    except BadImage as exc:
-        raise HTTPException(400, f"not a usable image: {exc}") from None
+    except BadImage:
+        raise
     except Image.DecompressionBombError as exc:
-        raise HTTPException(413, f"image has too many pixels: {exc}") from None
+        raise ImageTooLarge(f"image has too many pixels: {exc}") from None
     except Exception as exc:  # a crafted file can make a decoder raise almost anything
-        raise HTTPException(400, f"not a usable image: cannot decode it "
-                                 f"({type(exc).__name__}: {exc})") from None
+        raise BadImage(f"cannot decode it ({type(exc).__name__}: {exc})") from None
 
 
 def make_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:

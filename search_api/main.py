@@ -11,6 +11,7 @@ from core.settings import Settings, get_settings
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from search_api.routes import search, system, web
+from search_api.schemas import bodies
 from search_api.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -40,53 +41,22 @@ def build_state(settings: Settings) -> ServiceState:
     return state
 
 
-def _document_limits(app: FastAPI, settings: Settings) -> None:
-    """Write the configured limits into the OpenAPI schema (they are settings, not constants)."""
+def _openapi_security(app: FastAPI, settings: Settings) -> None:
+    """Without API_KEY nothing is guarded: do not advertise a key in the schema."""
+    if settings.api_key:
+        return
     original = app.openapi
-    done = False
 
     def openapi():
-        nonlocal done
-        if done and app.openapi_schema:
+        if app.openapi_schema:
             return app.openapi_schema
-        app.openapi_schema = None
-        schema = original()  # a fresh copy (FastAPI caches it in app.openapi_schema)
-        service = getattr(app.state, "service", None)
-        dim = service.encoder.dim if service is not None else None
-
-        def walk(node):
-            if isinstance(node, dict):
-                props = node.get("properties")
-                if isinstance(props, dict):
-                    if isinstance(props.get("top_k"), dict):
-                        props["top_k"]["maximum"] = settings.max_top_k
-                    if isinstance(props.get("text"), dict):
-                        props["text"]["maxLength"] = settings.max_query_chars
-                    emb = props.get("embedding")
-                    if dim and isinstance(emb, dict) and emb.get("type") == "array":
-                        emb["minItems"] = emb["maxItems"] = dim
-                        emb["description"] = f"the model's dimension: {dim} numbers"
-                    q = props.get("queries")
-                    if isinstance(q, dict) and q.get("type") == "array":
-                        q["maxItems"] = settings.max_batch_queries
-                        q["items"] = {"type": "string", "minLength": 1, "pattern": r"\S",
-                                      "maxLength": settings.max_query_chars}
-                for v in node.values():
-                    walk(v)
-            elif isinstance(node, list):
-                for v in node:
-                    walk(v)
-
-        walk(schema.get("paths", {}))
-        if not settings.api_key:  # nothing is guarded: do not advertise a key
-            schema.get("components", {}).pop("securitySchemes", None)
-            for item in schema.get("paths", {}).values():
-                for op in item.values():
-                    if isinstance(op, dict):
-                        op.pop("security", None)
-                        op.get("responses", {}).pop("401", None)
-        app.openapi_schema = schema
-        done = service is not None  # the model's dimension is known once it is loaded
+        schema = original()
+        schema.get("components", {}).pop("securitySchemes", None)
+        for item in schema.get("paths", {}).values():
+            for op in item.values():
+                if isinstance(op, dict):
+                    op.pop("security", None)
+                    op.get("responses", {}).pop("401", None)
         return schema
 
     app.openapi = openapi
@@ -124,7 +94,8 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
 
     app.include_router(web.router)
     app.include_router(system.router)
-    app.include_router(search.router)
+    dim = state.encoder.dim if state is not None else None  # known when the caller loaded it
+    app.include_router(search.build_router(settings, bodies(settings, dim)))
     web.mount_static(app)
-    _document_limits(app, settings)
+    _openapi_security(app, settings)
     return app

@@ -95,6 +95,7 @@ class MetricsMiddleware:
     def __init__(self, app, metrics: Metrics):
         self.app = app
         self.metrics = metrics
+        self._cache: dict[tuple, tuple] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -116,5 +117,17 @@ class MetricsMiddleware:
             m.in_flight.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "GET")
-            m.request_seconds.labels(method, route).observe(time.perf_counter() - t0)
-            m.requests.labels(method, route, str(status)).inc()
+            seconds, count = self._children(method, route, status)
+            seconds.observe(time.perf_counter() - t0)
+            count.inc()
+
+    def _children(self, method: str, route: str, status: int):
+        """The labelled series of one (method, route, status), looked up once: `labels()` takes
+        a lock and builds a key on every call. Bounded: routes are templates."""
+        key = (method, route, status)
+        children = self._cache.get(key)
+        if children is None:
+            m = self.metrics
+            children = self._cache[key] = (m.request_seconds.labels(method, route),
+                                           m.requests.labels(method, route, str(status)))
+        return children

@@ -1,17 +1,39 @@
 """Request/response models. Field aliases keep the original form field names working.
 
-Limits that depend on settings (MAX_TOP_K, MAX_QUERY_CHARS, MAX_BATCH_QUERIES) are checked in the
-routes and written into the OpenAPI schema when the app is built (see main.py).
+The request models here carry no configured limits; `bodies(settings, dim)` derives the ones an
+app serves, with MAX_TOP_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_BATCH_QUERIES and the model's
+dimension as field constraints, so validation and the OpenAPI schema both come from them.
 """
 from __future__ import annotations
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, \
+    StringConstraints, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from core.settings import Settings
 
 
 def _not_blank(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty or whitespace")
     return v.strip()
+
+
+def _json_number(value, info: ValidationInfo):
+    """From a JSON body numbers must be JSON numbers (`"5"` or `true` is refused, as the schema
+    says; `3.0` is an integer there); form fields are always text and are converted."""
+    if isinstance(value, (bool, str)) and info.context and info.context.get("json"):
+        raise PydanticCustomError("number_type",
+                                  "Input should be a number (not a string or a boolean)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_number)]
+# the bounds inside the Annotated: on the Optional's Field they would be left out of the schema
+Score = Annotated[float, Field(ge=-1.0, le=1.0), BeforeValidator(_json_number)]
 
 
 class TextIn(BaseModel):
@@ -28,9 +50,9 @@ class TextIn(BaseModel):
 
 class PageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    top_k: int = Field(5, ge=1, description="number of results (1..MAX_TOP_K)")
-    offset: int = Field(0, ge=0, le=10_000, description="skip this many results (pagination)")
-    min_score: float | None = Field(None, ge=-1.0, le=1.0,
+    top_k: Int = Field(5, ge=1, description="number of results (1..MAX_TOP_K)")
+    offset: Int = Field(0, ge=0, description="skip this many results (pagination)")
+    min_score: Score | None = Field(None,
                                     description="drop results that score below this")
 
 
@@ -47,15 +69,16 @@ class SearchIn(PageIn, TextIn):
                     "a filename) instead of the index; form clients send it as a JSON string")
 
 
-class ImageSearchIn(PageIn):
-    """The non-file fields of `POST /search_images_by_image`."""
-
-
 class BatchSearchIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     queries: list[str] = Field(min_length=1, description="1..MAX_BATCH_QUERIES query texts")
-    top_k: int = Field(5, ge=1)
-    min_score: float | None = Field(None, ge=-1.0, le=1.0)
+    top_k: Int = Field(5, ge=1)
+    min_score: Score | None = None
+
+    @field_validator("queries")
+    @classmethod
+    def not_blank(cls, v: list[str]) -> list[str]:
+        return [_not_blank(q) for q in v]
 
 
 class Hit(BaseModel):
@@ -102,3 +125,57 @@ class ReloadOut(BaseModel):
     previous: str | None = None
     vector_count: int | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Bodies:
+    """The request models one app validates with (limits from its settings)."""
+    text: type[TextIn]
+    search: type[SearchIn]
+    batch: type[BatchSearchIn]
+    page_fields: dict  # Form(...) constraints of the upload route's paging fields
+
+
+def bodies(settings: Settings, dim: int | None = None) -> Bodies:
+    """Request models with the configured limits as constraints: the one place they are set."""
+    chars, top_k, offset = settings.max_query_chars, settings.max_top_k, settings.max_offset
+    text_field = Field(validation_alias=AliasChoices("text", "query"), min_length=1,
+                       max_length=chars, pattern=r"\S",
+                       description=f"text to embed, at most {chars} characters "
+                                   "(`query` accepted too)")
+    top_k_field = Field(5, ge=1, le=top_k, description=f"number of results (1..{top_k})")
+    offset_field = Field(0, ge=0, le=offset, description="skip this many results (pagination)")
+
+    class TextBody(TextIn):
+        text: str = text_field
+
+    emb_field = Field(min_length=dim or 1, max_length=dim or 4096,
+                      description=f"the model's dimension: {dim} numbers" if dim else None)
+
+    class ImageEmbeddingBody(ImageEmbeddingIn):
+        embedding: list[float] = emb_field
+
+    class SearchBody(SearchIn):
+        text: str = text_field
+        top_k: Int = top_k_field
+        offset: Int = offset_field
+        image_embeddings: list[ImageEmbeddingBody] | None = Field(
+            None, max_length=10_000,
+            description="rank exactly these embeddings (as /encode_image returned them, each "
+                        "with a filename) instead of the index; form clients send it as a "
+                        "JSON string")
+
+    Query = Annotated[str, StringConstraints(min_length=1, max_length=chars, pattern=r"\S")]
+
+    class BatchSearchBody(BatchSearchIn):
+        queries: list[Query] = Field(min_length=1, max_length=settings.max_batch_queries,
+                                     description=f"1..{settings.max_batch_queries} query texts")
+        top_k: Int = top_k_field
+
+    for model, name in ((TextBody, "TextIn"), (SearchBody, "SearchIn"),
+                        (BatchSearchBody, "BatchSearchIn"), (ImageEmbeddingBody, "ImageEmbeddingIn")):
+        model.__name__ = model.__qualname__ = name  # schema names as before
+    return Bodies(TextBody, SearchBody, BatchSearchBody, {
+        "top_k": dict(ge=1, le=top_k, description=f"number of results (1..{top_k})"),
+        "offset": dict(ge=0, le=offset, description="skip this many results (pagination)"),
+        "min_score": dict(ge=-1.0, le=1.0, description="drop results that score below this")})

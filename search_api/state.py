@@ -22,6 +22,13 @@ from search_api.images import LRUBytes
 log = logging.getLogger(__name__)
 
 
+class NoIndex(LookupError):
+    """No index version is loaded yet."""
+
+    def __init__(self):
+        super().__init__("no index is loaded yet; run `python -m indexer rebuild`")
+
+
 class ServiceState:
     def __init__(self, encoder: Encoder, repo: IndexRepository, store=None,
                  store_factory: Callable | None = None, store_retry_s: float = 10.0,
@@ -57,6 +64,13 @@ class ServiceState:
             self.observe_stage(stage, seconds)
 
     # --- index -------------------------------------------------------------------------------
+    def require_index(self) -> IndexVersion:
+        """The served version (read once per request: a reload swaps it), or NoIndex."""
+        index = self.index
+        if index is None:
+            raise NoIndex()
+        return index
+
     def reload(self, force: bool = False, retry_failed: bool = True) -> dict:
         """Load the published version if it differs from the one served; keep the old on error.
 

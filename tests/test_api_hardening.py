@@ -261,8 +261,11 @@ def test_openapi_documents_the_key_and_the_limits(client):
     assert spec["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     assert spec["paths"]["/admin/reload"]["post"]["security"] == [{"APIKeyHeader": []}]
     body = spec["paths"][S]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    if "$ref" in body:  # the request model, in components
+        body = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
     assert body["properties"]["top_k"]["maximum"] == 50
     assert body["properties"]["text"]["maxLength"] == 1000
+    assert body["properties"]["offset"]["maximum"] == 10_000  # MAX_OFFSET
 
 
 def test_security_headers(client):

@@ -63,7 +63,8 @@ def _hits(page) -> list[dict]:
         "#results .hit", "els => els.map(e => ({key: e.dataset.key, score: +e.dataset.score, "
                          "similarity: +e.dataset.similarity, "
                          "rank: e.querySelector('.rank').textContent, "
-                         "shown: e.querySelector('.score').textContent}))")
+                         "shown: e.querySelector('.score').textContent, "
+                         "title: e.querySelector('.score').title}))")
 
 
 def test_text_search_thumbnails_paging_and_viewer(page, base_url):
@@ -77,7 +78,12 @@ def test_text_search_thumbnails_paging_and_viewer(page, base_url):
     hits = _hits(page)
     assert [h["rank"] for h in hits] == [f"#{i}" for i in range(1, PER_PAGE + 1)]
     assert all(h["key"].startswith(PREFIX) for h in hits)
-    assert all(h["shown"] == f"{h['similarity']:.3f}" for h in hits)  # similarities are shown
+    # the ranking score is shown, so the numbers fall along the list; the cosine is in the title
+    assert all(h["shown"] == f"{h['score']:.3f}" for h in hits)
+    assert [float(h["shown"]) for h in hits] == sorted((float(h["shown"]) for h in hits),
+                                                       reverse=True)
+    assert all("ranking score" in h["title"] and f"{h['similarity']:.3f}" in h["title"]
+               for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert "Showing 8 of 24" in page.text_content("#summary")
     assert "q=a+red+circle" in page.url  # the search can be shared as a link
@@ -155,5 +161,5 @@ def test_errors_are_shown_not_thrown(page, base_url):
     page.fill("#q", "x" * 1500)  # over the service's query limit
     page.press("#q", "Enter")
     page.wait_for_selector("#error:not([hidden])")
-    assert "longer than 1000" in page.text_content("#error")
+    assert "at most 1000 characters" in page.text_content("#error")
     assert page.eval_on_selector_all("#results .hit", "els => els.length") == 0

@@ -83,8 +83,10 @@ function addResult(hit) {
   rank.textContent = "#" + hit.rank;
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = hit.similarity.toFixed(3);
-  score.title = "cosine similarity";
+  // the number results are ranked by, so it falls along the list; the plain cosine is in the title
+  score.textContent = hit.score.toFixed(3);
+  score.title = `ranking score: cosine similarity minus the image's hubness correction ` +
+    `(cosine ${hit.similarity.toFixed(3)})`;
   const name = document.createElement("span");
   name.className = "name";
   name.textContent = hit.filename;
@@ -168,7 +170,7 @@ function searchImage(file) {
 function openViewer(hit) {
   $("viewer-img").src = imageUrl(hit.key);
   $("viewer-img").alt = hit.filename;
-  $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  similarity ${hit.similarity.toFixed(3)}`;
+  $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  score ${hit.score.toFixed(3)} (cosine ${hit.similarity.toFixed(3)})`;
   $("viewer-open").href = imageUrl(hit.key);
   $("viewer").hidden = false;
   $("viewer-close").focus();
