@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "deploy"):  # the packages, and deploy/ports.py
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-FLICKR = Path(os.environ.get("FLICKR8K_SOURCE", ROOT.parent / "shared" / "datasets" / "flickr8k"))
-MODEL = os.environ.get("MODEL_PATH", str(ROOT / "models" / "flickr8k-dual-encoder.pt"))
+from core.settings import get_settings  # noqa: E402
+
+FLICKR = Path(get_settings().flickr8k_source)  # a Flickr8k folder (FLICKR8K_SOURCE)
+MODEL = get_settings().model_path
 
 
 def hardware() -> str:

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy"))
+from ports import free_port  # noqa: E402
 
 SUBJECTS = ["a dog", "two dogs", "a black dog", "a little girl", "a man", "a woman", "children",
             "a boy", "a brown dog", "a group of people", "a cyclist", "a surfer", "a skier",
@@ -57,12 +58,6 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 # --- a throwaway service ----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare(workdir: Path, vectors: int, model: str | None) -> dict:
     sys.path.insert(0, str(ROOT))
     import numpy as np
@@ -206,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if url is None:
             workdir = Path(tempfile.mkdtemp(prefix="loadtest-"))
             env = prepare(workdir, args.vectors, args.model)
-            port = _free_port()
+            port = free_port()
             extra = {"RELOAD_INTERVAL_S": "0"}
             if args.text_batch_max:
                 extra["TEXT_BATCH_MAX"] = str(args.text_batch_max)

@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy"))
 
+from ports import free_port  # noqa: E402
+
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
           "yellow": (240, 220, 30), "black": (10, 10, 10), "white": (245, 245, 245)}
 SHAPES = ["circle", "square"]
@@ -81,7 +83,7 @@ def tiny_flickr(tmp_path_factory) -> tuple[Path, dict]:
 def s3_server(tmp_path_factory):
     import local_s3
 
-    port = local_s3.free_port()
+    port = free_port()
     creds = {"endpoint": f"127.0.0.1:{port}", "access_key": "test-access", "secret_key": "test-secret-123"}
     proc = local_s3.start(tmp_path_factory.mktemp("s3"), port, creds["access_key"], creds["secret_key"])
     yield creds

@@ -1,4 +1,5 @@
-"""The search API: JSON and the original clients' form fields on the same routes; bad input -> 4xx."""
+"""The routes: JSON and the original clients' form fields on the same routes; bad input -> 4xx.
+Paging, search by image and the batch route are in test_search.py."""
 import io
 import json
 
@@ -6,31 +7,16 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexer import pipeline
-from indexer.repository import IndexRepository
-from indexer.ingest import ingest
-from flickr8k.sources import open_source
-from objectstore import LocalStore
-from core.settings import Settings
-from search_api.main import create_app
-from search_api.state import ServiceState
 from tests.conftest import make_image
+from tests.search_api.helpers import build_service
 
-PREFIX = "flickr8k/images/"
 
 
 @pytest.fixture(scope="module")
 def client(tiny_flickr, tmp_path_factory, encoder):
     root, _ = tiny_flickr
-    tmp = tmp_path_factory.mktemp("api")
-    store = LocalStore(tmp / "store", "b")
-    ingest(open_source(str(root)), store, split="dev", progress=False)
-    repo = IndexRepository(tmp / "index")
-    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
-    settings = Settings(index_dir=str(tmp / "index"), reload_interval_s=0, max_top_k=50)
-    state = ServiceState(encoder, repo, store)
-    state.reload()
-    with TestClient(create_app(settings, state)) as c:
+    svc = build_service(tmp_path_factory.mktemp("api"), root, encoder, max_top_k=50)
+    with TestClient(svc.app) as c:
         yield c
 
 
@@ -65,14 +51,6 @@ def test_search_json_and_form(client):
     Image.open(io.BytesIO(img.content)).verify()
 
 
-def test_pagination_offset(client):
-    full = client.post("/search_images_by_text", json={"query": "x", "top_k": 6}).json()["results"]
-    page2 = client.post("/search_images_by_text",
-                        json={"query": "x", "top_k": 3, "offset": 3}).json()["results"]
-    assert [r["key"] for r in page2] == [r["key"] for r in full[3:6]]
-    assert page2[0]["rank"] == 4
-
-
 def test_original_client_flow_with_image_embeddings(client):
     embs = []
     for color in ("red", "green", "blue"):
@@ -90,22 +68,6 @@ def test_original_client_flow_with_image_embeddings(client):
     for x in res:
         cos = sum(a * b for a, b in zip(t, byname[x["filename"]]))
         assert x["similarity"] == pytest.approx(cos, abs=1e-4)
-
-
-def test_search_by_image_finds_itself(client, tiny_flickr):
-    root, meta = tiny_flickr
-    name = meta["dev"][2]
-    data = (root / "Images" / name).read_bytes()
-    r = client.post("/search_images_by_image", files={"image": (name, data, "image/jpeg")},
-                    data={"top_k": "1"})
-    assert r.status_code == 200, r.text
-    assert r.json()["results"][0]["key"] == PREFIX + name
-    assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
-
-
-def test_batch_search(client):
-    r = client.post("/search_images_by_texts", json={"queries": ["red", "blue"], "top_k": 2})
-    assert r.status_code == 200 and [x["query"] for x in r.json()] == ["red", "blue"]
 
 
 @pytest.mark.parametrize("payload,status", [

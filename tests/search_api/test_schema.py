@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-from tests.api_helpers import build_service  # noqa: E402
+from tests.search_api.helpers import build_service  # noqa: E402
 
 OPERATIONS = [
     "GET /health",

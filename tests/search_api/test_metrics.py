@@ -5,7 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api_helpers import build_service, republish
+from tests.search_api.helpers import build_service, republish
 from tests.conftest import make_image
 
 KEY = "metrics-key"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from playwright import sync_api  # noqa: E402
 
-from tests.api_helpers import PREFIX, build_service, serve
+from tests.search_api.helpers import PREFIX, build_service, serve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

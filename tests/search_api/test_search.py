@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.api_helpers import PREFIX, build_service
+from tests.search_api.helpers import PREFIX, build_service
 
 S = "/search_images_by_text"
 
@@ -145,7 +145,7 @@ def test_hubness_corrected_model_reports_cosine_and_ranks_by_corrected_score(
     from fastapi.testclient import TestClient
 
     from encoder import Encoder, load_checkpoint, save_checkpoint
-    from tests.api_helpers import build_service
+    from tests.search_api.helpers import build_service
 
     root, _ = tiny_flickr
     loaded = load_checkpoint(small_checkpoint)

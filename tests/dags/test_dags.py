@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import zip_flickr8k
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 AIRFLOW = Path(sys.executable).parent / "airflow"
 ARTIFACTS = ROOT / "test-artifacts"

@@ -11,8 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.repository import IndexRepository
-from tests.api_helpers import build_service, republish, serve
+from tests.search_api.helpers import build_service, republish, serve
 
 KEY = "reload-key"
 
@@ -193,17 +192,9 @@ def test_watcher_reports_a_bad_version_once_then_takes_the_next_good_one(svc):
 
 def test_starts_without_an_index_then_picks_one_up(tiny_flickr, tmp_path, encoder):
     root, _ = tiny_flickr
-    svc = build_service(tmp_path, root, encoder, api_key=KEY)
-    # a second service on an empty index directory
-    from core.settings import Settings
-    from search_api.main import create_app
-    from search_api.state import ServiceState
-
-    empty = IndexRepository(tmp_path / "empty-index")
-    state = ServiceState(encoder, empty, svc.store)
-    state.reload()
-    app = create_app(Settings(index_dir=str(empty.root), reload_interval_s=0, api_key=KEY), state)
-    with TestClient(app) as c:
+    svc = build_service(tmp_path / "built", root, encoder, api_key=KEY)
+    empty = build_service(tmp_path / "empty", root, encoder, publish=False, api_key=KEY)
+    with TestClient(empty.app) as c:
         h = c.get("/health").json()
         assert h["status"] == "degraded" and h["index_version"] is None and h["vector_count"] == 0
         r = c.post("/search_images_by_text", json={"query": "red"})
@@ -212,7 +203,7 @@ def test_starts_without_an_index_then_picks_one_up(tiny_flickr, tmp_path, encode
         assert r.status_code == 503
         # an index appears: copy the built one in and publish it
         cur = svc.repo.load()
-        v = empty.publish(cur.index, cur.ids, cur.keys, cur.etags, cur.model_id)
+        v = empty.repo.publish(cur.index, cur.ids, cur.keys, cur.etags, cur.model_id)
         assert c.post("/admin/reload", headers={"X-API-Key": KEY}).json()["version"] == v
         assert c.post("/search_images_by_text", json={"query": "red"}).status_code == 200
         assert c.get("/health").json()["status"] == "ok"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
 import struct
 import threading
 import time
@@ -22,6 +21,7 @@ from indexer.ingest import ingest
 from flickr8k.sources import open_source
 from objectstore import LocalStore
 from core.settings import Settings
+from ports import free_port
 from search_api.main import create_app
 from search_api.state import ServiceState
 
@@ -39,12 +39,14 @@ class Service:
 
 
 def build_service(tmp: Path, flickr_root: Path, encoder, split: str = "dev", store=None,
-                  **settings_kw) -> Service:
-    """Ingest the tiny dataset into a store, build and publish an index, make the app."""
+                  publish: bool = True, **settings_kw) -> Service:
+    """Ingest the tiny dataset into a store, build and publish an index (unless `publish` is
+    False: an empty index directory), make the app. The one way tests build a service."""
     store = store or LocalStore(tmp / "store", "b")
     ingest(open_source(str(flickr_root)), store, split=split, progress=False)
     repo = IndexRepository(tmp / "index")
-    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
+    if publish:
+        pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
     settings = Settings(index_dir=str(tmp / "index"), **{"reload_interval_s": 0, **settings_kw})
     state = ServiceState(encoder, repo, store)
     state.reload()
@@ -69,12 +71,6 @@ def republish(repo: IndexRepository, keep: slice | list[int] | None = None,
     version = repo.publish(index, ids, keys, [cur.etags[i] for i in rows],
                            model_id or cur.model_id)
     return version, set(keys)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.api_helpers import PREFIX, build_service, free_port
+from ports import free_port
+from tests.search_api.helpers import PREFIX, build_service
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.s3

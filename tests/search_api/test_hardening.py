@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.api_helpers import (
+from tests.search_api.helpers import (
     PREFIX,
     build_service,
     cmyk_jpeg,
