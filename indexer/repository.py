@@ -72,8 +72,10 @@ class IndexVersion:
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
         """The vectors the index holds for these keys (as published)."""
-        return np.stack([self.index.reconstruct(self._id_of_key[k]) for k in keys]) if keys \
-            else np.zeros((0, self.index.d), np.float32)
+        if not keys:
+            return np.zeros((0, self.index.d), np.float32)
+        ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
+        return self.index.reconstruct_batch(ids)  # one call, not one per key
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count)."""

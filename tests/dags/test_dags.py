@@ -246,7 +246,7 @@ def _images(bucket: dict) -> list[str]:
 
 def test_both_dags_for_real_twice(airflow_env, served_flickr, s3_server, small_checkpoint,
                                   tmp_path):
-    from conftest import make_image
+    from tests.conftest import make_image
 
     from objectstore import S3Store
 
