@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 
@@ -67,7 +68,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if getattr(app.state, "service", None) is None:
+        if app.state.service is None:
             app.state.service = build_state(settings)
         app.state.service.observe_stage = \
             lambda stage, s: app.state.metrics.stage_seconds.labels(stage).observe(s)
@@ -76,7 +77,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         app.state.service.stop()
 
     app = FastAPI(
-        title="Flickr8k text-to-image search", version="0.2.0", lifespan=lifespan,
+        title="Flickr8k text-to-image search", version=version("flickr-search"), lifespan=lifespan,
         description="Find stored images by describing them, or by showing a similar one. "
                     "The web page is at `/`, Prometheus metrics at `/metrics`.")
     app.state.settings = settings

@@ -57,7 +57,7 @@ class ServiceState:
                                     observe=lambda s, n: self._observe("text_encode", s))
         self.encode_images = Batcher(encoder.encode_images, "image", max_batch=16,
                                      observe=lambda s, n: self._observe("image_encode", s))
-        faiss.omp_set_num_threads(1)  # single queries: one thread beats two (DESIGN.md)
+        faiss.omp_set_num_threads(1)  # single small queries: one thread beats two (bench/faiss_scale.py)
 
     def _observe(self, stage: str, seconds: float) -> None:
         if self.observe_stage is not None:
