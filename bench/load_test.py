@@ -68,7 +68,7 @@ def prepare(workdir: Path, vectors: int, model: str | None) -> dict:
 
     model_path = Path(model) if model else ROOT / "models" / "flickr8k-dual-encoder.pt"
     if model_path.is_file():
-        loaded = load_checkpoint(str(model_path), load_backbones=False)
+        loaded = load_checkpoint(str(model_path))
         model_id, dim = loaded.model_id, Scoring.of(loaded.model).index_dim
         print(f"model: {model_path} ({model_id})")
     else:
