@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,19 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from common import FLICKR, MODEL, ROOT, header, median, pct, save_json, table
+from ports import free_port
 
 QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city street",
            "a little girl in a pink dress", "people sitting on a bench next to the water",
            "a black dog jumps over a log", "a surfer riding a big wave",
            "children playing soccer on a field", "a woman climbing a rock wall",
            "a brown dog runs through the grass", "a group of people stand in front of a building"]
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def clients(url: str, n_clients: int, n_requests: int) -> tuple[list[float], float]:
