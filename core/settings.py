@@ -82,6 +82,24 @@ class Settings(BaseSettings):
     max_batch_queries: int = Field(32, ge=1)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # image decodes (uploads, thumbnails) running at once, and the memory (MiB) their estimated
+    # peaks share; a larger image waits, then decodes alone
+    max_concurrent_decodes: int = Field(2, ge=1)
+    decode_memory_mb: int = Field(192, ge=16)
+    # public URL of the service (e.g. https://search.example.org/): result `url`s start with it,
+    # never with the request's Host header; unset: relative URLs (`/images/<key>`)
+    public_base_url: str | None = None
+    # JSON (and urlencoded) bodies: far below MAX_UPLOAD_BYTES; 4 MiB still carries several
+    # hundred `image_embeddings` of 256 numbers. Large ones are parsed off the event loop.
+    max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # request head limits, refused at once: request line + headers (431), URL (414), header count (431)
+    max_head_bytes: int = Field(64 * 1024, ge=1024)
+    max_url_bytes: int = Field(8 * 1024, ge=256)
+    max_headers: int = Field(100, ge=8)
+    # seconds a client may take to send a request head, or between two pieces of a body (408)
+    client_timeout_s: float = Field(15.0, gt=0)
+    # open connections served at once; requests beyond get a 503 (uvicorn limit_concurrency)
+    max_connections: int = Field(1000, ge=1)
     # concurrent text queries are encoded together, up to this many per forward pass (1: off)
     text_batch_max: int = Field(64, ge=1)
     # thumbnails kept in memory for the web page (`GET /images/{key}?size=N`)

@@ -1,6 +1,8 @@
 """Image decoding and preprocessing shared by training, indexing and the API."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import warnings
 
@@ -12,23 +14,85 @@ from encoder.backbones import ImageSpec
 
 # Flickr8k copies here are squashed to a square; user images are squashed the same way.
 DEFAULT_MAX_PIXELS = 40_000_000
+# The models look at 224 px. An image is decoded at reduced size (JPEG DCT scaling, or a box
+# reduction right after load) only while both sides stay >= this: twice the model input, so the
+# final resize still antialiases from plenty of pixels. Flickr8k copies (224-500 px) are never
+# reduced and decode exactly as they always did.
+DECODE_MIN_SIDE = 448
+# rows converted at a time when a large image is reduced (keeps the RGBA copies small)
+_STRIP_ROWS = 256
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+# bytes per pixel of a loaded image, by mode (what decoding costs before any conversion)
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "La": 4, "I;16": 2, "I;16B": 2,
+               "I;16L": 2, "I;16N": 2}
 
 
 class BadImage(ValueError):
     """The bytes are not an image we can decode safely."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes to an RGB PIL image; refuse empty, truncated, non-image or oversized input."""
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with alpha composited on white."""
+    if _has_alpha(img):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def _reduced_rgb(img: Image.Image, factor: int) -> Image.Image:
+    """`img` box-reduced by `factor`, as RGB on white, a strip of rows at a time: the full-size
+    image is never converted (or alpha-composited) as a whole, so a large palette or RGBA image
+    costs its loaded size plus a few MB, not several full-size RGBA copies."""
+    w, h = img.size
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    step = max(1, _STRIP_ROWS // factor) * factor  # strip borders on block borders
+    alpha = _has_alpha(img)
+    for y in range(0, h, step):
+        strip = img.crop((0, y, w, min(h, y + step)))  # keeps palette and transparency
+        strip = strip.convert("RGBA" if alpha else "RGB")
+        out.paste(_to_rgb(strip.reduce(factor)), (0, y // factor))  # composite the small one
+    return out
+
+
+def reduction_factor(size: tuple[int, int], min_side: int | None = DECODE_MIN_SIDE) -> int:
+    """The integer box reduction applied after load (1: none); both sides stay >= min_side."""
+    if not min_side:
+        return 1
+    return max(1, min(size[0] // min_side, size[1] // min_side))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                 min_side: int | None = DECODE_MIN_SIDE,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Decode bytes to an upright RGB PIL image; refuse empty, truncated, non-image or oversized
+    input.
+
+    EXIF orientation is applied. Images much larger than the model input are decoded at
+    reduced size (JPEG: DCT scaling; others: a box reduction right after load, before any
+    conversion) while both sides stay >= `min_side` (None: full size, e.g. for the viewer);
+    smaller images decode exactly as before. `formats` restricts the decoders tried.
+    """
     if not data:
         raise BadImage("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=formats)
             w, h = img.size
             if w * h > max_pixels:
                 raise BadImage(f"image too large: {w}x{h} pixels (limit {max_pixels})")
+            if min_side and img.format == "JPEG":
+                img.draft(img.mode, (min_side, min_side))  # scale 1/2..1/8, sides >= min_side
             img.load()
     except BadImage:
         raise
@@ -36,11 +100,52 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise BadImage(f"not a decodable image: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from exc
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    try:
+        method = _ORIENTATION.get(int(img.getexif().get(0x0112, 1)))  # 0x0112: Orientation
+    except Exception:  # a damaged EXIF block: keep the pixels as stored
+        method = None
+    factor = reduction_factor(img.size, min_side)
+    out = _reduced_rgb(img, factor) if factor > 1 else _to_rgb(img)
+    img.close()
+    if method is not None:
+        out = out.transpose(method)
+    return out
+
+
+def decode_cost(img: Image.Image, min_side: int | None = DECODE_MIN_SIDE) -> int:
+    """Bytes that decoding this (opened, not loaded) image will hold at its peak: the loaded
+    pixels (after JPEG draft scaling), libjpeg's coefficient buffers for a progressive JPEG,
+    and the converted output."""
+    w, h = img.size
+    s = 1
+    if min_side and img.format == "JPEG":
+        ratio = min(w // min_side, h // min_side)
+        s = next((x for x in (8, 4, 2, 1) if ratio >= x), 1)
+    lw, lh = -(-w // s), -(-h // s)
+    loaded = lw * lh * _MODE_BYTES.get(img.mode, 4)
+    if img.format == "JPEG" and (img.info.get("progressive") or img.info.get("progression")):
+        loaded += w * h * 2  # whole-image DCT coefficients, whatever the output scale
+    f = reduction_factor((lw, lh), min_side)
+    converted = (lw // f + 1) * (lh // f + 1) * 4 * (3 if f == 1 else 2)
+    strips = lw * min(lh, _STRIP_ROWS) * 4 * 3 if f > 1 else 0
+    return loaded + converted + strips
+
+
+_libc = None
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere. Called
+    after large decodes, so that a burst of big images does not leave RSS high for good."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
 
 
 def eval_transform(spec: ImageSpec) -> T.Compose:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -25,15 +26,53 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from core.hashing import sha256_file
 from indexer.index_policy import ivf_or_none, index_spec_of
 
 MANIFEST_FORMAT = "flickr-search-index/1"
+# what a version name may look like (publish makes `20240101T000000000000Z-abc123`); anything
+# else in CURRENT, or asked for, is refused without being echoed or used as a path
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_POINTER_MAX_BYTES = 256
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+REQUIRED_FILES = ("index.faiss", "table.json")
 
 
 class IndexLoadError(RuntimeError):
-    """The index on disk is missing, corrupt or does not match the model."""
+    """The index on disk is missing, corrupt or does not match the model. Messages say what is
+    wrong, never where on disk (they are shown by /health)."""
+
+
+class Manifest(BaseModel):
+    """The schema of manifest.json (further fields are kept as they are)."""
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format: StrictStr
+    model_id: StrictStr = Field(min_length=1, max_length=512)
+    dim: StrictInt = Field(ge=1, le=1_000_000)
+    count: StrictInt = Field(ge=0)
+    checksums: dict[StrictStr, StrictStr]
+    index_params: dict | None = None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "the document"
+    return f"{where}: {err['msg']}"[:200]
+
+
+def _index_ids(index: faiss.Index) -> np.ndarray | None:
+    """The ids an IndexIDMap2 or IVF index holds (None for another index type)."""
+    ivf = ivf_or_none(index)
+    if ivf is None:
+        if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
+            return faiss.vector_to_array(index.id_map).astype(np.int64)
+        return None
+    parts = [faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst)).copy()
+             for lst in range(ivf.nlist) if ivf.invlists.list_size(lst)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 @dataclass
@@ -94,11 +133,26 @@ class IndexRepository:
 
     # --- reading ---------------------------------------------------------------------------
     def current_version(self) -> str | None:
+        """The version CURRENT names (None when there is no pointer, or it is empty).
+        IndexLoadError when it is not a short, well-formed version name (its content is never
+        echoed); OSError when it cannot be read."""
         try:
-            name = (self.root / "CURRENT").read_text().strip()
+            with open(self.root / "CURRENT", "rb") as f:
+                raw = f.read(_POINTER_MAX_BYTES + 1)
         except FileNotFoundError:
             return None
-        return name or None
+        if len(raw) > _POINTER_MAX_BYTES:
+            raise IndexLoadError("the CURRENT pointer is not a version name (too long)")
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise IndexLoadError("the CURRENT pointer is not a version name (not UTF-8 text)") \
+                from None
+        if not name:
+            return None
+        if not VERSION_NAME.fullmatch(name):
+            raise IndexLoadError("the CURRENT pointer is not a version name (unexpected characters)")
+        return name
 
     def list_versions(self) -> list[str]:
         if not self.versions_dir.is_dir():
@@ -107,32 +161,76 @@ class IndexRepository:
                       if p.is_dir() and not p.name.startswith("."))
 
     def read_manifest(self, version: str | None = None) -> dict | None:
-        version = version or self.current_version()
-        if version is None:
+        try:
+            version = version or self.current_version()
+        except IndexLoadError:
+            return None
+        if version is None or not VERSION_NAME.fullmatch(version):
             return None
         try:
-            return json.loads((self.versions_dir / version / "manifest.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            manifest = json.loads((self.versions_dir / version / "manifest.json").read_text())
+        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        return manifest if isinstance(manifest, dict) else None
 
     def load(self, version: str | None = None, expect_model_id: str | None = None) -> IndexVersion:
+        """Load and fully validate a version (default: the current one) before anyone can use
+        it: manifest schema, checksums, the FAISS file, and a table aligned with the index
+        (one unique id, key and etag per vector, the same ids as the index). Every problem is
+        an IndexLoadError."""
         version = version or self.current_version()
         if version is None:
-            raise IndexLoadError(f"no published index under {self.root} (run `python -m indexer rebuild`)")
-        vdir = self.versions_dir / version
+            raise IndexLoadError("no published index (run `python -m indexer rebuild`)")
+        if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
+            raise IndexLoadError("not a valid index version name")
         try:
-            manifest = json.loads((vdir / "manifest.json").read_text())
+            return self._load(version, expect_model_id)
+        except IndexLoadError:
+            raise
+        except MemoryError:
+            raise IndexLoadError(f"index version {version}: too large to load") from None
+        except OSError as exc:
+            raise IndexLoadError(f"index version {version}: cannot read it "
+                                 f"({exc.strerror or type(exc).__name__})") from None
+        except Exception as exc:  # anything a damaged file can still provoke
+            raise IndexLoadError(f"index version {version}: cannot load it "
+                                 f"({type(exc).__name__})") from None
+
+    def _load(self, version: str, expect_model_id: str | None) -> IndexVersion:
+        vdir = self.versions_dir / version
+        if not vdir.is_dir():
+            raise IndexLoadError(f"index version {version} does not exist")
+        try:
+            raw = json.loads((vdir / "manifest.json").read_bytes())
         except FileNotFoundError:
             raise IndexLoadError(f"index version {version} is missing its manifest") from None
-        except json.JSONDecodeError:
-            raise IndexLoadError(f"index version {version}: manifest is corrupt") from None
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise IndexLoadError(f"index version {version}: unknown format {manifest.get('format')!r}")
-        if expect_model_id is not None and manifest["model_id"] != expect_model_id:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise IndexLoadError(f"index version {version}: manifest is corrupt (not JSON)") \
+                from None
+        if not isinstance(raw, dict):
+            raise IndexLoadError(f"index version {version}: manifest is corrupt "
+                                 f"(a JSON {type(raw).__name__}, not an object)")
+        if raw.get("format") != MANIFEST_FORMAT:
+            fmt = raw.get("format")
+            shown = repr(fmt)[:60] if isinstance(fmt, str) else type(fmt).__name__
+            raise IndexLoadError(f"index version {version}: unknown format {shown}")
+        try:
+            manifest = Manifest.model_validate(raw)
+        except ValidationError as exc:
+            raise IndexLoadError(f"index version {version}: manifest is corrupt "
+                                 f"({_first_problem(exc)})") from None
+        if expect_model_id is not None and manifest.model_id != expect_model_id:
             raise IndexLoadError(
-                f"index version {version} was built by model {manifest['model_id']}, "
+                f"index version {version} was built by model {manifest.model_id[:100]}, "
                 f"but the loaded model is {expect_model_id}; rebuild the index for this model")
-        for name, digest in manifest["checksums"].items():
+        for name in REQUIRED_FILES:
+            if name not in manifest.checksums:
+                raise IndexLoadError(f"index version {version}: manifest has no checksum "
+                                     f"for {name}")
+        for name, digest in manifest.checksums.items():
+            if not _FILE_NAME.fullmatch(name):
+                raise IndexLoadError(f"index version {version}: manifest names an invalid "
+                                     f"file in checksums")
             path = vdir / name
             if not path.is_file():
                 raise IndexLoadError(f"index version {version}: {name} is missing")
@@ -140,17 +238,59 @@ class IndexRepository:
                 raise IndexLoadError(f"index version {version}: {name} is corrupt (checksum mismatch)")
         try:
             index = faiss.read_index(str(vdir / "index.faiss"))
-        except RuntimeError as exc:
-            raise IndexLoadError(f"index version {version}: cannot read index.faiss: {exc}") from None
-        table = json.loads((vdir / "table.json").read_text())
-        ids = np.asarray(table["ids"], dtype=np.int64)
-        if index.ntotal != len(ids) or index.d != manifest["dim"]:
-            raise IndexLoadError(f"index version {version}: index and table disagree")
-        nprobe = (manifest.get("index_params") or {}).get("nprobe")
+        except RuntimeError:
+            raise IndexLoadError(f"index version {version}: cannot read index.faiss "
+                                 "(not a FAISS index, or damaged)") from None
+        ids, keys, etags = self._read_table(version, vdir / "table.json")
+        n = int(index.ntotal)
+        if index.d != manifest.dim:
+            raise IndexLoadError(f"index version {version}: index has dimension {index.d}, "
+                                 f"the manifest says {manifest.dim}")
+        if n != manifest.count:
+            raise IndexLoadError(f"index version {version}: index holds {n} vectors, the "
+                                 f"manifest says {manifest.count}")
+        if not (len(ids) == len(keys) == len(etags) == n):
+            raise IndexLoadError(
+                f"index version {version}: index and table disagree ({n} vectors; table has "
+                f"{len(ids)} ids, {len(keys)} keys, {len(etags)} etags)")
+        if len(np.unique(ids)) != n:
+            raise IndexLoadError(f"index version {version}: table ids are not unique")
+        if len(set(keys)) != n:
+            raise IndexLoadError(f"index version {version}: table keys are not unique")
+        held = _index_ids(index)
+        if held is not None and not np.array_equal(np.sort(held), np.sort(ids)):
+            raise IndexLoadError(f"index version {version}: table ids are not the ids the "
+                                 "index holds")
+        nprobe = (manifest.index_params or {}).get("nprobe")
         ivf = ivf_or_none(index)
         if ivf is not None and nprobe:
-            ivf.nprobe = int(nprobe)
-        return IndexVersion(version, manifest, index, ids, table["keys"], table["etags"])
+            if not isinstance(nprobe, int) or isinstance(nprobe, bool) or nprobe < 1:
+                raise IndexLoadError(f"index version {version}: index_params.nprobe is not a "
+                                     "positive integer")
+            ivf.nprobe = min(int(nprobe), int(ivf.nlist))
+        return IndexVersion(version, manifest.model_dump(), index, ids, keys, etags)
+
+    @staticmethod
+    def _read_table(version: str, path: Path) -> tuple[np.ndarray, list[str], list[str]]:
+        try:
+            table = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise IndexLoadError(f"index version {version}: table.json is corrupt (not JSON)") \
+                from None
+        if not isinstance(table, dict):
+            raise IndexLoadError(f"index version {version}: table.json is not an object")
+        cols = {}
+        for col in ("ids", "keys", "etags"):
+            v = table.get(col)
+            if not isinstance(v, list):
+                raise IndexLoadError(f"index version {version}: table.json has no list {col!r}")
+            cols[col] = v
+        if not all(type(i) is int and -2**63 <= i < 2**63 for i in cols["ids"]):
+            raise IndexLoadError(f"index version {version}: table ids must be 64-bit integers")
+        for col in ("keys", "etags"):
+            if not all(type(x) is str for x in cols[col]):
+                raise IndexLoadError(f"index version {version}: table {col} must be strings")
+        return np.asarray(cols["ids"], dtype=np.int64), cols["keys"], cols["etags"]
 
     # --- writing ---------------------------------------------------------------------------
     def publish(self, index: faiss.Index, ids: np.ndarray, keys: list[str], etags: list[str],

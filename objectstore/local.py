@@ -1,12 +1,18 @@
 """The embedded default backend: objects are files under `<root>/<bucket>/`."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 from core.hashing import md5_hex
 from objectstore.base import InvalidKey, ObjectInfo, ObjectNotFound, StoreUnavailable, validate_key
+
+
+NAME_MAX = 255  # bytes in one file name (Linux and most file systems)
+# a path the file system cannot even look up holds no object
+_UNRESOLVABLE = (errno.ENAMETOOLONG, errno.ELOOP)
 
 
 class LocalStore:
@@ -20,8 +26,14 @@ class LocalStore:
     def describe(self) -> str:
         return f"local:{self.root}"
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str, must_exist: bool = False) -> Path:
+        """The file of `key`; a key with a path part the file system cannot hold is
+        ObjectNotFound when reading (`must_exist`), InvalidKey when writing."""
         validate_key(key)
+        if any(len(p.encode("utf-8", "surrogatepass")) > NAME_MAX for p in key.split("/")):
+            if must_exist:
+                raise ObjectNotFound(f"no object {key[:200]!r} (a path part is too long)")
+            raise InvalidKey(f"invalid object key (a path part is over {NAME_MAX} bytes)")
         path = (self.root / key).resolve()
         if self.root not in path.parents:
             raise InvalidKey(f"invalid object key: {key!r}")
@@ -37,27 +49,42 @@ class LocalStore:
         return ObjectInfo(key, len(data), md5_hex(data))
 
     def get(self, key):
-        path = self._path(key)
+        path = self._path(key, must_exist=True)
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
+        except OSError as exc:
+            if exc.errno in _UNRESOLVABLE:
+                raise ObjectNotFound(f"no object {key[:200]!r} ({exc.strerror})") from None
+            raise
 
     def stat(self, key):
-        return ObjectInfo(key, *self._size_md5(self._path(key), key))
+        return ObjectInfo(key, *self._size_md5(self._path(key, must_exist=True), key))
 
     def _size_md5(self, path: Path, key: str) -> tuple[int, str]:
         try:
             data = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
+        except OSError as exc:
+            if exc.errno in _UNRESOLVABLE:
+                raise ObjectNotFound(f"no object {key[:200]!r} ({exc.strerror})") from None
+            raise
         return len(data), md5_hex(data)
 
     def exists(self, key):
-        return self._path(key).is_file()
+        try:
+            return self._path(key, must_exist=True).is_file()
+        except ObjectNotFound:
+            return False
+        except OSError as exc:
+            if exc.errno in _UNRESOLVABLE:
+                return False
+            raise
 
     def delete(self, key):
-        path = self._path(key)
+        path = self._path(key, must_exist=True)
         try:
             path.unlink()
         except FileNotFoundError:

@@ -4,10 +4,15 @@ Hot reload: `reload()` loads the version CURRENT points at (checksums and model 
 swaps one reference; a request reads `state.index` once and keeps that version to the end, so
 queries never see a half-loaded index and never fail during a swap. A version that cannot be
 loaded (corrupt, missing files, built by another model) is refused and the old one keeps serving.
+
+Errors kept here for /health (`last_reload_error`, `store_error`) are public: they say what is
+wrong, not where on disk (absolute paths are masked, length is bounded); the full message goes
+to the log.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Callable
@@ -17,9 +22,24 @@ import faiss
 from encoder import Encoder
 from indexer.repository import IndexLoadError, IndexRepository, IndexVersion
 from search_api.batching import Batcher
-from search_api.images import LRUBytes
+from search_api.images import DecodeGate, LRUBytes
 
 log = logging.getLogger(__name__)
+
+PUBLIC_ERROR_MAX_CHARS = 300
+# an absolute path (POSIX or Windows) at the start of the text or after a separator
+_ABS_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s'"(=:,\[]))(?:/|[A-Za-z]:\\)[^\s'",)\]]*""")
+
+
+def public_error(message: str | None) -> str | None:
+    """A message fit for a public endpoint: absolute paths masked, bounded length."""
+    if message is None:
+        return None
+    text = _ABS_PATH.sub("<path>", str(message))
+    text = "".join(c if c.isprintable() else " " for c in text)
+    if len(text) > PUBLIC_ERROR_MAX_CHARS:
+        text = text[:PUBLIC_ERROR_MAX_CHARS - 3] + "..."
+    return text
 
 
 class NoIndex(LookupError):
@@ -46,6 +66,8 @@ class ServiceState:
         self.reload_counts = {"ok": 0, "error": 0}
         self.thumbnails = LRUBytes(thumbnail_cache_items)
         self.observe_stage: Callable[[str, float], None] | None = None  # set by the app (metrics)
+        self._decode_gate: DecodeGate | None = None
+        self._gate_lock = threading.Lock()
         self._failed_version: str | None = None
         self._reload_lock = threading.Lock()
         self._store_lock = threading.Lock()
@@ -62,6 +84,14 @@ class ServiceState:
     def _observe(self, stage: str, seconds: float) -> None:
         if self.observe_stage is not None:
             self.observe_stage(stage, seconds)
+
+    def decode_gate(self, max_concurrent: int = 2, budget_mb: int = 192) -> DecodeGate:
+        """The one admission gate of this service's image decodes (made on first use)."""
+        if self._decode_gate is None:
+            with self._gate_lock:
+                if self._decode_gate is None:
+                    self._decode_gate = DecodeGate(max_concurrent, budget_mb * 1024 * 1024)
+        return self._decode_gate
 
     # --- index -------------------------------------------------------------------------------
     def require_index(self) -> IndexVersion:
@@ -81,27 +111,34 @@ class ServiceState:
             served = self.index.version if self.index else None
             try:
                 current = self.repo.current_version()
-            except OSError as exc:  # e.g. the index volume is gone or unreadable
-                msg = f"cannot read the CURRENT pointer under {self.repo.root}: {exc}"
-                self.last_reload_error = msg
-                return {"changed": False, "version": served, "error": msg}
+            except (OSError, IndexLoadError) as exc:  # unreadable volume, or a garbage pointer
+                reason = f"cannot read the CURRENT pointer ({exc.strerror or type(exc).__name__})" \
+                    if isinstance(exc, OSError) else str(exc)
+                log.error("index reload: %s: %s", reason, exc)
+                self.last_reload_error = public_error(reason)
+                return {"changed": False, "version": served, "error": self.last_reload_error}
             if current is None:
                 return {"changed": False, "version": served,
                         **({"error": self.last_reload_error} if self.last_reload_error else {})}
             if current == served and not force:
+                # the pointer is back on the served version: an earlier error is over
+                self.last_reload_error = None
+                self._failed_version = None
                 return {"changed": False, "version": served}
             if current == self._failed_version and not retry_failed:
                 return {"changed": False, "version": served, "error": self.last_reload_error}
             t0 = time.perf_counter()
             try:
                 new = self.repo.load(current, expect_model_id=self.encoder.model_id)
-            except (IndexLoadError, OSError, ValueError, KeyError, TypeError) as exc:
-                msg = str(exc) if isinstance(exc, IndexLoadError) else \
+            except Exception as exc:  # IndexLoadError, or anything a damaged version provokes
+                full = str(exc) if isinstance(exc, IndexLoadError) else \
                     f"index version {current}: cannot load: {type(exc).__name__}: {exc}"
+                msg = public_error(full if isinstance(exc, IndexLoadError) else
+                                   f"index version {current}: cannot load ({type(exc).__name__})")
                 self.last_reload_error = msg
                 self._failed_version = current
                 self.reload_counts["error"] += 1
-                log.error("index reload refused, still serving %s: %s", served, msg)
+                log.error("index reload refused, still serving %s: %s", served, full)
                 return {"changed": False, "version": served, "error": msg}
             if new.index.d != self.encoder.scoring.index_dim:
                 msg = (f"index version {current} has dimension {new.index.d}, the model "
@@ -164,5 +201,9 @@ class ServiceState:
         return self.store
 
     def mark_store(self, ok: bool, error: str | None = None) -> None:
+        """Record the store's state; `error` is logged in full and kept in public form."""
+        if not ok and error != getattr(self, "_store_error_full", None):
+            log.warning("object store unavailable: %s", error)
+        self._store_error_full = None if ok else error
         self.store_ok = ok
-        self.store_error = None if ok else error
+        self.store_error = None if ok else public_error(error)

@@ -11,9 +11,9 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, Response, Upl
 from fastapi.concurrency import run_in_threadpool
 
 from core.settings import Settings
-from search_api.deps import ApiKeyDep, BodyRoute, MetricsDep, SettingsDep, StateDep
+from search_api.deps import ApiKeyDep, BodyRoute, MetricsDep, StateDep
 from search_api.errors import responses
-from search_api.images import ImageTooLarge, decode_upload
+from search_api.images import ImageTooLarge, decode_gated, decode_upload
 from search_api.schemas import Bodies, EmbeddingOut, SearchOut
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
@@ -31,6 +31,14 @@ def _json(data) -> Response:
     return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
 
 
+def _image_base(settings: Settings, request: Request) -> str:
+    """Where result URLs start: PUBLIC_BASE_URL when set, else a path relative to the host (the
+    app's root path + /images/); never the request's Host header."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/") + "/images/"
+    return request.scope.get("root_path", "").rstrip("/") + "/images/"
+
+
 def _hits(request: Request, scores, keys, offset: int, top_k: int, min_score, urls=True,
           similarity=None) -> list[dict]:
     """Result rows; `similarity(keys, scores)` gives the cosine where scores are not plain cosine."""
@@ -45,8 +53,8 @@ def _hits(request: Request, scores, keys, offset: int, top_k: int, min_score, ur
             break
     cosines = similarity([k for _, _, k in kept], np.array([s for _, s, _ in kept])) \
         if similarity is not None and kept else [s for _, s, _ in kept]
-    # the /images/{key} route (system.get_image), under the app's root path
-    base = str(request.base_url) + "images/" if urls else None
+    # the /images/{key} route (system.get_image)
+    base = _image_base(request.app.state.settings, request) if urls else None
     return [{"rank": rank, "key": key, "filename": key.rsplit("/", 1)[-1], "score": score,
              "similarity": float(cos), "url": base + quote(key, safe="/") if urls else None}
             for (rank, score, key), cos in zip(kept, cosines)]
@@ -111,9 +119,12 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             raise ImageTooLarge(f"image larger than {settings.max_upload_bytes} bytes")
         return image.filename or "upload", data
 
-    async def decode(data: bytes, metrics):
-        return await run_in_threadpool(metrics.timed, "image_decode", decode_upload, data,
-                                       settings.max_image_pixels)
+    async def decode(data: bytes, metrics, state):
+        """Bounded: at most a few decodes at once, within a memory budget (images.DecodeGate)."""
+        gate = state.decode_gate(settings.max_concurrent_decodes, settings.decode_memory_mb)
+        return await decode_gated(gate, data, settings.max_image_pixels,
+                                  lambda: metrics.timed("image_decode", decode_upload, data,
+                                                        settings.max_image_pixels))
 
     ImageFile = Annotated[UploadFile, File(description=IMAGE_DOC)]
 
@@ -130,7 +141,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     async def encode_image(image: ImageFile, state: StateDep, metrics: MetricsDep):
         """Embed an image (multipart file field `image`)."""
         filename, data = await read_image(image)
-        vec = await state.encode_images([await decode(data, metrics)])
+        vec = await state.encode_images([await decode(data, metrics, state)])
         return _json({"model_id": state.encoder.model_id, "dim": state.encoder.dim,
                       "embedding": vec[0].tolist(), "filename": filename, "text": None})
 
@@ -164,7 +175,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         """Images that look like the uploaded one (multipart `image`, optional `top_k`,
         `offset`, `min_score`)."""
         filename, data = await read_image(image)
-        img = await decode(data, metrics)
+        img = await decode(data, metrics, state)
         state.require_index()
         vec = await state.encode_images([img])
         index, scores, keys = await _search_index(state, metrics, vec, offset + top_k)

@@ -12,7 +12,7 @@ from encoder.preprocessing import BadImage
 from objectstore import InvalidKey, ObjectNotFound, StoreError, validate_key
 from search_api.deps import ApiKeyDep, MetricsDep, SettingsDep, StateDep
 from search_api.errors import responses
-from search_api.images import SAFE_IMAGE_TYPES, make_thumbnail
+from search_api.images import SAFE_IMAGE_TYPES, ImageTooLarge, decode_gated, make_thumbnail
 from search_api.schemas import HealthOut, ReloadOut
 
 router = APIRouter()
@@ -31,8 +31,8 @@ async def health(state: StateDep, settings: SettingsDep):
             state.mark_store(True)
             store = "ok"
         except StoreError as exc:
-            state.mark_store(False, str(exc))
-            store = f"error: {exc}"
+            state.mark_store(False, str(exc))  # logged in full; kept without server paths
+            store = f"error: {state.store_error}"
     index = state.index
     ok = index is not None and store == "ok"
     return HealthOut(status="ok" if ok else "degraded", model_id=state.encoder.model_id,
@@ -53,12 +53,12 @@ def _fetch(state, metrics, key: str) -> bytes:
             data = store.get(key)
     except ObjectNotFound:
         state.mark_store(True)
-        raise HTTPException(404, f"no image {key!r}") from None
+        raise HTTPException(404, f"no image {key[:200]!r}") from None
     except InvalidKey:
         raise HTTPException(404, "no such image (invalid image key)") from None
     except StoreError as exc:
         state.mark_store(False, str(exc))
-        raise HTTPException(503, f"object store unavailable: {exc}") from None
+        raise HTTPException(503, f"object store unavailable: {state.store_error}") from None
     state.mark_store(True)
     return data
 
@@ -84,12 +84,15 @@ async def get_image(key: str, state: StateDep, settings: SettingsDep, metrics: M
         cached = cache.get((key, size))
         if cached is None:
             data = await run_in_threadpool(_fetch, state, metrics, key)
-            try:
-                cached = await run_in_threadpool(metrics.timed, "thumbnail", make_thumbnail, data,
-                                                 size, settings.max_image_pixels)
-            except BadImage as exc:
-                raise HTTPException(422, f"stored object {key!r} is not a usable image: {exc}") \
-                    from None
+            gate = state.decode_gate(settings.max_concurrent_decodes, settings.decode_memory_mb)
+            try:  # bounded like uploads: a few decodes at once, within a memory budget
+                cached = await decode_gated(
+                    gate, data, settings.max_image_pixels,
+                    lambda: metrics.timed("thumbnail", make_thumbnail, data, size,
+                                          settings.max_image_pixels), min_side=size)
+            except (BadImage, ImageTooLarge) as exc:
+                raise HTTPException(422, f"stored object {key[:200]!r} is not a usable image: "
+                                         f"{str(exc)[:200]}") from None
             cache.put((key, size), cached)
         return Response(cached, media_type="image/jpeg", headers=headers)
     data = await run_in_threadpool(_fetch, state, metrics, key)

@@ -82,3 +82,139 @@ def test_prune_keeps_current(tmp_path):
     versions = [_publish(repo) for _ in range(4)]
     removed = repo.prune(keep=2)
     assert removed == versions[:2] and repo.list_versions() == versions[2:]
+
+
+# --- broken versions: each is refused with a clear IndexLoadError, before it can be served ---
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+
+def _rewrite(vdir, name, content: bytes | str, fix_checksum=True):
+    """Replace a file of a version; keep the manifest's checksum consistent (a broken version
+    that is self-consistent must still be refused)."""
+    data = content.encode() if isinstance(content, str) else content
+    (vdir / name).write_bytes(data)
+    if fix_checksum and name != "manifest.json":
+        m = json.loads((vdir / "manifest.json").read_text())
+        m["checksums"][name] = hashlib.sha256(data).hexdigest()
+        (vdir / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit_table(vdir, edit):
+    table = json.loads((vdir / "table.json").read_text())
+    edit(table)
+    _rewrite(vdir, "table.json", json.dumps(table))
+
+
+def _edit_manifest(vdir, edit):
+    m = json.loads((vdir / "manifest.json").read_text())
+    edit(m)
+    (vdir / "manifest.json").write_text(json.dumps(m))
+
+
+BROKEN = {
+    "manifest-null": (lambda v: _rewrite(v, "manifest.json", "null"), "manifest is corrupt"),
+    "manifest-list": (lambda v: _rewrite(v, "manifest.json", "[]"), "manifest is corrupt"),
+    "manifest-not-utf8": (lambda v: _rewrite(v, "manifest.json", b"\xff\xfe{"),
+                          "manifest is corrupt"),
+    "checksums-list": (lambda v: _edit_manifest(v, lambda m: m.update(checksums=["index.faiss"])),
+                       "checksums"),
+    "checksums-empty": (lambda v: _edit_manifest(v, lambda m: m.update(checksums={})),
+                        "no checksum for"),
+    "checksums-path": (lambda v: _edit_manifest(
+        v, lambda m: m["checksums"].update({"../../etc/passwd": "0" * 64})), "invalid file"),
+    "model-id-missing": (lambda v: _edit_manifest(v, lambda m: m.pop("model_id")), "model_id"),
+    "dim-string": (lambda v: _edit_manifest(v, lambda m: m.update(dim="8")), "dim"),
+    "dim-wrong": (lambda v: _edit_manifest(v, lambda m: m.update(dim=9)), "dimension"),
+    "count-wrong": (lambda v: _edit_manifest(v, lambda m: m.update(count=4)), "manifest says"),
+    "nprobe-bad": (lambda v: _edit_manifest(v, lambda m: m.update(index_params={"nprobe": "x"})),
+                   None),  # flat index: nprobe unused, accepted
+    "table-short-keys": (lambda v: _edit_table(v, lambda t: t["keys"].pop()),
+                         "index and table disagree"),
+    "table-short-all": (lambda v: _edit_table(
+        v, lambda t: [t[c].pop() for c in ("ids", "keys", "etags")]), "index and table disagree"),
+    "table-null": (lambda v: _rewrite(v, "table.json", "null"), "table.json is not an object"),
+    "table-ids-missing": (lambda v: _edit_table(v, lambda t: t.pop("ids")), "no list 'ids'"),
+    "table-ids-strings": (lambda v: _edit_table(v, lambda t: t.update(ids=[str(i) for i in t["ids"]])),
+                          "64-bit integers"),
+    "table-ids-huge": (lambda v: _edit_table(v, lambda t: t["ids"].__setitem__(0, 2**70)),
+                       "64-bit integers"),
+    "table-ids-duplicate": (lambda v: _edit_table(v, lambda t: t["ids"].__setitem__(1, t["ids"][0])),
+                            "not unique"),
+    "table-ids-not-the-index": (lambda v: _edit_table(v, lambda t: t["ids"].__setitem__(0, 999)),
+                                "not the ids the index holds"),
+    "table-keys-duplicate": (lambda v: _edit_table(v, lambda t: t["keys"].__setitem__(1, t["keys"][0])),
+                             "keys are not unique"),
+    "table-etag-number": (lambda v: _edit_table(v, lambda t: t["etags"].__setitem__(0, 5)),
+                          "etags must be strings"),
+    "table-not-json": (lambda v: _rewrite(v, "table.json", "{not json"), "table.json is corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_version_is_refused_with_a_clear_error(tmp_path, case):
+    repo = IndexRepository(tmp_path)
+    v = _publish(repo)
+    damage, expected = BROKEN[case]
+    damage(tmp_path / "versions" / v)
+    if expected is None:
+        assert repo.load().count == 5
+        return
+    with pytest.raises(IndexLoadError, match=expected) as info:
+        repo.load()
+    msg = str(info.value)
+    assert v in msg and str(tmp_path) not in msg and len(msg) < 400
+
+
+@pytest.mark.parametrize("content,why", [
+    (b"\xff\xfe\x00bad", "not UTF-8"), (b"x" * 1_000_000, "too long"),
+    (b"../../../etc", "unexpected characters"), (b"a b", "unexpected characters")])
+def test_garbage_current_pointer_is_refused_without_echo(tmp_path, content, why):
+    repo = IndexRepository(tmp_path)
+    _publish(repo)
+    (tmp_path / "CURRENT").write_bytes(content)
+    with pytest.raises(IndexLoadError, match=why) as info:
+        repo.current_version()
+    assert len(str(info.value)) < 200 and "etc" not in str(info.value)
+    with pytest.raises(IndexLoadError):
+        repo.load()
+    assert repo.read_manifest() is None
+
+
+def test_version_names_are_not_paths(tmp_path):
+    repo = IndexRepository(tmp_path)
+    _publish(repo)
+    for bad in ("../versions", "/etc", "a/b", "x" * 200):
+        with pytest.raises(IndexLoadError, match="not a valid index version name"):
+            repo.load(bad)
+    with pytest.raises(IndexLoadError, match="does not exist"):
+        repo.load("20990101T000000000000Z-abcdef")
+
+
+def test_no_index_message_names_no_path(tmp_path):
+    with pytest.raises(IndexLoadError) as info:
+        IndexRepository(tmp_path / "nowhere").load()
+    assert "rebuild" in str(info.value) and str(tmp_path) not in str(info.value)
+
+
+def test_unreadable_faiss_file_message_names_no_path(tmp_path):
+    repo = IndexRepository(tmp_path)
+    v = _publish(repo)
+    _rewrite(tmp_path / "versions" / v, "index.faiss", b"garbage garbage garbage")
+    with pytest.raises(IndexLoadError, match="cannot read index.faiss") as info:
+        repo.load()
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_ivf_version_is_validated_too(tmp_path):
+    from indexer.index_policy import IndexSpec, build_index
+
+    repo = IndexRepository(tmp_path)
+    vecs = _vectors(300)
+    ids = np.arange(1000, 1300, dtype=np.int64)
+    index, _ = build_index(vecs, ids, IndexSpec(kind="ivf", nlist=4, nprobe=2))
+    v = repo.publish(index, ids, [f"k{i}" for i in ids], ["e"] * 300, "m")
+    assert repo.load().count == 300
+    _edit_table(tmp_path / "versions" / v, lambda t: t["ids"].__setitem__(5, 5))
+    with pytest.raises(IndexLoadError, match="not the ids the index holds"):
+        repo.load()
