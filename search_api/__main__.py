@@ -57,8 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot start: {exc} (MODEL_PATH={settings.model_path})", file=sys.stderr)
         return 2
     uvicorn.run(create_app(settings, state), host=args.host, port=args.port,
-                log_level=args.log_level)
+                log_level=args.log_level, **server_options(settings))
     return 0
+
+
+def server_options(settings) -> dict:
+    """uvicorn options that keep one hostile client from stalling or bloating the service:
+    request-head limits and a head timeout (our httptools protocol; h11's bounded buffer when
+    httptools is missing), a cap on connections, a short keep-alive."""
+    from search_api.middleware import limited_http_protocol
+
+    protocol = limited_http_protocol(settings.max_head_bytes, settings.max_url_bytes,
+                                     settings.max_headers, settings.client_timeout_s)
+    return {"http": protocol or "h11",
+            "h11_max_incomplete_event_size": settings.max_head_bytes,
+            "limit_concurrency": settings.max_connections,
+            "timeout_keep_alive": 5}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Dependencies, and the one adapter that reads a body as JSON or as the original clients' form."""
 from __future__ import annotations
 
+import errno
 import json
 import secrets
 from typing import Annotated, Any
@@ -10,7 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.settings import Settings
 from search_api.metrics import Metrics
@@ -71,24 +74,66 @@ def _loads(raw: bytes | str) -> Any:
     return json.loads(raw, parse_constant=_no_constants)  # NaN / Infinity are not JSON
 
 
-async def _form_fields(request: Request, max_bytes: int) -> dict[str, Any]:
+# JSON larger than this is parsed and validated in the thread pool: a few MB of numbers take
+# a noticeable time, which on the event loop every other client would wait for
+THREAD_JSON_BYTES = 64 * 1024
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"JSON or urlencoded body larger than {limit} bytes "
+                              "(MAX_JSON_BYTES; images go as multipart uploads)",
+                         headers={"connection": "close"})
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it passes `limit` (from Content-Length at once,
+    while streaming otherwise); kept on the request, so `request.form()` parses it from memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    request._body = raw  # noqa: SLF001 - Starlette's cache of the read body
+    return raw
+
+
+def _json_field(k: str, v: str) -> Any:
+    try:
+        return _loads(v) if v.strip() else None
+    except (ValueError, RecursionError):
+        raise HTTPException(422, f"form field {k!r} must be a JSON list") from None
+
+
+async def _form_fields(request: Request, max_bytes: int, max_json: int) -> dict[str, Any]:
     """The original clients' form: JSON_FIELDS as JSON text, LIST_FIELDS as repeated fields or
     one field holding a JSON list; everything else text, converted by the model (lax)."""
     try:
         form = await request.form(max_files=4, max_fields=100, max_part_size=max_bytes)
-    except HTTPException:
+    except StarletteHTTPException:  # 413 from the body limit, 408 from the body timeout, 400
         raise
+    except OSError as exc:  # spooling an uploaded file to the temp dir
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HTTPException(507, "no space left to receive the upload; try again later") \
+                from None
+        raise HTTPException(503, f"cannot receive the upload: {_short(exc)}") from None
     except Exception as exc:  # malformed multipart bodies
-        raise HTTPException(400, f"malformed form body: {exc}") from None
+        raise HTTPException(400, f"malformed form body: {_short(exc)}") from None
     fields: dict[str, Any] = {}
     for k, v in form.multi_items():
         if isinstance(v, UploadFile):
             continue
         if k in JSON_FIELDS:
-            try:
-                fields[k] = _loads(v) if v.strip() else None
-            except (ValueError, RecursionError):
-                raise HTTPException(422, f"form field {k!r} must be a JSON list") from None
+            if len(v) > max_json:
+                raise _too_large(max_json)
+            if len(v) > THREAD_JSON_BYTES:
+                fields[k] = await run_in_threadpool(_json_field, k, v)
+            else:
+                fields[k] = _json_field(k, v)
         elif k in LIST_FIELDS:
             fields.setdefault(k, []).append(v)
         else:
@@ -108,24 +153,39 @@ async def _form_fields(request: Request, max_bytes: int) -> dict[str, Any]:
 async def json_or_form(request: Request, model: type[BaseModel]) -> BaseModel:
     """A JSON object (numbers must be JSON numbers: schemas.Int), or the same fields as a form,
     whose values are text and so are converted."""
+    settings = request.app.state.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        raw = await request.body()
-        if not raw.strip():
-            raise HTTPException(400, "request body is empty; send a JSON object")
-        try:
-            data = _loads(raw)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int limit
-            raise HTTPException(400, f"request body is not valid JSON: {_short(exc)}") from None
-        if not isinstance(data, dict):
-            raise HTTPException(422, "JSON body must be an object")
-        context = {"json": True}
+        raw = await _read_capped(request, settings.max_json_bytes)
+        if len(raw) > THREAD_JSON_BYTES:  # parse and validate off the event loop
+            return await run_in_threadpool(_from_json, raw, model)
+        return _from_json(raw, model)
+    if ctype == FORM_TYPES[0]:  # urlencoded: all in memory, so bounded like JSON
+        await _read_capped(request, settings.max_json_bytes)
+        data = await _form_fields(request, settings.max_upload_bytes, settings.max_json_bytes)
     elif ctype in FORM_TYPES:
-        data = await _form_fields(request, request.app.state.settings.max_upload_bytes)
-        context = None
+        data = await _form_fields(request, settings.max_upload_bytes, settings.max_json_bytes)
     else:
         raise HTTPException(415, "send application/json or form data "
                                  "(application/x-www-form-urlencoded or multipart/form-data)")
+    if any(isinstance(data.get(k), list) and len(data[k]) > 100 for k in JSON_FIELDS):
+        return await run_in_threadpool(_validate, model, data, None)
+    return _validate(model, data, None)
+
+
+def _from_json(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    if not raw.strip():
+        raise HTTPException(400, "request body is empty; send a JSON object")
+    try:
+        data = _loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int limit
+        raise HTTPException(400, f"request body is not valid JSON: {_short(exc)}") from None
+    if not isinstance(data, dict):
+        raise HTTPException(422, "JSON body must be an object")
+    return _validate(model, data, {"json": True})
+
+
+def _validate(model: type[BaseModel], data: dict, context: dict | None) -> BaseModel:
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:

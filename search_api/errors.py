@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from encoder.preprocessing import BadImage
 from search_api.images import ImageTooLarge
@@ -28,6 +29,16 @@ class ErrorOut(BaseModel):
     detail: str | list[dict]
 
 
+def _text(value: str) -> str:
+    """Text that can be encoded as UTF-8: lone surrogates (valid in JSON escapes, not in UTF-8)
+    are written as `\\udXXX` escapes instead of making the error response itself fail."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _safe_input(value):
     if value is None or isinstance(value, bool):
         return value
@@ -36,7 +47,8 @@ def _safe_input(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + f"... ({len(value)} chars)"
+        short = value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + f"... ({len(value)} chars)"
+        return _text(short)
     return f"<{type(value).__name__}>"
 
 
@@ -44,8 +56,8 @@ def clean_errors(errors) -> list[dict]:
     errors = list(errors)
     out = []
     for e in errors[:MAX_ERRORS]:
-        item = {"type": e.get("type"), "loc": [str(p) for p in e.get("loc", ())],
-                "msg": str(e.get("msg", ""))}
+        item = {"type": e.get("type"), "loc": [_text(str(p)) for p in e.get("loc", ())],
+                "msg": _text(str(e.get("msg", "")))}
         if "input" in e:
             item["input"] = _safe_input(e["input"])
         out.append(item)
@@ -66,8 +78,13 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
 def install(app: FastAPI) -> None:
     for exc_type, status, prefix in DOMAIN_ERRORS:
         async def handler(request: Request, exc: Exception, status=status, prefix=prefix):
-            return JSONResponse({"detail": prefix + str(exc)}, status_code=status)
+            return JSONResponse({"detail": _text(prefix + str(exc))}, status_code=status)
         app.add_exception_handler(exc_type, handler)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        # the client closed the connection mid-body: nobody reads this answer; no 500, no trace
+        return JSONResponse({"detail": "client disconnected"}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -83,10 +100,12 @@ ERROR_RESPONSES = {
     400: "malformed body, or an image that cannot be decoded",
     401: "missing or wrong X-API-Key (only when the service is configured with API_KEY)",
     404: "no such object",
+    408: "the client stopped sending the request body",
     413: "body or image too large",
     415: "unsupported content type",
     422: "a field is missing or out of range",
-    503: "no index loaded yet, or the object store is down",
+    503: "no index loaded yet, the object store is down, or too many connections",
+    507: "no space left to spool an upload",
 }
 
 

@@ -16,7 +16,19 @@ from pydantic_core import PydanticCustomError
 from core.settings import Settings
 
 
+def _unicode(v: str) -> str:
+    """Lone surrogates (`"\\ud800"` is valid JSON) are not text: the tokenizer and the UTF-8
+    response encoder would fail on them."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError("string_unicode",
+                                  "must be valid Unicode text (no lone surrogates)") from None
+    return v
+
+
 def _not_blank(v: str) -> str:
+    _unicode(v)
     if not v.strip():
         raise ValueError("must not be empty or whitespace")
     return v.strip()
@@ -60,6 +72,11 @@ class ImageEmbeddingIn(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # always parsed from JSON
     filename: str = Field(max_length=1024)
     embedding: list[float] = Field(min_length=1, max_length=4096)
+
+    @field_validator("filename")
+    @classmethod
+    def unicode_filename(cls, v: str) -> str:
+        return _unicode(v)  # echoed in the results
 
 
 class SearchIn(PageIn, TextIn):
