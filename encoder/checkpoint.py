@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from encoder.model import DualEncoder, ModelConfig
+from encoder.open_clip_model import is_open_clip_spec, load_open_clip
 
 FORMAT = "flickr-search-checkpoint/1"
 
 
 @dataclass
 class LoadedModel:
-    model: DualEncoder
+    model: DualEncoder  # or encoder.open_clip_model.OpenClipEncoder (same inference interface)
     card: dict
     model_id: str
     path: str
@@ -118,6 +119,10 @@ def _read(path: Path) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> LoadedModel:
+    """A checkpoint file, or a pretrained model spec `open_clip:<arch>[:<tag or weights file>]`
+    (encoder/open_clip_model.py)."""
+    if is_open_clip_spec(path):
+        return load_open_clip(str(path))
     path = Path(path)
     payload = _read(path)
     config = ModelConfig.from_dict(payload["config"])
@@ -135,12 +140,18 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
 
 
 def read_card(path: str | os.PathLike) -> dict:
+    if is_open_clip_spec(path):  # no card file: the model is loaded to digest its weights
+        loaded = load_open_clip(str(path))
+        return {"model_id": loaded.model_id, "config": loaded.model.config.to_dict(),
+                **loaded.card}
     payload = _read(Path(path))
     return {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
 
 
 def update_card(path: str | os.PathLike, **fields) -> None:
     """Merge fields into a checkpoint's model card; the model id stays the same."""
+    if is_open_clip_spec(path):
+        raise ValueError(f"{path}: an open_clip model spec has no model card file to update")
     path = Path(path)
     payload = _read(path)
     payload["card"] = {**payload.get("card", {}), **fields}
