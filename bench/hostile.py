@@ -32,17 +32,16 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, median, save_json, table
 from ports import free_port
+from tests.search_api.helpers import huge_canvas_gif, rss_mb, transparent_png
 
 QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city street",
            "a little girl in a pink dress", "people sitting on a bench next to the water",
@@ -56,37 +55,6 @@ HEAD_LIMIT_S = 60.0
 
 
 # --- hostile inputs (as tests/search_api/test_hostile_inputs.py makes them) -------------------
-def huge_canvas_gif(w: int = SIDE, h: int = SIDE) -> bytes:
-    """43 bytes declaring a w x h canvas (a 1-pixel frame, transparent background)."""
-    return (b"GIF89a" + struct.pack("<HH", w, h) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
-            + b"\x21\xf9\x04\x01\x00\x00\x00\x00" + b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1)
-            + b"\x00\x02\x02\x44\x01\x00\x3b")
-
-
-def transparent_png(w: int = SIDE, h: int = SIDE) -> bytes:
-    """~150 kB: a fully transparent RGBA PNG of w x h."""
-    def chunk(tag, data):
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-    row = b"\x00" * (1 + w * 4)
-    comp = zlib.compressobj(9)
-    parts = [comp.compress(row * 100) for _ in range(h // 100)]
-    parts += [comp.compress(row * (h % 100)), comp.flush()]
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
-            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 class RssSampler:
     """VmRSS of pid every `every` seconds in a thread: peak and the (t, MB) series."""
 

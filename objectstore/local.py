@@ -48,8 +48,7 @@ class LocalStore:
         os.replace(tmp, path)
         return ObjectInfo(key, len(data), md5_hex(data))
 
-    def get(self, key):
-        path = self._path(key, must_exist=True)
+    def _read(self, path: Path, key: str) -> bytes:
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -59,18 +58,14 @@ class LocalStore:
                 raise ObjectNotFound(f"no object {key[:200]!r} ({exc.strerror})") from None
             raise
 
+    def get(self, key):
+        return self._read(self._path(key, must_exist=True), key)
+
     def stat(self, key):
         return ObjectInfo(key, *self._size_md5(self._path(key, must_exist=True), key))
 
     def _size_md5(self, path: Path, key: str) -> tuple[int, str]:
-        try:
-            data = path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
-        except OSError as exc:
-            if exc.errno in _UNRESOLVABLE:
-                raise ObjectNotFound(f"no object {key[:200]!r} ({exc.strerror})") from None
-            raise
+        data = self._read(path, key)
         return len(data), md5_hex(data)
 
     def exists(self, key):

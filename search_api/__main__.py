@@ -14,11 +14,7 @@ from core.logs import setup_logging
 
 def preflight(model_path: str) -> str | None:
     """Cheap checks before importing torch (seconds): why the model cannot load, or None."""
-    if model_path.startswith("open_clip:"):  # a pretrained model spec (encoder/open_clip_model.py)
-        weights = model_path.split(":", 2)[2:]
-        if weights and ("/" in weights[0] or weights[0].endswith((".bin", ".pt", ".safetensors"))) \
-                and not Path(weights[0]).is_file():
-            return f"open_clip weights file not found: {weights[0]}"
+    if model_path.startswith("open_clip:"):  # a model spec: encoder/open_clip_model.py checks it
         return None
     path = Path(model_path)
     if not path.is_file():

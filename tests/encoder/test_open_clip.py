@@ -176,9 +176,10 @@ def test_api_serves_an_open_clip_model_and_refuses_another_models_index(tiny_fli
     refused = svc.state.reload()
     assert refused["changed"] is False and "model" in refused["error"]
     assert svc.state.index.model_id == loaded.model_id
-    # `python -m search_api` accepts a spec before loading anything, and checks a weights file
+    # `python -m search_api` leaves a spec to the loader, which names a missing weights file
     assert preflight(f"open_clip:{ARCH}") is None
     assert preflight("open_clip:ViT-B-32:laion2b_s34b_b79k") is None
-    assert "not found" in preflight(f"open_clip:{ARCH}:{tmp_path}/missing.bin")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint(f"open_clip:{ARCH}:{tmp_path}/missing.bin")
     assert "not found" in preflight(str(tmp_path / "missing.pt"))
 

@@ -1,30 +1,14 @@
-"""Index versions, atomic publish, corruption detection, and the rebuild/update/status cycle."""
+"""The embedding pipeline: rebuild / update / status, bad images, a model change, prefetching."""
 import json
 
 import numpy as np
 
 from indexer import pipeline
 from indexer.repository import IndexRepository
-from indexer.index_policy import new_flat_index
 from indexer.ingest import ingest
 from flickr8k.sources import open_source
 from objectstore import LocalStore
-
-
-PREFIX = "flickr8k/images/"
-
-
-def _vectors(n, d=8, seed=0):
-    v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def _publish(repo, n=5, model_id="m-1"):
-    idx = new_flat_index(8)
-    ids = np.arange(n, dtype=np.int64)
-    idx.add_with_ids(_vectors(n), ids)
-    keys = [f"{PREFIX}{i}.jpg" for i in range(n)]
-    return repo.publish(idx, ids, keys, [f"e{i}" for i in range(n)], model_id)
+from tests.indexer.helpers import PREFIX, publish_random
 
 
 def test_rebuild_update_status_cycle(tiny_flickr, tmp_path, encoder):
@@ -83,7 +67,7 @@ def test_model_change_triggers_rebuild(tiny_flickr, tmp_path, encoder):
     store = LocalStore(tmp_path / "store", "b")
     ingest(open_source(str(root)), store, split="dev", limit=3, progress=False)
     repo = IndexRepository(tmp_path / "i")
-    _publish(repo, model_id="some-older-model")
+    publish_random(repo, model_id="some-older-model")
     manifest_before = json.loads(json.dumps(repo.read_manifest()))
     r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
     assert r.action == "rebuilt" and repo.read_manifest()["model_id"] == encoder.model_id

@@ -4,33 +4,16 @@ import numpy as np
 import pytest
 
 from indexer.repository import IndexLoadError, IndexRepository
-from indexer.index_policy import new_flat_index
-
-
-PREFIX = "flickr8k/images/"
-
-
-def _vectors(n, d=8, seed=0):
-    v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def _publish(repo, n=5, model_id="m-1"):
-    idx = new_flat_index(8)
-    ids = np.arange(n, dtype=np.int64)
-    idx.add_with_ids(_vectors(n), ids)
-    keys = [f"{PREFIX}{i}.jpg" for i in range(n)]
-    return repo.publish(idx, ids, keys, [f"e{i}" for i in range(n)], model_id)
 
 
 def test_publish_and_load_round_trip(tmp_path):
     repo = IndexRepository(tmp_path)
     assert repo.current_version() is None
-    v = _publish(repo)
+    v = publish_random(repo)
     assert repo.current_version() == v
     loaded = repo.load()
     assert loaded.count == 5 and loaded.model_id == "m-1"
-    scores, keys = loaded.search(_vectors(5)[:1], 3)
+    scores, keys = loaded.search(unit_vectors(5)[:1], 3)
     assert keys[0][0] == f"{PREFIX}0.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-5)
     m = repo.read_manifest()
     assert m["dim"] == 8 and m["count"] == 5 and set(m["checksums"]) == {"index.faiss", "table.json"}
@@ -38,14 +21,14 @@ def test_publish_and_load_round_trip(tmp_path):
 
 def test_top_k_larger_than_index(tmp_path):
     repo = IndexRepository(tmp_path)
-    _publish(repo, n=3)
-    scores, keys = repo.load().search(_vectors(2), 10)
+    publish_random(repo, n=3)
+    scores, keys = repo.load().search(unit_vectors(2), 10)
     assert scores.shape == (2, 3) and len(keys[0]) == 3
 
 
 def test_corrupt_or_missing_files_are_detected(tmp_path):
     repo = IndexRepository(tmp_path)
-    v = _publish(repo)
+    v = publish_random(repo)
     f = tmp_path / "versions" / v / "index.faiss"
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(IndexLoadError, match="corrupt"):
@@ -57,14 +40,14 @@ def test_corrupt_or_missing_files_are_detected(tmp_path):
 
 def test_model_mismatch_is_refused(tmp_path):
     repo = IndexRepository(tmp_path)
-    _publish(repo, model_id="model-a")
+    publish_random(repo, model_id="model-a")
     with pytest.raises(IndexLoadError, match="built by model model-a"):
         repo.load(expect_model_id="model-b")
 
 
 def test_failed_publish_leaves_no_partial_version(tmp_path, monkeypatch):
     repo = IndexRepository(tmp_path)
-    good = _publish(repo)
+    good = publish_random(repo)
     import faiss
 
     def boom(*a, **k):
@@ -72,14 +55,14 @@ def test_failed_publish_leaves_no_partial_version(tmp_path, monkeypatch):
 
     monkeypatch.setattr(faiss, "write_index", boom)
     with pytest.raises(OSError):
-        _publish(repo)
+        publish_random(repo)
     assert repo.list_versions() == [good] and repo.current_version() == good
     assert not list((tmp_path / "versions").glob(".tmp-*"))
 
 
 def test_prune_keeps_current(tmp_path):
     repo = IndexRepository(tmp_path)
-    versions = [_publish(repo) for _ in range(4)]
+    versions = [publish_random(repo) for _ in range(4)]
     removed = repo.prune(keep=2)
     assert removed == versions[:2] and repo.list_versions() == versions[2:]
 
@@ -87,6 +70,7 @@ def test_prune_keeps_current(tmp_path):
 # --- broken versions: each is refused with a clear IndexLoadError, before it can be served ---
 import hashlib  # noqa: E402
 import json  # noqa: E402
+from tests.indexer.helpers import PREFIX, publish_random, unit_vectors
 
 
 def _rewrite(vdir, name, content: bytes | str, fix_checksum=True):
@@ -154,7 +138,7 @@ BROKEN = {
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_version_is_refused_with_a_clear_error(tmp_path, case):
     repo = IndexRepository(tmp_path)
-    v = _publish(repo)
+    v = publish_random(repo)
     damage, expected = BROKEN[case]
     damage(tmp_path / "versions" / v)
     if expected is None:
@@ -171,7 +155,7 @@ def test_broken_version_is_refused_with_a_clear_error(tmp_path, case):
     (b"../../../etc", "unexpected characters"), (b"a b", "unexpected characters")])
 def test_garbage_current_pointer_is_refused_without_echo(tmp_path, content, why):
     repo = IndexRepository(tmp_path)
-    _publish(repo)
+    publish_random(repo)
     (tmp_path / "CURRENT").write_bytes(content)
     with pytest.raises(IndexLoadError, match=why) as info:
         repo.current_version()
@@ -183,7 +167,7 @@ def test_garbage_current_pointer_is_refused_without_echo(tmp_path, content, why)
 
 def test_version_names_are_not_paths(tmp_path):
     repo = IndexRepository(tmp_path)
-    _publish(repo)
+    publish_random(repo)
     for bad in ("../versions", "/etc", "a/b", "x" * 200):
         with pytest.raises(IndexLoadError, match="not a valid index version name"):
             repo.load(bad)
@@ -199,7 +183,7 @@ def test_no_index_message_names_no_path(tmp_path):
 
 def test_unreadable_faiss_file_message_names_no_path(tmp_path):
     repo = IndexRepository(tmp_path)
-    v = _publish(repo)
+    v = publish_random(repo)
     _rewrite(tmp_path / "versions" / v, "index.faiss", b"garbage garbage garbage")
     with pytest.raises(IndexLoadError, match="cannot read index.faiss") as info:
         repo.load()
@@ -210,7 +194,7 @@ def test_ivf_version_is_validated_too(tmp_path):
     from indexer.index_policy import IndexSpec, build_index
 
     repo = IndexRepository(tmp_path)
-    vecs = _vectors(300)
+    vecs = unit_vectors(300)
     ids = np.arange(1000, 1300, dtype=np.int64)
     index, _ = build_index(vecs, ids, IndexSpec(kind="ivf", nlist=4, nprobe=2))
     v = repo.publish(index, ids, [f"k{i}" for i in ids], ["e"] * 300, "m")

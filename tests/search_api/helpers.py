@@ -115,20 +115,49 @@ def cmyk_jpeg(size: int = 64) -> bytes:
     return encode(Image.new("CMYK", (size, size), (0, 200, 200, 20)), "JPEG", quality=90)
 
 
-def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
-    """A real, complete 1-bit PNG of width x height (400 Mpx): ~50 kB on disk, gigabytes when
-    decoded to RGB."""
+def _blank_png(width: int, height: int, bit_depth: int, color_type: int, row_bytes: int) -> bytes:
+    """A complete PNG of all-zero rows, compressed a block of rows at a time (tiny on disk)."""
     def chunk(tag: bytes, data: bytes) -> bytes:
         return (struct.pack(">I", len(data)) + tag + data
                 + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
 
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    row = b"\x00" * (1 + row_bytes)  # filter byte + pixels
     comp = zlib.compressobj(9)
-    parts = [comp.compress(row * 1000) for _ in range(height // 1000)]
-    parts.append(comp.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    parts = [comp.compress(row * 100) for _ in range(height // 100)]
+    parts += [comp.compress(row * (height % 100)), comp.flush()]
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
             + chunk(b"IEND", b""))
+
+
+def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A real, complete 1-bit PNG of width x height (400 Mpx): ~50 kB on disk, gigabytes when
+    decoded to RGB."""
+    return _blank_png(width, height, 1, 0, (width + 7) // 8)
+
+
+def transparent_png(w: int = 6300, h: int = 6300) -> bytes:
+    """~150 kB: a fully transparent RGBA PNG of w x h (within the pixel limit)."""
+    return _blank_png(w, h, 8, 6, w * 4)
+
+
+def huge_canvas_gif(w: int = 6300, h: int = 6300) -> bytes:
+    """43 bytes declaring a w x h canvas (a 1-pixel frame, transparent background)."""
+    return (b"GIF89a" + struct.pack("<HH", w, h) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+            + b"\x21\xf9\x04\x01\x00\x00\x00\x00" + b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1)
+            + b"\x00\x02\x02\x44\x01\x00\x3b")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (from /proc; NaN once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def jpeg_with_header_size(data: bytes, width: int, height: int) -> bytes:

@@ -8,12 +8,10 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ports import free_port
-from tests.search_api.helpers import PREFIX, build_service, encode, republish
+from tests.search_api.helpers import (
+    PREFIX,
+    build_service,
+    encode,
+    huge_canvas_gif,
+    republish,
+    rss_mb,
+    transparent_png,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "hostile-key"
@@ -185,34 +191,6 @@ def test_exif_rotated_upload_embeds_like_the_upright_image(svc):
 
 
 # --- memory under a burst of worst-case uploads ------------------------------------------------
-def huge_canvas_gif(w: int = 6300, h: int = 6300) -> bytes:
-    """43 bytes declaring a w x h canvas (a 1-pixel frame, transparent background)."""
-    return (b"GIF89a" + struct.pack("<HH", w, h) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
-            + b"\x21\xf9\x04\x01\x00\x00\x00\x00" + b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1)
-            + b"\x00\x02\x02\x44\x01\x00\x3b")
-
-
-def transparent_png(w: int = 6300, h: int = 6300) -> bytes:
-    """~150 kB: a fully transparent RGBA PNG of w x h."""
-    def chunk(tag, data):
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-    row = b"\x00" * (1 + w * 4)
-    comp = zlib.compressobj(9)
-    parts = [comp.compress(row * 100) for _ in range(h // 100)]
-    parts += [comp.compress(row * (h % 100)), comp.flush()]
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
-            + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def test_burst_of_worst_case_uploads_stays_bounded_and_memory_comes_back(tmp_path,
                                                                          small_checkpoint):
     import httpx
@@ -242,12 +220,12 @@ def test_burst_of_worst_case_uploads_stays_bounded_and_memory_comes_back(tmp_pat
                 r = c.post("/encode_image", files={"image": (name, data, ct)})
                 assert r.status_code == 200, r.text
         time.sleep(1)
-        base = _rss_mb(proc.pid)
+        base = rss_mb(proc.pid)
         peak, stop, statuses = [base], threading.Event(), []
 
         def sample():
             while not stop.is_set():
-                peak[0] = max(peak[0], _rss_mb(proc.pid))
+                peak[0] = max(peak[0], rss_mb(proc.pid))
                 time.sleep(0.01)
 
         def client(i):
@@ -267,7 +245,7 @@ def test_burst_of_worst_case_uploads_stays_bounded_and_memory_comes_back(tmp_pat
         time.sleep(10)
         stop.set()
         sampler.join()
-        settled = _rss_mb(proc.pid)
+        settled = rss_mb(proc.pid)
         figures = {"base": base, "peak": peak[0], "settled": settled}
         assert statuses == [200] * 32, statuses
         # before: each request held ~450 MB, 16 at once took GBs and RSS never came back
