@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from search_api import errors
 from core.settings import Settings, get_settings
 from search_api.metrics import Metrics, MetricsMiddleware
-from search_api.middleware import BodyLimitMiddleware, BodyTimeoutMiddleware, \
-    HeadAsGetMiddleware, SecurityHeadersMiddleware
+from search_api.middleware import BodyGuardMiddleware, HeadAsGetMiddleware, \
+    SecurityHeadersMiddleware
 from search_api.routes import search, system, web
 from search_api.schemas import bodies
 from search_api.state import ServiceState
@@ -90,9 +90,9 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
 
     errors.install(app)
     # outermost first at request time: metrics -> security headers -> HEAD as GET ->
-    # body timeout -> body limit -> routes
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes + BODY_SLACK)
-    app.add_middleware(BodyTimeoutMiddleware, timeout=settings.client_timeout_s)
+    # body size and time -> routes
+    app.add_middleware(BodyGuardMiddleware, limit=settings.max_upload_bytes + BODY_SLACK,
+                       timeout=settings.client_timeout_s)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -183,13 +183,24 @@ def limited_http_protocol(max_head_bytes: int, max_url_bytes: int, max_headers: 
     return LimitedHttpToolsProtocol
 
 
-class BodyLimitMiddleware:
-    """Refuses bodies over `limit` bytes: at once from Content-Length, or while streaming
-    (chunked uploads have no Content-Length), so no route ever buffers more than the limit."""
+class BodyTimeout(HTTPException):
+    def __init__(self, timeout: float):
+        super().__init__(408, f"request body not received: nothing came for {timeout:g} s",
+                         headers={"connection": "close"})
 
-    def __init__(self, app, limit: int):
+
+class BodyGuardMiddleware:
+    """One wrapper around `receive` for every request body:
+    - size: over `limit` bytes is a 413, at once from Content-Length, or while streaming (chunked
+      uploads have no Content-Length), so no route ever buffers more than the limit;
+    - time: a client that stops sending mid-body gets a 408 (connection closed) after `timeout`
+      seconds without a byte, instead of holding its connection and task forever.
+    Both are raised from `receive` as HTTPExceptions, so the routes' error handling answers."""
+
+    def __init__(self, app, limit: int, timeout: float):
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -205,24 +216,32 @@ class BodyLimitMiddleware:
                 if n < 0:
                     raise ValueError
             except ValueError:
-                for m in _json_response(400, "invalid Content-Length header"):
-                    await send(m)
-                return
-            if n > self.limit:
-                for m in _json_response(413, f"request body larger than {self.limit} bytes"):
+                n = None
+            refusal = (400, "invalid Content-Length header") if n is None else \
+                (413, f"request body larger than {self.limit} bytes") if n > self.limit else None
+            if refusal is not None:
+                for m in _json_response(*refusal):
                     await send(m)
                 return
 
         received = 0
+        done = False
         started = False
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
+        async def guarded_receive():
+            nonlocal received, done
+            if done:  # body complete: later receives wait for a disconnect, untimed
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     raise BodyTooLarge(self.limit)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                done = True
             return message
 
         async def tracking_send(message):
@@ -232,47 +251,12 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, guarded_receive, tracking_send)
         except BodyTooLarge as exc:  # raised outside a route's exception handling
             if started:
                 raise
             for m in _json_response(413, exc.detail):
                 await send(m)
-
-
-class BodyTimeout(HTTPException):
-    def __init__(self, timeout: float):
-        super().__init__(408, f"request body not received: nothing came for {timeout:g} s",
-                         headers={"connection": "close"})
-
-
-class BodyTimeoutMiddleware:
-    """A client that stops sending mid-body gets a 408 (and the connection closed) after
-    `timeout` seconds without a byte, instead of holding its connection and task forever.
-    Raised from `receive` as an HTTPException: the routes' error handling answers it."""
-
-    def __init__(self, app, timeout: float):
-        self.app = app
-        self.timeout = timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        done = False
-
-        async def timed_receive():
-            nonlocal done
-            if done:  # body complete: later receives wait for a disconnect, untimed
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
-                raise BodyTimeout(self.timeout) from None
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                done = True
-            return message
-
-        await self.app(scope, timed_receive, send)
 
 
 class HeadAsGetMiddleware:
