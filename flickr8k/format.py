@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections import defaultdict
 
 TOKEN_FILE = "Flickr8k.token.txt"
+# any other Flickr8k-style folder: one `<name>.token.txt` and the list of its images
+TOKEN_SUFFIX = ".token.txt"
+IMAGE_LIST_FILE = "images.txt"
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
 IMAGE_DIRS = ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")

@@ -17,8 +17,10 @@ from core.hashing import sha256_file
 from core.settings import get_settings
 from flickr8k.format import (
     IMAGE_DIRS,
+    IMAGE_LIST_FILE,
     SPLIT_FILES,
     TOKEN_FILE,
+    TOKEN_SUFFIX,
     SourceError,
     SourceNotFound,
     parse_captions,
@@ -111,12 +113,25 @@ class Flickr8kSource:
         return self.texts[name]().decode("utf-8")
 
     def split(self, split: str) -> list[str]:
+        """A Flickr8k split's image names, or "listed": the names in `images.txt`."""
+        if split == "listed":
+            return parse_split(self.read_text(IMAGE_LIST_FILE))
         if split not in SPLIT_FILES:
             raise SourceError(f"unknown split {split!r}; known: {sorted(SPLIT_FILES)} or 'all'")
         return parse_split(self.read_text(SPLIT_FILES[split]))
 
+    def token_file(self) -> str:
+        """Flickr8k's caption file, else the folder's one `<name>.token.txt`."""
+        if TOKEN_FILE in self.texts:
+            return TOKEN_FILE
+        found = sorted(n for n in self.texts if n.endswith(TOKEN_SUFFIX))
+        if len(found) != 1:
+            raise SourceError(f"expected {TOKEN_FILE} or one *{TOKEN_SUFFIX} caption file, "
+                              f"found {found or 'none'}")
+        return found[0]
+
     def captions(self) -> dict[str, list[str]]:
-        return parse_captions(self.read_text(TOKEN_FILE))
+        return parse_captions(self.read_text(self.token_file()))
 
 
 def _folder_source(root: Path) -> Flickr8kSource:

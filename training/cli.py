@@ -10,7 +10,7 @@ from pathlib import Path
 from core.logs import setup_logging
 from core.settings import REPO_ROOT, get_settings
 from encoder.model import ModelConfig
-from training.train import TrainConfig
+from training.train import LOSSES, TrainConfig
 
 log = logging.getLogger(__name__)
 # new checkpoints go here (git-ignored), never over the shipped MODEL_PATH unless --out says so
@@ -59,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position-dropout", type=float, default=0.0)
     p.add_argument("--query-bank", type=int, default=1000,
                    help="training captions kept for hubness correction at search time (0: off)")
+    p.add_argument("--loss", default="one-caption", choices=LOSSES,
+                   help="one drawn caption per image and step, or all of them as positives")
+    p.add_argument("--negatives-queue", type=int, default=0,
+                   help="keep this many recent image/text embeddings as extra negatives")
+    p.add_argument("--eval-set", action="append", default=[], metavar="FOLDER",
+                   help="a Flickr8k-style folder evaluated beside dev (repeatable), e.g. "
+                        "coco-ood-dev")
+    p.add_argument("--keep-best", action="store_true",
+                   help="end with the epoch whose text->image recall, averaged over dev and "
+                        "the eval sets, is best (evaluated every --eval-every epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
 
+    from training.data import load_set_from_folder
     from training.train import build_model, train_and_save
 
     (train, dev), desc = load_splits(args, ["train", "dev"])
@@ -93,11 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                       device=args.device, amp=not args.no_amp, cache=not args.no_cache,
                       cache_dir=args.cache_dir, workers=args.workers, eval_every=args.eval_every,
                       position_dropout=args.position_dropout, query_bank=args.query_bank,
+                      loss=args.loss, negatives_queue=args.negatives_queue,
+                      keep_best=args.keep_best,
                       log_path=str(out.with_suffix(".log.jsonl")))
     out.with_suffix(".log.jsonl").unlink(missing_ok=True)
-    model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc)
-    result = {"checkpoint": str(out), "model_id": model_id,
-              "dev": trainer.history[-1].get("dev") if trainer.history else None}
+    eval_sets = [load_set_from_folder(f) for f in args.eval_set]
+    model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc, eval_sets)
+    selected = trainer.selected
+    result = {"checkpoint": str(out), "model_id": model_id, "epoch": selected.get("epoch"),
+              "dev": selected.get("dev"), **({"sets": selected["sets"]} if "sets" in selected
+                                             else {})}
     if not args.no_plots and trainer.history:
         from training.plots import plot_examples, plot_history
         from training.train import embed_split

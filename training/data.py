@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
 
 from encoder.preprocessing import decode_image
-from flickr8k.format import SPLIT_FILES, TOKEN_FILE, parse_captions, parse_split
+from flickr8k.format import IMAGE_LIST_FILE, SPLIT_FILES, TOKEN_FILE, parse_captions, parse_split
 from flickr8k.sources import open_source
 from objectstore import ObjectStore
 
@@ -56,6 +57,17 @@ def load_split_from_folder(root: str, split: str) -> Flickr8kSplit:
     """A folder (or zips) in the original Flickr8k layout."""
     src = open_source(root)
     return _build(split, src.split(split), src.captions(), set(src.images), src.read_image)
+
+
+def load_set_from_folder(root: str) -> Flickr8kSplit:
+    """Any Flickr8k-style folder (captions in a `*.token.txt`, images listed in `images.txt`,
+    else every captioned image), named after the folder: an evaluation set such as
+    coco-ood-dev."""
+    src = open_source(root)
+    listed = IMAGE_LIST_FILE in src.texts
+    names = src.split("listed") if listed else sorted(src.images)
+    return _build(Path(root).resolve().name, names, src.captions(), set(src.images),
+                  src.read_image)
 
 
 def load_split_from_store(store: ObjectStore, split: str, images_prefix: str = "flickr8k/images/",

@@ -1,5 +1,7 @@
-"""`python -m training.evaluate --checkpoint PATH [--split dev]`: Recall@1/5/10 both directions and
-median rank, the standard Flickr8k protocol; written into the checkpoint's model card by default."""
+"""`python -m training.evaluate --checkpoint PATH [--split dev] [--set FOLDER ...]`: Recall@1/5/10
+both directions and median rank (the standard Flickr8k protocol) on a Flickr8k split and on any
+Flickr8k-style folder, each reported under its own name and written into the checkpoint's model
+card by default (`metrics` = dev, `evaluations` = every set evaluated)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +10,7 @@ from datetime import datetime, timezone
 
 from core.logs import setup_logging
 from core.settings import get_settings
-from encoder.checkpoint import load_checkpoint, update_card
+from encoder.checkpoint import load_checkpoint, read_card, update_card
 from training.cli import add_data_args, load_splits
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
@@ -36,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
     add_data_args(p)
     p.add_argument("--checkpoint", default=get_settings().model_path, help="default: MODEL_PATH")
-    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test", "none"],
+                   help="Flickr8k split of --data to evaluate (none: only the --set folders)")
+    p.add_argument("--set", action="append", default=[], metavar="FOLDER",
+                   help="a Flickr8k-style folder (a *.token.txt + images.txt), e.g. "
+                        "coco-ood-dev; repeatable")
     p.add_argument("--limit", type=int, help="first N images only (not the standard protocol)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--cache-dir", default=".cache/features")
@@ -47,17 +53,31 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
 
-    (split,), _ = load_splits(args, [args.split])
+    from training.data import load_set_from_folder
+
+    sets = [load_set_from_folder(f) for f in args.set]
+    if args.split != "none":
+        (split,), _ = load_splits(args, [args.split])
+        sets.insert(0, split)
+    if not sets:
+        p.error("nothing to evaluate: --split none and no --set")
     if args.limit:
-        split = split.subset(args.limit)
-    result = evaluate_checkpoint(args.checkpoint, split, args.cache_dir,
-                                 resolve_device(args.device), use_cache=not args.no_cache,
-                                 plots=args.plots)
-    result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result["commit"] = git_commit()
+        sets = [s.subset(args.limit) for s in sets]
+    device = resolve_device(args.device)
+    results = {}
+    for split in sets:
+        result = evaluate_checkpoint(args.checkpoint, split, args.cache_dir, device,
+                                     use_cache=not args.no_cache, plots=args.plots)
+        result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        result["commit"] = git_commit()
+        results[split.name] = result
     if not args.no_write_card and not args.limit:
-        update_card(args.checkpoint, metrics=result)
-    print(json.dumps(result, indent=2))
+        card = read_card(args.checkpoint)
+        fields = {"evaluations": {**card.get("evaluations", {}), **results}}
+        if "dev" in results:
+            fields["metrics"] = results["dev"]
+        update_card(args.checkpoint, **fields)
+    print(json.dumps(results[sets[0].name] if len(sets) == 1 else results, indent=2))
     return 0
 
 

@@ -52,6 +52,11 @@ class TrainConfig:
     eval_every: int = 1
     position_dropout: float = 0.0  # drop feature-map positions (cached-path augmentation)
     query_bank: int = 1000  # training captions kept for hubness correction (0: none)
+    # "one-caption": one drawn caption per image and step; "multi-positive": all of an image's
+    # captions in the step, each a positive of its image (image->text averages over them)
+    loss: str = "one-caption"
+    negatives_queue: int = 0  # recent image/text embeddings kept as extra negatives (0: none)
+    keep_best: bool = False  # restore the epoch with the best selection score at the end
     log_path: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -145,8 +150,12 @@ def git_commit() -> str | None:
 
 class Trainer:
     def __init__(self, model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit | None,
-                 cfg: TrainConfig):
+                 cfg: TrainConfig, eval_sets: list[Flickr8kSplit] = ()):
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"unknown loss {cfg.loss!r}; known: {LOSSES}")
         self.model, self.train_split, self.dev_split, self.cfg = model, train, dev, cfg
+        self.eval_sets = list(eval_sets)  # evaluated beside dev; all count for keep_best
+        self.best: dict | None = None
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -194,6 +203,7 @@ class Trainer:
         steps_per_epoch = (len(self.train_split) // cfg.batch_size) or 1
         self.total_steps = steps_per_epoch * cfg.epochs
         self.step = 0
+        self.queue = NegativesQueue(cfg.negatives_queue, m.config.embed_dim, self.device)
 
     def _lr_factor(self) -> float:
         w = self.cfg.warmup_steps
@@ -238,20 +248,27 @@ class Trainer:
         bar = tqdm(self._batches(), desc=f"epoch {epoch}", unit="batch", leave=False,
                    total=max(1, len(self.train_split) // self.cfg.batch_size))
         for x, idx, from_stage in bar:
-            caps = torch.tensor([random.choice(self.captions_of[i]) for i in idx.tolist()])
-            t = self.train_text[caps].to(self.device)
+            if self.cfg.loss == "multi-positive":
+                caps = [c for i in idx.tolist() for c in self.captions_of[i]]
+                owner = [j for j, i in enumerate(idx.tolist()) for _ in self.captions_of[i]]
+            else:
+                caps = [random.choice(self.captions_of[i]) for i in idx.tolist()]
+                owner = list(range(len(idx)))
+            t = self.train_text[torch.tensor(caps)].to(self.device)
+            owner = torch.tensor(owner, device=self.device)
             for g, base in zip(self.opt.param_groups, (self.cfg.lr, self.cfg.tail_lr)):
                 g["lr"] = base * self._lr_factor()
             with self._autocast():
                 img = self._image_embed(x, from_stage, train=True)
                 txt = m.embed_text_features(t)
                 scale = m.logit_scale.exp().clamp(max=100)
-                logits = scale * img.float() @ txt.float().T
-                labels = torch.arange(len(idx), device=self.device)
-                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+                loss = contrastive_loss(img.float(), txt.float(), owner, scale,
+                                        self.queue, idx.to(self.device))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            self.queue.push(img.detach().float(), txt.detach().float(), idx.to(self.device),
+                            idx.to(self.device)[owner])
             self.step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -261,6 +278,19 @@ class Trainer:
         img, txt, owner = embed_split(self.model, split, self.cfg.cache_dir, self.device,
                                       self.cfg.cache, self.cfg.workers, self.cfg.amp)
         return corrected_metrics(self.model, img, txt, owner)
+
+    def _remember_if_best(self, epoch: int, row: dict) -> None:
+        """Selection score: text->image (R@1+R@5+R@10)/3, averaged over dev and the eval sets."""
+        evaluated = [row["dev"], *row.get("sets", {}).values()] if "dev" in row else []
+        if not evaluated:
+            return
+        score = float(np.mean([np.mean([r["text_to_image"][k] for k in ("R@1", "R@5", "R@10")])
+                               for r in evaluated]))
+        row["selection_score"] = round(score, 3)
+        if self.best is None or score > self.best["score"]:
+            keys = set(self.model.trainable_state_keys())
+            self.best = {"epoch": epoch, "score": score, "state": {
+                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k in keys}}
 
     @torch.no_grad()
     def set_query_bank(self) -> None:
@@ -283,6 +313,10 @@ class Trainer:
             if self.dev_split is not None and (epoch % self.cfg.eval_every == 0
                                                or epoch == self.cfg.epochs):
                 row["dev"] = self.evaluate(self.dev_split)
+                if self.eval_sets:
+                    row["sets"] = {s.name: self.evaluate(s) for s in self.eval_sets}
+                if self.cfg.keep_best:
+                    self._remember_if_best(epoch, row)
             self.history.append(row)
             dev = row.get("dev", {}).get("text_to_image", {})
             log.info("epoch %d loss %.4f %s (%.1fs)", epoch, loss,
@@ -291,7 +325,65 @@ class Trainer:
             if self.cfg.log_path:
                 with open(self.cfg.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+        if self.best is not None and self.best["epoch"] != self.cfg.epochs:
+            log.info("restoring epoch %d (best selection score %.2f)", self.best["epoch"],
+                     self.best["score"])
+            self.model.load_state_dict(self.best["state"], strict=False)
         return self.history
+
+    @property
+    def selected(self) -> dict:
+        """The history row of the weights the model ends with."""
+        epoch = self.best["epoch"] if self.best is not None else self.cfg.epochs
+        return next((r for r in self.history if r["epoch"] == epoch), self.history[-1]) \
+            if self.history else {}
+
+
+LOSSES = ("one-caption", "multi-positive")
+
+
+class NegativesQueue:
+    """The last `size` image and text embeddings (detached) with their image ids: extra
+    negatives for both directions, a larger effective batch at the cost of slightly stale
+    vectors."""
+
+    def __init__(self, size: int, dim: int, device: str):
+        self.size = size
+        self.img = torch.zeros(0, dim, device=device)
+        self.img_ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.txt = torch.zeros(0, dim, device=device)
+        self.txt_ids = torch.zeros(0, dtype=torch.long, device=device)
+
+    def push(self, img, txt, img_ids, txt_ids) -> None:
+        if self.size:
+            self.img = torch.cat([img, self.img])[:self.size]
+            self.img_ids = torch.cat([img_ids, self.img_ids])[:self.size]
+            self.txt = torch.cat([txt, self.txt])[:self.size]
+            self.txt_ids = torch.cat([txt_ids, self.txt_ids])[:self.size]
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor,
+                     scale: torch.Tensor, queue: NegativesQueue | None = None,
+                     image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE with any number of captions per image: `owner[t]` is the batch row of
+    caption t's image. Text->image: cross-entropy over the batch images (+ queued images).
+    Image->text: mean over the image's captions of log p(caption) against every caption in the
+    batch (+ queued captions); with one caption per image both are the usual CLIP loss."""
+    logits = scale * img @ txt.T  # [images, captions]
+    rows = torch.arange(len(img), device=img.device)
+    positive = owner[None, :] == rows[:, None]
+    t2i_logits, i2t_logits = logits.T, logits
+    if queue is not None and len(queue.img):
+        # entries of the batch's own images are left out: the batch holds their fresh vectors
+        stale_img = torch.isin(queue.img_ids, image_ids)
+        t2i_logits = torch.cat([t2i_logits, scale * txt @ queue.img[~stale_img].T], 1)
+        stale_txt = torch.isin(queue.txt_ids, image_ids)
+        i2t_logits = torch.cat([i2t_logits, scale * img @ queue.txt[~stale_txt].T], 1)
+        positive = torch.cat([positive, positive.new_zeros(len(img), int((~stale_txt).sum()))], 1)
+    t2i = F.cross_entropy(t2i_logits, owner)
+    log_p = i2t_logits.log_softmax(1).masked_fill(~positive, 0)
+    i2t = -(log_p.sum(1) / positive.sum(1)).mean()
+    return (t2i + i2t) / 2
 
 
 def build_model(config: ModelConfig, resume: str | None = None) -> DualEncoder:
@@ -329,12 +421,18 @@ def make_card(model: DualEncoder, trainer: Trainer, cfg: TrainConfig, seconds: f
 
 
 def train_and_save(model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit | None,
-                   cfg: TrainConfig, out: str, data_desc: str) -> tuple[str, Trainer]:
+                   cfg: TrainConfig, out: str, data_desc: str,
+                   eval_sets: list[Flickr8kSplit] = ()) -> tuple[str, Trainer]:
     t0 = time.perf_counter()
-    trainer = Trainer(model, train, dev, cfg)
+    trainer = Trainer(model, train, dev, cfg, eval_sets)
     trainer.fit()
     card = make_card(model, trainer, cfg, time.perf_counter() - t0, data_desc)
-    if trainer.history and "dev" in trainer.history[-1]:
-        card["metrics"] = {"split": "dev", "images": len(dev), **trainer.history[-1]["dev"]}
+    selected = trainer.selected
+    if "dev" in selected:
+        card["metrics"] = {"split": "dev", "images": len(dev), **selected["dev"]}
+        card["evaluations"] = {"dev": card["metrics"]} | {
+            s.name: {"split": s.name, "images": len(s), **selected["sets"][s.name]}
+            for s in trainer.eval_sets}
+        card["training"]["selected_epoch"] = selected["epoch"]
     model_id = save_checkpoint(model.cpu(), out, card)
     return model_id, trainer

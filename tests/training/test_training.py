@@ -9,7 +9,7 @@ from encoder import Encoder, ModelConfig, load_checkpoint, read_card, save_check
 from training.cli import main as train_main
 from training.data import load_split_from_folder, load_split_from_store
 from training.evaluate import main as eval_main
-from training.train import TrainConfig, Trainer, build_model
+from training.train import NegativesQueue, TrainConfig, Trainer, build_model, contrastive_loss
 
 
 def test_loss_falls_and_checkpoint_reloads(tiny_flickr, tmp_path, capsys):
@@ -113,9 +113,96 @@ def test_training_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(cli, "load_splits", lambda args, names: ([None, None], "stub"))
     monkeypatch.setattr(train, "build_model", lambda config, resume: None)
-    monkeypatch.setattr(train, "train_and_save", lambda model, tr, dev, cfg, out, desc:
-                        written.append(out) or ("id", SimpleNamespace(history=[])))
+    monkeypatch.setattr(train, "train_and_save", lambda model, tr, dev, cfg, out, desc, sets:
+                        written.append(out) or ("id", SimpleNamespace(history=[], selected={})))
     assert cli.main(["--no-plots"]) == 0
     out = Path(written[0])
     assert out.parent == tmp_path / "runs" and out.name.startswith("dual-encoder-")
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(out)
+
+
+def _flickr_style_set(root: Path, dest: Path, names: list[str]) -> Path:
+    """A Flickr8k-style evaluation folder (captions.token.txt + images.txt) made from the tiny set."""
+    (dest / "Images").mkdir(parents=True)
+    lines = [line for line in (root / "Flickr8k.token.txt").read_text().splitlines()
+             if line.split("#")[0] in names]
+    (dest / "captions.token.txt").write_text("\n".join(lines) + "\n")
+    (dest / "images.txt").write_text("\n".join(names) + "\n")
+    for n in names:
+        (dest / "Images" / n).write_bytes(next(root.rglob(n)).read_bytes())
+    return dest
+
+
+def test_contrastive_loss_counts_every_caption_of_an_image():
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(12, 8), dim=1)
+    scale = torch.tensor(10.0)
+    # one caption per image: the usual symmetric CLIP loss
+    labels = torch.arange(4)
+    logits = scale * img @ txt[:4].T
+    clip = (torch.nn.functional.cross_entropy(logits, labels)
+            + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    assert torch.allclose(contrastive_loss(img, txt[:4], labels, scale), clip)
+    # three captions per image: each caption's own image is its target, and image->text
+    # averages log p over the image's three captions
+    owner = torch.arange(4).repeat_interleave(3)
+    logits = scale * img @ txt.T
+    t2i = torch.nn.functional.cross_entropy(logits.T, owner)
+    log_p = logits.log_softmax(1)
+    i2t = -torch.stack([log_p[i, owner == i].mean() for i in range(4)]).mean()
+    assert torch.allclose(contrastive_loss(img, txt, owner, scale), (t2i + i2t) / 2)
+    # queued vectors of the batch's own images are left out; others are negatives
+    ids = torch.tensor([7, 8, 9, 10])
+    same = NegativesQueue(8, 8, "cpu")
+    same.push(img, txt[:4], ids, ids)
+    assert torch.allclose(contrastive_loss(img, txt, owner, scale, same, ids),
+                          contrastive_loss(img, txt, owner, scale))
+    other = NegativesQueue(8, 8, "cpu")
+    other.push(img, txt[:4], ids + 100, ids + 100)
+    assert contrastive_loss(img, txt, owner, scale, other, ids) > \
+        contrastive_loss(img, txt, owner, scale)
+
+
+def test_multi_positive_training_keeps_best_epoch_and_reports_every_set(tiny_flickr, tmp_path,
+                                                                       capsys):
+    root, meta = tiny_flickr
+    extra = _flickr_style_set(root, tmp_path / "ood-set", meta["dev"][:6])
+    out = tmp_path / "m.pt"
+    assert train_main(["--data", str(root), "--out", str(out), "--epochs", "6", "--batch_size", "8",
+                       "--lr", "3e-3", "--embed-dim", "32", "--cache-dir", str(tmp_path / "c"),
+                       "--device", "cpu", "--workers", "0", "--eval-every", "2", "--no-plots",
+                       "--loss", "multi-positive", "--negatives-queue", "16", "--keep-best",
+                       "--eval-set", str(extra)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    history = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]
+    scored = [r for r in history if "selection_score" in r]
+    assert [r["epoch"] for r in scored] == [2, 4, 6] and all("ood-set" in r["sets"] for r in scored)
+    best = max(scored, key=lambda r: r["selection_score"])
+    card = read_card(out)
+    assert card["training"]["selected_epoch"] == best["epoch"] == result["epoch"]
+    assert card["evaluations"]["ood-set"]["images"] == 6
+    assert card["evaluations"]["ood-set"]["text_to_image"] == best["sets"]["ood-set"]["text_to_image"]
+    assert card["metrics"]["text_to_image"] == best["dev"]["text_to_image"]
+
+
+def test_evaluate_reports_any_flickr8k_style_folder_under_its_name(tiny_flickr, small_checkpoint,
+                                                                   tmp_path, capsys):
+    import shutil
+
+    root, meta = tiny_flickr
+    extra = _flickr_style_set(root, tmp_path / "my-photos", meta["dev"][:5])
+    ckpt = tmp_path / "m.pt"
+    shutil.copy(small_checkpoint, ckpt)
+    args = ["--data", str(root), "--checkpoint", str(ckpt), "--device", "cpu",
+            "--cache-dir", str(tmp_path / "c")]
+    assert eval_main([*args, "--set", str(extra)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"dev", "my-photos"}
+    assert results["my-photos"]["images"] == 5 and results["my-photos"]["captions"] == 25
+    card = read_card(ckpt)
+    assert card["evaluations"]["my-photos"]["text_to_image"] == results["my-photos"]["text_to_image"]
+    assert card["metrics"]["text_to_image"] == results["dev"]["text_to_image"]
+    # a later run of one set keeps the other set's figures
+    assert eval_main([*args, "--split", "none", "--set", str(extra)]) == 0
+    assert set(read_card(ckpt)["evaluations"]) == {"dev", "my-photos"}
