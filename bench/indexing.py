@@ -3,6 +3,10 @@ preprocess, forward, FAISS add, publish) against the same tower's raw batched fo
 pre-decoded tensors, measured in the same run, interleaved.
 
     python bench/indexing.py [--n 512] [--runtimes onnx,onnx-int8,torch] [--rounds 2]
+    python bench/indexing.py --candidate NEW.pt [--checkpoint BASE.pt] [--runtimes onnx]
+
+With --candidate: end-to-end indexing of the same images by two checkpoints, interleaved, and
+the candidate's images/s as a ratio of the baseline's (the cost of a bigger image tower).
 
 The store is a local-directory store holding N Flickr8k images (dev split first). For every
 runtime: raw forward (batch 32, tensors already decoded) and `indexer.pipeline.rebuild`
@@ -30,7 +34,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--no-overlap-baseline", action="store_true")
+    p.add_argument("--candidate", help="compare this checkpoint's indexing rate with --checkpoint's")
     args = p.parse_args()
+    if args.candidate:
+        return compare(args)
     header("indexing: end to end vs raw forward")
 
     from encoder import Encoder, load_checkpoint
@@ -109,6 +116,43 @@ def main() -> int:
     print(f"batch {args.batch}, {args.rounds} rounds per runtime, local store at {work}\n")
     print(table(rows))
     save_json("indexing", {"rows": rows, "times": raw_json})
+    return 0
+
+
+def compare(args) -> int:
+    header("indexing: candidate checkpoint vs baseline, end to end")
+    from encoder import Encoder, load_checkpoint
+    from indexer import pipeline
+    from indexer.repository import IndexRepository
+    from objectstore import LocalStore
+
+    work = Path(tempfile.mkdtemp(prefix="bench-index-"))
+    store = LocalStore(work / "store", "bench")
+    names = sorted(p.name for p in (FLICKR / "Images").iterdir())[:args.n]
+    for name in names:
+        store.put("img/" + name, (FLICKR / "Images" / name).read_bytes())
+    cache = tempfile.mkdtemp(prefix="onnx-")
+    rows = []
+    for rt in args.runtimes.split(","):
+        encs = {label: Encoder(load_checkpoint(path), image_runtime=rt, text_runtime="torch",
+                               onnx_cache_dir=cache)
+                for label, path in (("baseline", args.checkpoint), ("candidate", args.candidate))}
+        times = {label: [] for label in encs}
+        for _ in range(args.rounds + 1):  # the first round warms (export, session load)
+            for label, enc in encs.items():
+                t = time.perf_counter()
+                pipeline.rebuild(store, enc, IndexRepository(work / f"{rt}-{label}"), "img/",
+                                 batch_size=args.batch, progress=False)
+                times[label].append(time.perf_counter() - t)
+        rates = {label: [len(names) / t for t in ts[1:]] for label, ts in times.items()}
+        for label, path in (("baseline", args.checkpoint), ("candidate", args.candidate)):
+            rows.append({"runtime": rt, "model": f"{label}: {Path(path).name}",
+                         "img/s (median)": median(rates[label]),
+                         "x baseline (median of per-round ratios)": round(median(
+                             [c / b for c, b in zip(rates[label], rates["baseline"])]), 2)})
+    print(f"{len(names)} images, batch {args.batch}, {args.rounds} timed rounds, interleaved\n")
+    print(table(rows))
+    save_json("indexing_compare", {"rows": rows})
     return 0
 
 

@@ -38,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
             feats = text_features(loaded.model.text_backbone, chosen, args.cache_dir)
             loaded.model.set_query_bank(loaded.model.embed_text_features(feats))
     card = {**loaded.card, **describe_model(loaded.model), **json.loads(args.card_extra)}
-    card.pop("metrics", None)  # belongs to the source weights; re-run the evaluation
+    # figures belong to the source weights: re-run the evaluation on the exported file
+    card.pop("metrics", None)
+    card.pop("evaluations", None)
     card.update(exported={"commit": git_commit(),
                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     card["exported_from"] = {"model_id": loaded.model_id,
                              "metrics": loaded.card.get("metrics"),
+                             "evaluations": loaded.card.get("evaluations"),
                              "storage": "int8 per-channel image tower" if args.int8_backbone else "fp16",
                              "query_bank": args.query_bank or None}
     model_id = save_checkpoint(loaded.model, args.out, card, int8_backbone=args.int8_backbone)

@@ -106,8 +106,13 @@ def embed_split(model: DualEncoder, split: Flickr8kSplit, cache_dir: str | None,
     """Embeddings of every image and caption of a split -> (images, captions, owner)."""
     model.eval()
     texts, owner = split.flat_captions()
-    t = text_features(model.text_backbone, texts, cache_dir, device=device)
-    txt = model.embed_text_features(t.to(device)).float().cpu()
+    if isinstance(model, DualEncoder):  # frozen text tower: its features are cached
+        t = text_features(model.text_backbone, texts, cache_dir, device=device)
+        txt = model.embed_text_features(t.to(device)).float().cpu()
+    else:  # a model with its own end-to-end towers (open_clip): nothing to cache
+        use_cache = False
+        txt = torch.cat([model.encode_texts(texts[i:i + 256]).float().cpu()
+                         for i in range(0, len(texts), 256)])
     if use_cache and cache_stage(model) > 0:  # a fully fine-tuned tower leaves nothing to cache
         stop, tail = cache_stage(model), model.image_split
         feats = advance(model, image_features(model.image_backbone, split, stop, cache_dir,
