@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,6 +24,12 @@ class ImageSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     out_dim: int
+    # None: our models' squash-resize (what they were trained on). open_clip models carry their
+    # own: "shortest" (+ center crop), "squash" or "longest" (+ pad), and the interpolation.
+    # Left out of the repr, which keys cached features (training/features.py): the transform's
+    # repr in that key carries them, and our models' existing keys stay valid.
+    resize_mode: str | None = field(default=None, repr=False)
+    interpolation: str | None = field(default=None, repr=False)
 
 
 class StagedImageBackbone(nn.Module):

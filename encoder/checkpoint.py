@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from encoder.model import DualEncoder, ModelConfig
-from encoder.open_clip_model import is_open_clip_spec, load_open_clip
+from encoder.open_clip_model import is_open_clip_spec, load_open_clip, read_open_clip_card
 
 FORMAT = "flickr-search-checkpoint/1"
 
@@ -140,10 +140,8 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
 
 
 def read_card(path: str | os.PathLike) -> dict:
-    if is_open_clip_spec(path):  # no card file: the model is loaded to digest its weights
-        loaded = load_open_clip(str(path))
-        return {"model_id": loaded.model_id, "config": loaded.model.config.to_dict(),
-                **loaded.card}
+    if is_open_clip_spec(path):  # no card file: from the spec and a digest of the weights file
+        return read_open_clip_card(str(path))
     payload = _read(Path(path))
     return {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
 

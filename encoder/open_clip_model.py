@@ -1,18 +1,27 @@
 """Pretrained CLIP-family models (open_clip) as encoders, chosen by a spec instead of a checkpoint.
 
     MODEL_PATH=open_clip:<architecture>[:<pretrained tag or local weights file>]
+    MODEL_PATH=open_clip:hf-hub:<org>/<repo>        (open_clip's Hugging Face hub form)
+    MODEL_PATH=open_clip:local-dir:<folder>          (open_clip_config.json + weights, offline)
 
 e.g. `open_clip:ViT-B-32:laion2b_s34b_b79k`, `open_clip:ViT-B-32:/models/open_clip_pytorch_model.bin`,
-or `open_clip:<architecture>` (RANDOM weights: for tests only, logged loudly).
+or `open_clip:<architecture>` (RANDOM weights, seeded: for tests and benchmarks, logged loudly).
 
 `load_open_clip(spec)` returns the same `LoadedModel` a checkpoint gives; its model is an
 `OpenClipEncoder`, an adapter with the interface `encoder.inference.Encoder`, `Scoring` and the
 ONNX export use (`encode_images`, `encode_texts`, `encode_text_tokens`, `image_backbone.spec`,
 `text_backbone.tokenize`, `config.embed_dim`, `logit_scale`, an empty `query_bank`: plain cosine).
 
-The model id is `open_clip-<architecture>-<digest>`, the digest a sha256 over the architecture's
-config and every tensor of the state dict, so an index built with one set of weights can never be
-served with another.
+Image preprocessing is open_clip's own (its eval transform, built from the image spec by
+`encoder.preprocessing.eval_transform`), with the settings of the weights: a pretrained tag's,
+an hf-hub/local-dir open_clip_config.json's, the open_clip_config.json beside a weights file, or
+those all of the architecture's tags share.
+
+The model id is `open_clip-<name>-<digest>` (name: the architecture, or the hub repo's / the
+folder's name), the digest a sha256 over the architecture's config,
+the preprocessing and the weights file's bytes (the seeded random state dict when there is no
+file), so an index built with one set of weights can never be served with another. Reading it
+(`read_open_clip_card`) hashes the file without building the model.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +45,12 @@ log = logging.getLogger(__name__)
 
 PREFIX = "open_clip:"
 FAMILY = "open_clip"
+HF_HUB = "hf-hub:"
+LOCAL_DIR = "local-dir:"
+# the PreprocessCfg fields a pretrained tag or an open_clip_config.json may set
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+OFFLINE_HINT = ("or copy a Hugging Face cache (~/.cache/huggingface) that holds it and set "
+                "HF_HUB_OFFLINE=1")
 
 
 def is_open_clip_spec(path: str | os.PathLike) -> bool:
@@ -43,17 +59,31 @@ def is_open_clip_spec(path: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class OpenClipSpec:
-    architecture: str
-    weights: str | None  # a pretrained tag, a local weights file, or None (random)
+    architecture: str  # a built-in name, or open_clip's "hf-hub:org/repo" / "local-dir:folder"
+    weights: str | None  # a pretrained tag, a local weights file, or None (random / from the repo)
 
     @classmethod
     def parse(cls, spec: str) -> "OpenClipSpec":
         if not is_open_clip_spec(spec):
             raise ValueError(f"not an open_clip model spec: {spec!r}")
-        arch, _, weights = spec[len(PREFIX):].partition(":")  # a path may hold more colons
+        rest = spec[len(PREFIX):]
+        if rest.startswith((HF_HUB, LOCAL_DIR)):  # the repo or folder holds config and weights
+            if not rest.partition(":")[2]:
+                raise ValueError(f"{spec!r}: expected open_clip:{HF_HUB}<org>/<repo> or "
+                                 f"open_clip:{LOCAL_DIR}<folder>")
+            return cls(rest, None)
+        arch, _, weights = rest.partition(":")  # a path may hold more colons
         if not arch:
             raise ValueError(f"{spec!r}: expected open_clip:<architecture>[:<tag or weights file>]")
         return cls(arch, weights or None)
+
+    @property
+    def name(self) -> str:
+        """What the model id shows: the architecture, or the hub repo's / folder's name (a repo
+        downloaded into a folder of the same name keeps its model id offline)."""
+        if self.architecture.startswith(LOCAL_DIR):
+            return Path(self.architecture[len(LOCAL_DIR):]).resolve().name
+        return self.architecture.removeprefix(HF_HUB).rstrip("/").rsplit("/", 1)[-1]
 
     def __str__(self) -> str:
         return PREFIX + self.architecture + (f":{self.weights}" if self.weights else "")
@@ -73,39 +103,150 @@ def _is_weights_file(weights: str) -> bool:
         (".bin", ".pt", ".pth", ".safetensors")) or os.path.exists(weights)
 
 
-def _resolve_weights(oc, arch: str, weights: str | None) -> str | None:
-    """A local file for `weights` (downloading a pretrained tag into open_clip's cache where the
-    network allows), or None for random weights. Raises BackboneUnavailable with what to do."""
-    if weights is None:
-        return None
-    if _is_weights_file(weights):
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"open_clip weights file not found: {weights}")
-        return weights
-    from open_clip import pretrained as ocp
+def _hub_fetch(repo: str, filename: str | None, what: str, instead: str) -> str:
+    """A file of a Hugging Face repo (from the cache when offline), as open_clip fetches it (a
+    .safetensors alternative first); BackboneUnavailable naming the URL and `instead` when it
+    cannot be had."""
+    from huggingface_hub import hf_hub_url
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import download_pretrained_from_hf
 
-    cfg = ocp.get_pretrained_cfg(arch, weights)
-    if not cfg:
-        tags = ocp.list_pretrained_tags_by_model(arch)
-        raise ValueError(f"open_clip {arch}: unknown pretrained tag {weights!r}; known tags: "
-                         f"{tags or 'none'} (or pass a local weights file path)")
+    filename = filename or HF_WEIGHTS_NAME
     try:
-        path = ocp.download_pretrained(cfg)
-    except Exception as exc:  # hub/url errors of many types (offline: connection errors)
+        path = download_pretrained_from_hf(repo, filename=filename)
+    except Exception as exc:  # hub errors of many types (offline: connection / cache misses)
         raise BackboneUnavailable(
-            f"open_clip {arch}: pretrained weights {weights!r} could not be fetched "
-            f"({type(exc).__name__}: no network or not in the cache); pass a local weights file "
-            f"instead (open_clip_pytorch_model.bin, downloaded where there is network): "
-            f"MODEL_PATH=open_clip:{arch}:/path/to/open_clip_pytorch_model.bin") from None
-    if not path:
-        raise BackboneUnavailable(f"open_clip {arch}: pretrained weights {weights!r} could not be "
-                                  f"fetched; pass a local weights file instead: "
-                                  f"MODEL_PATH=open_clip:{arch}:/path/to/weights")
+            f"{what} could not be fetched from {hf_hub_url(repo, filename)} "
+            f"({type(exc).__name__}: no network, or not in the Hugging Face cache); {instead}, "
+            f"{OFFLINE_HINT}") from None
     return path
 
 
-def weights_digest(arch_config: dict, state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(arch_config, sort_keys=True, default=str).encode())
+def _tag_weights(arch: str, tag: str) -> tuple[str, dict]:
+    """(local file, pretrained cfg) of a pretrained tag, downloading into open_clip's cache where
+    the network allows."""
+    from open_clip import pretrained as ocp
+
+    cfg = ocp.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = ocp.list_pretrained_tags_by_model(arch)
+        raise ValueError(f"open_clip {arch}: unknown pretrained tag {tag!r}; known tags: "
+                         f"{tags or 'none'} (or pass a local weights file path)")
+    what = f"open_clip {arch}: pretrained weights {tag!r}"
+    hub = cfg.get("hf_hub", "")
+    if hub and ocp.has_hf_hub():  # open_clip prefers the hub, as here
+        repo, filename = os.path.split(hub)
+        filename = filename or None
+        local = os.path.basename(filename or "open_clip_pytorch_model.bin")
+        return _hub_fetch(repo, filename, what,
+                          f"download that file where there is network and pass it as a local "
+                          f"weights file: MODEL_PATH=open_clip:{arch}:/path/to/{local}"), cfg
+    try:
+        path = ocp.download_pretrained(cfg)
+    except Exception as exc:  # url errors of many types (offline: connection errors)
+        raise BackboneUnavailable(
+            f"{what} could not be fetched from {cfg.get('url') or 'its source'} "
+            f"({type(exc).__name__}: no network or not in the cache); download it where there is "
+            f"network and pass it as a local weights file: "
+            f"MODEL_PATH=open_clip:{arch}:/path/to/weights") from None
+    if not path:
+        raise BackboneUnavailable(f"{what} has no download source; pass a local weights file: "
+                                  f"MODEL_PATH=open_clip:{arch}:/path/to/weights")
+    return path, cfg
+
+
+def _preprocess_for_file(arch: str, weights_file: str) -> dict:
+    """Preprocessing for a bare weights file: the open_clip_config.json beside it (a downloaded
+    hub repo has one), else what all of the architecture's pretrained tags share, else
+    open_clip's defaults (warned: the weights may expect other settings)."""
+    beside = Path(weights_file).with_name("open_clip_config.json")
+    if beside.is_file():
+        return json.loads(beside.read_text()).get("preprocess_cfg", {})
+    from open_clip import pretrained as ocp
+
+    seen = {json.dumps({k: cfg.get(k) for k in _PREPROCESS_KEYS}, default=list)
+            for cfg in (ocp.get_pretrained_cfg(arch, t)
+                        for t in ocp.list_pretrained_tags_by_model(arch))}
+    if len(seen) == 1:
+        return json.loads(seen.pop())
+    if seen:
+        log.warning("open_clip %s: the pretrained tags of this architecture preprocess images "
+                    "differently and %s has no open_clip_config.json beside it; using open_clip's "
+                    "defaults. Pass the tag (with a Hugging Face cache) or open_clip:%s<folder> "
+                    "holding open_clip_config.json to use the weights' own.",
+                    arch, weights_file, LOCAL_DIR)
+    return {}
+
+
+@dataclass
+class _Resolved:
+    """What a spec stands for, known without building the model."""
+    spec: OpenClipSpec
+    arch_config: dict  # open_clip's model_cfg
+    weights_file: str | None  # None: random weights
+    preprocess: dict  # the PreprocessCfg open_clip builds the model with
+
+
+def _resolve(oc, spec: OpenClipSpec) -> _Resolved:
+    """Architecture config, weights file and preprocessing; raises BackboneUnavailable (with
+    what to do) when the weights cannot be fetched, ValueError / FileNotFoundError for a wrong
+    spec."""
+    from open_clip.constants import HF_CONFIG_NAME
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    arch = spec.architecture
+    if arch.startswith(HF_HUB):
+        repo = arch[len(HF_HUB):]
+        instead = (f"download the repository (huggingface-cli download {repo}) where there is "
+                   f"network and pass the folder: MODEL_PATH=open_clip:{LOCAL_DIR}/path/to/folder")
+        config = json.loads(Path(_hub_fetch(repo, HF_CONFIG_NAME, f"open_clip {arch}: "
+                                            f"{HF_CONFIG_NAME}", instead)).read_text())
+        weights_file = _hub_fetch(repo, None, f"open_clip {arch}: weights", instead)
+    elif arch.startswith(LOCAL_DIR):
+        from open_clip.factory import _find_checkpoint_in_dir  # open_clip's choice of file
+
+        folder = Path(arch[len(LOCAL_DIR):])
+        if not (folder / HF_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"open_clip {arch}: {folder / HF_CONFIG_NAME} not found (the "
+                                    f"folder must hold open_clip_config.json and the weights)")
+        config = json.loads((folder / HF_CONFIG_NAME).read_text())
+        weights_file = _find_checkpoint_in_dir(folder)
+        if weights_file is None:
+            raise FileNotFoundError(f"open_clip {arch}: no weights file (*.safetensors, *.bin, "
+                                    f"*.pth) in {folder}")
+    else:
+        config = None
+    if config is not None:
+        if "model_cfg" not in config:
+            raise ValueError(f"open_clip {arch}: {HF_CONFIG_NAME} has no model_cfg")
+        arch_config, overlay = config["model_cfg"], config.get("preprocess_cfg", {})
+    else:
+        arch_config = oc.get_model_config(arch)
+        if arch_config is None:
+            raise ValueError(f"unknown open_clip architecture {arch!r} (open_clip.list_models() "
+                             "lists the known ones)")
+        weights_file, overlay = None, {}
+        if spec.weights is not None and _is_weights_file(spec.weights):
+            if not os.path.isfile(spec.weights):
+                raise FileNotFoundError(f"open_clip weights file not found: {spec.weights}")
+            weights_file = spec.weights
+            overlay = _preprocess_for_file(arch, weights_file)
+        elif spec.weights is not None:
+            weights_file, overlay = _tag_weights(arch, spec.weights)
+    preprocess = merge_preprocess_dict(PreprocessCfg(), overlay)
+    preprocess["size"] = arch_config.get("vision_cfg", {}).get("image_size", preprocess["size"])
+    return _Resolved(spec, arch_config, weights_file, preprocess)
+
+
+def _digest(r: _Resolved, state: dict[str, torch.Tensor] | None = None) -> str:
+    """sha256 over config, preprocessing and the weights file's bytes (or `state`: random)."""
+    h = hashlib.sha256(json.dumps({"model_cfg": r.arch_config, "preprocess": r.preprocess},
+                                  sort_keys=True, default=list).encode())
+    if r.weights_file is not None:
+        with open(r.weights_file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.hexdigest()
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous().reshape(-1)
         h.update(k.encode())
@@ -198,73 +339,95 @@ class OpenClipEncoder(nn.Module):
                                        tok["attention_mask"].to(self.device))
 
 
-def _image_spec(arch: str, clip: nn.Module, preprocess_cfg: dict, out_dim: int) -> ImageSpec:
-    size = preprocess_cfg.get("size") or getattr(clip.visual, "image_size", 224)
+def _square(arch: str, size) -> int:
     if isinstance(size, (tuple, list)):
         if len(set(size)) != 1:
             raise ValueError(f"open_clip {arch}: non-square input {size} is not supported")
         size = size[0]
-    mean = tuple(float(x) for x in preprocess_cfg["mean"])
-    std = tuple(float(x) for x in preprocess_cfg["std"])
-    return ImageSpec(f"{PREFIX}{arch}", int(size), mean, std, out_dim)
+    return int(size)
 
 
-def _embed_dim(oc, arch: str, clip: nn.Module) -> int:
-    cfg = oc.get_model_config(arch) or {}
-    if "embed_dim" in cfg:
-        return int(cfg["embed_dim"])
-    with torch.no_grad():  # fall back to the output width of the text tower
-        return int(clip.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1])
+def _image_spec(r: _Resolved, out_dim: int) -> ImageSpec:
+    pp = r.preprocess
+    return ImageSpec(f"{PREFIX}{r.spec.architecture}", _square(r.spec.architecture, pp["size"]),
+                     tuple(float(x) for x in pp["mean"]), tuple(float(x) for x in pp["std"]),
+                     out_dim, resize_mode=pp["resize_mode"], interpolation=pp["interpolation"])
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def _describe(r: _Resolved, digest: str, embed_dim: int) -> tuple[ModelConfig, dict, str]:
+    """(config, card, model id): one owner, so reading the card and loading the model agree."""
+    arch, weights = r.spec.architecture, r.spec.weights
+    spec = _image_spec(r, embed_dim)
+    config = ModelConfig(image_backbone=f"{PREFIX}{arch}", text_backbone=f"{PREFIX}{arch}",
+                         embed_dim=embed_dim, image_weights=weights, text_weights=weights,
+                         extra={"family": FAMILY, "architecture": arch,
+                                "image_size": spec.input_size, "image_mean": list(spec.mean),
+                                "image_std": list(spec.std), "resize_mode": spec.resize_mode,
+                                "interpolation": spec.interpolation})
+    crop = {"shortest": " + center crop", "longest": " + pad"}.get(spec.resize_mode, "")
+    card = {"family": FAMILY, "architecture": arch, "pretrained": weights,
+            "weights_sha256": digest, "scoring": "cosine",
+            "preprocessing": f"open_clip's: {spec.resize_mode} resize{crop} to "
+                             f"{spec.input_size} px, {spec.interpolation}, mean {list(spec.mean)} "
+                             f"std {list(spec.std)}"}
+    return config, card, f"{FAMILY}-{_safe(r.spec.name)}-{digest[:12]}"
+
+
+def _build(oc, r: _Resolved) -> nn.Module:
+    arch = r.spec.architecture
+    schema = arch.startswith((HF_HUB, LOCAL_DIR))  # open_clip finds the repo's weights itself
+    force = {k: v for k, v in r.preprocess.items() if k != "size"}
+    if r.weights_file is None:
+        log.warning("open_clip %s: NO PRETRAINED WEIGHTS given; using a RANDOM initialisation "
+                    "(seeded; for tests and benchmarks only). Use "
+                    "open_clip:%s:<pretrained tag or weights file>.", arch, arch)
+        with torch.random.fork_rng(devices=[]):  # same random model (and id) on every load
+            torch.manual_seed(0)
+            return oc.create_model(arch, pretrained=None, force_preprocess_cfg=force).eval()
+    try:
+        clip = oc.create_model(arch, pretrained=None if schema else r.weights_file,
+                               force_preprocess_cfg=force)
+    except Exception as exc:  # unreadable file, wrong architecture: errors of many types
+        raise ValueError(f"open_clip {arch}: cannot load weights {r.weights_file}: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+    return clip.eval()
+
+
 def load_open_clip(spec: str):
-    """`open_clip:<arch>[:<tag or file>]` -> LoadedModel (see module doc)."""
+    """`open_clip:<arch>[:<tag or file>]` (or hf-hub: / local-dir:) -> LoadedModel (see module
+    doc)."""
     from encoder.checkpoint import LoadedModel
 
-    parsed = OpenClipSpec.parse(spec)
     oc = _open_clip()
-    arch = parsed.architecture
-    arch_config = oc.get_model_config(arch)
-    if arch_config is None:
-        raise ValueError(f"unknown open_clip architecture {arch!r} (open_clip.list_models() "
-                         "lists the known ones)")
-    weights_file = _resolve_weights(oc, arch, parsed.weights)
-    if weights_file is None:
-        log.warning("open_clip %s: NO PRETRAINED WEIGHTS given; using a RANDOM initialisation "
-                    "(for tests only). Use open_clip:%s:<pretrained tag or weights file>.",
-                    arch, arch)
-    try:
-        clip, _, _ = oc.create_model_and_transforms(arch, pretrained=weights_file)
-    except Exception as exc:  # unreadable file, wrong architecture: errors of many types
-        if weights_file is None:
-            raise
-        raise ValueError(f"open_clip {arch}: cannot load weights {weights_file}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-    clip.eval()
-    preprocess_cfg = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
-    preprocess_cfg.setdefault("mean", getattr(clip.visual, "image_mean", None)
-                              or oc.OPENAI_DATASET_MEAN)
-    preprocess_cfg.setdefault("std", getattr(clip.visual, "image_std", None)
-                              or oc.OPENAI_DATASET_STD)
-    embed_dim = _embed_dim(oc, arch, clip)
-    image_spec = _image_spec(arch, clip, preprocess_cfg, embed_dim)
-    digest = weights_digest(arch_config, clip.state_dict())
-    config = ModelConfig(image_backbone=f"{PREFIX}{arch}", text_backbone=f"{PREFIX}{arch}",
-                         embed_dim=embed_dim, image_weights=parsed.weights,
-                         text_weights=parsed.weights,
-                         extra={"family": FAMILY, "architecture": arch,
-                                "image_size": image_spec.input_size,
-                                "image_mean": list(image_spec.mean),
-                                "image_std": list(image_spec.std)})
-    model = OpenClipEncoder(clip, oc.get_tokenizer(arch), config, image_spec).eval()
-    card = {"family": FAMILY, "architecture": arch, "pretrained": parsed.weights,
-            "weights_sha256": digest, "scoring": "cosine",
-            "preprocessing": "squash-resize to the input size, open_clip mean/std "
-                             f"(open_clip's own: {preprocess_cfg.get('resize_mode', 'shortest')} "
-                             f"resize, {preprocess_cfg.get('interpolation', 'bicubic')})"}
-    model_id = f"{FAMILY}-{_safe(arch)}-{digest[:12]}"
-    return LoadedModel(model, card, model_id, str(parsed))
+    r = _resolve(oc, OpenClipSpec.parse(spec))
+    clip = _build(oc, r)
+    built = _square(r.spec.architecture, clip.visual.preprocess_cfg["size"])
+    if built != _square(r.spec.architecture, r.preprocess["size"]):
+        raise ValueError(f"open_clip {r.spec.architecture}: the model takes {built} px images, "
+                         f"its config says {r.preprocess['size']}")
+    embed_dim = r.arch_config.get("embed_dim")
+    if embed_dim is None:
+        with torch.no_grad():  # fall back to the output width of the text tower
+            embed_dim = clip.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1]
+    digest = _digest(r, None if r.weights_file else clip.state_dict())
+    config, card, model_id = _describe(r, digest, int(embed_dim))
+    image_spec = _image_spec(r, int(embed_dim))
+    model = OpenClipEncoder(clip, oc.get_tokenizer(r.spec.architecture), config, image_spec)
+    return LoadedModel(model.eval(), card, model_id, str(r.spec))
+
+
+def read_open_clip_card(spec: str) -> dict:
+    """What `read_card` gives for a checkpoint (model id, config, card), from the spec: the
+    weights file is hashed, the model is not built (only random weights need building)."""
+    oc = _open_clip()
+    r = _resolve(oc, OpenClipSpec.parse(spec))
+    if r.weights_file is None or "embed_dim" not in r.arch_config:
+        loaded = load_open_clip(spec)
+        config, card, model_id = loaded.model.config, loaded.card, loaded.model_id
+    else:
+        config, card, model_id = _describe(r, _digest(r), int(r.arch_config["embed_dim"]))
+    return {"model_id": model_id, "config": config.to_dict(), **card}

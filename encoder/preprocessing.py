@@ -12,7 +12,8 @@ from torchvision.transforms import v2 as T
 
 from encoder.backbones import ImageSpec
 
-# Flickr8k copies here are squashed to a square; user images are squashed the same way.
+# Flickr8k copies here are squashed to a square; user images are squashed the same way for our
+# models (open_clip models use their own resize + crop: eval_transform).
 DEFAULT_MAX_PIXELS = 40_000_000
 # The models look at 224 px. An image is decoded at reduced size (JPEG DCT scaling, or a box
 # reduction right after load) only while both sides stay >= this: twice the model input, so the
@@ -148,7 +149,13 @@ def release_memory() -> None:
         _libc.malloc_trim(0)
 
 
-def eval_transform(spec: ImageSpec) -> T.Compose:
+def eval_transform(spec: ImageSpec):
+    """PIL image -> normalised [3, S, S] tensor, as the model was trained to see it."""
+    if spec.resize_mode is not None:  # an open_clip model: open_clip's own eval transform
+        from open_clip.transform import image_transform
+
+        return image_transform(spec.input_size, is_train=False, mean=spec.mean, std=spec.std,
+                               resize_mode=spec.resize_mode, interpolation=spec.interpolation)
     return T.Compose([
         T.ToImage(),
         T.Resize((spec.input_size, spec.input_size), antialias=True),
