@@ -126,7 +126,13 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
     path = Path(path)
     payload = _read(path)
     config = ModelConfig.from_dict(payload["config"])
-    model = DualEncoder(config, load_backbones=load_backbones)
+    if config.extra.get("family") == "open_clip":  # a fine-tuned open_clip model: base + deltas
+        model = load_open_clip(config.extra["spec"]).model
+        model.config.extra["trainable"] = config.extra.get("trainable", [])
+        model.config.query_bank_size = config.query_bank_size
+        model.query_bank = torch.zeros(config.query_bank_size, config.embed_dim)
+    else:
+        model = DualEncoder(config, load_backbones=load_backbones)
     state = _dequantize(payload["state_dict"])
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -306,8 +306,19 @@ class OpenClipEncoder(nn.Module):
         self.config = config
         self.image_backbone = OpenClipImageSide(image_spec)
         self.text_backbone = OpenClipTokenizer(tokenizer, config.text_backbone)
-        # no hubness correction: plain cosine scoring (encoder/scoring.py)
-        self.register_buffer("query_bank", torch.zeros(0, config.embed_dim))
+        # hubness correction only once a fine-tune sets a bank (encoder/scoring.py)
+        self.register_buffer("query_bank", torch.zeros(config.query_bank_size, config.embed_dim))
+
+    # --- fine-tuning: which weights train and are saved (training/open_clip_train.py) ---------
+    def trainable_state_keys(self) -> list[str]:
+        """`clip.<name>` of the parameters under the fine-tuned prefixes, + the query bank."""
+        prefixes = tuple(f"clip.{p}" for p in self.config.extra.get("trainable", []))
+        keys = [k for k in self.state_dict() if prefixes and k.startswith(prefixes)]
+        return keys + ["query_bank"]
+
+    def set_query_bank(self, text_emb: torch.Tensor) -> None:
+        self.query_bank = text_emb.detach().to(self.query_bank.device, torch.float32).clone()
+        self.config.query_bank_size = int(self.query_bank.shape[0])
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -364,7 +375,7 @@ def _describe(r: _Resolved, digest: str, embed_dim: int) -> tuple[ModelConfig, d
     spec = _image_spec(r, embed_dim)
     config = ModelConfig(image_backbone=f"{PREFIX}{arch}", text_backbone=f"{PREFIX}{arch}",
                          embed_dim=embed_dim, image_weights=weights, text_weights=weights,
-                         extra={"family": FAMILY, "architecture": arch,
+                         extra={"family": FAMILY, "spec": str(r.spec), "architecture": arch,
                                 "image_size": spec.input_size, "image_mean": list(spec.mean),
                                 "image_std": list(spec.std), "resize_mode": spec.resize_mode,
                                 "interpolation": spec.interpolation})

@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--embed-dim", type=int, default=get_settings().embedding_dim,
                    help="default: EMBEDDING_DIM")
+    p.add_argument("--model", metavar="SPEC",
+                   help="fine-tune a pretrained open_clip model instead: open_clip:<arch>:<weights>")
+    p.add_argument("--train-part", default="projections",
+                   choices=["projections", "last-blocks", "all"],
+                   help="with --model: what trains (bf16 autocast on CUDA)")
+    p.add_argument("--last-blocks", type=int, default=1,
+                   help="with --train-part last-blocks: blocks of each tower that train")
     p.add_argument("--image-backbone", default="efficientnet_lite0")
     p.add_argument("--text-backbone", default="all-MiniLM-L6-v2")
     p.add_argument("--image-weights", help="local weights file for the image backbone")
@@ -92,11 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         train = train.subset(args.train_limit)
     if args.dev_limit:
         dev = dev.subset(args.dev_limit)
-    config = ModelConfig(image_backbone=args.image_backbone, text_backbone=args.text_backbone,
-                         embed_dim=args.embed_dim, head=args.head, image_pool=args.image_pool,
-                         image_tail_stages=args.unfreeze_image_stages,
-                         image_weights=args.image_weights, text_weights=args.text_weights)
-    model = build_model(config, args.resume)
     out = Path(args.out or RUNS_DIR / f"dual-encoder-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -109,7 +111,22 @@ def main(argv: list[str] | None = None) -> int:
                       log_path=str(out.with_suffix(".log.jsonl")))
     out.with_suffix(".log.jsonl").unlink(missing_ok=True)
     eval_sets = [load_set_from_folder(f) for f in args.eval_set]
-    model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc, eval_sets)
+    if args.model:  # a pretrained open_clip model, end to end
+        from encoder.checkpoint import load_checkpoint
+        from training.open_clip_train import fine_tune_and_save
+
+        loaded = load_checkpoint(args.model)
+        model = loaded.model
+        model_id, trainer = fine_tune_and_save(loaded, train, dev, cfg, str(out), desc,
+                                               eval_sets, args.train_part, args.last_blocks)
+    else:
+        config = ModelConfig(image_backbone=args.image_backbone,
+                             text_backbone=args.text_backbone, embed_dim=args.embed_dim,
+                             head=args.head, image_pool=args.image_pool,
+                             image_tail_stages=args.unfreeze_image_stages,
+                             image_weights=args.image_weights, text_weights=args.text_weights)
+        model = build_model(config, args.resume)
+        model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc, eval_sets)
     selected = trainer.selected
     result = {"checkpoint": str(out), "model_id": model_id, "epoch": selected.get("epoch"),
               "dev": selected.get("dev"), **({"sets": selected["sets"]} if "sets" in selected
@@ -119,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.train import embed_split
 
         plot_history(trainer.history, out.with_suffix(".curve.png"))
-        img, _, _ = embed_split(model.to(trainer.device), dev, cfg.cache_dir, trainer.device,
-                                cfg.cache, cfg.workers)
-        plot_examples(model, dev, out.with_suffix(".examples.png"), img)
+        if not args.model:
+            img, _, _ = embed_split(model.to(trainer.device), dev, cfg.cache_dir,
+                                    trainer.device, cfg.cache, cfg.workers)
+            plot_examples(model, dev, out.with_suffix(".examples.png"), img)
     log.info("checkpoint written to %s (serve it with MODEL_PATH=%s)", out, out)
     print(json.dumps(result, indent=2))
     return 0

@@ -165,14 +165,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.split = model.image_split
-        self.stop = cache_stage(model) if cfg.cache else 0
         self.history: list[dict] = []
         self._prepare()
 
     # --- setup ------------------------------------------------------------------------------
     def _prepare(self):
         m, cfg = self.model, self.cfg
+        self.split = m.image_split
+        self.stop = cache_stage(m) if cfg.cache else 0
         m.to(self.device)
         for p in m.parameters():
             p.requires_grad_(False)

@@ -3,6 +3,7 @@ random weights, registered from a JSON config in tests/encoder/test_open_clip.py
 import json
 
 from tests.encoder.test_open_clip import ARCH, tiny_arch, weights_file  # noqa: F401 (fixtures)
+from training.cli import main as train_main
 from training.evaluate import main as eval_main
 
 
@@ -16,3 +17,43 @@ def test_zero_shot_evaluation_of_a_spec(tiny_flickr, weights_file, tmp_path, cap
     assert result["images"] == len(meta["dev"]) and result["captions"] == 5 * len(meta["dev"])
     assert 1 <= result["text_to_image"]["median_rank"] <= len(meta["dev"])
     assert result["scoring"].startswith("cosine")
+
+
+def test_fine_tune_reload_and_serve(tiny_flickr, weights_file, tmp_path, capsys):  # noqa: F811
+    """One epoch of the last blocks: only they (and the projections) change, the checkpoint holds
+    only them, and it reloads (base spec + deltas) to the trained model's embeddings."""
+    import torch
+
+    from encoder import Encoder, load_checkpoint, read_card
+
+    root, meta = tiny_flickr
+    spec = f"open_clip:{ARCH}:{weights_file}"
+    out = tmp_path / "ft.pt"
+    assert train_main(["--data", str(root), "--model", spec, "--train-part", "last-blocks",
+                       "--last-blocks", "1", "--out", str(out), "--epochs", "2",
+                       "--batch_size", "8", "--lr", "1e-3", "--device", "cpu", "--workers", "0",
+                       "--eval-every", "1", "--query-bank", "20", "--no-plots"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    base = load_checkpoint(spec).model
+    tuned = load_checkpoint(out)
+    card = read_card(out)
+    assert card["base"]["spec"] == spec and card["fine_tuned"]["part"] == "last-blocks"
+    assert tuned.model_id == result["model_id"] != load_checkpoint(spec).model_id
+    prefixes = card["fine_tuned"]["prefixes"]
+    assert "transformer.resblocks.1." in prefixes and "visual.transformer.resblocks.1." in prefixes
+    assert not any(p.startswith(("transformer.resblocks.0.", "visual.conv1")) for p in prefixes)
+    # frozen weights equal the base, trained ones moved
+    b, t = base.clip.state_dict(), tuned.model.clip.state_dict()
+    assert torch.equal(b["visual.conv1.weight"], t["visual.conv1.weight"])
+    assert not torch.allclose(b["transformer.resblocks.1.mlp.c_fc.weight"],
+                              t["transformer.resblocks.1.mlp.c_fc.weight"])
+    # the hubness bank came along, and the service's encoder reloads it identically
+    assert tuned.model.query_bank.shape == (20, 32)
+    texts = ["a red circle", "a blue square"]
+    one = Encoder.from_checkpoint(str(out)).encode_texts(texts)
+    two = Encoder.from_checkpoint(str(out)).encode_texts(texts)
+    assert abs(one - two).max() < 1e-6
+    with torch.no_grad():
+        again = tuned.model.encode_texts(texts).numpy()
+    assert abs(one - again).max() < 1e-3  # ONNX vs eager of the same weights
+    assert result["dev"]["text_to_image"]["R@10"] >= 0
