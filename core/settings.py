@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,30 @@ class Settings(BaseSettings):
     # versions kept by `prune` (the CLI's and the DAGs'); the current one is always kept
     index_keep_versions: int = Field(5, ge=1)
     embed_batch_size: int = Field(32, ge=1)
+    # the DAGs' fanned-out embedding: keys to embed per shard (one mapped `embed_shard` task
+    # each, one model load each) and at most this many shards (Airflow maps at most
+    # core.max_map_length = 1024 tasks; bigger collections get bigger shards)
+    embed_shard_size: int = Field(2000, ge=1)
+    embed_max_shards: int = Field(64, ge=1, le=1024)
+
+    # --- vector index backend (indexer/vector_index.py; "faiss": files under INDEX_DIR, the
+    # embedded default; "milvus": collections on a Milvus server, the scale-out one) ----------
+    index_backend: Literal["faiss", "milvus"] = "faiss"
+    # a Milvus server (http://host:19530) or a milvus-lite file (./index.db, one process only)
+    milvus_uri: str = "http://localhost:19530"
+    # "user:password" or an API key (empty: a server without authentication)
+    milvus_token: str | None = None
+    # collections are <prefix>__<model>__<version>, searched through the alias <prefix>__<model>
+    milvus_collection_prefix: str = "flickr_search"
+    # HNSW (default: recall >= 0.95 at ef 64, BENCHMARKS.md), IVF_FLAT, IVF_SQ8 or FLAT (exact)
+    milvus_index_type: Literal["HNSW", "IVF_FLAT", "IVF_SQ8", "FLAT"] = "HNSW"
+    milvus_search_ef: int = Field(64, ge=1)
+    milvus_nlist: int = Field(1024, ge=1)
+    milvus_nprobe: int = Field(32, ge=1)
+    # seconds per Milvus call before the API answers 503 (writers allow several times that)
+    milvus_timeout_s: float = Field(5.0, gt=0)
+    # seconds an API replica trusts its resolution of the alias (collection and count)
+    milvus_refresh_s: float = Field(1.0, gt=0)
 
     # --- where Flickr8k comes from (ingest: CLI and DAG alike) ---------------------------------
     # a folder in the original layout, a Flickr8k_Dataset.zip path, or its URL (e.g. the public

@@ -89,10 +89,18 @@ class Scoring:
     # --- reading results back -----------------------------------------------------------------
     def cosine(self, stored: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Cosine similarity of query and image from the image's stored vectors and the scores."""
+        if not self.corrected:
+            return np.asarray(scores, np.float32)
+        return self.cosine_from_tail(np.asarray(stored, np.float32)[:, -1], scores)
+
+    def cosine_from_tail(self, tail: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The same from the last component of each hit's stored vector (its "tail": -b(v) when
+        corrected, ignored otherwise): all a search needs to return besides the score, so an
+        index never ships whole vectors to read the cosine back."""
         scores = np.asarray(scores, np.float32)
         if not self.corrected:
             return scores
-        return scores - np.asarray(stored, np.float32)[:, -1]
+        return scores - np.asarray(tail, np.float32)
 
     def embeddings(self, stored: np.ndarray) -> np.ndarray:
         """The image embeddings inside stored index vectors."""

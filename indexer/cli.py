@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     from flickr8k.sources import open_resolved
     from indexer import jobs
     from indexer.ingest import ingest
-    from indexer.repository import IndexRepository
+    from indexer.vector_index import open_index
     from objectstore import StoreError, open_store
 
     s = get_settings()
-    repo = IndexRepository(s.index_dir)
     try:
+        index = open_index(s)  # INDEX_BACKEND: the same commands on FAISS files and on Milvus
         if args.cmd == "prune":
             print(json.dumps(jobs.prune_versions(args.keep, s)))
             return 0
@@ -48,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                             limit=args.limit, progress=not args.quiet)
             print(json.dumps(report.__dict__))
         elif args.cmd == "status":
-            print(json.dumps(_status(s, store, repo), indent=2))
+            print(json.dumps(_status(s, store, index), indent=2))
         else:
             from encoder import Encoder
             from indexer import pipeline
 
             fn = pipeline.rebuild if args.cmd == "rebuild" else pipeline.update
-            report = fn(store, Encoder.from_settings(s), repo, s.images_prefix,
+            report = fn(store, Encoder.from_settings(s), index, s.images_prefix,
                         batch_size=args.batch_size or s.embed_batch_size, progress=not args.quiet)
             print(json.dumps(report.to_dict(), indent=2))
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _status(s, store, repo) -> dict:
+def _status(s, store, index) -> dict:
     from encoder import read_card
     from indexer.pipeline import status
 
@@ -71,4 +71,4 @@ def _status(s, store, repo) -> dict:
         model_id = read_card(s.model_path)["model_id"]
     except (FileNotFoundError, ValueError):
         model_id = None
-    return status(store, repo, s.images_prefix, model_id)
+    return status(store, index, s.images_prefix, model_id)

@@ -8,15 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from encoder import Encoder
 from encoder.preprocessing import BadImage, decode_image
-from indexer.repository import IndexLoadError, IndexRepository
-from indexer.index_policy import build_index, index_spec_of, needs_restructure, rebuild_structure
+from indexer.repository import IndexLoadError
+from indexer.vector_index import as_index
 from objectstore import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -102,40 +101,42 @@ class IndexReport:
         return asdict(self)
 
 
-def rebuild(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: str,
+def rebuild(store: ObjectStore, encoder: Encoder, index, prefix: str,
             batch_size: int = 32, progress: bool = True) -> IndexReport:
+    """Embed every image and publish a new version. `index`: a VectorIndex (FAISS or Milvus),
+    or an IndexRepository (FAISS)."""
+    index = as_index(index)
     t0 = time.perf_counter()
     objects = sorted(list_images(store, prefix).values(), key=lambda o: o.key)
     res = embed_objects(store, encoder, objects, batch_size, progress)
-    ids = np.arange(len(res.keys), dtype=np.int64)
-    # flat while exact search is fast enough, IVF (nprobe tuned to a recall target) above
-    index, params = build_index(res.vectors, ids, tuning_queries=encoder.scoring.tuning_queries())
-    version = repo.publish(index, ids, res.keys, res.etags, encoder.model_id,
-                           extra={"source": store.describe(), "prefix": prefix,
-                                  "index_params": params})
-    return IndexReport("rebuilt", version, len(ids), added=len(ids), failed=res.failed,
-                       seconds=time.perf_counter() - t0)
+    out = index.rebuild(encoder.model_id, res.keys, res.vectors, res.etags,
+                        extra={"source": store.describe(), "prefix": prefix},
+                        tuning_queries=encoder.scoring.tuning_queries())
+    return IndexReport("rebuilt", out["version"], out["count"], added=len(res.keys),
+                       failed=res.failed, seconds=time.perf_counter() - t0)
 
 
-def update(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: str,
+def update(store: ObjectStore, encoder: Encoder, index, prefix: str,
            batch_size: int = 32, progress: bool = True) -> IndexReport:
-    """Embed only objects the current index lacks (or whose content changed); drop removed ones.
-
-    No new version is published when nothing changed. A different model id means a rebuild.
-    """
+    """Embed only objects the published version lacks (or whose content changed); drop removed
+    ones. Nothing changed: nothing written. No usable version of this model: a rebuild.
+    (FAISS writes a new version; Milvus upserts and deletes in the published collection.)"""
+    index = as_index(index)
     t0 = time.perf_counter()
     try:
-        current = repo.load()
+        current = index.indexed(encoder.model_id)
     except IndexLoadError as exc:
         log.info("no usable current index (%s): rebuilding", exc)
-        return rebuild(store, encoder, repo, prefix, batch_size, progress)
+        return rebuild(store, encoder, index, prefix, batch_size, progress)
+    if current is None:
+        log.info("no published index for model %s: rebuilding", encoder.model_id)
+        return rebuild(store, encoder, index, prefix, batch_size, progress)
     if current.model_id != encoder.model_id:
         log.info("model changed (%s -> %s): rebuilding", current.model_id, encoder.model_id)
-        return rebuild(store, encoder, repo, prefix, batch_size, progress)
+        return rebuild(store, encoder, index, prefix, batch_size, progress)
 
     objects = list_images(store, prefix)
-    indexed = current.etag_by_key()
-    id_by_key = current.id_by_key()
+    indexed = current.etags
     gone = [k for k in indexed if k not in objects or objects[k].etag != indexed[k]]
     new = sorted((o for k, o in objects.items() if indexed.get(k) != o.etag), key=lambda o: o.key)
     if not gone and not new:
@@ -143,49 +144,35 @@ def update(store: ObjectStore, encoder: Encoder, repo: IndexRepository, prefix: 
                            seconds=time.perf_counter() - t0)
 
     res = embed_objects(store, encoder, new, batch_size, progress)
-    index = faiss.clone_index(current.index)
-    keep = np.ones(len(current.ids), bool)
-    if gone:
-        gone_ids = np.array([id_by_key[k] for k in gone], dtype=np.int64)
-        index.remove_ids(gone_ids)
-        keep &= ~np.isin(current.ids, gone_ids)
-    next_id = int(current.ids.max()) + 1 if len(current.ids) else 0
-    new_ids = np.arange(next_id, next_id + len(res.keys), dtype=np.int64)
-    if len(new_ids):
-        index.add_with_ids(res.vectors, new_ids)
-    ids = np.concatenate([current.ids[keep], new_ids])
-    keys = [k for k, m in zip(current.keys, keep) if m] + res.keys
-    etags = [e for e, m in zip(current.etags, keep) if m] + res.etags
-    if not len(new_ids) and not gone:
+    if not res.keys and not gone:
         return IndexReport("unchanged", current.version, current.count, failed=res.failed,
                            seconds=time.perf_counter() - t0)
-    extra = {"source": store.describe(), "prefix": prefix, "parent": current.version}
-    if needs_restructure(index, index.ntotal):
-        # the collection outgrew its index type (or shrank below it): same vectors, new type
-        index, extra["index_params"] = rebuild_structure(index, encoder.scoring.tuning_queries())
-    else:
-        extra["index_params"] = {**current.manifest.get("index_params", {}),
-                                 **index_spec_of(index).to_dict()}
-    version = repo.publish(index, ids, keys, etags, encoder.model_id, extra=extra)
-    return IndexReport("updated", version, len(ids), added=len(new_ids), removed=len(gone),
-                       failed=res.failed, seconds=time.perf_counter() - t0)
+    out = index.update(encoder.model_id, res.keys, res.vectors, res.etags, delete=gone,
+                       extra={"source": store.describe(), "prefix": prefix},
+                       tuning_queries=encoder.scoring.tuning_queries())
+    return IndexReport("updated", out["version"], out["count"], added=len(res.keys),
+                       removed=len(gone), failed=res.failed, seconds=time.perf_counter() - t0)
 
 
-def status(store: ObjectStore, repo: IndexRepository, prefix: str,
-           model_id: str | None = None) -> dict:
-    manifest = repo.read_manifest()
+def status(store: ObjectStore, index, prefix: str, model_id: str | None = None) -> dict:
+    """What is published (for `model_id` on Milvus, whose versions are per model; FAISS: the
+    CURRENT version, whichever model built it) and what an update would do."""
+    index = as_index(index)
+    info = index.status(model_id)
     objects = list_images(store, prefix)
-    out = {"store": store.describe(), "objects": len(objects), "version": None,
-           "model_id": None, "count": 0, "not_indexed": len(objects), "removed_from_store": 0}
-    if manifest is None:
+    out = {"store": store.describe(), "objects": len(objects), **info,
+           "count": 0, "not_indexed": len(objects), "removed_from_store": 0}
+    if info.get("version") is None:
         return out
-    out.update(version=manifest["version"], model_id=manifest["model_id"], count=manifest["count"])
+    out["count"] = info.get("count", 0)
     try:
-        current = repo.load()
+        current = index.indexed(model_id)
     except IndexLoadError as exc:
         out["error"] = str(exc)
         return out
-    indexed = current.etag_by_key()
+    if current is None:
+        return out
+    indexed = current.etags
     out["not_indexed"] = sum(1 for k, o in objects.items() if indexed.get(k) != o.etag)
     out["removed_from_store"] = sum(1 for k in indexed if k not in objects)
     if model_id is not None:

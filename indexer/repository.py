@@ -116,14 +116,22 @@ class IndexVersion:
         ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
         return self.index.reconstruct_batch(ids)  # one call, not one per key
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count)."""
+    def search(self, queries: np.ndarray, k: int, with_tail: bool = False):
+        """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count); with_tail: also the
+        last component of each hit's stored vector, per row (what Scoring.cosine_from_tail
+        reads the cosine back from; the Milvus backend returns the same)."""
         k = min(k, self.count)
         if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), [[] for _ in queries]
+            empty = [[] for _ in queries]
+            return (np.zeros((len(queries), 0), np.float32), empty) + \
+                ((empty,) if with_tail else ())
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         keys = [[self.key_of(i) for i in row if i >= 0] for row in ids]
-        return scores[:, : max((len(r) for r in keys), default=0)], keys
+        scores = scores[:, : max((len(r) for r in keys), default=0)]
+        if not with_tail:
+            return scores, keys
+        # the hits' tails, one reconstruct_batch per row: ~15 us for 10 hits
+        return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, -1] for row in ids]
 
 
 class IndexRepository:

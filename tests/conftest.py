@@ -120,3 +120,25 @@ def encoder(small_checkpoint):
     from encoder import Encoder
 
     return Encoder.from_checkpoint(str(small_checkpoint))
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """A real Milvus standalone (PyPI `milvus` wheel) on loopback ports, one per test session
+    (~10 s to start); tests isolate themselves by collection prefix. Tests that stop it start it
+    again before they end."""
+    from local_milvus import LocalMilvus
+
+    server = LocalMilvus(tmp_path_factory.mktemp("milvus")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def milvus_prefix(request) -> str:
+    """A collection prefix of this test's own (Milvus names: letters, digits, underscores)."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:24].strip("_")
+    return f"t_{name}_{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,98 @@
+"""Start a real Milvus standalone server (the PyPI `milvus` wheel, 2.3.5) on loopback.
+
+Used by the tests and benchmarks of the Milvus backend; docker-compose's `scale` profile runs
+the official image instead. `python deploy/local_milvus.py --dir DIR --port 19530` runs it in
+the foreground.
+
+Every component listens on 127.0.0.1 on ports chosen here, so several servers (and other
+people's tests) can run side by side. Stopping goes through the wheel's API (SIGTERM, then
+SIGKILL of its own pid after a second: it may take 25 s to stop on SIGTERM alone); data stays
+in DIR, so `start` again serves the same collections and aliases.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+from ports import free_port
+
+COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",
+              "dataNode")
+
+
+def _config_class():
+    from milvus import MilvusServerConfig
+
+    class LoopbackConfig(MilvusServerConfig):
+        def try_bind_port(self, port):
+            # the wheel probes each port with a plain bind; after a restart the old server's
+            # connections sit in TIME_WAIT on them, which the server itself (SO_REUSEADDR)
+            # does not mind
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+                return sock
+            except OSError:
+                sock.close()
+                return None
+
+    return LoopbackConfig
+
+
+class LocalMilvus:
+    """One Milvus standalone process with its data under `base_dir`."""
+
+    def __init__(self, base_dir: str | os.PathLike, port: int | None = None):
+        from milvus import MilvusServer
+
+        self.base_dir = Path(base_dir)
+        self.server = MilvusServer(_config_class()(), wait_for_started=True)
+        self.server.set_base_dir(str(self.base_dir))
+        ports = {k: free_port() for k in self.server.config_keys if k.endswith("_port")}
+        if port:
+            ports["proxy_port"] = port
+        self.server.config.update(**ports)
+        for comp in COMPONENTS:
+            self.server.config.set(f"{comp}.ip", "127.0.0.1")
+        self.port = ports["proxy_port"]
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.server_proc.pid if self.server.server_proc else None
+
+    def start(self, attempts: int = 3) -> "LocalMilvus":
+        for attempt in range(1, attempts + 1):
+            try:
+                self.server.start()
+                return self
+            except RuntimeError:  # a port still held by the previous process: wait, retry
+                self.server.stop()
+                if attempt == attempts:
+                    raise
+                time.sleep(2.0 * attempt)
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dir", default="data/milvus")
+    p.add_argument("--port", type=int, default=19530)
+    a = p.parse_args()
+    m = LocalMilvus(a.dir, a.port).start()
+    print(f"Milvus standalone on {m.uri} (pid {m.pid}); Ctrl-C stops it", flush=True)
+    try:
+        m.server.wait()
+    except KeyboardInterrupt:
+        m.stop()

@@ -1,0 +1,457 @@
+"""The Milvus backend of `indexer.vector_index` (INDEX_BACKEND=milvus): Milvus standalone or
+cluster over MILVUS_URI; milvus-lite (a local `.db` file as MILVUS_URI) for one process.
+
+Versions are collections, readers follow an alias:
+
+    <prefix>__<model>                 the alias of a model: what its APIs search (one per model
+                                      id, so an API never searches another model's vectors)
+    <prefix>__<model>__<version>      one collection per rebuild; its description is the exact
+                                      model id, checked before anyone searches it
+
+A rebuild fills a new collection, flushes it, checks its count, waits for its index, and
+publishes it with `alter_alias` (`create_alias` the first time): one atomic switch on the
+server, every API replica follows within MILVUS_REFRESH_S. An update upserts into the published
+collection (object key = primary key, the object's etag stored beside the vector) and deletes
+keys by filter; nothing is copied. `prune` drops unaliased collections beyond the newest few.
+
+Fields: key VARCHAR (primary), etag VARCHAR, vector FLOAT_VECTOR (Scoring's index vectors as
+they are), tail FLOAT (the vector's last component, copied at write), metric IP: the score of a
+hit is the inner product FAISS reports for it. A search returns scores, keys and, when asked,
+each hit's tail (what `Scoring.cosine_from_tail` reads the cosine back from): never vectors,
+which cost ~2.5 ms more per search at top 10 on this machine (BENCHMARKS.md §7).
+
+Consistency: searches and the API's counts use **Bounded** staleness: a search does not wait
+for the newest writes (about 4 ms per search at 10k vectors here, against about 200 ms with
+Strong, which waits for the server's time tick on every call). Readers only ever see complete
+versions anyway (a new version is published after it is flushed and counted), so Bounded only
+delays in-place updates by at most a few seconds. The writer side (what is indexed, counts
+before a publish) reads **Strong**: a rerun of an update must see what the previous run wrote,
+or it would redo it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from indexer.repository import IndexLoadError
+from indexer.vector_index import Indexed, IndexUnavailable, VectorIndex, _check_rows, \
+    new_version_name
+
+log = logging.getLogger(__name__)
+
+KEY_MAX = 1024  # S3 keys are at most 1024 bytes
+ETAG_MAX = 256
+WRITE_BATCH = 2000  # rows per upsert: ~2 MB at 257-d, far below gRPC's message limit
+PAGE = 16384  # rows per query page (Milvus caps offset + limit at 16384)
+# below this many rows a publish does not flush: growing segments are searched exactly and
+# fast, and flushing costs seconds; above, flushing seals the segments the vector index covers
+FLUSH_MIN_ROWS = 10_000
+INDEX_TYPES = {
+    # HNSW: M and efConstruction as Milvus recommends for recall; ef (search) from settings
+    "HNSW": ({"M": 16, "efConstruction": 200}, "ef"),
+    "IVF_FLAT": (None, "nprobe"),  # nlist from settings
+    "IVF_SQ8": (None, "nprobe"),  # the same lists, vectors as 8-bit codes (4x less memory)
+    "FLAT": ({}, None),  # exact
+}
+NOT_FOUND_CODES = {100, 1600}  # collection not found, alias not found
+
+
+def _public(exc: BaseException) -> str:
+    """What went wrong, in a line, without the server's address or a stack."""
+    code = getattr(exc, "code", None)
+    code = code() if callable(code) else code
+    name = getattr(code, "name", None) or (f"code {code}" if code is not None else
+                                            type(exc).__name__)
+    return f"the vector index (Milvus) does not answer ({name}); searches resume when it is back"
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Connection refused, timeouts, a server shutting down: worth retrying later."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    if isinstance(exc, grpc.RpcError):
+        return True
+    if isinstance(exc, MilvusException):
+        return exc.code not in NOT_FOUND_CODES and (
+            exc.code == 2 or "connect" in str(exc.message).lower()
+            or "unavailable" in str(exc.message).lower() or "not ready" in str(exc.message).lower())
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _not_found(exc: BaseException) -> bool:
+    return getattr(exc, "code", None) in NOT_FOUND_CODES
+
+
+def _safe(name: str) -> str:
+    """A model id as a Milvus name part: letters, digits and single underscores; a long one
+    is cut and keeps a digest of the whole (the exact id is in the collection's description)."""
+    safe = re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_") or "model"
+    if len(safe) > 120:
+        safe = safe[:111] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
+def _in(keys: Iterable[str]) -> str:
+    """A filter matching these keys (escaped as JSON strings, which Milvus parses)."""
+    return f"key in {json.dumps(list(keys), ensure_ascii=False)}"
+
+
+class MilvusView:
+    """One published collection, searched by name: every answer comes from this one version,
+    whatever the alias points at meanwhile."""
+    remote = True
+
+    def __init__(self, owner: "MilvusIndex", collection: str, model_id: str, dim: int,
+                 count: int, alias: str):
+        self.owner = owner
+        self.version = collection
+        self.collection = collection
+        self.alias = alias
+        self.model_id = model_id
+        self.dim = dim
+        self.count = count
+        self.resolved_at = time.monotonic()
+
+    def search(self, queries: np.ndarray, k: int, with_tail: bool = False):
+        """Top-k per query: (scores [Q, k'], keys [[...]]) (+ each hit's tail, per row: the
+        last component of its stored vector, as FAISS's IndexVersion.search gives it)."""
+        k = min(k, self.count)
+        queries = np.asarray(queries, np.float32)
+        if k <= 0:
+            empty = [[] for _ in queries]
+            return (np.zeros((len(queries), 0), np.float32), empty) + \
+                ((empty,) if with_tail else ())
+        with self.owner.calls(searching=self.collection):
+            rows = self.owner.client.search(
+                self.collection, data=queries.tolist(), limit=k,
+                output_fields=["tail"] if with_tail else [],
+                search_params=self.owner.search_params(k), consistency_level="Bounded",
+                timeout=self.owner.timeout_s)
+        width = max((len(r) for r in rows), default=0)
+        scores = np.full((len(rows), width), -np.inf, np.float32)
+        keys = []
+        for i, row in enumerate(rows):
+            scores[i, :len(row)] = [h["distance"] for h in row]
+            keys.append([h["id"] for h in row])
+        if not with_tail:
+            return scores, keys
+        return scores, keys, [np.asarray([h["entity"]["tail"] for h in row], np.float32)
+                              for row in rows]
+
+    def stored_vectors(self, keys: list[str]) -> np.ndarray:
+        """The vectors held for these keys (one query)."""
+        if not keys:
+            return np.zeros((0, 0), np.float32)
+        with self.owner.calls(searching=self.collection):
+            rows = self.owner.client.query(self.collection, filter=_in(keys),
+                                           output_fields=["key", "vector"],
+                                           consistency_level="Bounded",
+                                           timeout=self.owner.timeout_s)
+        by_key = {r["key"]: r["vector"] for r in rows}
+        return np.asarray([by_key[k] for k in keys], np.float32)
+
+
+class MilvusIndex(VectorIndex):
+    backend = "milvus"
+    remote = True
+
+    def __init__(self, uri: str, token: str = "", prefix: str = "flickr_search",
+                 index_type: str = "HNSW", search_ef: int = 64, nlist: int = 1024,
+                 nprobe: int = 32, timeout_s: float = 5.0, index_wait_s: float = 3600.0):
+        if "__" in prefix or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+            raise ValueError("MILVUS_COLLECTION_PREFIX: letters, digits and single underscores, "
+                             "not starting with a digit")
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"MILVUS_INDEX_TYPE must be one of {', '.join(INDEX_TYPES)}")
+        self.uri, self.token, self.prefix = uri, token or "", prefix
+        self.index_type, self.search_ef, self.nlist, self.nprobe = index_type, search_ef, nlist, \
+            nprobe
+        self.timeout_s, self.index_wait_s = timeout_s, index_wait_s
+        self._client = None
+        self._client_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, s) -> "MilvusIndex":
+        return cls(s.milvus_uri, s.milvus_token or "", s.milvus_collection_prefix,
+                   s.milvus_index_type, s.milvus_search_ef, s.milvus_nlist, s.milvus_nprobe,
+                   s.milvus_timeout_s)
+
+    # --- connection --------------------------------------------------------------------------
+    @property
+    def client(self):
+        """The client, (re)made on first use: a server that was down at start is found later."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    from pymilvus import MilvusClient
+
+                    # it logs a full traceback for every failed call (set up by its import):
+                    # we log one line and raise our own
+                    logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
+                    with self.calls():
+                        self._client = MilvusClient(uri=self.uri, token=self.token,
+                                                    timeout=self.timeout_s)
+        return self._client
+
+    @contextmanager
+    def calls(self, searching: str | None = None) -> Iterator[None]:
+        """Connection failures -> IndexUnavailable (logged here, in a line). `searching`: a
+        reader's call on that collection, where any server error is a 503 (a collection still
+        loading after a restart, or just dropped by a prune)."""
+        try:
+            yield
+        except IndexUnavailable:
+            raise
+        except Exception as exc:
+            if searching is not None and _not_found(exc):
+                raise IndexUnavailable(f"index version {searching} was just replaced; "
+                                       "retry") from None
+            from pymilvus.exceptions import MilvusException
+
+            if not (_is_unavailable(exc) or searching is not None
+                    and isinstance(exc, MilvusException)):
+                raise
+            log.warning("Milvus call failed: %s", str(exc).splitlines()[0][:300])
+            raise IndexUnavailable(_public(exc)) from None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- names -------------------------------------------------------------------------------
+    def alias(self, model_id: str) -> str:
+        return f"{self.prefix}__{_safe(model_id)}"
+
+    def _collection(self, model_id: str, version: str) -> str:
+        return f"{self.alias(model_id)}__{version.replace('-', '_')}"
+
+    def published_version(self, model_id: str) -> str | None:
+        """The collection the model's alias points at (None: nothing published)."""
+        with self.calls():
+            try:
+                return self.client.describe_alias(self.alias(model_id),
+                                                  timeout=self.timeout_s)["collection_name"]
+            except Exception as exc:
+                if _not_found(exc):
+                    return None
+                raise
+
+    def _describe(self, collection: str) -> tuple[str, int]:
+        """(the model id that built it, vector dimension)"""
+        with self.calls():
+            info = self.client.describe_collection(collection, timeout=self.timeout_s)
+        dim = next(int(f["params"]["dim"]) for f in info["fields"] if f["name"] == "vector")
+        return info["description"], dim
+
+    def _model_of(self, collection: str) -> str:
+        return self._describe(collection)[0]
+
+    def _count(self, collection: str, consistency: str = "Strong") -> int:
+        with self.calls():
+            rows = self.client.query(collection, filter="", output_fields=["count(*)"],
+                                     consistency_level=consistency, timeout=self.timeout_s)
+        return int(rows[0]["count(*)"])
+
+    def search_params(self, k: int) -> dict:
+        _, knob = INDEX_TYPES[self.index_type]
+        if knob == "ef":
+            return {"metric_type": "IP", "params": {"ef": max(self.search_ef, k)}}
+        if knob == "nprobe":
+            return {"metric_type": "IP", "params": {"nprobe": self.nprobe}}
+        return {"metric_type": "IP", "params": {}}
+
+    # --- reading -----------------------------------------------------------------------------
+    def view(self, model_id: str) -> MilvusView:
+        collection = self.published_version(model_id)
+        if collection is None:
+            raise IndexLoadError(f"no index published for model {model_id[:100]} "
+                                 "(run `python -m indexer rebuild`)")
+        built_by, dim = self._describe(collection)
+        if built_by != model_id:  # two ids that map to one name: never serve the other's
+            raise IndexLoadError(f"index version {collection} was built by model "
+                                 f"{built_by[:100]}, but the loaded model is {model_id}")
+        return MilvusView(self, collection, model_id, dim, self._count(collection, "Bounded"),
+                          self.alias(model_id))
+
+    def indexed(self, model_id: str | None) -> Indexed | None:
+        if model_id is None:
+            return None
+        collection = self.published_version(model_id)
+        if collection is None:
+            return None
+        built_by = self._model_of(collection)
+        etags = self._etags(collection)
+        return Indexed(collection, built_by, len(etags), etags)
+
+    def _etags(self, collection: str) -> dict[str, str]:
+        """key -> etag of every row, paged by key (Strong: sees every write made before)."""
+        out: dict[str, str] = {}
+        last = None
+        while True:
+            filt = "" if last is None else f"key > {json.dumps(last, ensure_ascii=False)}"
+            with self.calls():
+                rows = self.client.query(collection, filter=filt, limit=PAGE,
+                                         output_fields=["key", "etag"],
+                                         consistency_level="Strong", timeout=self.timeout_s * 6)
+            if not rows:
+                return out
+            for r in rows:
+                out[r["key"]] = r["etag"]
+            last = max(r["key"] for r in rows)
+
+    def status(self, model_id: str | None = None) -> dict:
+        out = {"backend": self.backend, "version": None, "model_id": None, "count": 0,
+               "alias": self.alias(model_id) if model_id else None, "collection": None}
+        if model_id is None:
+            return out
+        collection = self.published_version(model_id)
+        if collection is not None:
+            out.update(version=collection, collection=collection,
+                       model_id=self._model_of(collection), count=self._count(collection))
+        return out
+
+    def versions(self) -> list[str]:
+        """Every collection of ours (all models), oldest first within a model."""
+        with self.calls():
+            return sorted(c for c in self.client.list_collections(timeout=self.timeout_s)
+                          if c.startswith(self.prefix + "__") and c.count("__") >= 2)
+
+    def prune(self, keep: int) -> dict:
+        """Per model: keep the aliased collection and the newest `keep`; drop the rest."""
+        collections = self.versions()
+        by_alias: dict[str, list[str]] = {}
+        for c in collections:
+            by_alias.setdefault(c.rsplit("__", 1)[0], []).append(c)
+        removed, current = [], []
+        for alias, names in by_alias.items():
+            with self.calls():
+                try:
+                    aliased = self.client.describe_alias(alias, timeout=self.timeout_s)[
+                        "collection_name"]
+                    current.append(aliased)
+                except Exception as exc:
+                    if not _not_found(exc):
+                        raise
+                    aliased = None
+            for name in (names[:-keep] if keep else names):
+                if name != aliased:
+                    with self.calls():
+                        self.client.drop_collection(name, timeout=self.timeout_s)
+                    removed.append(name)
+        return {"removed": removed, "versions": len(collections) - len(removed),
+                "current": current}
+
+    # --- writing -----------------------------------------------------------------------------
+    def begin(self, model_id, dim, extra=None, tuning_queries=None) -> str:
+        """A new, empty collection for `model_id` (indexed and loaded, not aliased)."""
+        from pymilvus import DataType, MilvusClient
+
+        name = self._collection(model_id, new_version_name())
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                            description=model_id)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_MAX)
+        schema.add_field("etag", DataType.VARCHAR, max_length=ETAG_MAX)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
+        schema.add_field("tail", DataType.FLOAT)  # vector[-1]: searches return it, not vectors
+        params, _ = INDEX_TYPES[self.index_type]
+        if params is None:
+            params = {"nlist": self.nlist}
+        index_params = MilvusClient.prepare_index_params()
+        index_params.add_index("vector", index_type=self.index_type, metric_type="IP",
+                               params=params)
+        with self.calls():
+            self.client.create_collection(name, schema=schema, index_params=index_params,
+                                          consistency_level="Bounded", timeout=self.timeout_s * 6)
+        log.info("created collection %s (%s, dim %d)", name, self.index_type, dim)
+        return name
+
+    def write(self, version, keys, vectors, etags, part="0") -> int:
+        """Upsert rows by object key: writing the same rows again leaves the same collection."""
+        vectors = _check_rows(keys, vectors, etags)
+        for s in range(0, len(keys), WRITE_BATCH):
+            rows = [{"key": k, "etag": e, "vector": v, "tail": v[-1]}
+                    for k, e, v in zip(keys[s:s + WRITE_BATCH], etags[s:s + WRITE_BATCH],
+                                       vectors[s:s + WRITE_BATCH].tolist())]
+            with self.calls():
+                self.client.upsert(version, rows, timeout=self.timeout_s * 6)
+        return len(keys)
+
+    def remove(self, version: str, keys: Iterable[str]) -> int:
+        keys = list(dict.fromkeys(keys))
+        for s in range(0, len(keys), WRITE_BATCH):
+            with self.calls():
+                self.client.delete(version, filter=_in(keys[s:s + WRITE_BATCH]),
+                                   timeout=self.timeout_s * 6)
+        return len(keys)
+
+    def _wait_indexed(self, collection: str) -> None:
+        """Until every flushed row is in the vector index (searches of a fresh version are
+        then as fast as the API expects). Not until nothing is pending: the server's compaction
+        merges the fresh small segments and indexes the merged ones again (at 300k vectors
+        here that re-indexing ran minutes after every row was indexed), searches meanwhile use
+        the segments already indexed."""
+        deadline = time.monotonic() + self.index_wait_s
+        while True:
+            with self.calls():
+                info = self.client.describe_index(collection, "vector", timeout=self.timeout_s)
+            total, done = int(info.get("total_rows", 0)), int(info.get("indexed_rows", 0))
+            if not int(info.get("pending_index_rows", 0)) or (total and done >= total) \
+                    or time.monotonic() > deadline:
+                return
+            time.sleep(0.5)
+
+    def publish(self, version) -> dict:
+        """Count (Strong: every write made so far), flush and wait for the vector index (large
+        versions), then point the model's alias at it."""
+        model_id = self._model_of(version)
+        count = self._count(version)
+        if count >= FLUSH_MIN_ROWS:
+            with self.calls():
+                self.client.flush(version, timeout=self.timeout_s * 60)
+            self._wait_indexed(version)
+        alias = self.alias(model_id)
+        with self.calls():
+            self.client.load_collection(version, timeout=self.timeout_s * 12)
+            if self.published_version(model_id) is None:
+                try:
+                    self.client.create_alias(version, alias, timeout=self.timeout_s)
+                except Exception:  # another publisher made it meanwhile: switch it
+                    self.client.alter_alias(version, alias, timeout=self.timeout_s)
+            else:
+                self.client.alter_alias(version, alias, timeout=self.timeout_s)
+        log.info("published %s as %s (%d vectors)", version, alias, count)
+        return {"version": version, "count": count}
+
+    def discard(self, version) -> None:
+        with self.calls():
+            if not self.client.has_collection(version, timeout=self.timeout_s):
+                return
+            if self.client.list_aliases(version, timeout=self.timeout_s).get("aliases"):
+                raise ValueError(f"{version} is published; it cannot be discarded")
+            self.client.drop_collection(version, timeout=self.timeout_s)
+
+    def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
+               tuning_queries=None) -> dict | None:
+        """Upsert and delete in the published collection (no new version). None when this model
+        has none (rebuild instead)."""
+        collection = self.published_version(model_id)
+        if collection is None or self._model_of(collection) != model_id:
+            return None
+        vectors = _check_rows(keys, vectors, etags)
+        gone = [k for k in dict.fromkeys(delete) if k not in set(keys)]
+        if len(keys):
+            self.write(collection, keys, vectors, etags)
+        if gone:
+            self.remove(collection, gone)
+        return {"version": collection, "count": self._count(collection),
+                "changed": bool(len(keys) or gone)}

@@ -1,0 +1,186 @@
+"""The vector-index contract, run against both backends: FAISS files and a real Milvus
+standalone server (tests/conftest.py `milvus_server`). Same search results and scores, same
+update / delete / prune / publish-in-parts behaviour, same `python -m indexer` commands."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from core.settings import Settings, get_settings
+from indexer.milvus_index import MilvusIndex
+from indexer.repository import IndexLoadError, IndexRepository
+from indexer.vector_index import FaissIndex, open_index
+
+from .helpers import PREFIX, unit_vectors
+
+MODEL = "test-model-1a2b3c"
+DIM = 32
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def backend(request, tmp_path):
+    if request.param == "faiss":
+        yield FaissIndex(IndexRepository(tmp_path / "index"))
+        return
+    server = request.getfixturevalue("milvus_server")
+    index = MilvusIndex(server.uri, prefix=request.getfixturevalue("milvus_prefix"))
+    yield index
+    for name in index.versions():  # leave the shared server clean
+        index.client.drop_collection(name)
+
+
+def _keys(n, start=0):
+    return [f"{PREFIX}{i:05d}.jpg" for i in range(start, start + n)]
+
+
+def exact_top(vectors, keys, queries, k=10):
+    scores = queries @ vectors.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[keys[j] for j in row] for row in order], np.take_along_axis(scores, order, 1)
+
+
+def recall(found, truth, k=10):
+    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+
+
+def test_search_matches_exact_inner_product(backend):
+    vectors, keys = unit_vectors(3000, DIM, seed=1), _keys(3000)
+    out = backend.rebuild(MODEL, keys, vectors, [f"e{i}" for i in range(3000)])
+    assert out["count"] == 3000 and backend.indexed(MODEL).count == 3000
+    queries = unit_vectors(100, DIM, seed=2)
+    scores, found = backend.search(MODEL, queries, 10)
+    truth, truth_scores = exact_top(vectors, keys, queries)
+    assert recall(found, truth) >= 0.95
+    by_key = dict(zip(keys, vectors))
+    for row_scores, row_keys, q in zip(scores, found, queries):  # the score is <q, v>
+        np.testing.assert_allclose(row_scores, [by_key[k] @ q for k in row_keys], atol=1e-5)
+    view = backend.view(MODEL)
+    _, tail_keys, tails = view.search(queries[:3], 5, with_tail=True)
+    for row_keys, row_tails in zip(tail_keys, tails):  # each hit's stored last component
+        assert row_tails.dtype == np.float32 and len(row_tails) == len(row_keys) == 5
+        np.testing.assert_array_equal(row_tails, [by_key[k][-1] for k in row_keys])
+    some = found[0][:4]  # vectors come back as stored
+    np.testing.assert_array_equal(view.stored_vectors(some), [by_key[k] for k in some])
+
+
+def test_update_upserts_by_key_deletes_and_reruns_change_nothing(backend):
+    vectors, keys = unit_vectors(40, DIM, seed=3), _keys(40)
+    backend.rebuild(MODEL, keys, vectors, ["v1"] * 40)
+    changed, fresh = keys[:5], _keys(5, start=100)
+    new_vecs = unit_vectors(10, DIM, seed=4)
+    out = backend.update(MODEL, changed + fresh, new_vecs, ["v2"] * 10, delete=keys[30:33])
+    assert out["count"] == 40 + 5 - 3
+    state = backend.indexed(MODEL)
+    assert state.count == 42 and set(state.etags) == set(keys[:30] + keys[33:] + fresh)
+    assert all(state.etags[k] == "v2" for k in changed + fresh)
+    # the changed vectors are searched, not the old ones
+    scores, found = backend.search(MODEL, new_vecs[:5], 1)
+    assert [r[0] for r in found] == changed and np.allclose(scores[:, 0], 1.0, atol=1e-5)
+    # the same update again: same contents
+    backend.update(MODEL, changed + fresh, new_vecs, ["v2"] * 10, delete=keys[30:33])
+    assert backend.indexed(MODEL).etags == state.etags
+    backend.delete(MODEL, fresh)
+    assert backend.indexed(MODEL).count == 37
+    # another model has nothing published: an update of it is a rebuild's job
+    assert backend.update("other-model", fresh, new_vecs[5:], ["v"] * 5) is None
+
+
+def test_a_version_written_in_parts_is_invisible_until_published(backend):
+    backend.rebuild(MODEL, _keys(10), unit_vectors(10, DIM, seed=5), ["a"] * 10)
+    first = backend.status(MODEL)["version"]
+    version = backend.begin(MODEL, DIM)
+    vecs = unit_vectors(30, DIM, seed=6)
+    backend.write(version, _keys(20), vecs[:20], ["b"] * 20, part="p0")
+    backend.write(version, _keys(20, 10), vecs[10:], ["b"] * 20, part="p1")  # overlaps p0
+    backend.write(version, _keys(20, 10), vecs[10:], ["b"] * 20, part="p1")  # a retried part
+    assert backend.indexed(MODEL).count == 10  # readers still see the first version
+    assert backend.publish(version)["count"] == 30
+    st = backend.status(MODEL)
+    assert st["version"] != first and st["count"] == 30 and st["model_id"] == MODEL
+    assert backend.view(MODEL).count == 30
+    # prune keeps the published one and the newest `keep`
+    third = backend.rebuild(MODEL, _keys(3), vecs[:3], ["c"] * 3)["version"]
+    pruned = backend.prune(1)
+    assert first in pruned["removed"] and third not in pruned["removed"]
+    assert backend.status(MODEL)["version"] == third
+    assert backend.versions() == [third]
+
+
+def test_an_unpublished_version_can_be_discarded(backend):
+    version = backend.begin(MODEL, DIM)
+    backend.write(version, _keys(3), unit_vectors(3, DIM), ["x"] * 3)
+    backend.discard(version)
+    assert backend.versions() == [] and backend.indexed(MODEL) is None
+
+
+def test_a_model_never_searches_another_models_version(backend):
+    backend.rebuild(MODEL, _keys(5), unit_vectors(5, DIM), ["a"] * 5)
+    with pytest.raises(IndexLoadError):
+        backend.view("another-model-ffff")
+    assert backend.view(MODEL).model_id == MODEL
+
+
+def test_milvus_names_and_metric(milvus_server, milvus_prefix):
+    index = MilvusIndex(milvus_server.uri, prefix=milvus_prefix)
+    try:
+        version = index.rebuild("my-model:v1.pt", _keys(4), unit_vectors(4, DIM), ["e"] * 4)[
+            "version"]
+        assert version.startswith(f"{milvus_prefix}__my_model_v1_pt__")
+        alias = index.alias("my-model:v1.pt")
+        assert alias == f"{milvus_prefix}__my_model_v1_pt"
+        assert index.client.describe_alias(alias)["collection_name"] == version
+        idx = index.client.describe_index(version, "vector")
+        assert idx["metric_type"] == "IP" and idx["index_type"] == "HNSW"
+        assert index.client.describe_collection(version)["consistency_level"] in (2, "Bounded")
+    finally:
+        for name in index.versions():
+            index.client.drop_collection(name)
+
+
+# --- the same command line on both backends ------------------------------------------------
+@pytest.mark.parametrize("kind", ["faiss", "milvus"])
+def test_indexer_commands_behave_alike(kind, request, tmp_path, tiny_flickr, small_checkpoint,
+                                       monkeypatch, capsys):
+    from flickr8k.sources import open_source
+    from indexer import cli
+    from indexer.ingest import ingest
+    from objectstore import LocalStore
+
+    root, _ = tiny_flickr
+    ingest(open_source(str(root)), LocalStore(tmp_path / "store", "b"), split="dev",
+           progress=False)
+    env = {"STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(tmp_path / "store"),
+           "MINIO_BUCKET": "b", "INDEX_DIR": str(tmp_path / "index"),
+           "MODEL_PATH": str(small_checkpoint), "INDEX_BACKEND": kind}
+    if kind == "milvus":
+        env |= {"MILVUS_URI": request.getfixturevalue("milvus_server").uri,
+                "MILVUS_COLLECTION_PREFIX": request.getfixturevalue("milvus_prefix")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv) -> dict:
+        assert cli.main(["--quiet", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    try:
+        built = run("rebuild")
+        assert built["action"] == "rebuilt" and built["count"] == 6
+        assert run("update")["action"] == "unchanged"  # a rerun changes nothing
+        st = run("status")
+        assert (st["backend"], st["count"], st["not_indexed"], st["version"]) == \
+            (kind, 6, 0, built["version"])
+        assert st["model_matches"] is True
+        again = run("rebuild")
+        pruned = run("prune", "--keep", "1")
+        assert pruned["removed"] == [built["version"]] and pruned["versions"] == 1
+        assert run("status")["version"] == again["version"]
+    finally:
+        if kind == "milvus":
+            index = open_index(Settings())
+            for name in index.versions():
+                index.client.drop_collection(name)
+        get_settings.cache_clear()
