@@ -24,18 +24,22 @@ BODY_SLACK = 64 * 1024
 
 def build_state(settings: Settings) -> ServiceState:
     """Load the model (FileNotFoundError / ValueError when it is missing or unreadable) and the
-    CURRENT index if there is one. The object store may be down: the service still starts."""
+    CURRENT index if there is one (Milvus: resolve the model's alias). The object store and
+    Milvus may be down: the service still starts, degraded."""
     from encoder import Encoder
-    from indexer.repository import IndexRepository
+    from indexer.vector_index import open_index
     from objectstore import open_store
 
     encoder = Encoder.from_settings(settings)
     encoder.warmup()  # export/load the runtime sessions now, not on the first request
-    state = ServiceState(encoder, IndexRepository(settings.index_dir), None,
+    index = open_index(settings)  # FAISS: versions loaded here; Milvus: nothing held locally
+    state = ServiceState(encoder, None if index.remote else index.repo, None,
                          store_factory=lambda: open_store(settings),
                          store_retry_s=settings.store_retry_s,
                          thumbnail_cache_items=settings.thumbnail_cache_items,
-                         text_batch_max=settings.text_batch_max)
+                         text_batch_max=settings.text_batch_max,
+                         remote_index=index if index.remote else None,
+                         refresh_s=settings.milvus_refresh_s)
     if state.get_store() is None:  # search still works without the store; /health says degraded
         log.error("object store not reachable at start (retrying every %.0f s): %s",
                   settings.store_retry_s, state.store_error)

@@ -134,6 +134,10 @@ class HealthOut(BaseModel):
     last_reload_error: str | None = None
     index_loaded_at: float | None = None
     api_key_required: bool = False
+    # faiss | milvus; on Milvus the alias searched and the collection it points at
+    index_backend: str = "faiss"
+    index_alias: str | None = None
+    index_collection: str | None = None
 
 
 class ReloadOut(BaseModel):

@@ -5,6 +5,12 @@ swaps one reference; a request reads `state.index` once and keeps that version t
 queries never see a half-loaded index and never fail during a swap. A version that cannot be
 loaded (corrupt, missing files, built by another model) is refused and the old one keeps serving.
 
+On the Milvus backend (INDEX_BACKEND=milvus) the service holds no index: `index` is a view of
+the collection the model's alias points at (searched by name, so an answer comes from one
+version), re-resolved every MILVUS_REFRESH_S by a small thread (no files are watched). Milvus not
+answering -> searches answer 503 (IndexDown) and /health says degraded; the next successful
+resolution serves again, without a restart.
+
 Errors kept here for /health (`last_reload_error`, `store_error`) are public: they say what is
 wrong, not where on disk (absolute paths are masked, length is bounded); the full message goes
 to the log.
@@ -21,6 +27,7 @@ import faiss
 
 from encoder import Encoder
 from indexer.repository import IndexLoadError, IndexRepository, IndexVersion
+from indexer.vector_index import IndexUnavailable
 from search_api.batching import Batcher
 from search_api.images import DecodeGate, LRUBytes
 
@@ -49,12 +56,26 @@ class NoIndex(LookupError):
         super().__init__("no index is loaded yet; run `python -m indexer rebuild`")
 
 
+class IndexDown(NoIndex):
+    """The remote index (Milvus) does not answer: a 503 that says so."""
+
+    def __init__(self, message: str):
+        LookupError.__init__(self, message)
+
+
 class ServiceState:
-    def __init__(self, encoder: Encoder, repo: IndexRepository, store=None,
+    def __init__(self, encoder: Encoder, repo: IndexRepository | None, store=None,
                  store_factory: Callable | None = None, store_retry_s: float = 10.0,
-                 thumbnail_cache_items: int = 1024, text_batch_max: int = 64):
+                 thumbnail_cache_items: int = 1024, text_batch_max: int = 64,
+                 remote_index=None, refresh_s: float = 1.0):
+        """repo: the FAISS versions; or remote_index (a MilvusIndex) and repo None."""
         self.encoder = encoder
         self.repo = repo
+        self.remote_index = remote_index
+        self.remote = remote_index is not None
+        self.backend = remote_index.backend if self.remote else "faiss"
+        self.refresh_s = refresh_s
+        self.index_down = False  # the remote index did not answer the last call
         self.store = store
         self.store_factory = store_factory  # reopens a store that was down at start
         self.store_retry_s = store_retry_s
@@ -95,18 +116,62 @@ class ServiceState:
 
     # --- index -------------------------------------------------------------------------------
     def require_index(self) -> IndexVersion:
-        """The served version (read once per request: a reload swaps it), or NoIndex."""
+        """The served version (read once per request: a reload swaps it), or NoIndex (IndexDown
+        while Milvus does not answer). Never a network call: the refresher resolves."""
         index = self.index
+        if self.remote and self.index_down:
+            raise IndexDown(self.last_reload_error or "the vector index (Milvus) does not answer")
         if index is None:
+            if self.remote and self.last_reload_error:
+                raise IndexDown(self.last_reload_error)
             raise NoIndex()
         return index
+
+    def index_failed(self, exc: IndexUnavailable) -> None:
+        """A search found the remote index down: answer 503 at once until it is back."""
+        self.index_down = True
+        self.last_reload_error = public_error(str(exc))
+
+    def _resolve_remote(self) -> dict:
+        """Milvus: which collection the model's alias points at now, and its count."""
+        with self._reload_lock:
+            served = self.index.version if self.index else None
+            try:
+                view = self.remote_index.view(self.encoder.model_id)
+            except (IndexUnavailable, IndexLoadError) as exc:
+                if isinstance(exc, IndexUnavailable) and not self.index_down:
+                    log.error("vector index unavailable: %s", exc)
+                self.index_down = isinstance(exc, IndexUnavailable)
+                self.last_reload_error = public_error(str(exc))
+                return {"changed": False, "version": served, "error": self.last_reload_error}
+            if view.dim != self.encoder.scoring.index_dim:
+                self.last_reload_error = (f"index version {view.version} has dimension "
+                                          f"{view.dim}, the model searches with "
+                                          f"{self.encoder.scoring.index_dim}")
+                return {"changed": False, "version": served, "error": self.last_reload_error}
+            if self.index_down:
+                log.info("vector index answers again")
+            self.index_down = False
+            self.last_reload_error = None
+            self.index = view
+            if view.version == served:
+                return {"changed": False, "version": served, "vector_count": view.count}
+            self.loaded_at = time.time()
+            self.reload_counts["ok"] += 1
+            log.info("serving collection %s through alias %s (%d vectors)", view.version,
+                     view.alias, view.count)
+            return {"changed": True, "version": view.version, "previous": served,
+                    "vector_count": view.count}
 
     def reload(self, force: bool = False, retry_failed: bool = True) -> dict:
         """Load the published version if it differs from the one served; keep the old on error.
 
         force: reload even the version already served. retry_failed=False (the watcher) skips a
         version that failed before, so a broken publish is reported once, not every interval.
+        On Milvus: resolve the alias now.
         """
+        if self.remote:
+            return self._resolve_remote()
         with self._reload_lock:
             served = self.index.version if self.index else None
             try:
@@ -161,6 +226,9 @@ class ServiceState:
                     "vector_count": new.count}
 
     def start_watcher(self, interval_s: float) -> None:
+        """FAISS: watch CURRENT every interval_s. Milvus: resolve the alias every refresh_s."""
+        if self.remote:
+            interval_s = self.refresh_s
         if interval_s <= 0 or (self._thread is not None and self._thread.is_alive()):
             return
         self._stop.clear()

@@ -11,10 +11,12 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, Response, Upl
 from fastapi.concurrency import run_in_threadpool
 
 from core.settings import Settings
+from indexer.vector_index import IndexUnavailable
 from search_api.deps import ApiKeyDep, BodyRoute, MetricsDep, StateDep
 from search_api.errors import responses
 from search_api.images import ImageTooLarge, decode_gated, decode_upload
 from search_api.schemas import Bodies, EmbeddingOut, SearchOut
+from search_api.state import IndexDown
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
@@ -40,24 +42,24 @@ def _image_base(settings: Settings, request: Request) -> str:
 
 
 def _hits(request: Request, scores, keys, offset: int, top_k: int, min_score, urls=True,
-          similarity=None) -> list[dict]:
-    """Result rows; `similarity(keys, scores)` gives the cosine where scores are not plain cosine."""
-    kept = []
-    for rank, (score, key) in enumerate(zip(scores, keys), 1):
+          similarities=None) -> list[dict]:
+    """Result rows; `similarities` (aligned with keys) where scores are not plain cosine."""
+    if similarities is None:
+        similarities = scores
+    # the /images/{key} route (system.get_image)
+    base = _image_base(request.app.state.settings, request) if urls else None
+    hits = []
+    for rank, (score, key, cos) in enumerate(zip(scores, keys, similarities), 1):
         if rank <= offset:
             continue
         if min_score is not None and score < min_score:
             break
-        kept.append((rank, float(score), key))
-        if len(kept) == top_k:
+        hits.append({"rank": rank, "key": key, "filename": key.rsplit("/", 1)[-1],
+                     "score": float(score), "similarity": float(cos),
+                     "url": base + quote(key, safe="/") if urls else None})
+        if len(hits) == top_k:
             break
-    cosines = similarity([k for _, _, k in kept], np.array([s for _, s, _ in kept])) \
-        if similarity is not None and kept else [s for _, s, _ in kept]
-    # the /images/{key} route (system.get_image)
-    base = _image_base(request.app.state.settings, request) if urls else None
-    return [{"rank": rank, "key": key, "filename": key.rsplit("/", 1)[-1], "score": score,
-             "similarity": float(cos), "url": base + quote(key, safe="/") if urls else None}
-            for (rank, score, key), cos in zip(kept, cosines)]
+    return hits
 
 
 def _out(query: str, state, index, total: int, hits: list[dict]) -> dict:
@@ -67,22 +69,31 @@ def _out(query: str, state, index, total: int, hits: list[dict]) -> dict:
 
 
 def _search(state, metrics, vectors: np.ndarray, k: int):
+    """(index, scores, keys, cosine similarities per row). Where the score is not the plain
+    cosine (hubness correction), each hit's stored tail comes with it (one call to a remote
+    index, one scalar per hit) and Scoring reads the cosine back from it."""
     index = state.require_index()  # one reference for the whole request (hot reload swaps it)
-    vectors = state.encoder.scoring.query_vectors(vectors)
-    return index, *metrics.timed("faiss_search", index.search, vectors, k)
+    scoring = state.encoder.scoring
+    vectors = scoring.query_vectors(vectors)
+    try:
+        if not scoring.corrected:
+            scores, keys = metrics.timed("faiss_search", index.search, vectors, k)
+            return index, scores, keys, scores
+        scores, keys, tails = metrics.timed("faiss_search", index.search, vectors, k,
+                                            with_tail=True)
+    except IndexUnavailable as exc:  # Milvus went away: 503 now, and for the next requests
+        state.index_failed(exc)
+        raise IndexDown(str(exc)) from None
+    return index, scores, keys, [scoring.cosine_from_tail(t, s[:len(t)])
+                                 for s, t in zip(scores, tails)]
 
 
 async def _search_index(state, metrics, vectors: np.ndarray, k: int):
     index = state.index
-    if index is not None and index.count > INLINE_SEARCH_MAX:
+    # a remote index (Milvus) is a network call: never on the event loop
+    if state.remote or (index is not None and index.count > INLINE_SEARCH_MAX):
         return await run_in_threadpool(_search, state, metrics, vectors, k)
     return _search(state, metrics, vectors, k)
-
-
-def _cosine(state, index):
-    """Cosine similarity of the hits, read back from their stored vectors and scores."""
-    scoring = state.encoder.scoring
-    return lambda keys, scores: scoring.cosine(index.stored_vectors(keys), scores)
 
 
 def _rank_given(vec: np.ndarray, embeddings, dim: int) -> tuple[np.ndarray, list[str]]:
@@ -159,10 +170,10 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             hits = _hits(request, scores, names, body.offset, body.top_k, body.min_score,
                          urls=False)
             return _json(_out(body.text, state, None, len(names), hits))
-        index, scores, keys = await _search_index(state, request.app.state.metrics, vec[None, :],
-                                                  body.offset + body.top_k)
+        index, scores, keys, cosines = await _search_index(
+            state, request.app.state.metrics, vec[None, :], body.offset + body.top_k)
         hits = _hits(request, scores[0], keys[0], body.offset, body.top_k, body.min_score,
-                     similarity=_cosine(state, index))
+                     similarities=cosines[0])
         return _json(_out(body.text, state, index, index.count, hits))
 
     @router.post("/search_images_by_image", response_model=SearchOut, dependencies=[ApiKeyDep],
@@ -178,9 +189,9 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         img = await decode(data, metrics, state)
         state.require_index()
         vec = await state.encode_images([img])
-        index, scores, keys = await _search_index(state, metrics, vec, offset + top_k)
+        index, scores, keys, cosines = await _search_index(state, metrics, vec, offset + top_k)
         hits = _hits(request, scores[0], keys[0], offset, top_k, min_score,
-                     similarity=_cosine(state, index))
+                     similarities=cosines[0])
         return _json(_out(filename, state, index, index.count, hits))
 
     @text.post("/search_images_by_texts", response_model=list[SearchOut], responses=TEXT_ERRORS,
@@ -191,13 +202,12 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         state = request.app.state.service
         state.require_index()
         vecs = await state.encode_texts(body.queries)
-        index, scores, keys = await _search_index(state, request.app.state.metrics, vecs,
-                                                  body.top_k)
-        similarity = _cosine(state, index)
+        index, scores, keys, cosines = await _search_index(state, request.app.state.metrics,
+                                                           vecs, body.top_k)
         return _json([_out(t, state, index, index.count,
                            _hits(request, s, k, 0, body.top_k, body.min_score,
-                                 similarity=similarity))
-                      for t, s, k in zip(body.queries, scores, keys)])
+                                 similarities=c))
+                      for t, s, k, c in zip(body.queries, scores, keys, cosines)])
 
     router.include_router(text)
     return router

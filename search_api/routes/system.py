@@ -21,7 +21,8 @@ router = APIRouter()
 @router.get("/health", response_model=HealthOut)
 async def health(state: StateDep, settings: SettingsDep):
     """`ok` when an index is served and the object store answers, else `degraded` (search by
-    text keeps working while the store is down; only image bytes need it)."""
+    text keeps working while the store is down; only image bytes need it). On Milvus: the
+    alias, its collection and count, asked now; Milvus not answering -> `degraded`."""
     store_obj = await run_in_threadpool(state.get_store)
     if store_obj is None:
         store = f"error: {state.store_error}" if state.store_error else "not configured"
@@ -33,14 +34,20 @@ async def health(state: StateDep, settings: SettingsDep):
         except StoreError as exc:
             state.mark_store(False, str(exc))  # logged in full; kept without server paths
             store = f"error: {state.store_error}"
+    if state.remote:  # Milvus: ask it now (alias -> collection, count)
+        await run_in_threadpool(state.reload)
     index = state.index
-    ok = index is not None and store == "ok"
+    ok = index is not None and store == "ok" and not state.index_down
     return HealthOut(status="ok" if ok else "degraded", model_id=state.encoder.model_id,
                      index_version=index.version if index else None,
                      vector_count=index.count if index else 0, store=store,
                      last_reload_error=state.last_reload_error,
                      index_loaded_at=state.loaded_at,
-                     api_key_required=bool(settings.api_key))
+                     api_key_required=bool(settings.api_key),
+                     index_backend=state.backend,
+                     index_alias=state.remote_index.alias(state.encoder.model_id)
+                     if state.remote else None,
+                     index_collection=index.version if state.remote and index else None)
 
 
 def _fetch(state, metrics, key: str) -> bytes:
