@@ -1,17 +1,22 @@
 """`flickr8k_data_ingestion`: Flickr8k (URL, zip or folder) -> object store -> a new index version.
 
-    fetch_archives -> verify_and_unpack -> upload_to_store -> embed_and_publish -> prune_versions
+    fetch_archives -> verify_and_unpack -> upload_to_store -> plan_shards (short-circuit)
+        -> embed_shard x N (mapped) -> publish_index -> prune_versions
 
 Each task is an idempotent transaction done by `indexer.jobs` (this file only wires them):
 downloads resume and are checked (size / sha256 / zip CRC) before use, uploads are skipped when
-the object's content hash already matches, and `embed_and_publish` publishes a new index version
-only when something changed (atomically: a failed run leaves the current version in place).
+the object's content hash already matches. `plan_shards` splits what the index lacks into key
+ranges (EMBED_SHARD_SIZE keys each, at most EMBED_MAX_SHARDS); nothing to do -> the run stops
+there. `embed_shard` is mapped over the ranges (Airflow dynamic task mapping: one task instance
+per shard, run in parallel by the executor, a failed shard retried alone), and `publish_index`
+merges them into one new version once all succeeded (atomically: a failed run leaves the current
+version in place).
 
 Configuration (core.settings: environment of the Airflow workers or .env; a run's params win):
 FLICKR8K_SOURCE (a folder, a Flickr8k_Dataset.zip path or URL, as for `python -m indexer ingest`;
 one that does not exist fails the run at once), FLICKR8K_TEXT_SOURCE, FLICKR8K_IMAGES_SHA256 /
 FLICKR8K_TEXT_SHA256, FLICKR8K_WORK_DIR, STORE_BACKEND=s3, MINIO_*, MODEL_PATH, INDEX_DIR,
-INDEX_KEEP_VERSIONS.
+INDEX_KEEP_VERSIONS, EMBED_SHARD_SIZE, EMBED_MAX_SHARDS.
 """
 from __future__ import annotations
 
@@ -65,12 +70,26 @@ def flickr8k_data_ingestion():
 
         return jobs.upload(unpacked["folder"], split=params["split"], limit=params["limit"])
 
-    @task(execution_timeout=timedelta(hours=6))
+    @task.short_circuit
     @fail_fast
-    def embed_and_publish(uploaded: dict) -> dict:
+    def plan_shards(uploaded: dict) -> list[dict]:
         from indexer import jobs
 
-        return jobs.publish_index()
+        return jobs.plan_shards()
+
+    @task(execution_timeout=timedelta(hours=6))
+    @fail_fast
+    def embed_shard(shard: dict) -> dict:
+        from indexer import jobs
+
+        return jobs.embed_shard(shard)
+
+    @task(execution_timeout=timedelta(hours=2))
+    @fail_fast
+    def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
+        from indexer import jobs
+
+        return jobs.publish_shards(plan, embedded)
 
     @task
     @fail_fast
@@ -79,7 +98,8 @@ def flickr8k_data_ingestion():
 
         return jobs.prune_versions()
 
-    prune_versions(embed_and_publish(upload_to_store(verify_and_unpack(fetch_archives()))))
+    plan = plan_shards(upload_to_store(verify_and_unpack(fetch_archives())))
+    prune_versions(publish_index(plan, embed_shard.expand(shard=plan)))
 
 
 flickr8k_data_ingestion()

@@ -1,18 +1,22 @@
 """`flickr8k_reindex`: on a schedule, bring the index in line with the bucket.
 
-    find_changes (short-circuit) -> update_index -> prune_versions
+    plan_shards (short-circuit) -> embed_shard x N (mapped) -> publish_index -> prune_versions
 
-`find_changes` compares the bucket's images with the current index version (new or changed
+`plan_shards` compares the bucket's images with the current index version (new or changed
 objects, removed objects) and the model id of MODEL_PATH with the index's, without loading the
 model; when nothing differs the run stops there (the other tasks are skipped, no new version).
-`update_index` embeds only the new objects and drops removed ones; a changed model id means a full
-rebuild (also forced with the `force_rebuild` param). The work is done by `indexer.jobs`.
+Otherwise it splits the keys to embed into ranges (EMBED_SHARD_SIZE keys each, at most
+EMBED_MAX_SHARDS); `embed_shard`, mapped over them (one task instance per shard, in parallel, a
+failed one retried alone), embeds its range's new objects and finds its removed ones, and
+`publish_index` publishes all shards' work at once (FAISS: one new version; Milvus updates
+in place). A changed model id means a full rebuild into a new version (also forced with the
+`force_rebuild` param; the plan then loads the model to begin it). The work is done by
+`indexer.jobs` and `indexer.shards`.
 
 Schedule: REINDEX_SCHEDULE (cron or preset, read when the file is parsed; default @hourly).
 """
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
@@ -38,19 +42,24 @@ from flickr8k_common import DEFAULT_ARGS, fail_fast
 def flickr8k_reindex():
     @task.short_circuit
     @fail_fast
-    def find_changes(params=None) -> bool:
+    def plan_shards(params=None) -> list[dict]:
         from indexer import jobs
 
-        changes = jobs.find_changes()
-        logging.getLogger(__name__).info("changes: %s", changes)
-        return bool(changes["changed"] or params["force_rebuild"])
+        return jobs.plan_shards(force_rebuild=params["force_rebuild"])
 
     @task(execution_timeout=timedelta(hours=6))
     @fail_fast
-    def update_index(params=None) -> dict:
+    def embed_shard(shard: dict) -> dict:
         from indexer import jobs
 
-        return jobs.publish_index(force_rebuild=params["force_rebuild"])
+        return jobs.embed_shard(shard)
+
+    @task(execution_timeout=timedelta(hours=2))
+    @fail_fast
+    def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
+        from indexer import jobs
+
+        return jobs.publish_shards(plan, embedded)
 
     @task
     @fail_fast
@@ -59,10 +68,8 @@ def flickr8k_reindex():
 
         return jobs.prune_versions()
 
-    changed = find_changes()
-    published = update_index()
-    changed >> published
-    prune_versions(published)
+    plan = plan_shards()
+    prune_versions(publish_index(plan, embed_shard.expand(shard=plan)))
 
 
 flickr8k_reindex()

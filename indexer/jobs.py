@@ -30,17 +30,21 @@ from core.settings import Settings, get_settings
 from flickr8k import sources
 from flickr8k.format import SourceNotFound
 from indexer.ingest import ingest
-from indexer.repository import IndexRepository
+from indexer.vector_index import IndexUnavailable, open_index
+from indexer.shards import StalePlan
 from objectstore import InvalidKey, StoreAuthError, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Errors a retry cannot fix (bad credentials, a missing model file or source): fail at once.
+# Errors a retry cannot fix (bad credentials, a missing model file or source, a shard plan
+# overtaken by a newer version): fail at once.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (StoreAuthError, InvalidKey, FileNotFoundError,
-                                                     SourceNotFound)
+                                                     SourceNotFound, StalePlan)
 
 UNPACK_MARKER = ".complete.json"
+# what a task retries with back-off: the object store or the vector index (Milvus) not answering
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, IndexUnavailable)
 
 
 # --- retries -------------------------------------------------------------------------------
@@ -168,8 +172,9 @@ def find_changes(settings: Settings | None = None) -> dict:
 
     s = _settings(settings)
     store = with_retries(open_store, s)
-    repo = IndexRepository(s.index_dir)
-    st = with_retries(status, store, repo, s.images_prefix, _model_id(s.model_path))
+    index = open_index(s)
+    st = with_retries(status, store, index, s.images_prefix, _model_id(s.model_path),
+                      retry_on=TRANSIENT_ERRORS)
     no_index = st["version"] is None or "error" in st
     model_changed = not no_index and not st.get("model_matches", True)
     st["model_changed"] = model_changed
@@ -185,9 +190,12 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
     from indexer import pipeline
 
     s = _settings(settings)
+    # one writer at a time on this machine (Milvus: upserts by key and an atomic alias switch
+    # keep concurrent writers from elsewhere safe, just wasteful)
     with index_lock(s.index_dir):
-        repo = IndexRepository(s.index_dir)
-        if repo.versions_dir.is_dir():
+        index = open_index(s)
+        repo = getattr(index, "repo", None)  # FAISS: its version files
+        if repo is not None and repo.versions_dir.is_dir():
             for stale in repo.versions_dir.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         if not force_rebuild:
@@ -195,13 +203,14 @@ def publish_index(settings: Settings | None = None, force_rebuild: bool = False)
             if not changes["changed"]:
                 return {"action": "unchanged", "version": changes["version"],
                         "count": changes["count"], "added": 0, "removed": 0, "failed": {},
-                        "seconds": 0.0, "versions": len(repo.list_versions())}
+                        "seconds": 0.0, "versions": len(index.versions())}
         encoder = Encoder.from_settings(s)
         store = with_retries(open_store, s)
         fn = pipeline.rebuild if force_rebuild else pipeline.update
-        report = with_retries(fn, store, encoder, repo, s.images_prefix,
-                              batch_size=s.embed_batch_size, progress=False)
-        return {**report.to_dict(), "versions": len(repo.list_versions())}
+        report = with_retries(fn, store, encoder, index, s.images_prefix,
+                              batch_size=s.embed_batch_size, progress=False,
+                              retry_on=TRANSIENT_ERRORS)
+        return {**report.to_dict(), "versions": len(index.versions())}
 
 
 def prune_versions(keep: int | None = None, settings: Settings | None = None) -> dict:
@@ -209,7 +218,63 @@ def prune_versions(keep: int | None = None, settings: Settings | None = None) ->
     s = _settings(settings)
     keep = keep if keep is not None else s.index_keep_versions
     with index_lock(s.index_dir):
-        repo = IndexRepository(s.index_dir)
-        removed = repo.prune(keep)
-        return {"removed": removed, "versions": len(repo.list_versions()),
-                "current": repo.current_version()}
+        return with_retries(open_index(s).prune, keep, retry_on=TRANSIENT_ERRORS)
+
+
+# --- fanned-out embedding: plan_shards -> embed_shard (mapped, one per shard) -> publish_shards
+# (indexer.shards; the DAGs map `embed_shard` over the plan with Airflow dynamic task mapping)
+def plan_shards(force_rebuild: bool = False, settings: Settings | None = None) -> list[dict]:
+    """Shard descriptors for what changed ([] when nothing did: no model load, no version).
+    EMBED_SHARD_SIZE keys per shard, at most EMBED_MAX_SHARDS shards."""
+    from indexer import shards
+
+    s = _settings(settings)
+    store = with_retries(open_store, s)
+    model_id = _model_id(s.model_path)
+    plan = with_retries(shards.plan, store, open_index(s), s.images_prefix, model_id,
+                        s.embed_shard_size, s.embed_max_shards, lambda: _prepare_model(s),
+                        force_rebuild=force_rebuild, retry_on=TRANSIENT_ERRORS)
+    return [shard.to_dict() for shard in plan]
+
+
+def _prepare_model(s: Settings) -> tuple[int, object]:
+    """(index dimension, tuning queries) of MODEL_PATH's model, for a rebuild's new version.
+    A new model always means a rebuild: its ONNX image graph, exported on first use, is exported
+    here, once, rather than by every shard at the same time."""
+    import torch
+
+    from encoder import Encoder
+    from encoder.runtime_onnx import OnnxTowers
+
+    encoder = Encoder.from_settings(s)
+    if s.image_runtime != "torch" and \
+            not OnnxTowers(None, encoder.model_id, s.onnx_cache_dir).path("image").is_file():
+        size = encoder.model.image_backbone.spec.input_size
+        encoder.encode_pixels(torch.zeros(1, 3, size, size))
+    return encoder.scoring.index_dim, encoder.scoring.tuning_queries()
+
+
+def embed_shard(shard: dict, settings: Settings | None = None) -> dict:
+    """Embed one shard's key range and write it (a rerun writes the same again)."""
+    from encoder import Encoder
+    from indexer import shards
+
+    s = _settings(settings)
+    store = with_retries(open_store, s)
+    encoder = Encoder.from_settings(s)
+    return with_retries(shards.embed_shard, store, encoder, open_index(s),
+                        shards.Shard.from_dict(shard), batch_size=s.embed_batch_size,
+                        retry_on=TRANSIENT_ERRORS)
+
+
+def publish_shards(plan: list[dict], embedded: list[dict],
+                   settings: Settings | None = None) -> dict:
+    """Once every shard of the plan succeeded: one new version (none when the plan was already
+    published). Holds the index lock. `embedded`: every shard's report (which process embedded
+    what, the unreadable images), summed up in this one."""
+    from indexer import shards
+
+    s = _settings(settings)
+    with index_lock(s.index_dir):
+        return with_retries(shards.publish_plan, open_index(s), shards.Shard.from_dict(plan[0]),
+                            list(embedded), retry_on=TRANSIENT_ERRORS)

@@ -1,0 +1,114 @@
+"""Running the DAGs for real (`airflow dags test`, with or without an executor) and reading what
+a run left: task states and XComs from Airflow's metadata DB, the index directory."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DAGS = ROOT / "dags"
+AIRFLOW = Path(sys.executable).parent / "airflow"
+ARTIFACTS = ROOT / "test-artifacts"
+PREFIX = "flickr8k/images/"
+RUN_TIMEOUT_S = 300
+
+if importlib.util.find_spec("airflow") is None or not AIRFLOW.exists():
+    raise RuntimeError("apache-airflow is missing: `make setup` (pip install -e '.[airflow,test]')")
+
+# variables of ours (and Airflow's) that must not leak from the developer's shell into the runs
+_OURS = ("MODEL_PATH", "STORE_BACKEND", "LOCAL_STORE_DIR", "MINIO_", "INDEX_DIR", "FLICKR8K_",
+         "AIRFLOW", "REINDEX_SCHEDULE", "INDEX_KEEP_VERSIONS", "EMBEDDING_DIM", "DEVICE", "EMBED_")
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
+
+
+def migrated_home(home: Path) -> dict:
+    """An Airflow home with a migrated SQLite DB; the environment to run Airflow in it."""
+    env = {**clean_env(), "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           # a tiny slice on a shared 2-core machine: one math thread avoids oversubscription
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, cwd=home, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return env
+
+
+def _task_name(task_id: str, map_index: int) -> str:
+    """A mapped task instance is `task[i]`; its unexpanded (e.g. skipped) row stays `task`."""
+    return task_id if map_index < 0 else f"{task_id}[{map_index}]"
+
+
+def latest_run(home: str, dag_id: str) -> tuple[str, str, dict, dict]:
+    with closing(sqlite3.connect(Path(home) / "airflow.db")) as db:
+        run_id, state = db.execute("SELECT run_id, state FROM dag_run WHERE dag_id=? ORDER BY id DESC "
+                                   "LIMIT 1", (dag_id,)).fetchone()
+        tasks = {_task_name(t, m): {"state": s, "seconds": round(d, 2) if d is not None else None,
+                                    "try_number": n, "pid": pid, "start": start, "end": end}
+                 for t, m, s, d, n, pid, start, end in db.execute(
+                     "SELECT task_id, map_index, state, duration, try_number, pid, start_date, "
+                     "end_date FROM task_instance WHERE dag_id=? AND run_id=?", (dag_id, run_id))}
+        xcoms = {}
+        for t, m, v in db.execute("SELECT task_id, map_index, value FROM xcom WHERE dag_id=? AND "
+                                  "run_id=? AND key='return_value'", (dag_id, run_id)):
+            try:
+                xcoms[_task_name(t, m)] = json.loads(v)
+            except (TypeError, ValueError):
+                xcoms[_task_name(t, m)] = v if isinstance(v, str) else repr(v)
+    return run_id, state, tasks, xcoms
+
+
+def run_dag(env: dict, dag_id: str, log_dir: Path, conf: dict | None = None,
+            expect_ok: bool = True, use_executor: bool = False) -> dict:
+    """`airflow dags test DAG_ID` (with `--use-executor`: the configured executor runs the
+    tasks, each in its own process); the run's states, XComs and wall time."""
+    cmd = [str(AIRFLOW), "dags", "test", dag_id] + (["--use-executor"] if use_executor else [])
+    if conf:
+        cmd += ["--conf", json.dumps(conf)]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    n = len(list(log_dir.glob(f"{dag_id}-*.log"))) + 1
+    log = log_dir / f"{dag_id}-{n}.log"
+    t0 = time.perf_counter()
+    with open(log, "w") as out:  # streamed, so that a hung run still leaves its log
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=env["AIRFLOW_HOME"], stdout=out,
+                                  stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`airflow dags test {dag_id}` ran over {RUN_TIMEOUT_S} s; log: {log}\n"
+                        + log.read_text()[-4000:])
+    wall = time.perf_counter() - t0
+    r = subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
+    run_id, state, tasks, xcoms = latest_run(env["AIRFLOW_HOME"], dag_id)
+    tail = (r.stdout + r.stderr)[-4000:]
+    if expect_ok:
+        assert r.returncode == 0, f"`airflow dags test {dag_id}` failed (rc {r.returncode}):\n{tail}"
+        assert state == "success", f"{dag_id} run {run_id} ended {state}:\n{tail}"
+    else:
+        assert r.returncode != 0 and state == "failed", f"{dag_id} should have failed:\n{tail}"
+    return {"dag_id": dag_id, "run_id": run_id, "rc": r.returncode, "state": state,
+            "wall_s": round(wall, 1), "tasks": tasks, "xcom": xcoms}
+
+
+def index_state(index_dir: Path) -> dict:
+    from indexer.repository import IndexRepository
+
+    repo = IndexRepository(index_dir)
+    out = {"current": repo.current_version(), "versions": repo.list_versions(), "count": 0,
+           "keys": [], "stale_tmp": sorted(p.name for p in (index_dir / "versions").glob(".tmp-*"))
+           if (index_dir / "versions").is_dir() else []}
+    if out["current"]:
+        v = repo.load()
+        out.update(count=v.count, keys=sorted(v.keys), model_id=v.model_id)
+    return out
