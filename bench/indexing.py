@@ -6,7 +6,8 @@ pre-decoded tensors, measured in the same run, interleaved.
     python bench/indexing.py --candidate NEW.pt [--checkpoint BASE.pt] [--runtimes onnx]
 
 With --candidate: end-to-end indexing of the same images by two checkpoints, interleaved, and
-the candidate's images/s as a ratio of the baseline's (the cost of a bigger image tower).
+the candidate's images/s as a ratio of the baseline's (the cost of a bigger image tower), and
+the p50 of one text query encode of each (same runtime).
 
 The store is a local-directory store holding N Flickr8k images (dev split first). For every
 runtime: raw forward (batch 32, tensors already decoded) and `indexer.pipeline.rebuild`
@@ -134,7 +135,7 @@ def compare(args) -> int:
     cache = tempfile.mkdtemp(prefix="onnx-")
     rows = []
     for rt in args.runtimes.split(","):
-        encs = {label: Encoder(load_checkpoint(path), image_runtime=rt, text_runtime="torch",
+        encs = {label: Encoder(load_checkpoint(path), image_runtime=rt, text_runtime=rt,
                                onnx_cache_dir=cache)
                 for label, path in (("baseline", args.checkpoint), ("candidate", args.candidate))}
         times = {label: [] for label in encs}
@@ -145,11 +146,22 @@ def compare(args) -> int:
                                  batch_size=args.batch, progress=False)
                 times[label].append(time.perf_counter() - t)
         rates = {label: [len(names) / t for t in ts[1:]] for label, ts in times.items()}
+        text_ms = {label: [] for label in encs}  # what a query pays: one caption, interleaved
+        for enc in encs.values():
+            enc.encode_texts(["warm up"])
+        for i in range(60):
+            for label, enc in encs.items():
+                t = time.perf_counter()
+                enc.encode_texts([f"a dog runs across the grass number {i}"])
+                text_ms[label].append(1000 * (time.perf_counter() - t))
         for label, path in (("baseline", args.checkpoint), ("candidate", args.candidate)):
             rows.append({"runtime": rt, "model": f"{label}: {Path(path).name}",
                          "img/s (median)": median(rates[label]),
                          "x baseline (median of per-round ratios)": round(median(
-                             [c / b for c, b in zip(rates[label], rates["baseline"])]), 2)})
+                             [c / b for c, b in zip(rates[label], rates["baseline"])]), 2),
+                         "text query p50 ms": round(median(text_ms[label]), 2),
+                         "text x baseline": round(median(text_ms[label])
+                                                  / median(text_ms["baseline"]), 2)})
     print(f"{len(names)} images, batch {args.batch}, {args.rounds} timed rounds, interleaved\n")
     print(table(rows))
     save_json("indexing_compare", {"rows": rows})
