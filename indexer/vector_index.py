@@ -45,6 +45,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -57,6 +58,7 @@ from indexer.repository import VERSION_NAME, IndexLoadError, IndexRepository, In
 
 BACKENDS = ("faiss", "milvus")
 DRAFT_PREFIX = ".draft-"  # FAISS: versions/.draft-<version>/ holds an unpublished version's parts
+DRAFT_ABANDONED_S = 2 * 24 * 3600  # an untouched draft this old belongs to no live run
 
 
 class IndexUnavailable(RuntimeError):
@@ -169,6 +171,13 @@ class FaissIndex(VectorIndex):
 
     def prune(self, keep: int) -> dict:
         removed = self.repo.prune(keep)
+        # drafts of runs that died (a failed DAG run, a killed rebuild): older than any run
+        # still writing one could be
+        cutoff = time.time() - DRAFT_ABANDONED_S
+        for draft in self.repo.versions_dir.glob(DRAFT_PREFIX + "*"):
+            if draft.is_dir() and draft.stat().st_mtime < cutoff:
+                shutil.rmtree(draft, ignore_errors=True)
+                removed.append(draft.name)
         return {"removed": removed, "versions": len(self.repo.list_versions()),
                 "current": self.repo.current_version()}
 

@@ -122,6 +122,26 @@ def test_a_model_never_searches_another_models_version(backend):
     assert backend.view(MODEL).model_id == MODEL
 
 
+def test_faiss_prune_removes_drafts_of_dead_runs_only(tmp_path):
+    """A draft nobody wrote to for DRAFT_ABANDONED_S is a dead run's; a recent one may be live."""
+    import os
+    import time
+
+    from indexer.vector_index import DRAFT_ABANDONED_S, DRAFT_PREFIX
+
+    index = FaissIndex(IndexRepository(tmp_path / "index"))
+    keys = _keys(20)
+    vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    published = index.rebuild("m", keys, vectors, ["e"] * 20)["version"]
+    dead, live = index.begin("m", 8), index.begin("m", 8)
+    old = time.time() - DRAFT_ABANDONED_S - 60
+    os.utime(index.repo.versions_dir / (DRAFT_PREFIX + dead), (old, old))
+    report = index.prune(keep=5)
+    assert report["removed"] == [DRAFT_PREFIX + dead] and report["current"] == published
+    index.write(live, keys[:3], vectors[:3], ["e"] * 3)  # the live run goes on
+    assert index.publish(live)["count"] == 3
+
+
 def test_milvus_names_and_metric(milvus_server, milvus_prefix):
     index = MilvusIndex(milvus_server.uri, prefix=milvus_prefix)
     try:
