@@ -3,23 +3,31 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test stop
+.PHONY: setup setup-base demo test stop
 
+# setup-base: what the demo needs (the service, the indexer, the model); setup: + Airflow and the
+# test tools (browser, S3 and Milvus servers), for `make test`
 setup: $(VENV)/.installed
+setup-base: $(VENV)/.installed-base
 
-$(VENV)/.installed: pyproject.toml
-	@# system tools: bc/curl (demo), chromium (browser test), docker-compose (compose validation)
-	@command -v bc >/dev/null && command -v curl >/dev/null && command -v chromium >/dev/null \
-		&& command -v docker-compose >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq --no-install-recommends \
-			bc curl chromium docker-compose)
+$(VENV)/.installed-base: pyproject.toml
+	@# system tools of the demo script
+	@command -v bc >/dev/null && command -v curl >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends bc curl)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-base
+	@# chromium (browser test), docker-compose (compose validation)
+	@command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium docker-compose)
 	$(BIN)/pip install -q -e ".[airflow,test]"
 	touch $@
 
 demo:
-	@t0=$$(date +%s); $(MAKE) --no-print-directory setup; echo "=== install: $$(( $$(date +%s) - t0 )) s"
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup-base; echo "=== install: $$(( $$(date +%s) - t0 )) s"
 	./deploy/demo.sh
 
 test: setup
