@@ -156,14 +156,8 @@ def fine_tune_and_save(loaded, train: Flickr8kSplit, dev: Flickr8kSplit | None, 
             "data": {"source": data_desc, "train_images": len(train)},
             "training": {k: v for k, v in cfg.__dict__.items() if k != "extra"}
             | {"device": trainer.device, "seconds": round(time.perf_counter() - t0, 1),
-               "history": trainer.history},
+               "history": trainer.history, "selected_epoch": trainer.selected.get("epoch")},
             "commit": git_commit()}
-    selected = trainer.selected
-    if "dev" in selected:
-        card["metrics"] = {"split": "dev", "images": len(dev), **selected["dev"]}
-        card["evaluations"] = {"dev": card["metrics"]} | {
-            s.name: {"split": s.name, "images": len(s), **selected["sets"][s.name]}
-            for s in trainer.eval_sets}
-        card["training"]["selected_epoch"] = selected["epoch"]
+    card.update(trainer.card_figures())
     model_id = save_checkpoint(model.cpu(), out, card)
     return model_id, trainer

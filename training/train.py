@@ -336,6 +336,17 @@ class Trainer:
             self.model.load_state_dict(self.best["state"], strict=False)
         return self.history
 
+    def card_figures(self) -> dict:
+        """The model card's figures of the weights the model ends with: `metrics` (dev) and
+        `evaluations` (dev and every eval set)."""
+        selected = self.selected
+        if "dev" not in selected:
+            return {}
+        dev = {"split": "dev", "images": len(self.dev_split), **selected["dev"]}
+        return {"metrics": dev, "evaluations": {"dev": dev} | {
+            s.name: {"split": s.name, "images": len(s), **selected["sets"][s.name]}
+            for s in self.eval_sets}}
+
     @property
     def selected(self) -> dict:
         """The history row of the weights the model ends with."""
@@ -419,7 +430,8 @@ def make_card(model: DualEncoder, trainer: Trainer, cfg: TrainConfig, seconds: f
                  "train_images": len(trainer.train_split),
                  "train_captions": int(trainer.train_owner.numel())},
         "training": {k: v for k, v in cfg.__dict__.items() if k not in ("extra",)}
-        | {"device": trainer.device, "seconds": round(seconds, 1), "history": trainer.history},
+        | {"device": trainer.device, "seconds": round(seconds, 1), "history": trainer.history,
+           "selected_epoch": trainer.selected.get("epoch")},
         "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -432,12 +444,6 @@ def train_and_save(model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit 
     trainer = Trainer(model, train, dev, cfg, eval_sets)
     trainer.fit()
     card = make_card(model, trainer, cfg, time.perf_counter() - t0, data_desc)
-    selected = trainer.selected
-    if "dev" in selected:
-        card["metrics"] = {"split": "dev", "images": len(dev), **selected["dev"]}
-        card["evaluations"] = {"dev": card["metrics"]} | {
-            s.name: {"split": s.name, "images": len(s), **selected["sets"][s.name]}
-            for s in trainer.eval_sets}
-        card["training"]["selected_epoch"] = selected["epoch"]
+    card.update(trainer.card_figures())
     model_id = save_checkpoint(model.cpu(), out, card)
     return model_id, trainer
