@@ -1,9 +1,11 @@
-"""What both Flickr8k DAGs share: retry policy and the permanent-error rule (no DAG here)."""
+"""What both Flickr8k DAGs share: retry policy, the permanent-error rule, and the fanned-out
+tail embed_shard x N -> publish_index -> prune_versions (no DAG here)."""
 from __future__ import annotations
 
 import functools
 from datetime import timedelta
 
+from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from core.settings import get_settings
@@ -32,3 +34,33 @@ def fail_fast(fn):
             raise AirflowFailException(f"{type(exc).__name__}: {exc}") from exc
 
     return run
+
+
+@task(execution_timeout=timedelta(hours=6))
+@fail_fast
+def embed_shard(shard: dict) -> dict:
+    from indexer import jobs
+
+    return jobs.embed_shard(shard)
+
+
+@task(execution_timeout=timedelta(hours=2))
+@fail_fast
+def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
+    from indexer import jobs
+
+    return jobs.publish_shards(plan, embedded)
+
+
+@task
+@fail_fast
+def prune_versions(published: dict) -> dict:
+    from indexer import jobs
+
+    return jobs.prune_versions()
+
+
+def embed_publish_prune(plan):
+    """Inside a DAG: `embed_shard` mapped over the plan's shards, `publish_index` once all
+    succeeded, then `prune_versions`."""
+    return prune_versions(publish_index(plan, embed_shard.expand(shard=plan)))

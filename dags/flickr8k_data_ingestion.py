@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
-from flickr8k_common import DEFAULT_ARGS, fail_fast
+from flickr8k_common import DEFAULT_ARGS, embed_publish_prune, fail_fast
 
 
 @dag(
@@ -77,29 +77,7 @@ def flickr8k_data_ingestion():
 
         return jobs.plan_shards()
 
-    @task(execution_timeout=timedelta(hours=6))
-    @fail_fast
-    def embed_shard(shard: dict) -> dict:
-        from indexer import jobs
-
-        return jobs.embed_shard(shard)
-
-    @task(execution_timeout=timedelta(hours=2))
-    @fail_fast
-    def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
-        from indexer import jobs
-
-        return jobs.publish_shards(plan, embedded)
-
-    @task
-    @fail_fast
-    def prune_versions(published: dict) -> dict:
-        from indexer import jobs
-
-        return jobs.prune_versions()
-
-    plan = plan_shards(upload_to_store(verify_and_unpack(fetch_archives())))
-    prune_versions(publish_index(plan, embed_shard.expand(shard=plan)))
+    embed_publish_prune(plan_shards(upload_to_store(verify_and_unpack(fetch_archives()))))
 
 
 flickr8k_data_ingestion()
