@@ -24,11 +24,16 @@ _STOP = object()
 
 
 class Batcher:
-    def __init__(self, fn: Callable[[list], np.ndarray], name: str, max_batch: int = 32,
-                 observe: Callable[[float, int], None] | None = None):
+    def __init__(self, fn: Callable[[list], Sequence], name: str, max_batch: int = 32,
+                 observe: Callable[[float, int], None] | None = None, retry_alone: bool = True):
+        """fn maps a list of items to one result per item. retry_alone: after a failed batch,
+        run each request alone so one bad input fails only its own request (off where a failure
+        is never the input's, e.g. an index that does not answer: retrying would only wait
+        longer)."""
         self.fn = fn
         self.name = name
         self.max_batch = max_batch
+        self.retry_alone = retry_alone
         self.observe = observe  # (seconds, items) after each batched call
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -86,12 +91,13 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             out = self.fn(flat)
-        except BaseException as exc:  # hand the error to every waiting request
-            if len(jobs) > 1:  # one bad input must not fail its neighbours: retry one by one
+        except BaseException as exc:
+            if len(jobs) > 1 and self.retry_alone:  # one bad input must not fail its neighbours
                 for job in jobs:
                     self._process_one(job)
                 return
-            jobs[0][1].set_exception(exc)
+            for _, fut in jobs:  # hand the error to every waiting request
+                fut.set_exception(exc)
             return
         if self.observe is not None:
             self.observe(time.perf_counter() - t0, len(flat))

@@ -24,6 +24,7 @@ import time
 from typing import Callable
 
 import faiss
+import numpy as np
 
 from encoder import Encoder
 from indexer.repository import IndexLoadError, IndexRepository, IndexVersion
@@ -63,6 +64,33 @@ class IndexDown(NoIndex):
         LookupError.__init__(self, message)
 
 
+def _remote_search_batch(jobs: list[tuple]) -> list[tuple]:
+    """Batcher fn for remote searches: jobs (view, query vector, k, with_tail), one query each;
+    one call per (view, with_tail) at the largest k, each answer cut back to its own k."""
+    out: list = [None] * len(jobs)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, (view, _, _, with_tail) in enumerate(jobs):
+        groups.setdefault((id(view), with_tail), []).append(i)
+    for (_, with_tail), rows in groups.items():
+        view = jobs[rows[0]][0]
+        found = view.search(np.stack([jobs[i][1] for i in rows]), max(jobs[i][2] for i in rows),
+                            with_tail=with_tail)
+        for r, i in enumerate(rows):
+            k = jobs[i][2]
+            out[i] = tuple(part[r][:k] for part in found)
+    return out
+
+
+def join_rows(rows: list[tuple]) -> tuple:
+    """Per-query (scores, keys[, tails]) rows back into search's shape: scores [Q, k'] padded
+    with -inf, keys and tails as lists."""
+    width = max((len(r[0]) for r in rows), default=0)
+    scores = np.full((len(rows), width), -np.inf, np.float32)
+    for i, r in enumerate(rows):
+        scores[i, :len(r[0])] = r[0]
+    return (scores,) + tuple([r[j] for r in rows] for j in range(1, len(rows[0]) if rows else 1))
+
+
 class ServiceState:
     def __init__(self, encoder: Encoder, repo: IndexRepository | None, store=None,
                  store_factory: Callable | None = None, store_retry_s: float = 10.0,
@@ -100,6 +128,11 @@ class ServiceState:
                                     observe=lambda s, n: self._observe("text_encode", s))
         self.encode_images = Batcher(encoder.encode_images, "image", max_batch=16,
                                      observe=lambda s, n: self._observe("image_encode", s))
+        # a remote search is a network round trip (~4 ms of Milvus's own path here): concurrent
+        # queries share one call, which costs little more than one query (BENCHMARKS.md §7)
+        self.remote_searches = Batcher(
+            _remote_search_batch, "search", max_batch=64, retry_alone=False,
+            observe=lambda s, n: self._observe("faiss_search", s)) if self.remote else None
         faiss.omp_set_num_threads(1)  # single small queries: one thread beats two (bench/faiss_scale.py)
 
     def _observe(self, stage: str, seconds: float) -> None:
@@ -251,6 +284,8 @@ class ServiceState:
             self._thread = None
         self.encode_texts.close()
         self.encode_images.close()
+        if self.remote_searches is not None:
+            self.remote_searches.close()
 
     # --- object store ------------------------------------------------------------------------
     def get_store(self):

@@ -16,7 +16,7 @@ from search_api.deps import ApiKeyDep, BodyRoute, MetricsDep, StateDep
 from search_api.errors import responses
 from search_api.images import ImageTooLarge, decode_gated, decode_upload
 from search_api.schemas import Bodies, EmbeddingOut, SearchOut
-from search_api.state import IndexDown
+from search_api.state import IndexDown, join_rows
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
@@ -68,30 +68,48 @@ def _out(query: str, state, index, total: int, hits: list[dict]) -> dict:
             "results": hits}
 
 
+def _cosines(scoring, scores, tails) -> list:
+    return [scoring.cosine_from_tail(t, s[:len(t)]) for s, t in zip(scores, tails)]
+
+
 def _search(state, metrics, vectors: np.ndarray, k: int):
     """(index, scores, keys, cosine similarities per row). Where the score is not the plain
-    cosine (hubness correction), each hit's stored tail comes with it (one call to a remote
-    index, one scalar per hit) and Scoring reads the cosine back from it."""
+    cosine (hubness correction), each hit's stored tail comes with it and Scoring reads the
+    cosine back from it."""
     index = state.require_index()  # one reference for the whole request (hot reload swaps it)
     scoring = state.encoder.scoring
     vectors = scoring.query_vectors(vectors)
+    if not scoring.corrected:
+        scores, keys = metrics.timed("faiss_search", index.search, vectors, k)
+        return index, scores, keys, scores
+    scores, keys, tails = metrics.timed("faiss_search", index.search, vectors, k,
+                                        with_tail=True)
+    return index, scores, keys, _cosines(scoring, scores, tails)
+
+
+async def _search_remote(state, metrics, vectors: np.ndarray, k: int):
+    """_search on a remote index (Milvus): the query joins the concurrent ones in one call
+    (state.remote_searches); a tail is one scalar per hit."""
+    index = state.require_index()
+    scoring = state.encoder.scoring
+    vectors = scoring.query_vectors(vectors)
+    corrected = scoring.corrected
     try:
-        if not scoring.corrected:
-            scores, keys = metrics.timed("faiss_search", index.search, vectors, k)
-            return index, scores, keys, scores
-        scores, keys, tails = metrics.timed("faiss_search", index.search, vectors, k,
-                                            with_tail=True)
+        rows = await state.remote_searches([(index, v, k, corrected) for v in vectors])
     except IndexUnavailable as exc:  # Milvus went away: 503 now, and for the next requests
         state.index_failed(exc)
         raise IndexDown(str(exc)) from None
-    return index, scores, keys, [scoring.cosine_from_tail(t, s[:len(t)])
-                                 for s, t in zip(scores, tails)]
+    found = join_rows(rows)
+    if not corrected:
+        return index, found[0], found[1], found[0]
+    return index, found[0], found[1], _cosines(scoring, found[0], found[2])
 
 
 async def _search_index(state, metrics, vectors: np.ndarray, k: int):
+    if state.remote:
+        return await _search_remote(state, metrics, vectors, k)
     index = state.index
-    # a remote index (Milvus) is a network call: never on the event loop
-    if state.remote or (index is not None and index.count > INLINE_SEARCH_MAX):
+    if index is not None and index.count > INLINE_SEARCH_MAX:
         return await run_in_threadpool(_search, state, metrics, vectors, k)
     return _search(state, metrics, vectors, k)
 

@@ -90,8 +90,18 @@ def test_health_reports_backend_alias_collection_and_count(milvus_service, encod
     assert state.repo is None and state._thread is None  # nothing local, no file watcher
 
 
-def test_alias_switch_while_eight_threads_query(milvus_service, encoder):
+def test_alias_switch_while_eight_threads_query(milvus_service, encoder, monkeypatch):
+    from indexer.milvus_index import MilvusView
+
     app, state, index, _ = milvus_service
+    calls = []
+    real_search = MilvusView.search
+
+    def counted(self, queries, k, with_tail=False):
+        calls.append(len(queries))
+        return real_search(self, queries, k, with_tail=with_tail)
+
+    monkeypatch.setattr(MilvusView, "search", counted)
     model = encoder.model_id
     old = index.published_version(model)
     old_keys = set(index.indexed(model).etags)
@@ -132,6 +142,8 @@ def test_alias_switch_while_eight_threads_query(milvus_service, encoder):
     assert seen == {old, version}
     for v, got in answers:  # each answer comes from the version it names, entirely
         assert got == (old_keys if v == old else set(keys))
+    # concurrent queries shared Milvus calls (state.remote_searches)
+    assert sum(calls) >= len(answers) and len(calls) < len(answers)
 
 
 def test_milvus_down_means_503_and_degraded_then_it_recovers(milvus_service, milvus_server):
