@@ -6,8 +6,11 @@ can be rerun after success without changing anything, and a failed step leaves n
     fetch_archives   folder -> as is; zip path / URL -> resumable download, size/hash checked
     unpack           zips -> <work>/flickr8k-<hashes>/ (CRC-checked, temp dir + rename)
     upload           folder -> object store (content hash decides; nothing re-uploaded)
-    find_changes     objects the current index lacks / that were removed / model changed
-    publish_index    embed only what changed, publish a new version (none when nothing changed)
+    plan_shards      what changed (new/changed/removed objects, another model) as key-range
+                     shards; [] when nothing did (no model load, no version)
+    embed_shard      one shard's range embedded and written (a rerun writes the same again)
+    publish_shards   once every shard succeeded: one new version
+    prune_versions   old versions beyond INDEX_KEEP_VERSIONS
 
 Object-store errors that look transient (server unreachable) are retried here with exponential
 back-off; Airflow's task retries (also with back-off) sit on top of that.
@@ -163,54 +166,6 @@ def _model_id(model_path: str) -> str:
     from encoder import read_card
 
     return read_card(model_path)["model_id"]
-
-
-def find_changes(settings: Settings | None = None) -> dict:
-    """What an update would do, without loading the model: new/changed objects, removed ones,
-    whether the model differs from the index's. `changed` is true when there is any work."""
-    from indexer.pipeline import status
-
-    s = _settings(settings)
-    store = with_retries(open_store, s)
-    index = open_index(s)
-    st = with_retries(status, store, index, s.images_prefix, _model_id(s.model_path),
-                      retry_on=TRANSIENT_ERRORS)
-    no_index = st["version"] is None or "error" in st
-    model_changed = not no_index and not st.get("model_matches", True)
-    st["model_changed"] = model_changed
-    st["changed"] = bool(no_index or model_changed or st["not_indexed"] or st["removed_from_store"])
-    return st
-
-
-def publish_index(settings: Settings | None = None, force_rebuild: bool = False) -> dict:
-    """Embed what the current index lacks and publish a new version (a rebuild when the model
-    changed or there is no usable index). Nothing changed -> no model load, no new version.
-    Holds the index lock; removes temp folders a killed earlier publish left behind."""
-    from encoder import Encoder
-    from indexer import pipeline
-
-    s = _settings(settings)
-    # one writer at a time on this machine (Milvus: upserts by key and an atomic alias switch
-    # keep concurrent writers from elsewhere safe, just wasteful)
-    with index_lock(s.index_dir):
-        index = open_index(s)
-        repo = getattr(index, "repo", None)  # FAISS: its version files
-        if repo is not None and repo.versions_dir.is_dir():
-            for stale in repo.versions_dir.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        if not force_rebuild:
-            changes = find_changes(s)
-            if not changes["changed"]:
-                return {"action": "unchanged", "version": changes["version"],
-                        "count": changes["count"], "added": 0, "removed": 0, "failed": {},
-                        "seconds": 0.0, "versions": len(index.versions())}
-        encoder = Encoder.from_settings(s)
-        store = with_retries(open_store, s)
-        fn = pipeline.rebuild if force_rebuild else pipeline.update
-        report = with_retries(fn, store, encoder, index, s.images_prefix,
-                              batch_size=s.embed_batch_size, progress=False,
-                              retry_on=TRANSIENT_ERRORS)
-        return {**report.to_dict(), "versions": len(index.versions())}
 
 
 def prune_versions(keep: int | None = None, settings: Settings | None = None) -> dict:

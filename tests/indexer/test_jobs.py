@@ -138,26 +138,33 @@ def fake_model(monkeypatch, encoder):
     return current
 
 
-def test_publish_index_is_a_transaction(tiny_flickr, tmp_path, fake_model, monkeypatch):
+def _run_plan(s: Settings, force_rebuild: bool = False) -> dict | None:
+    """The DAGs' tail in one process: plan_shards -> embed_shard per shard -> publish_shards
+    (None: the plan was empty, nothing changed)."""
+    plan = jobs.plan_shards(force_rebuild, settings=s)
+    if not plan:
+        return None
+    return jobs.publish_shards(plan, [jobs.embed_shard(sh, settings=s) for sh in plan],
+                               settings=s)
+
+
+def test_plan_embed_publish_is_a_transaction(tiny_flickr, tmp_path, fake_model, monkeypatch):
     root, meta = tiny_flickr
-    s = _settings(tmp_path)
+    s = _settings(tmp_path, embed_shard_size=5)
     store = LocalStore(s.local_store_dir, s.minio_bucket)
     jobs.upload(str(root), settings=s)
     repo = IndexRepository(s.index_dir)
 
-    assert jobs.find_changes(s)["changed"] is True
-    r1 = jobs.publish_index(s)
-    assert r1["action"] == "rebuilt" and r1["count"] == len(meta["names"]) and r1["versions"] == 1
+    r1 = _run_plan(s)
+    assert r1["action"] == "rebuilt" and r1["count"] == len(meta["names"]) and r1["shards"] > 1
     v1 = repo.current_version()
 
-    # nothing changed: no model load, no new version
+    # nothing changed: an empty plan, no model load, no new version
     loads = fake_model["loads"]
-    assert jobs.find_changes(s)["changed"] is False
-    r2 = jobs.publish_index(s)
-    assert r2["action"] == "unchanged" and r2["version"] == v1 and r2["versions"] == 1
-    assert fake_model["loads"] == loads
+    assert _run_plan(s) is None
+    assert fake_model["loads"] == loads and repo.list_versions() == [v1]
 
-    # a new image, and embedding fails half-way: no new version, no temp left, CURRENT kept
+    # a new image, and embedding fails half-way: no new version, CURRENT kept
     store.put("flickr8k/images/new.jpg", (root / "Images" / meta["names"][0]).read_bytes())
     real_embed = pipeline.embed_objects
 
@@ -166,23 +173,21 @@ def test_publish_index_is_a_transaction(tiny_flickr, tmp_path, fake_model, monke
 
     monkeypatch.setattr(pipeline, "embed_objects", broken)
     with pytest.raises(RuntimeError):
-        jobs.publish_index(s)
+        _run_plan(s)
     assert repo.current_version() == v1 and repo.list_versions() == [v1]
-    assert list(repo.versions_dir.glob(".tmp-*")) == []
 
-    # a publish killed mid-write left a temp folder: the next run removes it and publishes
+    # a publish killed mid-write left a temp folder: the next run publishes, prune removes it
     (repo.versions_dir / ".tmp-killed").mkdir()
     (repo.versions_dir / ".tmp-killed" / "index.faiss").write_bytes(b"partial")
     monkeypatch.setattr(pipeline, "embed_objects", real_embed)
-    r3 = jobs.publish_index(s)
-    assert r3["action"] == "updated" and r3["added"] == 1 and r3["versions"] == 2
+    r3 = _run_plan(s)
+    assert r3["action"] == "updated" and r3["added"] == 1 and repo.current_version() != v1
+    jobs.prune_versions(settings=s)
     assert list(repo.versions_dir.glob(".tmp-*")) == []
 
-    # the model changed: find_changes says so, publish rebuilds everything
+    # the model changed: the plan rebuilds everything
     fake_model["id"] = "another-model"
-    ch = jobs.find_changes(s)
-    assert ch["changed"] is True and ch["model_changed"] is True and ch["not_indexed"] == 0
-    r4 = jobs.publish_index(s)
+    r4 = _run_plan(s)
     assert r4["action"] == "rebuilt" and r4["count"] == len(meta["names"]) + 1
     assert repo.load().model_id == "another-model"
 
