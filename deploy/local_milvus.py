@@ -5,7 +5,9 @@ the official image instead. `python deploy/local_milvus.py --dir DIR --port 1953
 the foreground.
 
 Every component listens on 127.0.0.1 on ports chosen here, so several servers (and other
-people's tests) can run side by side. Stopping goes through the wheel's API (SIGTERM, then
+people's tests) can run side by side; that includes the embedded etcd, which otherwise takes
+the fixed ports 2379/2380 whatever the wheel's etcd_port says (its own config file, passed as
+ETCD_CONFIG_PATH, names the ports). Stopping goes through the wheel's API (SIGTERM, then
 SIGKILL of its own pid after a second: it may take 25 s to stop on SIGTERM alone); data stays
 in DIR, so `start` again serves the same collections and aliases.
 """
@@ -14,11 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
 from ports import free_port
 
+_ENV_LOCK = threading.Lock()  # the wheel copies os.environ when it starts the server
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",
               "dataNode")
 
@@ -60,6 +64,7 @@ class LocalMilvus:
         for comp in COMPONENTS:
             self.server.config.set(f"{comp}.ip", "127.0.0.1")
         self.port = ports["proxy_port"]
+        self.etcd_ports = (ports["etcd_port"], free_port())  # client, peer
 
     @property
     def uri(self) -> str:
@@ -69,10 +74,31 @@ class LocalMilvus:
     def pid(self) -> int | None:
         return self.server.server_proc.pid if self.server.server_proc else None
 
+    def _etcd_config(self) -> Path:
+        client, peer = (f"http://127.0.0.1:{p}" for p in self.etcd_ports)
+        path = self.base_dir / "embed-etcd.yaml"
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"listen-client-urls: {client}\nadvertise-client-urls: {client}\n"
+                        f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+                        f"initial-cluster: default={peer}\n")
+        return path
+
+    def _start_once(self) -> None:
+        with _ENV_LOCK:
+            before = os.environ.get("ETCD_CONFIG_PATH")
+            os.environ["ETCD_CONFIG_PATH"] = str(self._etcd_config().resolve())
+            try:
+                self.server.start()
+            finally:
+                if before is None:
+                    os.environ.pop("ETCD_CONFIG_PATH", None)
+                else:
+                    os.environ["ETCD_CONFIG_PATH"] = before
+
     def start(self, attempts: int = 3) -> "LocalMilvus":
         for attempt in range(1, attempts + 1):
             try:
-                self.server.start()
+                self._start_once()
                 return self
             except RuntimeError:  # a port still held by the previous process: wait, retry
                 self.server.stop()
