@@ -26,7 +26,8 @@ if importlib.util.find_spec("airflow") is None or not AIRFLOW.exists():
 
 # variables of ours (and Airflow's) that must not leak from the developer's shell into the runs
 _OURS = ("MODEL_PATH", "STORE_BACKEND", "LOCAL_STORE_DIR", "MINIO_", "INDEX_DIR", "FLICKR8K_",
-         "AIRFLOW", "REINDEX_SCHEDULE", "INDEX_KEEP_VERSIONS", "EMBEDDING_DIM", "DEVICE", "EMBED_")
+         "AIRFLOW", "REINDEX_SCHEDULE", "INDEX_KEEP_VERSIONS", "EMBEDDING_DIM", "DEVICE", "EMBED_",
+         "INDEX_BACKEND", "MILVUS_")
 
 
 def clean_env() -> dict:
