@@ -141,7 +141,7 @@ class MilvusView:
         keys = []
         for i, row in enumerate(rows):
             scores[i, :len(row)] = [h["distance"] for h in row]
-            keys.append([h["id"] for h in row])
+            keys.append([h.id for h in row])  # the primary key, whatever the server names it
         if not with_tail:
             return scores, keys
         return scores, keys, [np.asarray([h["entity"]["tail"] for h in row], np.float32)
@@ -251,7 +251,7 @@ class MilvusIndex(VectorIndex):
         with self.calls():
             info = self.client.describe_collection(collection, timeout=self.timeout_s)
         dim = next(int(f["params"]["dim"]) for f in info["fields"] if f["name"] == "vector")
-        return info["description"], dim
+        return (info.get("properties") or {}).get("model_id") or info["description"], dim
 
     def _model_of(self, collection: str) -> str:
         return self._describe(collection)[0]
@@ -370,8 +370,11 @@ class MilvusIndex(VectorIndex):
         index_params.add_index("vector", index_type=self.index_type, metric_type="IP",
                                params=params)
         with self.calls():
+            # the model id also as a property: milvus-lite keeps no collection description
             self.client.create_collection(name, schema=schema, index_params=index_params,
-                                          consistency_level="Bounded", timeout=self.timeout_s * 6)
+                                          consistency_level="Bounded",
+                                          properties={"model_id": model_id},
+                                          timeout=self.timeout_s * 6)
         log.info("created collection %s (%s, dim %d)", name, self.index_type, dim)
         return name
 

@@ -1,5 +1,6 @@
 """The vector-index contract, run against both backends: FAISS files and a real Milvus
-standalone server (tests/conftest.py `milvus_server`). Same search results and scores, same
+standalone server (tests/conftest.py `milvus_server`), and milvus-lite (the same API in-process
+on a local file). Same search results and scores, same
 update / delete / prune / publish-in-parts behaviour, same `python -m indexer` commands."""
 from __future__ import annotations
 
@@ -19,10 +20,15 @@ MODEL = "test-model-1a2b3c"
 DIM = 32
 
 
-@pytest.fixture(params=["faiss", "milvus"])
+@pytest.fixture(params=["faiss", "milvus", "milvus-lite"])
 def backend(request, tmp_path):
     if request.param == "faiss":
         yield FaissIndex(IndexRepository(tmp_path / "index"))
+        return
+    if request.param == "milvus-lite":  # Milvus's API in-process on a local file
+        index = MilvusIndex(str(tmp_path / "lite.db"), prefix="t_lite")
+        yield index
+        index.close()
         return
     server = request.getfixturevalue("milvus_server")
     index = MilvusIndex(server.uri, prefix=request.getfixturevalue("milvus_prefix"))
