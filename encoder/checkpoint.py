@@ -19,6 +19,7 @@ import torch
 
 from encoder.model import DualEncoder, ModelConfig
 from encoder.open_clip_model import is_open_clip_spec, load_open_clip, read_open_clip_card
+from encoder.scoring import Scoring
 
 FORMAT = "flickr-search-checkpoint/1"
 
@@ -143,6 +144,21 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
         raise ValueError(f"checkpoint lacks trainable weights: {sorted(absent)[:5]}")
     model.eval()
     return LoadedModel(model, payload.get("card", {}), payload["model_id"], str(path))
+
+
+def read_scoring(path: str | os.PathLike) -> Scoring:
+    """A model's scoring (index dimension, query bank) without building its towers: what a
+    planner needs to begin a new index version. Open_clip models are built (their temperature
+    is a weight of the base model)."""
+    if is_open_clip_spec(path):
+        return Scoring.of(load_open_clip(str(path)).model)
+    payload = _read(Path(path))
+    config = ModelConfig.from_dict(payload["config"])
+    if config.extra.get("family") == "open_clip":
+        return Scoring.of(load_checkpoint(path).model)
+    state = _dequantize({k: v for k, v in payload["state_dict"].items()
+                         if k.split(":")[0] in ("logit_scale", "query_bank")})
+    return Scoring.from_weights(config.embed_dim, state["logit_scale"], state.get("query_bank"))
 
 
 def read_card(path: str | os.PathLike) -> dict:

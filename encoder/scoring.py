@@ -43,9 +43,14 @@ class Scoring:
     @classmethod
     def of(cls, model) -> "Scoring":
         """The scoring a DualEncoder's checkpoint defines (its query bank and temperature)."""
+        return cls.from_weights(model.config.embed_dim, model.logit_scale, model.query_bank)
+
+    @classmethod
+    def from_weights(cls, dim: int, logit_scale, bank: torch.Tensor | None) -> "Scoring":
+        """From the learned log logit scale (temperature = 1 / its exp, capped as in training)."""
         with torch.no_grad():
-            t = 1.0 / model.logit_scale.detach().float().cpu().exp().clamp(max=100)
-        return cls(model.config.embed_dim, model.query_bank, t)
+            t = 1.0 / torch.as_tensor(logit_scale).detach().float().cpu().exp().clamp(max=100)
+        return cls(dim, bank, t)
 
     def describe(self) -> str:
         if not self.corrected:

@@ -187,26 +187,31 @@ def plan_shards(force_rebuild: bool = False, settings: Settings | None = None) -
     store = with_retries(open_store, s)
     model_id = _model_id(s.model_path)
     plan = with_retries(shards.plan, store, open_index(s), s.images_prefix, model_id,
-                        s.embed_shard_size, s.embed_max_shards, lambda: _prepare_model(s),
-                        force_rebuild=force_rebuild, retry_on=TRANSIENT_ERRORS)
+                        s.embed_shard_size, s.embed_max_shards,
+                        lambda: _prepare_model(s, model_id), force_rebuild=force_rebuild,
+                        retry_on=TRANSIENT_ERRORS)
     return [shard.to_dict() for shard in plan]
 
 
-def _prepare_model(s: Settings) -> tuple[int, object]:
-    """(index dimension, tuning queries) of MODEL_PATH's model, for a rebuild's new version.
-    A new model always means a rebuild: its ONNX image graph, exported on first use, is exported
-    here, once, rather than by every shard at the same time."""
-    import torch
-
-    from encoder import Encoder
+def _prepare_model(s: Settings, model_id: str) -> tuple[int, object]:
+    """(index dimension, tuning queries) of MODEL_PATH's model, for a rebuild's new version,
+    read from the checkpoint without building the towers. A new model always means a rebuild:
+    its ONNX image graph, exported on first use, is exported here, once, rather than by every
+    shard at the same time."""
+    from encoder import Encoder, read_scoring
     from encoder.runtime_onnx import OnnxTowers
 
-    encoder = Encoder.from_settings(s)
     if s.image_runtime != "torch" and \
-            not OnnxTowers(None, encoder.model_id, s.onnx_cache_dir).path("image").is_file():
+            not OnnxTowers(None, model_id, s.onnx_cache_dir).path("image").is_file():
+        import torch
+
+        encoder = Encoder.from_settings(s)
         size = encoder.model.image_backbone.spec.input_size
         encoder.encode_pixels(torch.zeros(1, 3, size, size))
-    return encoder.scoring.index_dim, encoder.scoring.tuning_queries()
+        scoring = encoder.scoring
+    else:
+        scoring = read_scoring(s.model_path)
+    return scoring.index_dim, scoring.tuning_queries()
 
 
 def embed_shard(shard: dict, settings: Settings | None = None) -> dict:

@@ -10,6 +10,7 @@ from encoder import (
     Scoring,
     load_checkpoint,
     read_card,
+    read_scoring,
     save_checkpoint,
 )
 
@@ -41,6 +42,11 @@ def test_hubness_correction_round_trip(tmp_path):
     # the same convention on torch tensors (training and evaluation use those)
     got_t = scoring.scores(torch.from_numpy(txt), torch.from_numpy(img)).numpy()
     assert np.allclose(got_t, got, atol=1e-5)
+    # read from the file without building the towers: the same scoring
+    light = read_scoring(path)
+    assert light.index_dim == 17 and float(light.temperature) == float(scoring.temperature)
+    np.testing.assert_array_equal(light.tuning_queries(), scoring.tuning_queries())
+    np.testing.assert_array_equal(light.image_vectors(img), stored)
 
 
 def test_plain_scoring_is_the_cosine():

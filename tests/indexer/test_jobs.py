@@ -123,6 +123,7 @@ def fake_model(monkeypatch, encoder):
     """The session's small real encoder, loaded once; `id` pretends a different checkpoint."""
     import copy
 
+    import encoder as encoder_pkg
     from encoder import Encoder
 
     current = {"id": encoder.model_id, "loads": 0}
@@ -135,6 +136,7 @@ def fake_model(monkeypatch, encoder):
 
     monkeypatch.setattr(jobs, "_model_id", lambda path: current["id"])
     monkeypatch.setattr(Encoder, "from_checkpoint", staticmethod(load))
+    monkeypatch.setattr(encoder_pkg, "read_scoring", lambda path: encoder.scoring)
     return current
 
 
