@@ -92,14 +92,14 @@ def p50_ms(fn, queries: np.ndarray) -> float:
     return round(float(np.median(lat)) * 1000, 2)
 
 
-def settle(index, collection: str, quiet_s: float, limit_s: float = 3600) -> float | str:
+def settle(index, collection: str, quiet_s: float, limit_s: float) -> float | str:
     """Wait until the server's background work on a fresh collection is over: the loaded
     segments unchanged and no row waiting for the vector index for quiet_s (compaction merges
     the small fresh segments and indexes the merged ones again). Seconds waited."""
     t0 = last_change = time.monotonic()
     last = None
     while time.monotonic() - t0 < limit_s:
-        segs = tuple(sorted(x.segmentID for x in index.client.list_loaded_segments(collection)))
+        segs = tuple(sorted(x.segment_id for x in index.client.list_loaded_segments(collection)))
         info = index.client.describe_index(collection, "vector")
         state = (segs, int(info.get("pending_index_rows", 0)))
         if state != last or state[1]:
@@ -218,7 +218,7 @@ def scale(args, milvus, dim: int) -> list[dict]:
     print(f"Milvus: flushed, indexed ({kind}) and loaded after {build_s:.0f} s", flush=True)
     view = index.view("bench-model")
     fresh_p50 = p50_ms(lambda q: view.search(q, 10), queries[:50])
-    settle_s = settle(index, view.collection, args.settle)
+    settle_s = settle(index, view.collection, args.settle, args.settle_limit)
     rss = rss_mb(milvus.pid)
     try:  # what the query node holds: sealed segments, each with its own index
         loaded = index.client.list_loaded_segments(view.collection)
@@ -313,6 +313,8 @@ def main() -> int:
     p.add_argument("--recall", type=float, default=0.95, help="the recall@10 both must reach")
     p.add_argument("--settle", type=float, default=120,
                    help="scale: seconds without segment changes that count as settled")
+    p.add_argument("--settle-limit", type=float, default=1800,
+                   help="scale: stop waiting for the server to settle after this many seconds")
     p.add_argument("--skip-query-path", action="store_true")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--checkpoint", default=str(ROOT / "models" / "flickr8k-dual-encoder.pt"),
