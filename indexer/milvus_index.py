@@ -227,6 +227,10 @@ class MilvusIndex(VectorIndex):
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self.uri.endswith(".db"):  # milvus-lite: pymilvus started a local server for the file
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 
     # --- names -------------------------------------------------------------------------------
     def alias(self, model_id: str) -> str:
