@@ -66,18 +66,17 @@ class IndexDown(NoIndex):
 
 def _remote_search_batch(jobs: list[tuple]) -> list[tuple]:
     """Batcher fn for remote searches: jobs (view, query vector, k, with_tail), one query each;
-    one call per (view, with_tail) at the largest k, each answer cut back to its own k."""
+    one call per (view, k, with_tail). Not one call at the largest k: a client asking for a deep
+    page (k up to MAX_OFFSET + MAX_TOP_K) would make every neighbour's search that deep."""
     out: list = [None] * len(jobs)
-    groups: dict[tuple[int, bool], list[int]] = {}
-    for i, (view, _, _, with_tail) in enumerate(jobs):
-        groups.setdefault((id(view), with_tail), []).append(i)
-    for (_, with_tail), rows in groups.items():
+    groups: dict[tuple[int, int, bool], list[int]] = {}
+    for i, (view, _, k, with_tail) in enumerate(jobs):
+        groups.setdefault((id(view), k, with_tail), []).append(i)
+    for (_, k, with_tail), rows in groups.items():
         view = jobs[rows[0]][0]
-        found = view.search(np.stack([jobs[i][1] for i in rows]), max(jobs[i][2] for i in rows),
-                            with_tail=with_tail)
+        found = view.search(np.stack([jobs[i][1] for i in rows]), k, with_tail=with_tail)
         for r, i in enumerate(rows):
-            k = jobs[i][2]
-            out[i] = tuple(part[r][:k] for part in found)
+            out[i] = tuple(part[r] for part in found)
     return out
 
 

@@ -34,13 +34,16 @@ def views():
         ExactView(rng.standard_normal((30, 8)).astype(np.float32), "b")
 
 
-def test_one_call_per_view_and_each_answer_cut_to_its_k(views):
+def test_one_call_per_view_and_k_each_answer_its_own(views):
+    """Same view and k share a call; another k gets its own (a deep page asked by one client
+    never makes its neighbours' searches deeper)."""
     a, b = views
-    q = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    q = np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32)
     jobs = [(a, q[0], 3, True), (b, q[1], 7, True), (a, q[2], 10, True), (a, q[3], 1, False),
-            (b, q[4], 2, True)]
+            (b, q[4], 7, True), (a, q[5], 3, True)]
     rows = _remote_search_batch(jobs)
-    assert sorted(a.calls) == [(1, 1, False), (2, 10, True)] and b.calls == [(2, 7, True)]
+    assert sorted(a.calls) == [(1, 1, False), (1, 10, True), (2, 3, True)]
+    assert b.calls == [(2, 7, True)]
     for (view, vec, k, tail), got in zip(jobs, rows):
         alone = view.search(vec[None], k, with_tail=tail)
         assert len(got) == len(alone) and got[1] == alone[1][0]
