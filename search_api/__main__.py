@@ -19,7 +19,9 @@ def preflight(model_path: str) -> str | None:
     path = Path(model_path)
     if not path.is_file():
         return f"model checkpoint not found: {path}"
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+    with open(path, "rb") as f:  # encoder.checkpoint writes lzma; older files are torch.save zips
+        lzma_file = f.read(6) == b"\xfd7zXZ\x00"
+    if not (lzma_file or zipfile.is_zipfile(path)):
         return f"{path} is not a readable checkpoint (not a torch.save archive)"
     return None
 
