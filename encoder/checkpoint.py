@@ -12,12 +12,12 @@ import io
 import json
 import lzma
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from core.atomic import write_atomic
 from encoder.model import DualEncoder, ModelConfig
 from encoder.open_clip_model import is_open_clip_spec, load_open_clip, read_open_clip_card
 from encoder.scoring import Scoring
@@ -41,21 +41,12 @@ def _model_id(name: str, config: dict, state: dict[str, torch.Tensor]) -> str:
     return f"{name}-{h.hexdigest()[:12]}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; services may run as another user
-    os.replace(tmp, path)
-
-
 def _write(path: Path, payload: dict) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _write_atomic(path, lzma.compress(buf.getvalue()))  # int8 deltas compress ~2x
+    write_atomic(path, lzma.compress(buf.getvalue()), durable=True)  # int8 deltas compress ~2x
     card = {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
-    _write_atomic(path.with_suffix(".card.json"), (json.dumps(card, indent=2) + "\n").encode())
+    write_atomic(path.with_suffix(".card.json"), json.dumps(card, indent=2) + "\n", durable=True)
 
 
 INT8 = "::int8"

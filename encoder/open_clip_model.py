@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,20 +278,21 @@ class OpenClipTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-class _no_mha_fastpath:
+@contextmanager
+def _no_mha_fastpath():
     """nn.MultiheadAttention's inference fast path (eval + no_grad) traces to
     `aten::_native_multi_head_attention`, which the ONNX exporter cannot write; the regular path
     computes the same function. Used only while exporting."""
-
-    def __enter__(self):
-        mha = getattr(torch.backends, "mha", None)
-        self.prev = mha.get_fastpath_enabled() if mha else None
-        if mha:
-            mha.set_fastpath_enabled(False)
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            torch.backends.mha.set_fastpath_enabled(self.prev)
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    prev = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(prev)
 
 
 def _exporting() -> bool:

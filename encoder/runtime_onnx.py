@@ -27,13 +27,16 @@ import os
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from core.atomic import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +83,13 @@ class _TextGraph(nn.Module):
         return self.m.encode_text_tokens(input_ids, attention_mask)
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
             dynamic_axes: dict) -> None:
-    tmp = _atomic_target(path)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names,
-                              output_names=["embedding"], dynamic_axes=dynamic_axes,
-                              opset_version=OPSET, dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names,
+                          output_names=["embedding"], dynamic_axes=dynamic_axes,
+                          opset_version=OPSET, dynamo=False)
 
 
 def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,15 +121,16 @@ def _sensitive_nodes(path) -> list[str]:
     return convs[:1] + convs[-1:] + dense
 
 
-class _quiet_root_logger:
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
     """onnxruntime.quantization logs every tensor at INFO on the root logger."""
-
-    def __enter__(self):
-        self.level = logging.getLogger().level
-        logging.getLogger().setLevel(max(self.level, logging.WARNING))
-
-    def __exit__(self, *exc):
-        logging.getLogger().setLevel(self.level)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def session_options(threads: int | None = None, spinning: bool = False):
@@ -183,9 +175,7 @@ class OnnxTowers:
         except (FileNotFoundError, json.JSONDecodeError):
             meta = {}
         meta[name] = info
-        tmp = _atomic_target(meta_path)
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, meta_path)
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
 
     def _verify(self, path: Path, tower: str, floor: float) -> float:
         sess = self._new_session(path)
@@ -231,15 +221,10 @@ class OnnxTowers:
 
         src = self.path("text") if self.path("text").is_file() else self.export_text()
         dst = self.path("text", int8=True)
-        tmp = _atomic_target(dst)
-        try:
-            # MatMul weights per channel int8, activations quantized per call (dynamic)
-            with _quiet_root_logger():
-                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
-                                 per_channel=True, op_types_to_quantize=["MatMul"])
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # MatMul weights per channel int8, activations quantized per call (dynamic)
+        with atomic_path(dst) as tmp, _quiet_root_logger():
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+                             per_channel=True, op_types_to_quantize=["MatMul"])
         cos = self._verify(dst, "text", INT8_MIN_COSINE)
         self._record("text.int8", {"min_cosine_vs_torch": cos, "method": "dynamic, MatMul"})
         return dst
@@ -263,23 +248,19 @@ class OnnxTowers:
                 return next(self.it, None)
 
         dst = self.path("image", int8=True)
-        pre, tmp = _atomic_target(dst), _atomic_target(dst)
-        try:
-            with warnings.catch_warnings(), _quiet_root_logger():
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-                keep_fp32 = _sensitive_nodes(pre)
-                # 7-bit weights (reduce_range): x86 CPUs without VNNI saturate u8*s8 products
-                # (min cosine 0.92 to eager on an AVX2 EPYC, 0.987 with it); the cached graph
-                # must be right on whatever CPU later runs it
-                quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, reduce_range=True,
-                                activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32)
-            os.replace(tmp, dst)
-        finally:
-            pre.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
+        with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=dst.parent) as scratch, \
+                warnings.catch_warnings(), _quiet_root_logger():
+            warnings.simplefilter("ignore")
+            pre = Path(scratch) / "pre.onnx"  # the graph prepared for quantization
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            keep_fp32 = _sensitive_nodes(pre)
+            # 7-bit weights (reduce_range): x86 CPUs without VNNI saturate u8*s8 products
+            # (min cosine 0.92 to eager on an AVX2 EPYC, 0.987 with it); the cached graph
+            # must be right on whatever CPU later runs it
+            quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=True,
+                            activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32)
         cos = self._verify(dst, "image", INT8_MIN_COSINE)
         self._record("image.int8", {"min_cosine_vs_torch": cos,
                                     "method": "static QDQ, MinMax, 7-bit weights",
