@@ -64,7 +64,7 @@ def timed(fns: dict, rounds: int, warmup: int = 1) -> tuple[dict, dict]:
 def reparameterized(loaded):
     """MobileCLIP-style towers (train-time branches that fold into one conv for inference, as
     Apple's instructions do before inference or export), or None for other models."""
-    from encoder.checkpoint import LoadedModel
+    from encoder import LoadedModel
     from encoder.open_clip_model import OpenClipEncoder
 
     clip = getattr(loaded.model, "clip", None)
@@ -73,8 +73,8 @@ def reparameterized(loaded):
     from timm.utils import reparameterize_model
 
     m = loaded.model
-    fused = OpenClipEncoder(reparameterize_model(clip), m.text_backbone.tokenizer, m.config,
-                            m.image_backbone.spec).eval()
+    fused = OpenClipEncoder(reparameterize_model(clip), m.tokenizer, m.config,
+                            m.image_spec).eval()
     return LoadedModel(fused, loaded.card, f"{loaded.model_id}-reparameterized", loaded.path)
 
 
@@ -115,7 +115,7 @@ def main() -> int:
         onnx = encoders[name, "onnx"]
         fallback[name] = [t for t in ("image", "text") if getattr(onnx, f"{t}_runtime") != "onnx"]
         pixels[name] = torch.stack([onnx.preprocess(im) for im in images])
-        print(f"{name}: {spec}, input {onnx.model.image_backbone.spec.input_size} px, "
+        print(f"{name}: {spec}, input {onnx.model.image_spec.input_size} px, "
               f"{sizes[name][0]:.1f} M parameters"
               + (f"; ONNX fell back to eager for: {fallback[name]}" if fallback[name] else ""))
     print(f"\ntorch threads {torch.get_num_threads()}; {args.images} real dev images per image "

@@ -41,7 +41,7 @@ def main() -> int:
         store.put("img/" + name, (FLICKR / "Images" / name).read_bytes())
     enc = Encoder(load_checkpoint(args.checkpoint), image_runtime=args.runtime,
                   onnx_cache_dir=tempfile.mkdtemp(prefix="onnx-"))
-    size = enc.model.image_backbone.spec.input_size
+    size = enc.model.image_spec.input_size
     enc.encode_pixels(__import__("torch").zeros(1, 3, size, size))  # export/warm outside timing
     repo = IndexRepository(work / "index")
     times = {"full rebuild": [], "update (+1 %)": [], "update (nothing new)": []}

@@ -1,15 +1,47 @@
-"""The model: backbone registry, projection heads, preprocessing, checkpoints."""
-from encoder.backbones import IMAGE_BACKBONES, TEXT_BACKBONES, BackboneUnavailable
-from encoder.checkpoint import (LoadedModel, load_checkpoint, read_card, read_scoring,
-                                save_checkpoint, update_card)
-from encoder.inference import Encoder
-from encoder.model import DualEncoder, ModelConfig
-from encoder.scoring import Scoring
-from encoder.preprocessing import BadImage, decode_image
+"""The model: what a MODEL_PATH names, the model families, checkpoints, inference and scoring.
 
-__all__ = [
-    "IMAGE_BACKBONES", "TEXT_BACKBONES", "BackboneUnavailable", "BadImage", "DualEncoder",
-    "Encoder", "LoadedModel", "ModelConfig", "Scoring", "decode_image", "load_checkpoint",
-    "read_card", "read_scoring",
-    "save_checkpoint", "update_card",
-]
+    spec.py             a MODEL_PATH value -> an open_clip spec or a checkpoint file (and its
+                        format); torch-free, so the service checks it before importing torch
+    protocol.py         `EmbeddingModel`, what every model family gives (encoders + matching
+                        preprocessing), and `LoadedModel`
+    loading.py          the factory: `load_checkpoint`, `read_card`, `read_scoring`, `update_card`
+    model.py            our dual encoder: pretrained towers (backbones.py: registry) + projection
+                        heads; preprocessing.py: image decoding and transforms
+    open_clip_model.py  pretrained CLIP-family models (open_clip) by spec, and their fine-tunes
+    checkpoint.py       the checkpoint file: trainable weights + model card, the model id
+    inference.py        `Encoder`: numpy in, L2-normalised numpy out, on eager PyTorch or
+                        runtime_onnx.py's ONNX Runtime towers (fp32 / int8)
+    scoring.py          how an embedding becomes the vector an index stores or searches
+
+The names below are imported on first use, so `import encoder.spec` does not import torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "IMAGE_BACKBONES": "encoder.backbones", "TEXT_BACKBONES": "encoder.backbones",
+    "BackboneUnavailable": "encoder.backbones",
+    "BadImage": "encoder.preprocessing", "decode_image": "encoder.preprocessing",
+    "DualEncoder": "encoder.model", "ModelConfig": "encoder.model",
+    "EmbeddingModel": "encoder.protocol", "LoadedModel": "encoder.protocol",
+    "Encoder": "encoder.inference",
+    "Scoring": "encoder.scoring",
+    "load_checkpoint": "encoder.loading", "read_card": "encoder.loading",
+    "read_scoring": "encoder.loading", "update_card": "encoder.loading",
+    "save_checkpoint": "encoder.checkpoint",
+    "CheckpointFile": "encoder.spec", "OpenClipSpec": "encoder.spec",
+    "parse_model_spec": "encoder.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'encoder' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

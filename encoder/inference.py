@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoder.checkpoint import LoadedModel, load_checkpoint
+from encoder.loading import load_checkpoint
+from encoder.protocol import LoadedModel
 from encoder.preprocessing import eval_transform
 from encoder.runtime_onnx import RUNTIMES, OnnxTowers, OnnxUnavailable
 from encoder.scoring import Scoring
@@ -35,10 +36,10 @@ class Encoder:
         self.dim = loaded.model.config.embed_dim
         # how embeddings become index and query vectors (the one owner of that convention)
         self.scoring = Scoring.of(loaded.model)
-        self.transform = eval_transform(self.model.image_backbone.spec)
+        self.transform = eval_transform(self.model.image_spec)
         # (x/255 - mean)/std == x*scale + offset, per channel
-        mean = np.asarray(self.model.image_backbone.spec.mean, np.float64)
-        std = np.asarray(self.model.image_backbone.spec.std, np.float64)
+        mean = np.asarray(self.model.image_spec.mean, np.float64)
+        std = np.asarray(self.model.image_spec.std, np.float64)
         self._scale = (1 / (255 * std)).astype(np.float32)[:, None, None]
         self._offset = (-mean / std).astype(np.float32)[:, None, None]
         onnx_ok = self.device.type == "cpu"
@@ -70,7 +71,7 @@ class Encoder:
         """Build/load the runtime sessions now (export once per model id) instead of on the
         first request."""
         self.encode_texts(["warm up"])
-        size = self.model.image_backbone.spec.input_size
+        size = self.model.image_spec.input_size
         self.encode_pixels(torch.zeros(1, 3, size, size))
 
     @torch.inference_mode()
@@ -96,7 +97,7 @@ class Encoder:
         """The eval transform. An RGB image already at the input size (Flickr8k copies are)
         needs no resize: it is normalised in numpy, the same values (to 1e-6) at a quarter of
         the cost of torchvision's chain, and without torch ops in the loader threads."""
-        spec = self.model.image_backbone.spec
+        spec = self.model.image_spec
         if image.mode == "RGB" and image.size == (spec.input_size, spec.input_size):
             chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))  # uint8
             x = chw * self._scale  # float32 [3, H, W]

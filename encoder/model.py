@@ -1,14 +1,17 @@
-"""The dual encoder: pretrained towers + projection heads into one L2-normalised space."""
+"""The dual encoder: pretrained towers + projection heads into one L2-normalised space (an
+`encoder.protocol.EmbeddingModel`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from encoder.backbones import (
+    ImageSpec,
     StagedImageBackbone,
     TextBackbone,
     create_image_backbone,
@@ -124,6 +127,14 @@ class DualEncoder(nn.Module):
                 if int(k.split(".")[2]) >= split:
                     keys.append(k)
         return keys
+
+    # --- preprocessing: what the towers take -------------------------------------------------
+    @property
+    def image_spec(self) -> ImageSpec:
+        return self.image_backbone.spec
+
+    def tokenize(self, texts: Sequence[str], tensors: str = "pt") -> dict:
+        return self.text_backbone.tokenize(list(texts), tensors)
 
     # --- encoding ---------------------------------------------------------------------------
     def embed_image_features(self, fmap: torch.Tensor, start: int | None = None) -> torch.Tensor:

@@ -7,10 +7,11 @@
 e.g. `open_clip:ViT-B-32:laion2b_s34b_b79k`, `open_clip:ViT-B-32:/models/open_clip_pytorch_model.bin`,
 or `open_clip:<architecture>` (RANDOM weights, seeded: for tests and benchmarks, logged loudly).
 
-`load_open_clip(spec)` returns the same `LoadedModel` a checkpoint gives; its model is an
-`OpenClipEncoder`, an adapter with the interface `encoder.inference.Encoder`, `Scoring` and the
-ONNX export use (`encode_images`, `encode_texts`, `encode_text_tokens`, `image_backbone.spec`,
-`text_backbone.tokenize`, `config.embed_dim`, `logit_scale`, an empty `query_bank`: plain cosine).
+The spec is parsed by `encoder.spec.OpenClipSpec`; `encoder.loading` calls `load_open_clip(spec)`,
+which returns the same `LoadedModel` a checkpoint gives. Its model is an `OpenClipEncoder`, an
+`encoder.protocol.EmbeddingModel`: open_clip's model with its matching preprocessing
+(`image_spec`, open_clip's tokenizer as `tokenize`) and an empty `query_bank` (plain cosine). A
+fine-tuned checkpoint loads its stored weights into `base_model(config)`.
 
 Image preprocessing is open_clip's own (its eval transform, built from the image spec by
 `encoder.preprocessing.eval_transform`), with the settings of the weights: a pretrained tag's,
@@ -33,6 +34,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,53 +43,16 @@ from torch import nn
 
 from encoder.backbones import BackboneUnavailable, ImageSpec
 from encoder.model import ModelConfig
+from encoder.protocol import LoadedModel
+from encoder.spec import HF_HUB, LOCAL_DIR, OPEN_CLIP_PREFIX, OpenClipSpec
 
 log = logging.getLogger(__name__)
 
-PREFIX = "open_clip:"
-FAMILY = "open_clip"
-HF_HUB = "hf-hub:"
-LOCAL_DIR = "local-dir:"
+FAMILY = "open_clip"  # config.extra["family"] of a fine-tuned open_clip checkpoint
 # the PreprocessCfg fields a pretrained tag or an open_clip_config.json may set
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
 OFFLINE_HINT = ("or copy a Hugging Face cache (~/.cache/huggingface) that holds it and set "
                 "HF_HUB_OFFLINE=1")
-
-
-def is_open_clip_spec(path: str | os.PathLike) -> bool:
-    return isinstance(path, str) and path.startswith(PREFIX)
-
-
-@dataclass(frozen=True)
-class OpenClipSpec:
-    architecture: str  # a built-in name, or open_clip's "hf-hub:org/repo" / "local-dir:folder"
-    weights: str | None  # a pretrained tag, a local weights file, or None (random / from the repo)
-
-    @classmethod
-    def parse(cls, spec: str) -> "OpenClipSpec":
-        if not is_open_clip_spec(spec):
-            raise ValueError(f"not an open_clip model spec: {spec!r}")
-        rest = spec[len(PREFIX):]
-        if rest.startswith((HF_HUB, LOCAL_DIR)):  # the repo or folder holds config and weights
-            if not rest.partition(":")[2]:
-                raise ValueError(f"{spec!r}: expected open_clip:{HF_HUB}<org>/<repo> or "
-                                 f"open_clip:{LOCAL_DIR}<folder>")
-            return cls(rest, None)
-        arch, _, weights = rest.partition(":")  # a path may hold more colons
-        if not arch:
-            raise ValueError(f"{spec!r}: expected open_clip:<architecture>[:<tag or weights file>]")
-        return cls(arch, weights or None)
-
-    @property
-    def name(self) -> str:
-        """What the model id shows: the architecture, or the hub repo's / folder's name (a repo
-        downloaded into a folder of the same name keeps its model id offline)."""
-        if self.architecture.startswith(LOCAL_DIR):
-            return Path(self.architecture[len(LOCAL_DIR):]).resolve().name
-        return self.architecture.removeprefix(HF_HUB).rstrip("/").rsplit("/", 1)[-1]
-
-    def __str__(self) -> str:
-        return PREFIX + self.architecture + (f":{self.weights}" if self.weights else "")
 
 
 def _open_clip():
@@ -97,11 +62,6 @@ def _open_clip():
         raise BackboneUnavailable("open_clip models need the package open_clip_torch "
                                   "(pip install 'open_clip_torch>=3.3,<4')") from exc
     return open_clip
-
-
-def _is_weights_file(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.endswith(
-        (".bin", ".pt", ".pth", ".safetensors")) or os.path.exists(weights)
 
 
 def _hub_fetch(repo: str, filename: str | None, what: str, instead: str) -> str:
@@ -227,7 +187,7 @@ def _resolve(oc, spec: OpenClipSpec) -> _Resolved:
             raise ValueError(f"unknown open_clip architecture {arch!r} (open_clip.list_models() "
                              "lists the known ones)")
         weights_file, overlay = None, {}
-        if spec.weights is not None and _is_weights_file(spec.weights):
+        if spec.weights_is_file:
             if not os.path.isfile(spec.weights):
                 raise FileNotFoundError(f"open_clip weights file not found: {spec.weights}")
             weights_file = spec.weights
@@ -256,28 +216,6 @@ def _digest(r: _Resolved, state: dict[str, torch.Tensor] | None = None) -> str:
     return h.hexdigest()
 
 
-class OpenClipImageSide:
-    """What callers read from `model.image_backbone`: the preprocessing spec."""
-
-    def __init__(self, spec: ImageSpec):
-        self.spec = spec
-
-
-class OpenClipTokenizer:
-    """`model.text_backbone`: open_clip's tokenizer (fixed context length, 0 = padding)."""
-
-    def __init__(self, tokenizer, name: str):
-        self.tokenizer = tokenizer
-        self.name = name
-
-    def tokenize(self, texts: list[str], tensors: str = "pt") -> dict:
-        ids = self.tokenizer(list(texts)).long()
-        mask = (ids != 0).long()
-        if tensors == "np":
-            return {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask.numpy()}
-        return {"input_ids": ids, "attention_mask": mask}
-
-
 @contextmanager
 def _no_mha_fastpath():
     """nn.MultiheadAttention's inference fast path (eval + no_grad) traces to
@@ -300,14 +238,14 @@ def _exporting() -> bool:
 
 
 class OpenClipEncoder(nn.Module):
-    """An open_clip model behind the DualEncoder inference interface."""
+    """An open_clip model with its preprocessing, as an `encoder.protocol.EmbeddingModel`."""
 
     def __init__(self, clip: nn.Module, tokenizer, config: ModelConfig, image_spec: ImageSpec):
         super().__init__()
         self.clip = clip
         self.config = config
-        self.image_backbone = OpenClipImageSide(image_spec)
-        self.text_backbone = OpenClipTokenizer(tokenizer, config.text_backbone)
+        self.image_spec = image_spec
+        self.tokenizer = tokenizer  # open_clip's: fixed context length, 0 = padding
         # hubness correction only once a fine-tune sets a bank (encoder/scoring.py)
         self.register_buffer("query_bank", torch.zeros(config.query_bank_size, config.embed_dim))
 
@@ -325,6 +263,13 @@ class OpenClipEncoder(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale
+
+    def tokenize(self, texts: Sequence[str], tensors: str = "pt") -> dict:
+        ids = self.tokenizer(list(texts)).long()
+        mask = (ids != 0).long()
+        if tensors == "np":
+            return {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask.numpy()}
+        return {"input_ids": ids, "attention_mask": mask}
 
     @property
     def device(self) -> torch.device:
@@ -347,7 +292,7 @@ class OpenClipEncoder(nn.Module):
         return F.normalize(self.clip.encode_text(ids), dim=-1)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tok = self.text_backbone.tokenize(texts)
+        tok = self.tokenize(texts)
         return self.encode_text_tokens(tok["input_ids"].to(self.device),
                                        tok["attention_mask"].to(self.device))
 
@@ -362,7 +307,8 @@ def _square(arch: str, size) -> int:
 
 def _image_spec(r: _Resolved, out_dim: int) -> ImageSpec:
     pp = r.preprocess
-    return ImageSpec(f"{PREFIX}{r.spec.architecture}", _square(r.spec.architecture, pp["size"]),
+    return ImageSpec(f"{OPEN_CLIP_PREFIX}{r.spec.architecture}",
+                     _square(r.spec.architecture, pp["size"]),
                      tuple(float(x) for x in pp["mean"]), tuple(float(x) for x in pp["std"]),
                      out_dim, resize_mode=pp["resize_mode"], interpolation=pp["interpolation"])
 
@@ -375,7 +321,8 @@ def _describe(r: _Resolved, digest: str, embed_dim: int) -> tuple[ModelConfig, d
     """(config, card, model id): one owner, so reading the card and loading the model agree."""
     arch, weights = r.spec.architecture, r.spec.weights
     spec = _image_spec(r, embed_dim)
-    config = ModelConfig(image_backbone=f"{PREFIX}{arch}", text_backbone=f"{PREFIX}{arch}",
+    config = ModelConfig(image_backbone=f"{OPEN_CLIP_PREFIX}{arch}",
+                         text_backbone=f"{OPEN_CLIP_PREFIX}{arch}",
                          embed_dim=embed_dim, image_weights=weights, text_weights=weights,
                          extra={"family": FAMILY, "spec": str(r.spec), "architecture": arch,
                                 "image_size": spec.input_size, "image_mean": list(spec.mean),
@@ -410,13 +357,11 @@ def _build(oc, r: _Resolved) -> nn.Module:
     return clip.eval()
 
 
-def load_open_clip(spec: str):
+def load_open_clip(spec: OpenClipSpec) -> LoadedModel:
     """`open_clip:<arch>[:<tag or file>]` (or hf-hub: / local-dir:) -> LoadedModel (see module
     doc)."""
-    from encoder.checkpoint import LoadedModel
-
     oc = _open_clip()
-    r = _resolve(oc, OpenClipSpec.parse(spec))
+    r = _resolve(oc, spec)
     clip = _build(oc, r)
     built = _square(r.spec.architecture, clip.visual.preprocess_cfg["size"])
     if built != _square(r.spec.architecture, r.preprocess["size"]):
@@ -433,11 +378,21 @@ def load_open_clip(spec: str):
     return LoadedModel(model.eval(), card, model_id, str(r.spec))
 
 
-def read_open_clip_card(spec: str) -> dict:
+def base_model(config: ModelConfig) -> OpenClipEncoder:
+    """The model a fine-tuned open_clip checkpoint's weights load into: its base spec's, with
+    the checkpoint's trained parts and query bank size."""
+    model = load_open_clip(OpenClipSpec.parse(config.extra["spec"])).model
+    model.config.extra["trainable"] = config.extra.get("trainable", [])
+    model.config.query_bank_size = config.query_bank_size
+    model.query_bank = torch.zeros(config.query_bank_size, config.embed_dim)
+    return model
+
+
+def read_open_clip_card(spec: OpenClipSpec) -> dict:
     """What `read_card` gives for a checkpoint (model id, config, card), from the spec: the
     weights file is hashed, the model is not built (only random weights need building)."""
     oc = _open_clip()
-    r = _resolve(oc, OpenClipSpec.parse(spec))
+    r = _resolve(oc, spec)
     if r.weights_file is None or "embed_dim" not in r.arch_config:
         loaded = load_open_clip(spec)
         config, card, model_id = loaded.model.config, loaded.card, loaded.model_id

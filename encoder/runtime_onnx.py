@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.atomic import atomic_path, write_atomic
+from encoder.protocol import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,9 @@ def session_options(threads: int | None = None, spinning: bool = False):
 class OnnxTowers:
     """Lazily exports and loads the ONNX graphs of one model; each tower on first use."""
 
-    def __init__(self, model, model_id: str, cache_dir: str | os.PathLike | None = None,
-                 threads: int | None = None, spinning: bool = False):
+    def __init__(self, model: EmbeddingModel, model_id: str,
+                 cache_dir: str | os.PathLike | None = None, threads: int | None = None,
+                 spinning: bool = False):
         self.model = model
         self.model_id = model_id
         self.dir = Path(cache_dir or default_cache_dir()) / model_id
@@ -180,7 +182,7 @@ class OnnxTowers:
     def _verify(self, path: Path, tower: str, floor: float) -> float:
         sess = self._new_session(path)
         if tower == "image":
-            x = _probe_pixels(self.model.image_backbone.spec.input_size)
+            x = _probe_pixels(self.model.image_spec.input_size)
             with torch.inference_mode():
                 ref = self.model.encode_images(x).float().numpy()
             out = sess.run(None, {"pixels": x.numpy()})[0]
@@ -197,7 +199,7 @@ class OnnxTowers:
 
     def export_image(self) -> Path:
         path = self.path("image")
-        size = self.model.image_backbone.spec.input_size
+        size = self.model.image_spec.input_size
         x = _probe_pixels(size, 2)
         _export(_ImageGraph(self.model), (x,), path, ["pixels"],
                 {"pixels": {0: "batch"}, "embedding": {0: "batch"}})
@@ -207,7 +209,7 @@ class OnnxTowers:
 
     def export_text(self) -> Path:
         path = self.path("text")
-        tok = self.model.text_backbone.tokenize(PROBE_TEXTS[:2])
+        tok = self.model.tokenize(PROBE_TEXTS[:2])
         _export(_TextGraph(self.model), (tok["input_ids"], tok["attention_mask"]), path,
                 ["input_ids", "attention_mask"],
                 {"input_ids": {0: "batch", 1: "tokens"},
@@ -309,7 +311,7 @@ class OnnxTowers:
 
     # --- running ----------------------------------------------------------------------------
     def _text_feed(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        tok = self.model.text_backbone.tokenize(texts, tensors="np")
+        tok = self.model.tokenize(texts, tensors="np")
         return {k: v.astype(np.int64, copy=False) for k, v in tok.items()}
 
     def encode_texts(self, texts: Sequence[str], int8: bool = False) -> np.ndarray:
@@ -324,7 +326,7 @@ def _main(argv: list[str] | None = None) -> int:
     """`python -m encoder.runtime_onnx {export,int8-image} --checkpoint P [--images DIR]`."""
     import argparse
 
-    from encoder.checkpoint import load_checkpoint
+    from encoder.loading import load_checkpoint
     from encoder.preprocessing import decode_image, eval_transform
 
     p = argparse.ArgumentParser(prog="python -m encoder.runtime_onnx", description=_main.__doc__)
@@ -344,7 +346,7 @@ def _main(argv: list[str] | None = None) -> int:
     else:
         if not args.images:
             p.error("int8-image needs --images DIR")
-        tf = eval_transform(loaded.model.image_backbone.spec)
+        tf = eval_transform(loaded.model.image_spec)
         files = sorted(f for f in Path(args.images).iterdir()
                        if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.limit]
         calib = torch.stack([tf(decode_image(f.read_bytes())) for f in files]).numpy()

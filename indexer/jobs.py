@@ -206,7 +206,7 @@ def _prepare_model(s: Settings, model_id: str) -> tuple[int, object]:
         import torch
 
         encoder = Encoder.from_settings(s)
-        size = encoder.model.image_backbone.spec.input_size
+        size = encoder.model.image_spec.input_size
         encoder.encode_pixels(torch.zeros(1, 3, size, size))
         scoring = encoder.scoring
     else:

@@ -6,23 +6,20 @@ store do not stop it: /health says `degraded` until they are there.
 """
 import argparse
 import sys
-import zipfile
-from pathlib import Path
 
 from core.logs import setup_logging
+from encoder.spec import CheckpointFile, parse_model_spec
 
 
 def preflight(model_path: str) -> str | None:
-    """Cheap checks before importing torch (seconds): why the model cannot load, or None."""
-    if model_path.startswith("open_clip:"):  # a model spec: encoder/open_clip_model.py checks it
-        return None
-    path = Path(model_path)
-    if not path.is_file():
-        return f"model checkpoint not found: {path}"
-    with open(path, "rb") as f:  # encoder.checkpoint writes lzma; older files are torch.save zips
-        lzma_file = f.read(6) == b"\xfd7zXZ\x00"
-    if not (lzma_file or zipfile.is_zipfile(path)):
-        return f"{path} is not a readable checkpoint (not a torch.save archive)"
+    """Cheap checks before importing torch (seconds): why the model cannot load, or None. An
+    open_clip spec is only parsed here: its loader checks the weights."""
+    try:
+        spec = parse_model_spec(model_path)
+        if isinstance(spec, CheckpointFile):
+            spec.detect_format()  # a checkpoint file's first bytes
+    except (FileNotFoundError, ValueError) as exc:
+        return str(exc)
     return None
 
 

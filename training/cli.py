@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".log.jsonl").unlink(missing_ok=True)
     eval_sets = [load_set_from_folder(f) for f in args.eval_set]
     if args.model:  # a pretrained open_clip model, end to end
-        from encoder.checkpoint import load_checkpoint
+        from encoder import load_checkpoint
         from training.open_clip_train import fine_tune_and_save
 
         loaded = load_checkpoint(args.model)

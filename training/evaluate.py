@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 
 from core.logs import setup_logging
 from core.settings import get_settings
-from encoder.checkpoint import load_checkpoint, read_card, update_card
-from encoder.open_clip_model import is_open_clip_spec
+from encoder.loading import load_checkpoint, read_card, update_card
+from encoder.spec import OpenClipSpec, parse_model_spec
 from training.cli import add_data_args, load_splits
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         result["commit"] = git_commit()
         results[split.name] = result
-    if is_open_clip_spec(args.checkpoint):  # zero-shot: a spec has no card file to write
+    if isinstance(parse_model_spec(args.checkpoint), OpenClipSpec):  # zero-shot: a spec has no card file to write
         log.info("%s is an open_clip spec: results printed, no model card written",
                  args.checkpoint)
     elif not args.no_write_card and not args.limit:

@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import torch
 
 from core.settings import get_settings
-from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.checkpoint import save_checkpoint
+from encoder.loading import load_checkpoint
 from training.cli import add_data_args, load_splits
 from training.features import text_features
 from training.train import describe_model, git_commit

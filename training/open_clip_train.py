@@ -88,7 +88,7 @@ class OpenClipTrainer(Trainer):
         self.captions_of = [[] for _ in range(len(self.train_split))]
         for c, i in enumerate(owner):
             self.captions_of[i].append(c)
-        ds = ImageDataset(self.train_split, train_transform(m.image_backbone.spec))
+        ds = ImageDataset(self.train_split, train_transform(m.image_spec))
         self.loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                  num_workers=cfg.workers, collate_fn=collate_indexed,
                                  pin_memory=self.device == "cuda",
@@ -108,7 +108,7 @@ class OpenClipTrainer(Trainer):
             else:
                 caps = [random.choice(self.captions_of[i]) for i in idx.tolist()]
                 owner = list(range(len(idx)))
-            tok = m.text_backbone.tokenize([self.train_texts[c] for c in caps])
+            tok = m.tokenize([self.train_texts[c] for c in caps])
             for g in self.opt.param_groups:
                 g["lr"] = self.cfg.lr * self._lr_factor()
             with self._autocast():

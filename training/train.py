@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.checkpoint import save_checkpoint
+from encoder.loading import load_checkpoint
 from encoder.model import DualEncoder, ModelConfig
 from encoder.preprocessing import eval_transform, train_transform
 from encoder.scoring import Scoring
@@ -120,7 +121,7 @@ def embed_split(model: DualEncoder, split: Flickr8kSplit, cache_dir: str | None,
         img = torch.cat([model.embed_image_features(feats[i:i + 256].to(device).float(), start=tail)
                          .float().cpu() for i in range(0, len(feats), 256)])
     else:
-        loader = DataLoader(ImageDataset(split, eval_transform(model.image_backbone.spec)),
+        loader = DataLoader(ImageDataset(split, eval_transform(model.image_spec)),
                             batch_size=128, num_workers=workers, collate_fn=collate_indexed)
         chunks = []
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device == "cuda"):

@@ -22,7 +22,8 @@ def test_int8_tower_is_stored_as_deltas_and_loads_exactly(tmp_path):
     import torch
 
     from encoder import DualEncoder, ModelConfig, load_checkpoint, save_checkpoint
-    from encoder.checkpoint import DELTA, INT8, SCALE, _dequantize, _int8, _read
+    from encoder.checkpoint import DELTA, INT8, SCALE, _dequantize, _int8, read_payload
+    from encoder.spec import CheckpointFile
 
     torch.manual_seed(0)
     model = DualEncoder(ModelConfig(embed_dim=16, image_tail_stages=2)).eval()
@@ -34,7 +35,7 @@ def test_int8_tower_is_stored_as_deltas_and_loads_exactly(tmp_path):
             t.add_(0.01 * t.std() * torch.randn_like(t))
     path = tmp_path / "m.pt"
     mid = save_checkpoint(model, path, int8_backbone=True)
-    stored = _read(path)["state_dict"]
+    stored = read_payload(CheckpointFile(path))["state_dict"]
     assert {k + DELTA for k in tuned} <= set(stored) and not any(k.endswith(INT8) for k in stored)
     loaded = load_checkpoint(path)
     assert loaded.model_id == mid

@@ -1,6 +1,6 @@
 """open_clip models as encoders: `MODEL_PATH=open_clip:<arch>[:<tag or weights file>]`.
 
-A tiny ViT architecture is registered from a JSON config here, with random weights (no network).
+A tiny ViT architecture (tests/encoder/conftest.py) with random weights (no network).
 """
 import dataclasses
 import json
@@ -13,32 +13,9 @@ import torch
 
 from encoder import BackboneUnavailable, Encoder, load_checkpoint, read_card
 from encoder.scoring import Scoring
+from tests.encoder.conftest import ARCH, TINY
 
-ARCH = "test-tiny-vit"
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
 PREFIX = "flickr8k/images/"
-
-
-@pytest.fixture(scope="module")
-def tiny_arch(tmp_path_factory):
-    d = tmp_path_factory.mktemp("oc_cfg")
-    (d / f"{ARCH}.json").write_text(json.dumps(TINY))
-    open_clip.add_model_config(d)
-    assert ARCH in open_clip.list_models()
-    return ARCH
-
-
-@pytest.fixture(scope="module")
-def weights_file(tiny_arch, tmp_path_factory):
-    torch.manual_seed(0)
-    clip = open_clip.create_model(tiny_arch, pretrained=None)
-    path = tmp_path_factory.mktemp("oc_w") / "open_clip_pytorch_model.bin"
-    torch.save(clip.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +31,14 @@ def _pixels(n=3, size=64, seed=0):
 def test_adapter_encodes_normalised_vectors(loaded):
     m = loaded.model
     assert m.config.embed_dim == 32
-    spec = m.image_backbone.spec
+    spec = m.image_spec
     assert spec.input_size == 64 and len(spec.mean) == 3 and len(spec.std) == 3
     img = m.encode_images(_pixels())
     txt = m.encode_texts(["a red circle", "a blue square"])
     assert img.shape == (3, 32) and txt.shape == (2, 32)
     assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(txt.norm(dim=-1), torch.ones(2), atol=1e-5)
-    tok = m.text_backbone.tokenize(["a red circle"], tensors="np")
+    tok = m.tokenize(["a red circle"], tensors="np")
     assert tok["input_ids"].dtype == np.int64 and tok["attention_mask"].sum() < 77
     same = m.encode_text_tokens(torch.from_numpy(tok["input_ids"]),
                                 torch.from_numpy(tok["attention_mask"]))
@@ -246,7 +223,7 @@ def test_preprocessing_equals_open_clips_transform(form, weights_file, repo_fold
                               (f"local-dir:{repo_folder}", None, f"open_clip:local-dir:{repo_folder}"))
     _, _, reference = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     enc = Encoder(load_checkpoint(spec))
-    spec_ = enc.model.image_backbone.spec
+    spec_ = enc.model.image_spec
     if form == "local-dir":
         assert (spec_.mean, spec_.std, spec_.interpolation) == ((0.0,) * 3, (1.0,) * 3, "bilinear")
     for i, (w, h) in enumerate(SHAPES_PX):
@@ -289,7 +266,8 @@ def test_weights_file_takes_the_preprocessing_of_its_tags(tmp_path):
     """A bare weights file of an architecture whose tags all preprocess alike (MobileCLIP-S1:
     mean 0, std 1, bilinear, 256 px) gets those settings, not open_clip's defaults (resolved
     without building the model)."""
-    from encoder.open_clip_model import OpenClipSpec, _resolve
+    from encoder.open_clip_model import _resolve
+    from encoder.spec import OpenClipSpec
 
     f = tmp_path / "open_clip_pytorch_model.bin"
     f.write_bytes(b"not read here")
@@ -332,7 +310,7 @@ def test_hf_hub_spec_loads_offline_from_the_cache(hf_offline, repo_folder, tmp_p
     local = load_checkpoint(f"open_clip:local-dir:{repo_folder}")
     # the same config, preprocessing and weights bytes: the same model id, the same vectors
     assert m.model_id == local.model_id and m.model_id.startswith("open_clip-tiny-clip-")
-    a, b = m.model.image_backbone.spec, local.model.image_backbone.spec
+    a, b = m.model.image_spec, local.model.image_spec
     assert dataclasses.replace(a, name="") == dataclasses.replace(b, name="")
     torch.testing.assert_close(m.model.encode_images(_pixels()), local.model.encode_images(_pixels()))
     assert read_card("open_clip:hf-hub:test-org/tiny-clip")["model_id"] == m.model_id

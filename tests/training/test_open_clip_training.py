@@ -1,8 +1,8 @@
 """open_clip models in the training package: zero-shot evaluation of a spec (tiny architecture,
-random weights, registered from a JSON config in tests/encoder/test_open_clip.py)."""
+random weights, registered from a JSON config in tests/encoder/conftest.py)."""
 import json
 
-from tests.encoder.test_open_clip import ARCH, tiny_arch, weights_file  # noqa: F401 (fixtures)
+from tests.encoder.conftest import ARCH, tiny_arch, weights_file  # noqa: F401 (fixtures)
 from training.cli import main as train_main
 from training.evaluate import main as eval_main
 
