@@ -3,8 +3,8 @@
 A family (our `DualEncoder`, the open_clip adapter `OpenClipEncoder`) is an `nn.Module` that
 carries its matching preprocessing, as open_clip's `create_model_and_transforms` returns a model
 with its transform: `image_spec` says how images become pixels, `tokenize` how texts become
-token ids. The inference facade, `Scoring`, the ONNX export, checkpoints and training use this
-and nothing family-specific.
+token ids. The inference facade, `Scoring`, the ONNX export and checkpoint files use this and
+nothing family-specific (training also reaches into its own family's parts).
 """
 from __future__ import annotations
 
