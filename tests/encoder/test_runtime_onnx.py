@@ -95,7 +95,7 @@ def test_fast_preprocess_matches_the_eval_transform(encoder):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    size = encoder.model.image_backbone.spec.input_size
+    size = encoder.model.image_spec.input_size
     for shape in ((size, size, 3), (size + 30, size - 20, 3)):
         im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "RGB")
         got, want = encoder.preprocess(im), encoder.transform(im)
