@@ -76,7 +76,7 @@ def test_s3_wrong_credentials(s3_server):
 
 
 def test_s3_server_not_reachable():
-    from ports import free_port
+    from deploy.ports import free_port
 
     with pytest.raises(StoreUnavailable, match="not reachable"):
         S3Store(f"127.0.0.1:{free_port()}", "a", "b", "some-bucket", timeout=1, retries=0)
