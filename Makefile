@@ -1,14 +1,17 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# On a fresh machine: `make demo` (the API on the shipped model), `make test`, and `make stack`
+# (object store + Airflow + API without Docker; `make stack-stop` stops it).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-base demo test stop
+.PHONY: setup setup-base setup-stack demo test stop stack stack-stop
 
-# setup-base: what the demo needs (the service, the indexer, the model); setup: + Airflow and the
-# test tools (browser, S3 and Milvus servers), for `make test`
+# setup-base: what the demo needs (the service, the indexer, the model); setup-stack: + Airflow
+# and the S3 server, for `make stack`; setup: + the test tools (browser, Milvus server), for
+# `make test`
 setup: $(VENV)/.installed
 setup-base: $(VENV)/.installed-base
+setup-stack: $(VENV)/.installed-stack
 
 $(VENV)/.installed-base: pyproject.toml
 	@# system tools of the demo script
@@ -19,7 +22,11 @@ $(VENV)/.installed-base: pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.installed-base
+$(VENV)/.installed-stack: $(VENV)/.installed-base
+	$(BIN)/pip install -q -e ".[airflow,s3-server]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-stack
 	@# chromium (browser test), docker-compose (compose validation)
 	@command -v chromium >/dev/null && command -v docker-compose >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium docker-compose)
@@ -35,3 +42,9 @@ test: setup
 
 stop:
 	@if [ -f data/api.pid ]; then kill $$(cat data/api.pid) 2>/dev/null || true; rm -f data/api.pid; echo stopped; fi
+
+stack: setup-stack
+	./deploy/local_stack.sh start
+
+stack-stop:
+	./deploy/local_stack.sh stop

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "deploy"):  # the packages, and deploy/ports.py
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+if str(ROOT) not in sys.path:  # the packages, deploy/ included
+    sys.path.insert(0, str(ROOT))
 
 from core.settings import get_settings  # noqa: E402
 

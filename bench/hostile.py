@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, median, save_json, table
-from ports import free_port
+from deploy.ports import free_port
 from tests.search_api.helpers import huge_canvas_gif, rss_mb, transparent_png
 
 QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city street",

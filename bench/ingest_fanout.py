@@ -32,7 +32,7 @@ from contextlib import closing
 from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, load_average, median, save_json, table
-from ports import free_port
+from deploy.ports import free_port
 
 AIRFLOW = Path(sys.executable).parent / "airflow"
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy"))
-from ports import free_port  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from deploy.ports import free_port  # noqa: E402
 
 SUBJECTS = ["a dog", "two dogs", "a black dog", "a little girl", "a man", "a woman", "children",
             "a boy", "a brown dog", "a group of people", "a cyclist", "a surfer", "a skier",

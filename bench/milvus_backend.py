@@ -32,7 +32,7 @@ import numpy as np
 
 from common import ROOT, header, save_json, table
 from load_test import run_load, start_service
-from ports import free_port
+from deploy.ports import free_port
 
 sys.path.insert(0, str(ROOT))
 
@@ -322,7 +322,7 @@ def main() -> int:
     args = p.parse_args()
     header("Milvus backend vs FAISS")
     from encoder import Scoring, load_checkpoint
-    from local_milvus import LocalMilvus
+    from deploy.local_milvus import LocalMilvus
 
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-milvus-") as tmp:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from common import FLICKR, MODEL, ROOT, header, median, pct, save_json, table
-from ports import free_port
+from deploy.ports import free_port
 
 QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city street",
            "a little girl in a pink dress", "people sitting on a bench next to the water",

@@ -36,7 +36,8 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
     np.save); renamed over `path` when the block ends without an error, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the name cut short: a temp name must fit the 255-byte limit that `path.name` may already fill
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:32]}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:

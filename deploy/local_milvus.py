@@ -1,7 +1,7 @@
 """Start a real Milvus standalone server (the PyPI `milvus` wheel, 2.3.5) on loopback.
 
 Used by the tests and benchmarks of the Milvus backend; docker-compose's `scale` profile runs
-the official image instead. `python deploy/local_milvus.py --dir DIR --port 19530` runs it in
+the official image instead. `python -m deploy.local_milvus --dir DIR --port 19530` runs it in
 the foreground.
 
 Every component listens on 127.0.0.1 on ports chosen here, so several servers (and other
@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from ports import free_port
+from deploy.ports import free_port
 
 _ENV_LOCK = threading.Lock()  # the wheel copies os.environ when it starts the server
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",

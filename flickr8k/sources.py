@@ -72,6 +72,7 @@ def download(url: str, dest: Path, expected_size: int | None = None,
     if not _verified(part, expected_size, sha256):
         part.unlink(missing_ok=True)
         raise SourceError(f"download of {url} failed verification (size/hash); removed, retry")
+    # not core.atomic: the `.part` file outlives a failed run on purpose, so the next one resumes
     os.replace(part, dest)
     return dest
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 
+from core.atomic import write_atomic
 from core.hashing import md5_hex
 from objectstore.base import InvalidKey, ObjectInfo, ObjectNotFound, StoreUnavailable, validate_key
 
@@ -13,6 +13,12 @@ from objectstore.base import InvalidKey, ObjectInfo, ObjectNotFound, StoreUnavai
 NAME_MAX = 255  # bytes in one file name (Linux and most file systems)
 # a path the file system cannot even look up holds no object
 _UNRESOLVABLE = (errno.ENAMETOOLONG, errno.ELOOP)
+
+
+def _partial_write(name: str) -> bool:
+    """A put in progress (core.atomic's `.<name>.<random>.tmp`) or one a crash left behind
+    (also the older `.tmp-<random>`): not an object."""
+    return name.startswith(".tmp-") or (name.startswith(".") and name.endswith(".tmp"))
 
 
 class LocalStore:
@@ -41,11 +47,7 @@ class LocalStore:
 
     def put(self, key, data, content_type="application/octet-stream"):
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)  # not fsync'd: an object store write promises no durability
         return ObjectInfo(key, len(data), md5_hex(data))
 
     def _read(self, path: Path, key: str) -> bytes:
@@ -90,7 +92,7 @@ class LocalStore:
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in sorted(filenames):
-                if name.startswith(".tmp-"):
+                if _partial_write(name):
                     continue
                 path = Path(dirpath) / name
                 key = path.relative_to(base).as_posix()

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import io
 import random
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "deploy"))
-
-from ports import free_port  # noqa: E402
+from deploy.ports import free_port
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
           "yellow": (240, 220, 30), "black": (10, 10, 10), "white": (245, 245, 245)}
@@ -81,7 +77,7 @@ def tiny_flickr(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    import local_s3
+    from deploy import local_s3
 
     port = free_port()
     creds = {"endpoint": f"127.0.0.1:{port}", "access_key": "test-access", "secret_key": "test-secret-123"}
@@ -127,7 +123,7 @@ def milvus_server(tmp_path_factory):
     """A real Milvus standalone (PyPI `milvus` wheel) on loopback ports, one per test session
     (~10 s to start); tests isolate themselves by collection prefix. Tests that stop it start it
     again before they end."""
-    from local_milvus import LocalMilvus
+    from deploy.local_milvus import LocalMilvus
 
     server = LocalMilvus(tmp_path_factory.mktemp("milvus")).start()
     yield server

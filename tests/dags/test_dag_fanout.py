@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ports import free_port
+from deploy.ports import free_port
 from tests.dags.helpers import AIRFLOW, ARTIFACTS, PREFIX, index_state, run_dag
 
 pytestmark = pytest.mark.s3

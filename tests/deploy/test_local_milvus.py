@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import uuid
 
-from local_milvus import LocalMilvus
+from deploy.local_milvus import LocalMilvus
 
 
 def _listening(port: int) -> bool:

@@ -70,13 +70,26 @@ def test_local_store_cannot_escape_root(tmp_path):
     assert not (tmp_path / "root" / "evil").exists()
 
 
+def test_local_store_writes_atomically_up_to_the_longest_name(tmp_path):
+    """A put is whole or absent: a half-written temp file beside the objects is never listed,
+    and a key part as long as the file system allows (255 bytes) still writes."""
+    store = LocalStore(tmp_path, "b")
+    longest = "d/" + "x" * 251 + ".jpg"
+    assert store.put(longest, b"long").size == 4 and store.get(longest) == b"long"
+    store.put("d/a.jpg", b"a")
+    assert {p.name for p in (tmp_path / "b" / "d").iterdir()} == {"a.jpg", "x" * 251 + ".jpg"}
+    (tmp_path / "b" / "d" / ".a.jpg.k2j4h1.tmp").write_bytes(b"half")  # a put killed midway
+    (tmp_path / "b" / "d" / ".tmp-k2j4h1").write_bytes(b"half")  # older writers' temp name
+    assert [o.key for o in store.list("d/")] == ["d/a.jpg", longest]
+
+
 def test_s3_wrong_credentials(s3_server):
     with pytest.raises(StoreAuthError, match="credentials refused"):
         S3Store(s3_server["endpoint"], s3_server["access_key"], "wrong-secret", "any-bucket")
 
 
 def test_s3_server_not_reachable():
-    from ports import free_port
+    from deploy.ports import free_port
 
     with pytest.raises(StoreUnavailable, match="not reachable"):
         S3Store(f"127.0.0.1:{free_port()}", "a", "b", "some-bucket", timeout=1, retries=0)

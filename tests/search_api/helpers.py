@@ -21,7 +21,7 @@ from indexer.ingest import ingest
 from flickr8k.sources import open_source
 from objectstore import LocalStore
 from core.settings import Settings
-from ports import free_port
+from deploy.ports import free_port
 from search_api.main import create_app
 from search_api.state import ServiceState
 

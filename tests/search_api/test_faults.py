@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from ports import free_port
+from deploy.ports import free_port
 from tests.search_api.helpers import PREFIX, build_service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.s3
 def test_object_store_down_and_back(tiny_flickr, tmp_path, encoder):
     """A SeaweedFS of its own (the shared one must stay up), stopped and restarted mid-test."""
-    import local_s3
+    from deploy import local_s3
 
     from objectstore import S3Store
 

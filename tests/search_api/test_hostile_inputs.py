@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from ports import free_port
+from deploy.ports import free_port
 from tests.search_api.helpers import (
     PREFIX,
     build_service,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ports import free_port
+from deploy.ports import free_port
 from tests.search_api.helpers import build_service
 
 ROOT = Path(__file__).resolve().parents[2]
