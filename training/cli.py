@@ -162,7 +162,7 @@ def ship_command(argv: list[str]) -> int:
     from training.export import add_export_args, export_checkpoint
 
     p = argparse.ArgumentParser(
-        prog="python -m training ship", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m training ship",
         description="Train (keeping the best epoch: --keep-best is implied), export the selected "
                     "weights to --out, evaluate that file on dev and every --eval-set, and write "
                     "its model card (and plots): the three steps `train`, `export`, `evaluate` "

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cache", action="store_true", help="run the full image tower on pixels")
     p.add_argument("--no-write-card", action="store_true")
     p.add_argument("--plots", action="store_true",
-                   help="write <checkpoint>.examples.png (and .curve.png from the card's history)")
+                   help="write <checkpoint>.examples.png of the first set evaluated (and "
+                        ".curve.png from the card's history)")
     args = p.parse_args(argv)
     setup_logging()
 

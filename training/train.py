@@ -202,7 +202,8 @@ class Trainer:
         raise NotImplementedError
 
     def embed_captions(self, caption_ids: list[int]) -> torch.Tensor:
-        """Normalised embeddings of training captions for the hubness bank (no gradients)."""
+        """Normalised embeddings of training captions by id, for the hubness bank (called
+        without gradients)."""
         raise NotImplementedError
 
     def train_mode(self) -> None:
@@ -221,7 +222,7 @@ class Trainer:
         progress = (self.step - w) / max(1, self.total_steps - w)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def autocast(self):
+    def _autocast(self):
         enabled = self.cfg.amp and self.device == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
@@ -247,7 +248,7 @@ class Trainer:
             owner = torch.tensor(owner, device=self.device)
             for g, base in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = base * self._lr_factor()
-            with self.autocast():
+            with self._autocast():
                 img, txt = self.embed_batch(inputs, caps)
                 scale = m.logit_scale.exp().clamp(max=100)
                 loss = contrastive_loss(img.float(), txt.float(), owner, scale,
@@ -413,10 +414,7 @@ class DualEncoderTrainer(Trainer):
 
     def embed_batch(self, inputs, caption_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         x, from_stage = inputs
-        img = self._image_embed(x, from_stage, train=True)
-        txt = self.model.embed_text_features(
-            self.train_text[torch.tensor(caption_ids)].to(self.device))
-        return img, txt
+        return self._image_embed(x, from_stage, train=True), self.embed_captions(caption_ids)
 
     def embed_captions(self, caption_ids: list[int]) -> torch.Tensor:
         return self.model.embed_text_features(
