@@ -57,3 +57,23 @@ def test_fine_tune_reload_and_serve(tiny_flickr, open_clip_spec, tmp_path, capsy
         again = tuned.model.encode_texts(texts).numpy()
     assert abs(one - again).max() < 1e-3  # ONNX vs eager of the same weights
     assert result["dev"]["text_to_image"]["R@10"] >= 0
+
+
+def test_ship_an_open_clip_fine_tune(tiny_flickr, open_clip_spec, tmp_path, capsys):
+    """`ship --model`: fine-tune, export, evaluate the exported file; its card keeps the base."""
+    from encoder import load_checkpoint, read_card
+
+    root, _ = tiny_flickr
+    out = tmp_path / "shipped.pt"
+    assert train_main(["ship", "--data", str(root), "--model", open_clip_spec, "--out", str(out),
+                       "--train-out", str(tmp_path / "run.pt"), "--epochs", "2",
+                       "--batch_size", "8", "--device", "cpu", "--workers", "0",
+                       "--query-bank", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    card = read_card(out)
+    assert result["model_id"] == load_checkpoint(out).model_id
+    assert card["base"]["spec"] == open_clip_spec and card["exported_from"]["storage"] == "fp16"
+    assert card["exported_from"]["model_id"] == result["trained"]["model_id"]
+    assert card["evaluations"]["dev"]["text_to_image"] == \
+        result["evaluations"]["dev"]["text_to_image"]
+    assert (tmp_path / "shipped.examples.png").exists()
