@@ -202,8 +202,8 @@ class Trainer:
         raise NotImplementedError
 
     def embed_captions(self, caption_ids: list[int]) -> torch.Tensor:
-        """Normalised embeddings of training captions by id, for the hubness bank (called
-        without gradients)."""
+        """Normalised embeddings of training captions by id (the hubness bank calls it without
+        gradients)."""
         raise NotImplementedError
 
     def train_mode(self) -> None:
