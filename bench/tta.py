@@ -51,7 +51,7 @@ def main() -> int:
     for path in args.checkpoint or [MODEL]:
         model = load_checkpoint(path).model.eval()
         scoring = Scoring.of(model)
-        transform = eval_transform(model.image_backbone.spec)
+        transform = eval_transform(model.image_spec)
         for split in sets:
             texts, owner = split.flat_captions()
             with torch.inference_mode():

@@ -1,46 +1,38 @@
-"""`python -m training`: train the dual encoder on Flickr8k train, evaluate on dev, save a checkpoint."""
+"""`python -m training`: train the dual encoder on Flickr8k (or fine-tune an open_clip model),
+export it for shipping and evaluate it; one command for the whole recipe, each step alone too.
+
+  python -m training [train] [options]      train on Flickr8k train, evaluate on dev every
+                                            --eval-every epochs, write a checkpoint (default
+                                            runs/dual-encoder-<UTC time>.pt) and its card
+  python -m training ship --out FILE [train options] [--int8-backbone]
+                                            train keeping the best epoch, export to FILE,
+                                            evaluate FILE on dev and every --eval-set, write
+                                            its card and plots: a checkpoint ready to serve
+  python -m training export [options]       one step alone (= python -m training.export)
+  python -m training evaluate [options]     one step alone (= python -m training.evaluate)
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from core.logs import setup_logging
 from core.settings import REPO_ROOT, get_settings
-from encoder.model import ModelConfig
+from training.data import add_data_args, load_set_from_folder, load_splits
 from training.train import LOSSES, TrainConfig
 
 log = logging.getLogger(__name__)
 # new checkpoints go here (git-ignored), never over the shipped MODEL_PATH unless --out says so
 RUNS_DIR = REPO_ROOT / "runs"
+COMMANDS = ("train", "ship", "export", "evaluate")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="Flickr8k folder (or Flickr8k_Dataset.zip); default FLICKR8K_SOURCE")
-    p.add_argument("--from-store", action="store_true",
-                   help="stream images and captions from the configured object store (MinIO)")
-
-
-def load_splits(args, names: list[str]):
-    from training.data import load_split_from_folder, load_split_from_store
-
-    s = get_settings()
-    if args.from_store:
-        from objectstore import open_store
-
-        store = open_store(s)
-        return [load_split_from_store(store, n, s.images_prefix, s.text_prefix) for n in names], \
-            store.describe()
-    root = args.data or s.flickr8k_source
-    return [load_split_from_folder(root, n) for n in names], str(root)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+def add_train_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
-    p.add_argument("--out", help="checkpoint to write (default: runs/dual-encoder-<UTC time>.pt)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-3, help="heads' learning rate")
@@ -88,19 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev-limit", type=int, help="evaluate on the first N dev images")
     p.add_argument("--eval-every", type=int, default=1)
     p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
-    setup_logging()
 
-    from training.data import load_set_from_folder
-    from training.train import build_model, train_and_save
 
-    (train, dev), desc = load_splits(args, ["train", "dev"])
+def new_run_path() -> Path:
+    return RUNS_DIR / f"dual-encoder-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pt"
+
+
+def make_trainer(args, out: Path):
+    """The trainer the options ask for, over the splits they name; also returns where the data
+    came from (for the card)."""
+    from training.train import DualEncoderTrainer, build_model
+
+    (train, dev), data_desc = load_splits(["train", "dev"], args.data, args.from_store)
     if args.train_limit:
         train = train.subset(args.train_limit)
     if args.dev_limit:
         dev = dev.subset(args.dev_limit)
-    out = Path(args.out or RUNS_DIR / f"dual-encoder-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       tail_lr=args.tail_lr, weight_decay=args.weight_decay, seed=args.seed,
                       device=args.device, amp=not args.no_amp, cache=not args.no_cache,
@@ -109,24 +104,40 @@ def main(argv: list[str] | None = None) -> int:
                       loss=args.loss, negatives_queue=args.negatives_queue,
                       keep_best=args.keep_best,
                       log_path=str(out.with_suffix(".log.jsonl")))
-    out.with_suffix(".log.jsonl").unlink(missing_ok=True)
     eval_sets = [load_set_from_folder(f) for f in args.eval_set]
     if args.model:  # a pretrained open_clip model, end to end
-        from encoder import load_checkpoint
-        from training.open_clip_train import fine_tune_and_save
+        from encoder.loading import load_checkpoint
+        from training.open_clip_train import OpenClipTrainer
 
-        loaded = load_checkpoint(args.model)
-        model = loaded.model
-        model_id, trainer = fine_tune_and_save(loaded, train, dev, cfg, str(out), desc,
-                                               eval_sets, args.train_part, args.last_blocks)
-    else:
-        config = ModelConfig(image_backbone=args.image_backbone,
-                             text_backbone=args.text_backbone, embed_dim=args.embed_dim,
-                             head=args.head, image_pool=args.image_pool,
-                             image_tail_stages=args.unfreeze_image_stages,
-                             image_weights=args.image_weights, text_weights=args.text_weights)
-        model = build_model(config, args.resume)
-        model_id, trainer = train_and_save(model, train, dev, cfg, str(out), desc, eval_sets)
+        return OpenClipTrainer(load_checkpoint(args.model), train, dev, cfg, eval_sets,
+                               args.train_part, args.last_blocks), data_desc
+    from encoder.model import ModelConfig
+
+    config = ModelConfig(image_backbone=args.image_backbone, text_backbone=args.text_backbone,
+                         embed_dim=args.embed_dim, head=args.head, image_pool=args.image_pool,
+                         image_tail_stages=args.unfreeze_image_stages,
+                         image_weights=args.image_weights, text_weights=args.text_weights)
+    return DualEncoderTrainer(build_model(config, args.resume), train, dev, cfg,
+                              eval_sets), data_desc
+
+
+def train(args, out: Path):
+    """Train as the options say and write the checkpoint to `out`; returns (model id, trainer)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".log.jsonl").unlink(missing_ok=True)
+    trainer, data_desc = make_trainer(args, out)
+    return trainer.fit_and_save(out, data_desc), trainer
+
+
+def train_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m training [train]", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(p)
+    p.add_argument("--out", help="checkpoint to write (default: runs/dual-encoder-<UTC time>.pt)")
+    args = p.parse_args(argv)
+    setup_logging()
+    out = Path(args.out or new_run_path())
+    model_id, trainer = train(args, out)
     selected = trainer.selected
     result = {"checkpoint": str(out), "model_id": model_id, "epoch": selected.get("epoch"),
               "dev": selected.get("dev"), **({"sets": selected["sets"]} if "sets" in selected
@@ -137,9 +148,61 @@ def main(argv: list[str] | None = None) -> int:
 
         plot_history(trainer.history, out.with_suffix(".curve.png"))
         if not args.model:
-            img, _, _ = embed_split(model.to(trainer.device), dev, cfg.cache_dir,
-                                    trainer.device, cfg.cache, cfg.workers)
-            plot_examples(model, dev, out.with_suffix(".examples.png"), img)
+            model, cfg = trainer.model.to(trainer.device), trainer.cfg
+            img, _, _ = embed_split(model, trainer.dev_split, cfg.cache_dir, trainer.device,
+                                    cfg.cache, cfg.workers)
+            plot_examples(model, trainer.dev_split, out.with_suffix(".examples.png"), img)
     log.info("checkpoint written to %s (serve it with MODEL_PATH=%s)", out, out)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def ship_command(argv: list[str]) -> int:
+    from training.evaluate import evaluate_sets, record_evaluations
+    from training.export import add_export_args, export_checkpoint
+
+    p = argparse.ArgumentParser(
+        prog="python -m training ship",
+        description="Train (keeping the best epoch: --keep-best is implied), export the selected "
+                    "weights to --out, evaluate that file on dev and every --eval-set, and write "
+                    "its model card (and plots): the three steps `train`, `export`, `evaluate` "
+                    "in one command.")
+    add_train_args(p)
+    p.add_argument("--out", required=True, help="the checkpoint to ship, e.g. "
+                                                "models/flickr8k-dual-encoder.pt")
+    p.add_argument("--train-out", help="the trained checkpoint before export (default: "
+                                       "runs/dual-encoder-<UTC time>.pt)")
+    add_export_args(p)
+    args = p.parse_args(argv)
+    if args.model and args.int8_backbone:
+        p.error("--int8-backbone stores our dual encoder's image tower; an open_clip "
+                "fine-tune keeps only the weights that trained, in fp16")
+    args.keep_best = True
+    setup_logging()
+    trained, out = Path(args.train_out or new_run_path()), Path(args.out)
+    trained_id, trainer = train(args, trained)
+    model_id = export_checkpoint(trained, out, args.int8_backbone)
+    sets = [trainer.dev_split, *trainer.eval_sets]
+    results = evaluate_sets(str(out), sets, trainer.cfg.cache_dir, trainer.device,
+                            use_cache=trainer.cfg.cache, plots=not args.no_plots)
+    record_evaluations(str(out), results)
+    log.info("shippable checkpoint written to %s (serve it with MODEL_PATH=%s)", out, out)
+    print(json.dumps({"checkpoint": str(out), "model_id": model_id,
+                      "trained": {"checkpoint": str(trained), "model_id": trained_id,
+                                  "epoch": trainer.selected.get("epoch")},
+                      "evaluations": results}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "export":
+        from training.export import main as export_main
+
+        return export_main(argv)
+    if command == "evaluate":
+        from training.evaluate import main as evaluate_main
+
+        return evaluate_main(argv)
+    return ship_command(argv) if command == "ship" else train_command(argv)

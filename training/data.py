@@ -1,7 +1,12 @@
-"""Flickr8k datasets: from a local folder in the original layout, or streamed from MinIO/S3."""
+"""Flickr8k data for training and evaluation: a split from a local folder (or the original zips),
+or from the object store the images were ingested into (`--from-store`), plus the command-line
+options every training command shares to choose between them."""
 from __future__ import annotations
 
+import argparse
+import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -9,6 +14,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
+from core.settings import get_settings
 from encoder.preprocessing import decode_image
 from flickr8k.format import IMAGE_LIST_FILE, SPLIT_FILES, TOKEN_FILE, parse_captions, parse_split
 from flickr8k.sources import open_source
@@ -70,14 +76,67 @@ def load_set_from_folder(root: str) -> Flickr8kSplit:
                   src.read_image)
 
 
-def load_split_from_store(store: ObjectStore, split: str, images_prefix: str = "flickr8k/images/",
+class StoreImageReader:
+    """Image bytes from `<prefix><name>` in an object store, safe in DataLoader workers: a
+    process other than the one that opened the store opens its own, because a forked copy of a
+    connection pool shares the parent's sockets, and two workers on one socket read each other's
+    responses (another image's bytes under this image's name)."""
+
+    def __init__(self, open_store: Callable[[], ObjectStore], prefix: str):
+        self.open_store, self.prefix = open_store, prefix
+        self._store, self._pid = open_store(), os.getpid()
+
+    @property
+    def store(self) -> ObjectStore:
+        """This process's connection to the store."""
+        if self._pid != os.getpid():
+            self._store, self._pid = self.open_store(), os.getpid()
+        return self._store
+
+    def __call__(self, name: str) -> bytes:
+        return self.store.get(self.prefix + name)
+
+    def __getstate__(self) -> dict:  # a worker started by spawn opens its own store too
+        return {"open_store": self.open_store, "prefix": self.prefix, "_store": None,
+                "_pid": None}
+
+
+def load_split_from_store(open_store: Callable[[], ObjectStore], split: str,
+                          images_prefix: str = "flickr8k/images/",
                           text_prefix: str = "flickr8k/text/") -> Flickr8kSplit:
-    """Captions and split lists from `<text_prefix>`; images fetched lazily from `<images_prefix>`."""
+    """Captions and split lists from `<text_prefix>` (as ingest wrote them); images fetched on
+    demand from `<images_prefix>`. `open_store()` connects to the store: called here, and again
+    in each DataLoader worker that reads images."""
+    read = StoreImageReader(open_store, images_prefix)
+    store = read.store
     captions = parse_captions(store.get(text_prefix + TOKEN_FILE).decode())
     names = parse_split(store.get(text_prefix + SPLIT_FILES[split]).decode())
     available = {o.key[len(images_prefix):] for o in store.list(images_prefix)}
-    return _build(split, names, captions, available,
-                  lambda n: store.get(images_prefix + n))
+    return _build(split, names, captions, available, read)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Where the Flickr8k splits come from (the options of every training command)."""
+    p.add_argument("--data", help="Flickr8k folder (or Flickr8k_Dataset.zip); default FLICKR8K_SOURCE")
+    p.add_argument("--from-store", action="store_true",
+                   help="read captions, split lists and images from the configured object store "
+                        "(STORE_BACKEND, MINIO_*, IMAGES_PREFIX, TEXT_PREFIX), where ingest put "
+                        "them")
+
+
+def load_splits(names: list[str], folder: str | None = None,
+                from_store: bool = False) -> tuple[list[Flickr8kSplit], str]:
+    """The named splits and a description of where they came from (for the model card): the
+    object store when `from_store`, else `folder` (default FLICKR8K_SOURCE)."""
+    s = get_settings()
+    if from_store:
+        from objectstore import open_store
+
+        connect = functools.partial(open_store, s)
+        return [load_split_from_store(connect, n, s.images_prefix, s.text_prefix)
+                for n in names], connect().describe()
+    root = folder or s.flickr8k_source
+    return [load_split_from_folder(root, n) for n in names], str(root)
 
 
 class ImageDataset(Dataset):
@@ -91,14 +150,6 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i):
         return self.transform(decode_image(self.split.read(self.split.images[i]))), i
-
-
-class MinIOFlickr8kDataset(ImageDataset):
-    """Streams Flickr8k images from MinIO/S3 (no local copy); yields (tensor, image index)."""
-
-    def __init__(self, store: ObjectStore, split: str, transform,
-                 images_prefix: str = "flickr8k/images/", text_prefix: str = "flickr8k/text/"):
-        super().__init__(load_split_from_store(store, split, images_prefix, text_prefix), transform)
 
 
 def collate_indexed(batch):

@@ -1,7 +1,8 @@
-"""`python -m training.evaluate --checkpoint PATH [--split dev] [--set FOLDER ...]`: Recall@1/5/10
-both directions and median rank (the standard Flickr8k protocol) on a Flickr8k split and on any
-Flickr8k-style folder, each reported under its own name and written into the checkpoint's model
-card by default (`metrics` = dev, `evaluations` = every set evaluated)."""
+"""`python -m training evaluate --checkpoint PATH [--split dev] [--set FOLDER ...]` (also
+`python -m training.evaluate`): Recall@1/5/10 both directions and median rank (the standard
+Flickr8k protocol) on a Flickr8k split and on any Flickr8k-style folder, each reported under its
+own name and written into the checkpoint's model card by default (`metrics` = dev,
+`evaluations` = every set evaluated)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ from core.logs import setup_logging
 from core.settings import get_settings
 from encoder.loading import load_checkpoint, read_card, update_card
 from encoder.spec import OpenClipSpec, parse_model_spec
-from training.cli import add_data_args, load_splits
+from training.data import Flickr8kSplit, add_data_args, load_set_from_folder, load_splits
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,32 @@ def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/featur
             "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
 
 
+def evaluate_sets(path: str, sets: list[Flickr8kSplit], cache_dir: str | None = ".cache/features",
+                  device: str = "cpu", use_cache: bool = True, plots: bool = False) -> dict:
+    """Each set's figures under its name, stamped with the date and commit; `plots` draws the
+    first set's examples (dev when it is evaluated) and the card's training curve."""
+    results = {}
+    for n, split in enumerate(sets):
+        result = evaluate_checkpoint(path, split, cache_dir, device, use_cache=use_cache,
+                                     plots=plots and n == 0)
+        result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        result["commit"] = git_commit()
+        results[split.name] = result
+    return results
+
+
+def record_evaluations(path: str, results: dict) -> None:
+    """Write the figures into the checkpoint's card: `evaluations` (keeping other sets' figures)
+    and, for dev, `metrics`."""
+    card = read_card(path)
+    fields = {"evaluations": {**card.get("evaluations", {}), **results}}
+    if "dev" in results:
+        fields["metrics"] = results["dev"]
+    update_card(path, **fields)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__)
     add_data_args(p)
     p.add_argument("--checkpoint", default=get_settings().model_path, help="default: MODEL_PATH")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test", "none"],
@@ -53,37 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cache", action="store_true", help="run the full image tower on pixels")
     p.add_argument("--no-write-card", action="store_true")
     p.add_argument("--plots", action="store_true",
-                   help="write <checkpoint>.examples.png (and .curve.png from the card's history)")
+                   help="write <checkpoint>.examples.png of the first set evaluated (and "
+                        ".curve.png from the card's history)")
     args = p.parse_args(argv)
     setup_logging()
 
-    from training.data import load_set_from_folder
-
     sets = [load_set_from_folder(f) for f in args.set]
     if args.split != "none":
-        (split,), _ = load_splits(args, [args.split])
+        (split,), _ = load_splits([args.split], args.data, args.from_store)
         sets.insert(0, split)
     if not sets:
         p.error("nothing to evaluate: --split none and no --set")
     if args.limit:
         sets = [s.subset(args.limit) for s in sets]
     device = resolve_device(args.device)
-    results = {}
-    for split in sets:
-        result = evaluate_checkpoint(args.checkpoint, split, args.cache_dir, device,
-                                     use_cache=not args.no_cache, plots=args.plots)
-        result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        result["commit"] = git_commit()
-        results[split.name] = result
+    results = evaluate_sets(args.checkpoint, sets, args.cache_dir, device,
+                            use_cache=not args.no_cache, plots=args.plots)
     if isinstance(parse_model_spec(args.checkpoint), OpenClipSpec):  # zero-shot: a spec has no card file to write
         log.info("%s is an open_clip spec: results printed, no model card written",
                  args.checkpoint)
     elif not args.no_write_card and not args.limit:
-        card = read_card(args.checkpoint)
-        fields = {"evaluations": {**card.get("evaluations", {}), **results}}
-        if "dev" in results:
-            fields["metrics"] = results["dev"]
-        update_card(args.checkpoint, **fields)
+        record_evaluations(args.checkpoint, results)
     print(json.dumps(results[sets[0].name] if len(sets) == 1 else results, indent=2))
     return 0
 

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from core.atomic import atomic_file
 from encoder.backbones import StagedImageBackbone, TextBackbone
 from encoder.preprocessing import eval_transform
 from training.data import Flickr8kSplit, ImageDataset, collate_indexed
@@ -49,10 +50,8 @@ def image_features(backbone: StagedImageBackbone, split: Flickr8kSplit, stop: in
             out = torch.empty((len(split), *feats.shape[1:]), dtype=torch.float16)
         out[idx] = feats
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out.numpy())
-        tmp.replace(path)
+        with atomic_file(path) as f:
+            np.save(f, out.numpy())
     return out
 
 
@@ -70,8 +69,6 @@ def text_features(backbone: TextBackbone, texts: list[str], cache_dir: str | Pat
         chunks.append(backbone(texts[i:i + batch_size]).float().cpu())
     out = torch.cat(chunks) if chunks else torch.zeros((0, backbone.out_dim))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out.numpy())
-        tmp.replace(path)
+        with atomic_file(path) as f:
+            np.save(f, out.numpy())
     return out

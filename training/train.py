@@ -1,10 +1,9 @@
 """The training job: InfoNCE over image/caption pairs of the Flickr8k train split.
 
-Two paths share one loop:
-- cached (default on CPU): frozen image stages run once into a feature cache; each step runs only
-  the fine-tuned tail stages (if any) and the heads. Text features are cached too (frozen tower).
-- pixels (`--no-cache`, for a GPU): images decoded and augmented every epoch; stages below the
-  tail run without gradients; BatchNorm statistics stay frozen (training mode lowered dev recall).
+`Trainer` is the loop every model family shares (caption sampling, the contrastive step,
+evaluation, keep-best, the hubness bank, the model card); `DualEncoderTrainer` is our dual
+encoder's family (cached features or pixels), `training.open_clip_train.OpenClipTrainer` a
+pretrained open_clip model's.
 """
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ from encoder.preprocessing import eval_transform, train_transform
 from encoder.scoring import Scoring
 from training.data import Flickr8kSplit, ImageDataset, collate_indexed
 from training.features import image_features, text_features
+from training.query_bank import build_query_bank
 from training.recall import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,17 @@ def git_commit() -> str | None:
 
 
 class Trainer:
-    def __init__(self, model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit | None,
+    """The training loop every model family shares: caption sampling, the contrastive step with
+    its learning-rate schedule and negatives queue, evaluation on dev and the eval sets,
+    keep-best selection, the hubness bank and the model card. A family subclasses it and
+    provides the hooks below (`setup`, `batches`, `embed_batch`, `embed_captions`,
+    `train_mode`, `describe`); it never needs to copy the loop."""
+
+    def __init__(self, model, train: Flickr8kSplit, dev: Flickr8kSplit | None,
                  cfg: TrainConfig, eval_sets: list[Flickr8kSplit] = ()):
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss {cfg.loss!r}; known: {LOSSES}")
+        self.started = time.perf_counter()
         self.model, self.train_split, self.dev_split, self.cfg = model, train, dev, cfg
         self.eval_sets = list(eval_sets)  # evaluated beside dev; all count for keep_best
         self.best: dict | None = None
@@ -167,50 +174,48 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.history: list[dict] = []
-        self._prepare()
-
-    # --- setup ------------------------------------------------------------------------------
-    def _prepare(self):
-        m, cfg = self.model, self.cfg
-        self.split = m.image_split
-        self.stop = cache_stage(m) if cfg.cache else 0
-        m.to(self.device)
-        for p in m.parameters():
-            p.requires_grad_(False)
-        for name, p in m.named_parameters():
-            if name in set(m.trainable_state_keys()):
-                p.requires_grad_(True)
-        self.tail_params = [p for n, p in m.named_parameters()
-                            if p.requires_grad and n.startswith("image_backbone.")]
-        head_params = [p for n, p in m.named_parameters()
-                       if p.requires_grad and not n.startswith("image_backbone.")]
-        groups = [{"params": head_params, "lr": cfg.lr}]
-        if self.tail_params:
-            groups.append({"params": self.tail_params, "lr": cfg.tail_lr})
-        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-        texts, owner = self.train_split.flat_captions()
+        self.train_texts, owner = train.flat_captions()
         self.train_owner = torch.tensor(owner)
-        self.train_text = text_features(m.text_backbone, texts, cfg.cache_dir,
-                                        device=self.device)
         # caption ids of each image (all five are used: one drawn per image per epoch)
-        self.captions_of = [[] for _ in range(len(self.train_split))]
+        self.captions_of = [[] for _ in range(len(train))]
         for c, i in enumerate(owner):
             self.captions_of[i].append(c)
-        if cfg.cache:
-            self.train_img = advance(m, image_features(
-                m.image_backbone, self.train_split, self.stop, cfg.cache_dir, device=self.device),
-                self.stop, self.split, self.device)
-        else:
-            ds = ImageDataset(self.train_split, train_transform(m.image_backbone.spec))
-            self.loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                     num_workers=cfg.workers, collate_fn=collate_indexed,
-                                     pin_memory=self.device == "cuda", persistent_workers=cfg.workers > 0)
-        steps_per_epoch = (len(self.train_split) // cfg.batch_size) or 1
-        self.total_steps = steps_per_epoch * cfg.epochs
+        groups = self.setup()
+        self.base_lrs = [g["lr"] for g in groups]
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.total_steps = ((len(train) // cfg.batch_size) or 1) * cfg.epochs
         self.step = 0
-        self.queue = NegativesQueue(cfg.negatives_queue, m.config.embed_dim, self.device)
+        self.queue = NegativesQueue(cfg.negatives_queue, model.config.embed_dim, self.device)
 
+    # --- hooks a model family provides ------------------------------------------------------
+    def setup(self) -> list[dict]:
+        """Move the model to the device, choose what trains, prepare the training data; return
+        the optimizer's parameter groups, each with its base learning rate ("lr")."""
+        raise NotImplementedError
+
+    def batches(self):
+        """One epoch of training batches: (inputs for `embed_batch`, image indices)."""
+        raise NotImplementedError
+
+    def embed_batch(self, inputs, caption_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised embeddings, with gradients, of a batch's images and of these training
+        captions (run under autocast)."""
+        raise NotImplementedError
+
+    def embed_captions(self, caption_ids: list[int]) -> torch.Tensor:
+        """Normalised embeddings of training captions by id (the hubness bank calls it without
+        gradients)."""
+        raise NotImplementedError
+
+    def train_mode(self) -> None:
+        """Put the parts that train into training mode (at the start of each epoch)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The model card's description of the model (name, towers, preprocessing, ...)."""
+        raise NotImplementedError
+
+    # --- the loop ---------------------------------------------------------------------------
     def _lr_factor(self) -> float:
         w = self.cfg.warmup_steps
         if self.step < w:
@@ -222,51 +227,30 @@ class Trainer:
         enabled = self.cfg.amp and self.device == "cuda"
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
-    # --- forward ----------------------------------------------------------------------------
-    def _image_embed(self, x: torch.Tensor, from_stage: int, train: bool) -> torch.Tensor:
-        """x = output of stages[:from_stage] -> normalised embedding (tail+head with grad)."""
-        backbone = self.model.image_backbone
-        backbone.eval()  # BatchNorm statistics stay frozen; dropout/drop-connect off
-        with torch.no_grad():
-            x = backbone(x, start=from_stage, stop=self.split)
-        if train and self.cfg.position_dropout > 0:
-            keep = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device)
-                    >= self.cfg.position_dropout).to(x.dtype)
-            x = x * keep / keep.mean((2, 3), keepdim=True).clamp(min=1e-3)
-        return self.model.embed_image_features(x, start=self.split)
-
-    def _batches(self):
-        if self.cfg.cache:
-            order = torch.randperm(len(self.train_split))
-            bs = self.cfg.batch_size
-            for s in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
-                idx = order[s:s + bs]
-                yield self.train_img[idx].to(self.device).float(), idx, self.split
+    def sample_captions(self, idx: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The step's captions of images `idx` and, for each, its image's row in the batch: one
+        drawn at random per image ("one-caption") or all of them ("multi-positive")."""
+        if self.cfg.loss == "multi-positive":
+            caps = [c for i in idx.tolist() for c in self.captions_of[i]]
+            owner = [j for j, i in enumerate(idx.tolist()) for _ in self.captions_of[i]]
         else:
-            for pixels, idx in self.loader:
-                yield pixels.to(self.device, non_blocking=True), idx, 0
+            caps = [random.choice(self.captions_of[i]) for i in idx.tolist()]
+            owner = list(range(len(idx)))
+        return caps, owner
 
     def train_epoch(self, epoch: int) -> float:
         m = self.model
-        m.image_head.train()
-        m.text_head.train()
+        self.train_mode()
         losses = []
-        bar = tqdm(self._batches(), desc=f"epoch {epoch}", unit="batch", leave=False,
+        bar = tqdm(self.batches(), desc=f"epoch {epoch}", unit="batch", leave=False,
                    total=max(1, len(self.train_split) // self.cfg.batch_size))
-        for x, idx, from_stage in bar:
-            if self.cfg.loss == "multi-positive":
-                caps = [c for i in idx.tolist() for c in self.captions_of[i]]
-                owner = [j for j, i in enumerate(idx.tolist()) for _ in self.captions_of[i]]
-            else:
-                caps = [random.choice(self.captions_of[i]) for i in idx.tolist()]
-                owner = list(range(len(idx)))
-            t = self.train_text[torch.tensor(caps)].to(self.device)
+        for inputs, idx in bar:
+            caps, owner = self.sample_captions(idx)
             owner = torch.tensor(owner, device=self.device)
-            for g, base in zip(self.opt.param_groups, (self.cfg.lr, self.cfg.tail_lr)):
+            for g, base in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = base * self._lr_factor()
             with self._autocast():
-                img = self._image_embed(x, from_stage, train=True)
-                txt = m.embed_text_features(t)
+                img, txt = self.embed_batch(inputs, caps)
                 scale = m.logit_scale.exp().clamp(max=100)
                 loss = contrastive_loss(img.float(), txt.float(), owner, scale,
                                         self.queue, idx.to(self.device))
@@ -278,6 +262,7 @@ class Trainer:
             self.step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        m.eval()
         return float(np.mean(losses)) if losses else float("nan")
 
     def evaluate(self, split: Flickr8kSplit) -> dict:
@@ -298,15 +283,10 @@ class Trainer:
             self.best = {"epoch": epoch, "score": score, "state": {
                 k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if k in keys}}
 
-    @torch.no_grad()
     def set_query_bank(self) -> None:
         """Keep the embeddings of `query_bank` random training captions in the model."""
-        n = min(self.cfg.query_bank, len(self.train_text))
-        pick = torch.randperm(len(self.train_text), generator=torch.Generator().manual_seed(
-            self.cfg.seed))[:n]
-        self.model.eval()
-        self.model.set_query_bank(self.model.embed_text_features(
-            self.train_text[pick].to(self.device)).float())
+        build_query_bank(self.model, len(self.train_texts), self.cfg.query_bank, self.cfg.seed,
+                         self.embed_captions)
 
     def fit(self) -> list[dict]:
         for epoch in range(1, self.cfg.epochs + 1):
@@ -337,6 +317,7 @@ class Trainer:
             self.model.load_state_dict(self.best["state"], strict=False)
         return self.history
 
+    # --- the result -------------------------------------------------------------------------
     def card_figures(self) -> dict:
         """The model card's figures of the weights the model ends with: `metrics` (dev) and
         `evaluations` (dev and every eval set)."""
@@ -354,6 +335,106 @@ class Trainer:
         epoch = self.best["epoch"] if self.best is not None else self.cfg.epochs
         return next((r for r in self.history if r["epoch"] == epoch), self.history[-1]) \
             if self.history else {}
+
+    def model_card(self, data_desc: str) -> dict:
+        """The card saved with the checkpoint: the family's description, the data, the training
+        settings and history, and the selected weights' figures."""
+        return {
+            **self.describe(),
+            "data": {"source": data_desc, "train_split": "Flickr8k official train",
+                     "train_images": len(self.train_split),
+                     "train_captions": int(self.train_owner.numel())},
+            "training": {k: v for k, v in self.cfg.__dict__.items() if k not in ("extra",)}
+            | {"device": self.device, "seconds": round(time.perf_counter() - self.started, 1),
+               "history": self.history, "selected_epoch": self.selected.get("epoch")},
+            "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **self.card_figures(),
+        }
+
+    def fit_and_save(self, out: str | Path, data_desc: str) -> str:
+        """Train, then write the checkpoint and its card to `out`; returns the model id."""
+        self.fit()
+        return save_checkpoint(self.model.cpu(), out, self.model_card(data_desc))
+
+
+class DualEncoderTrainer(Trainer):
+    """Our dual encoder: frozen towers with trained heads (and optionally the top image stages).
+
+    Cached path (default): the frozen image stages run once into a feature cache; each step runs
+    only the fine-tuned tail stages (if any) and the heads; text features are cached too.
+    Pixel path (`cfg.cache=False`, for a GPU): images decoded and augmented every epoch; stages
+    below the tail run without gradients; BatchNorm statistics stay frozen (training mode
+    lowered dev recall)."""
+
+    def setup(self) -> list[dict]:
+        m, cfg = self.model, self.cfg
+        self.split = m.image_split
+        self.stop = cache_stage(m) if cfg.cache else 0
+        m.to(self.device)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for name, p in m.named_parameters():
+            if name in set(m.trainable_state_keys()):
+                p.requires_grad_(True)
+        tail = [p for n, p in m.named_parameters()
+                if p.requires_grad and n.startswith("image_backbone.")]
+        heads = [p for n, p in m.named_parameters()
+                 if p.requires_grad and not n.startswith("image_backbone.")]
+        groups = [{"params": heads, "lr": cfg.lr}]
+        if tail:
+            groups.append({"params": tail, "lr": cfg.tail_lr})
+        self.train_text = text_features(m.text_backbone, self.train_texts, cfg.cache_dir,
+                                        device=self.device)
+        if cfg.cache:
+            self.train_img = advance(m, image_features(
+                m.image_backbone, self.train_split, self.stop, cfg.cache_dir, device=self.device),
+                self.stop, self.split, self.device)
+        else:
+            ds = ImageDataset(self.train_split, train_transform(m.image_backbone.spec))
+            self.loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                     num_workers=cfg.workers, collate_fn=collate_indexed,
+                                     pin_memory=self.device == "cuda",
+                                     persistent_workers=cfg.workers > 0)
+        return groups
+
+    def train_mode(self) -> None:
+        self.model.image_head.train()
+        self.model.text_head.train()
+
+    def batches(self):
+        if self.cfg.cache:
+            order = torch.randperm(len(self.train_split))
+            bs = self.cfg.batch_size
+            for s in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
+                idx = order[s:s + bs]
+                yield (self.train_img[idx].to(self.device).float(), self.split), idx
+        else:
+            for pixels, idx in self.loader:
+                yield (pixels.to(self.device, non_blocking=True), 0), idx
+
+    def embed_batch(self, inputs, caption_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, from_stage = inputs
+        return self._image_embed(x, from_stage, train=True), self.embed_captions(caption_ids)
+
+    def embed_captions(self, caption_ids: list[int]) -> torch.Tensor:
+        return self.model.embed_text_features(
+            self.train_text[torch.tensor(caption_ids)].to(self.device))
+
+    def _image_embed(self, x: torch.Tensor, from_stage: int, train: bool) -> torch.Tensor:
+        """x = output of stages[:from_stage] -> normalised embedding (tail+head with grad)."""
+        backbone = self.model.image_backbone
+        backbone.eval()  # BatchNorm statistics stay frozen; dropout/drop-connect off
+        with torch.no_grad():
+            x = backbone(x, start=from_stage, stop=self.split)
+        if train and self.cfg.position_dropout > 0:
+            keep = (torch.rand(x.shape[0], 1, *x.shape[2:], device=x.device)
+                    >= self.cfg.position_dropout).to(x.dtype)
+            x = x * keep / keep.mean((2, 3), keepdim=True).clamp(min=1e-3)
+        return self.model.embed_image_features(x, start=self.split)
+
+    def describe(self) -> dict:
+        return {"name": "flickr8k dual encoder", **describe_model(self.model)}
 
 
 LOSSES = ("one-caption", "multi-positive")
@@ -420,31 +501,3 @@ def describe_model(model: DualEncoder) -> dict:
                           "mean": spec.mean, "std": spec.std, "text_max_tokens":
                           model.text_backbone.max_length, "text_pooling": "mean over mask"},
     }
-
-
-def make_card(model: DualEncoder, trainer: Trainer, cfg: TrainConfig, seconds: float,
-              data_desc: str) -> dict:
-    return {
-        "name": "flickr8k dual encoder",
-        **describe_model(model),
-        "data": {"source": data_desc, "train_split": "Flickr8k official train",
-                 "train_images": len(trainer.train_split),
-                 "train_captions": int(trainer.train_owner.numel())},
-        "training": {k: v for k, v in cfg.__dict__.items() if k not in ("extra",)}
-        | {"device": trainer.device, "seconds": round(seconds, 1), "history": trainer.history,
-           "selected_epoch": trainer.selected.get("epoch")},
-        "commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def train_and_save(model: DualEncoder, train: Flickr8kSplit, dev: Flickr8kSplit | None,
-                   cfg: TrainConfig, out: str, data_desc: str,
-                   eval_sets: list[Flickr8kSplit] = ()) -> tuple[str, Trainer]:
-    t0 = time.perf_counter()
-    trainer = Trainer(model, train, dev, cfg, eval_sets)
-    trainer.fit()
-    card = make_card(model, trainer, cfg, time.perf_counter() - t0, data_desc)
-    card.update(trainer.card_figures())
-    model_id = save_checkpoint(model.cpu(), out, card)
-    return model_id, trainer

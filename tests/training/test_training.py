@@ -1,15 +1,15 @@
 """Training on a tiny slice: the loss falls, retrieval is learned, the checkpoint reloads exactly."""
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from encoder import Encoder, ModelConfig, load_checkpoint, read_card, save_checkpoint
 from training.cli import main as train_main
-from training.data import load_split_from_folder, load_split_from_store
+from training.data import load_split_from_folder
 from training.evaluate import main as eval_main
-from training.train import NegativesQueue, TrainConfig, Trainer, build_model, contrastive_loss
+from training.train import (DualEncoderTrainer, NegativesQueue, TrainConfig, build_model,
+                            contrastive_loss)
 
 
 def test_loss_falls_and_checkpoint_reloads(tiny_flickr, tmp_path, capsys):
@@ -55,7 +55,7 @@ def test_fine_tuning_tail_stages_changes_them_and_saves_them(tiny_flickr, tmp_pa
     frozen_before = model.image_backbone.stages[0].conv.weight.detach().clone()
     cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", cache_dir=str(tmp_path / "c"),
                       workers=0, tail_lr=1e-3)
-    Trainer(model, train, None, cfg).fit()
+    DualEncoderTrainer(model, train, None, cfg).fit()
     assert not torch.equal(before, model.image_backbone.stages[-1].conv.weight)
     assert torch.equal(frozen_before, model.image_backbone.stages[0].conv.weight)
     keys = model.trainable_state_keys()
@@ -83,54 +83,29 @@ def test_pixel_path_runs(tiny_flickr, tmp_path):
     model = build_model(ModelConfig(embed_dim=16, image_tail_stages=1))
     cfg = TrainConfig(epochs=1, batch_size=4, device="cpu", cache=False, workers=0,
                       cache_dir=str(tmp_path / "c"))
-    hist = Trainer(model, train, train, cfg).fit()
+    hist = DualEncoderTrainer(model, train, train, cfg).fit()
     assert hist[0]["loss"] > 0 and "dev" in hist[0]
-
-
-def test_minio_dataset_streams_from_s3(tiny_flickr, s3_store):
-    from encoder.backbones import ImageSpec
-    from encoder.preprocessing import eval_transform
-    from indexer.ingest import ingest
-    from flickr8k.sources import open_source
-    from training.data import MinIOFlickr8kDataset
-
-    root, meta = tiny_flickr
-    ingest(open_source(str(root)), s3_store, progress=False)
-    split = load_split_from_store(s3_store, "dev")
-    assert split.images == meta["dev"] and len(split.captions[0]) == 5
-    spec = ImageSpec("x", 32, (0.5,) * 3, (0.5,) * 3, 1)
-    ds = MinIOFlickr8kDataset(s3_store, "train", eval_transform(spec))
-    x, i = ds[0]
-    assert x.shape == (3, 32, 32) and len(ds) == len(meta["train"])
 
 
 def test_training_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
     """Without --out a new checkpoint never replaces the shipped MODEL_PATH."""
     import training.cli as cli
-    import training.train as train
 
     written = []
+
+    class StubTrainer:
+        history, selected = [], {}
+
+        def fit_and_save(self, out, data_desc):
+            written.append(out)
+            return "id"
+
     monkeypatch.setattr(cli, "RUNS_DIR", tmp_path / "runs")
-    monkeypatch.setattr(cli, "load_splits", lambda args, names: ([None, None], "stub"))
-    monkeypatch.setattr(train, "build_model", lambda config, resume: None)
-    monkeypatch.setattr(train, "train_and_save", lambda model, tr, dev, cfg, out, desc, sets:
-                        written.append(out) or ("id", SimpleNamespace(history=[], selected={})))
+    monkeypatch.setattr(cli, "make_trainer", lambda args, out: (StubTrainer(), "stub"))
     assert cli.main(["--no-plots"]) == 0
     out = Path(written[0])
     assert out.parent == tmp_path / "runs" and out.name.startswith("dual-encoder-")
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(out)
-
-
-def _flickr_style_set(root: Path, dest: Path, names: list[str]) -> Path:
-    """A Flickr8k-style evaluation folder (captions.token.txt + images.txt) made from the tiny set."""
-    (dest / "Images").mkdir(parents=True)
-    lines = [line for line in (root / "Flickr8k.token.txt").read_text().splitlines()
-             if line.split("#")[0] in names]
-    (dest / "captions.token.txt").write_text("\n".join(lines) + "\n")
-    (dest / "images.txt").write_text("\n".join(names) + "\n")
-    for n in names:
-        (dest / "Images" / n).write_bytes(next(root.rglob(n)).read_bytes())
-    return dest
 
 
 def test_contrastive_loss_counts_every_caption_of_an_image():
@@ -165,9 +140,9 @@ def test_contrastive_loss_counts_every_caption_of_an_image():
 
 
 def test_multi_positive_training_keeps_best_epoch_and_reports_every_set(tiny_flickr, tmp_path,
-                                                                       capsys):
+                                                                       flickr_style_set, capsys):
     root, meta = tiny_flickr
-    extra = _flickr_style_set(root, tmp_path / "ood-set", meta["dev"][:6])
+    extra = flickr_style_set("ood-set", meta["dev"][:6])
     out = tmp_path / "m.pt"
     assert train_main(["--data", str(root), "--out", str(out), "--epochs", "6", "--batch_size", "8",
                        "--lr", "3e-3", "--embed-dim", "32", "--cache-dir", str(tmp_path / "c"),
@@ -187,11 +162,12 @@ def test_multi_positive_training_keeps_best_epoch_and_reports_every_set(tiny_fli
 
 
 def test_evaluate_reports_any_flickr8k_style_folder_under_its_name(tiny_flickr, small_checkpoint,
-                                                                   tmp_path, capsys):
+                                                                   tmp_path, flickr_style_set,
+                                                                   capsys):
     import shutil
 
     root, meta = tiny_flickr
-    extra = _flickr_style_set(root, tmp_path / "my-photos", meta["dev"][:5])
+    extra = flickr_style_set("my-photos", meta["dev"][:5])
     ckpt = tmp_path / "m.pt"
     shutil.copy(small_checkpoint, ckpt)
     args = ["--data", str(root), "--checkpoint", str(ckpt), "--device", "cpu",
