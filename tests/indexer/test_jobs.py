@@ -141,12 +141,12 @@ def fake_model(monkeypatch, encoder):
 
 
 def _run_plan(s: Settings, force_rebuild: bool = False) -> dict | None:
-    """The DAGs' tail in one process: plan_shards -> embed_shard per shard -> publish_shards
+    """The DAGs' tail in one process: plan_shards -> embed_shard per shard -> publish_index
     (None: the plan was empty, nothing changed)."""
     plan = jobs.plan_shards(force_rebuild, settings=s)
     if not plan:
         return None
-    return jobs.publish_shards(plan, [jobs.embed_shard(sh, settings=s) for sh in plan],
+    return jobs.publish_index(plan, [jobs.embed_shard(sh, settings=s) for sh in plan],
                                settings=s)
 
 
