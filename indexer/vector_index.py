@@ -40,7 +40,8 @@ process or machine, and a part written twice is written once):
                                                updates in place returns `base` itself)
     write(version, keys, vectors, etags, part) upsert into it (a part rewritten replaces its
                                                rows)
-    remove(version, keys, part)                delete keys from it
+    remove(version, keys, part)                delete keys its base holds (keys that no part
+                                               writes)
     publish(version, parts=None)               complete -> switch readers to it atomically;
                                                parts: the part names it must hold
     discard(version)                           drop an unpublished draft
