@@ -12,6 +12,7 @@ from indexer.repository import IndexRepository
 from core.settings import Settings
 from flickr8k.format import SourceError
 from objectstore import LocalStore, StoreAuthError, StoreUnavailable
+from tests.indexer.helpers import PREFIX
 
 
 # --- retries / lock -------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_plan_embed_publish_is_a_transaction(tiny_flickr, tmp_path, fake_model, 
     assert fake_model["loads"] == loads and repo.list_versions() == [v1]
 
     # a new image, and embedding fails half-way: no new version, CURRENT kept
-    store.put("flickr8k/images/new.jpg", (root / "Images" / meta["names"][0]).read_bytes())
+    store.put(f"{PREFIX}new.jpg", (root / "Images" / meta["names"][0]).read_bytes())
     real_embed = pipeline.embed_objects
 
     def broken(*a, **kw):
