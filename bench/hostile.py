@@ -322,6 +322,7 @@ def huge_head(srv: Server, value_bytes: int, limit_s: float) -> dict:
 def build_index(n: int, checkpoint: str) -> tuple[Path, dict]:
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline
+    from indexer.faiss_index import FaissIndex
     from indexer.repository import IndexRepository
     from objectstore import LocalStore
 
@@ -334,7 +335,7 @@ def build_index(n: int, checkpoint: str) -> tuple[Path, dict]:
     enc = Encoder(load_checkpoint(checkpoint), image_runtime="onnx", text_runtime="onnx",
                   onnx_cache_dir=cache)
     repo = IndexRepository(work / "index")
-    pipeline.rebuild(store, enc, repo, "flickr8k/images/", progress=False)
+    pipeline.rebuild(store, enc, FaissIndex(repo), "flickr8k/images/", progress=False)
     count = repo.load().count
     env = {**os.environ, "MODEL_PATH": checkpoint, "INDEX_DIR": str(work / "index"),
            "STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(work / "store"),

@@ -44,6 +44,7 @@ def main() -> int:
     from encoder import Encoder, load_checkpoint
     from encoder.preprocessing import decode_image
     from indexer import pipeline
+    from indexer.faiss_index import FaissIndex
     from indexer.repository import IndexRepository
     from objectstore import LocalStore
     from training.data import load_split_from_folder
@@ -80,7 +81,7 @@ def main() -> int:
                 enc.scoring.image_vectors(enc.encode_pixels(pixels[i:i + args.batch]))
 
         def e2e():
-            pipeline.rebuild(store, enc, repo, prefix, batch_size=args.batch, progress=False)
+            pipeline.rebuild(store, enc, FaissIndex(repo), prefix, batch_size=args.batch, progress=False)
 
         def e2e_no_overlap():
             # the old behaviour: a batch is fetched+decoded only after the previous forward
@@ -91,7 +92,7 @@ def main() -> int:
                     yield from orig(store_, enc_, objects[s:s + batch_size], batch_size, workers)
             pipeline.iter_batches = serial
             try:
-                pipeline.rebuild(store, enc, repo, prefix, batch_size=args.batch, progress=False)
+                pipeline.rebuild(store, enc, FaissIndex(repo), prefix, batch_size=args.batch, progress=False)
             finally:
                 pipeline.iter_batches = orig
 
@@ -124,7 +125,7 @@ def compare(args) -> int:
     header("indexing: candidate checkpoint vs baseline, end to end")
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline
-    from indexer.repository import IndexRepository
+    from indexer.faiss_index import FaissIndex
     from objectstore import LocalStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-index-"))
@@ -142,7 +143,7 @@ def compare(args) -> int:
         for _ in range(args.rounds + 1):  # the first round warms (export, session load)
             for label, enc in encs.items():
                 t = time.perf_counter()
-                pipeline.rebuild(store, enc, IndexRepository(work / f"{rt}-{label}"), "img/",
+                pipeline.rebuild(store, enc, FaissIndex(work / f"{rt}-{label}"), "img/",
                                  batch_size=args.batch, progress=False)
                 times[label].append(time.perf_counter() - t)
         rates = {label: [len(names) / t for t in ts[1:]] for label, ts in times.items()}

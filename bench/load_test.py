@@ -90,7 +90,7 @@ def prepare(workdir: Path, vectors: int, model: str | None) -> dict:
     index.add_with_ids(vecs, ids)
     repo = IndexRepository(workdir / "index")
     keys = [f"flickr8k/images/synthetic_{i:05d}.jpg" for i in range(vectors)]
-    version = repo.publish(index, ids, keys, ["0" * 32] * vectors, model_id)
+    version = repo.commit_version(index, ids, keys, ["0" * 32] * vectors, model_id)
     print(f"index: {vectors} random unit vectors, dim {dim}, version {version}")
     return {"MODEL_PATH": str(model_path), "INDEX_DIR": str(workdir / "index"),
             "LOCAL_STORE_DIR": str(workdir / "store"), "STORE_BACKEND": "local"}

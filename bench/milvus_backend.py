@@ -114,15 +114,14 @@ def settle(index, collection: str, quiet_s: float, limit_s: float) -> float | st
 
 
 def query_path(args, milvus, model_path, model_id, dim, work: Path) -> list[dict]:
+    from indexer.faiss_index import FaissIndex
     from indexer.milvus_index import MilvusIndex
-    from indexer.repository import IndexRepository
-    from indexer.vector_index import FaissIndex
 
     vecs = clustered(args.n, dim)
     keys = [f"flickr8k/images/synthetic_{i:07d}.jpg" for i in range(args.n)]
     etags = ["0" * 32] * args.n
     t = time.perf_counter()
-    FaissIndex(IndexRepository(work / "index")).rebuild(model_id, keys, vecs, etags)
+    FaissIndex(work / "index").rebuild(model_id, keys, vecs, etags)
     print(f"FAISS: {args.n} vectors published in {time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
     MilvusIndex(milvus.uri, prefix="bench").rebuild(model_id, keys, vecs, etags)

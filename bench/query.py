@@ -74,6 +74,7 @@ def main() -> int:
 
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline
+    from indexer.faiss_index import FaissIndex
     from indexer.repository import IndexRepository
     from objectstore import LocalStore
 
@@ -86,7 +87,7 @@ def main() -> int:
     enc = Encoder(load_checkpoint(args.checkpoint), image_runtime="onnx",
                   text_runtime=args.text_runtime, onnx_cache_dir=cache)
     repo = IndexRepository(work / "index")
-    pipeline.rebuild(store, enc, repo, "flickr8k/images/", progress=False)
+    pipeline.rebuild(store, enc, FaissIndex(repo), "flickr8k/images/", progress=False)
     index = repo.load()
     enc.warmup()
 

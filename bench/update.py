@@ -29,6 +29,7 @@ def main() -> int:
 
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline
+    from indexer.faiss_index import FaissIndex
     from indexer.repository import IndexRepository
     from objectstore import LocalStore
 
@@ -48,16 +49,16 @@ def main() -> int:
     reports = []
     for _ in range(args.rounds):
         t = time.perf_counter()
-        r = pipeline.rebuild(store, enc, repo, "img/", progress=False)
+        r = pipeline.rebuild(store, enc, FaissIndex(repo), "img/", progress=False)
         times["full rebuild"].append(time.perf_counter() - t)
         for name in extra:
             store.put("img/" + name, (FLICKR / "Images" / name).read_bytes())
         t = time.perf_counter()
-        u = pipeline.update(store, enc, repo, "img/", progress=False)
+        u = pipeline.update(store, enc, FaissIndex(repo), "img/", progress=False)
         times["update (+1 %)"].append(time.perf_counter() - t)
         assert u.added == len(extra), u
         t = time.perf_counter()
-        pipeline.update(store, enc, repo, "img/", progress=False)
+        pipeline.update(store, enc, FaissIndex(repo), "img/", progress=False)
         times["update (nothing new)"].append(time.perf_counter() - t)
         reports.append((r.to_dict(), u.to_dict()))
         for name in extra:

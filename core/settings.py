@@ -64,7 +64,8 @@ class Settings(BaseSettings):
 
     # --- vector index backend (indexer/vector_index.py; "faiss": files under INDEX_DIR, the
     # embedded default; "milvus": collections on a Milvus server, the scale-out one) ----------
-    index_backend: Literal["faiss", "milvus"] = "faiss"
+    # any name of indexer.vector_index.BACKENDS, the one list of them (checked on opening)
+    index_backend: str = "faiss"
     # a Milvus server (http://host:19530) or a milvus-lite file (./index.db, one process only)
     milvus_uri: str = "http://localhost:19530"
     # "user:password" or an API key (empty: a server without authentication)

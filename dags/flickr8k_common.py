@@ -1,5 +1,9 @@
-"""What both Flickr8k DAGs share: retry policy, the permanent-error rule, and the fanned-out
-tail embed_shard x N -> publish_index -> prune_versions (no DAG here)."""
+"""What both Flickr8k DAGs share: retry policy, the permanent-error rule, the index writers'
+pool, and the fanned-out tail embed_shard x N -> publish_index -> prune_versions (no DAG here).
+
+The task ids are those of earlier runs (Airflow keys task history, logs and XComs by them);
+each task here calls the `indexer.jobs` function of the same name.
+"""
 from __future__ import annotations
 
 import functools
@@ -9,6 +13,13 @@ from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from core.settings import get_settings
+
+# The tasks that write the index (publish_index, prune_versions) of every run of every DAG take
+# the one slot of this pool: INDEX_DIR's file lock serializes writers on one machine only, and
+# on Milvus they may run on different workers. Created by the deployment's Airflow setup
+# (`airflow pools set`, deploy/SCALING.md); a task of a missing pool is never scheduled.
+INDEX_WRITERS_POOL = "flickr8k_index_writers"
+INDEX_WRITERS_POOL_SLOTS = 1
 
 DEFAULT_ARGS = {
     "owner": "flickr-search",
@@ -44,15 +55,15 @@ def embed_shard(shard: dict) -> dict:
     return jobs.embed_shard(shard)
 
 
-@task(execution_timeout=timedelta(hours=2))
+@task(execution_timeout=timedelta(hours=2), pool=INDEX_WRITERS_POOL)
 @fail_fast
 def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
     from indexer import jobs
 
-    return jobs.publish_shards(plan, embedded)
+    return jobs.publish_index(plan, embedded)
 
 
-@task
+@task(pool=INDEX_WRITERS_POOL)
 @fail_fast
 def prune_versions(published: dict) -> dict:
     from indexer import jobs

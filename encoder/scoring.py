@@ -9,7 +9,8 @@ Every other package goes through `Scoring` and knows nothing of index columns.
   attracts almost any query is demoted by its bias b(v) = T * logsumexp_j(<bank_j, v> / T)
   (inverted softmax, T = the model's learned temperature). The index stores [v, -b(v)] and a
   query is [q, 1], so exact inner-product search ranks by cos(q, v) - b(v); the score is that
-  difference and the cosine is the score plus b(v), read from the stored vector's last column.
+  difference and the cosine is the score plus b(v), read back from the stored vector's
+  component `readback_column` (an index hands that component back with each hit when asked).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Scoring:
         self.corrected = self.bank is not None
         # the vectors an index holds: the embedding, plus the bias column when corrected
         self.index_dim = self.dim + 1 if self.corrected else self.dim
+        # the stored component a search must hand back to read the cosine (None: not needed)
+        self.readback_column = self.index_dim - 1 if self.corrected else None
 
     @classmethod
     def of(cls, model) -> "Scoring":
@@ -96,16 +99,17 @@ class Scoring:
         """Cosine similarity of query and image from the image's stored vectors and the scores."""
         if not self.corrected:
             return np.asarray(scores, np.float32)
-        return self.cosine_from_tail(np.asarray(stored, np.float32)[:, -1], scores)
+        return self.cosine_from_readback(
+            np.asarray(stored, np.float32)[:, self.readback_column], scores)
 
-    def cosine_from_tail(self, tail: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """The same from the last component of each hit's stored vector (its "tail": -b(v) when
-        corrected, ignored otherwise): all a search needs to return besides the score, so an
-        index never ships whole vectors to read the cosine back."""
+    def cosine_from_readback(self, values: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The same from each hit's stored component `readback_column` (-b(v) when corrected;
+        ignored otherwise): all a search needs to return besides the score, so an index never
+        ships whole vectors to read the cosine back."""
         scores = np.asarray(scores, np.float32)
         if not self.corrected:
             return scores
-        return scores - np.asarray(tail, np.float32)
+        return scores - np.asarray(values, np.float32)
 
     def embeddings(self, stored: np.ndarray) -> np.ndarray:
         """The image embeddings inside stored index vectors."""

@@ -10,7 +10,18 @@ import numpy as np
 
 
 def new_flat_index(dim: int) -> faiss.Index:
+    # not index_factory("IDMap2,Flat"): its IndexFlat would be named so in new manifests
+    # (`index_type`), where every version so far says IndexFlatIP
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def new_ivf_index(dim: int, nlist: int) -> faiss.Index:
+    """IVFFlat over inner product, with a direct map: reconstruct(id) and remove_ids work."""
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10  # enough for a coarse quantizer; build time matters at 1M
+    index.cp.max_points_per_centroid = 64
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
 
 
 # --- choosing the index type by collection size (the way autofaiss does) ----------------------
@@ -146,13 +157,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec | None = N
         if n:
             index.add_with_ids(vectors, ids)
         return index, spec.to_dict()
-    quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.own_fields = True
-    quantizer.this.disown()
-    ivf.cp.niter = 10  # enough for a coarse quantizer; build time matters at 1M
-    ivf.cp.max_points_per_centroid = 64
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct(id) and remove_ids
+    ivf = new_ivf_index(dim, spec.nlist)
     rng = np.random.default_rng(0)
     sample = vectors if n <= spec.nlist * 64 else \
         vectors[np.sort(rng.choice(n, spec.nlist * 64, replace=False))]

@@ -9,26 +9,30 @@ can be rerun after success without changing anything, and a failed step leaves n
     plan_shards      what changed (new/changed/removed objects, another model) as key-range
                      shards; [] when nothing did (no model load, no version)
     embed_shard      one shard's range embedded and written (a rerun writes the same again)
-    publish_shards   once every shard succeeded: one new version
+    publish_index    once every shard succeeded: the plan's version published
     prune_versions   old versions beyond INDEX_KEEP_VERSIONS
 
-Object-store errors that look transient (server unreachable) are retried here with exponential
-back-off; Airflow's task retries (also with back-off) sit on top of that.
+The fan-out's functions are named after the DAG tasks that run them. Object-store and vector-index errors
+that look transient (server unreachable) are retried here with exponential back-off (tenacity);
+Airflow's task retries (also with back-off) sit on top of that. Index writers on one machine
+take `index_lock` (a file lock in INDEX_DIR); across machines the DAGs' publish pool serializes
+them (deploy/SCALING.md).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import random
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
+import tenacity
+from filelock import FileLock
+
+from core.atomic import atomic_dir
 from core.settings import Settings, get_settings
 from flickr8k import sources
 from flickr8k.format import SourceNotFound
@@ -50,43 +54,34 @@ UNPACK_MARKER = ".complete.json"
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, IndexUnavailable)
 
 
-# --- retries -------------------------------------------------------------------------------
+# --- retries ---------------------------------------------------------------------------------
 def with_retries(fn: Callable[..., T], *args, attempts: int = 4, base_delay: float = 1.0,
                  max_delay: float = 30.0, retry_on: tuple[type[BaseException], ...] = (StoreUnavailable,),
                  sleep: Callable[[float], None] = time.sleep, **kwargs) -> T:
     """Call fn; on a transient store error wait base*2^n (+-25 % jitter, capped) and call again."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn(*args, **kwargs)
-        except retry_on as exc:
-            if attempt == attempts:
-                raise
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25)
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", getattr(fn, "__name__", fn), exc,
-                        attempt, attempts - 1, delay)
-            sleep(delay)
-    raise AssertionError("unreachable")
+    name = getattr(fn, "__name__", fn)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        # tenacity's own jitter is additive; this one is +-25 % of the delay
+        delay = min(max_delay, base_delay * 2 ** (state.attempt_number - 1))
+        return delay * random.uniform(0.75, 1.25)
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        log.warning("%s failed (%s); retry %d/%d in %.1f s", name, state.outcome.exception(),
+                    state.attempt_number, attempts - 1, state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts), wait=wait,
+                                 retry=tenacity.retry_if_exception_type(retry_on), sleep=sleep,
+                                 before_sleep=before_sleep, reraise=True)
+    return retrying(fn, *args, **kwargs)
 
 
-@contextmanager
-def index_lock(index_dir: str | os.PathLike, timeout: float = 3600.0) -> Iterator[None]:
-    """One index writer at a time (ingestion and re-indexing DAGs may overlap)."""
+def index_lock(index_dir: str | os.PathLike, timeout: float = 3600.0) -> FileLock:
+    """One index writer at a time on this machine (ingestion and re-indexing DAGs may
+    overlap); TimeoutError after `timeout` seconds."""
     root = Path(index_dir)
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another index writer holds {root / '.lock'}") from None
-                time.sleep(1.0)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(root / ".lock", timeout=timeout)
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -125,8 +120,8 @@ def unpack(fetched: dict, settings: Settings | None = None) -> dict:
         info = json.loads((dest / UNPACK_MARKER).read_text())
         return {"folder": str(dest), "unpacked": False, **info}
     src = sources.open_resolved(fetched)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    # replace=True: an existing `dest` is an incomplete folder without the marker
+    with atomic_dir(dest, replace=True) as tmp:
         (tmp / "Images").mkdir()
         for img in src.image_names():
             (tmp / "Images" / img).write_bytes(src.read_image(img))  # zipfile checks the CRC
@@ -134,12 +129,6 @@ def unpack(fetched: dict, settings: Settings | None = None) -> dict:
             (tmp / txt).write_bytes(reader())
         info = {"images": len(src.images), "texts": len(src.texts)}
         (tmp / UNPACK_MARKER).write_text(json.dumps(info))
-        if dest.exists():  # an incomplete folder without the marker
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in root.glob("flickr8k-*"):  # unpacked copies of older archives
         if old != dest:
             shutil.rmtree(old, ignore_errors=True)
@@ -176,7 +165,7 @@ def prune_versions(keep: int | None = None, settings: Settings | None = None) ->
         return with_retries(open_index(s).prune, keep, retry_on=TRANSIENT_ERRORS)
 
 
-# --- fanned-out embedding: plan_shards -> embed_shard (mapped, one per shard) -> publish_shards
+# --- fanned-out embedding: plan_shards -> embed_shard (mapped, one per shard) -> publish_index
 # (indexer.shards; the DAGs map `embed_shard` over the plan with Airflow dynamic task mapping)
 def plan_shards(force_rebuild: bool = False, settings: Settings | None = None) -> list[dict]:
     """Shard descriptors for what changed ([] when nothing did: no model load, no version).
@@ -194,10 +183,10 @@ def plan_shards(force_rebuild: bool = False, settings: Settings | None = None) -
 
 
 def _prepare_model(s: Settings, model_id: str) -> tuple[int, object]:
-    """(index dimension, tuning queries) of MODEL_PATH's model, for a rebuild's new version,
-    read from the checkpoint without building the towers. A new model always means a rebuild:
-    its ONNX image graph, exported on first use, is exported here, once, rather than by every
-    shard at the same time."""
+    """(index dimension, tuning queries) of MODEL_PATH's model, for the draft a plan begins,
+    read from the checkpoint without building the towers. A model whose ONNX image graph is not
+    exported yet (a new one) is exported here, once, rather than by every shard at the same
+    time."""
     from encoder import Encoder, read_scoring
     from encoder.runtime_onnx import OnnxTowers
 
@@ -227,8 +216,8 @@ def embed_shard(shard: dict, settings: Settings | None = None) -> dict:
                         retry_on=TRANSIENT_ERRORS)
 
 
-def publish_shards(plan: list[dict], embedded: list[dict],
-                   settings: Settings | None = None) -> dict:
+def publish_index(plan: list[dict], embedded: list[dict],
+                  settings: Settings | None = None) -> dict:
     """Once every shard of the plan succeeded: one new version (none when the plan was already
     published). Holds the index lock. `embedded`: every shard's report (which process embedded
     what, the unreadable images), summed up in this one."""

@@ -12,13 +12,15 @@ A rebuild fills a new collection, flushes it, checks its count, waits for its in
 publishes it with `alter_alias` (`create_alias` the first time): one atomic switch on the
 server, every API replica follows within MILVUS_REFRESH_S. An update upserts into the published
 collection (object key = primary key, the object's etag stored beside the vector) and deletes
-keys by filter; nothing is copied. `prune` drops unaliased collections beyond the newest few.
+keys by filter; nothing is copied (`begin(..., base=<published>)` returns the published
+collection itself, and publishing it only counts it). `prune` drops unaliased collections
+beyond the newest few.
 
 Fields: key VARCHAR (primary), etag VARCHAR, vector FLOAT_VECTOR (Scoring's index vectors as
 they are), tail FLOAT (the vector's last component, copied at write), metric IP: the score of a
-hit is the inner product FAISS reports for it. A search returns scores, keys and, when asked,
-each hit's tail (what `Scoring.cosine_from_tail` reads the cosine back from): never vectors,
-which cost ~2.5 ms more per search at top 10 on this machine (BENCHMARKS.md §7).
+hit is the inner product FAISS reports for it. A search returns scores, keys and, when asked
+(`readback`), each hit's tail: never vectors, which cost ~2.5 ms more per search at top 10 on
+this machine (BENCHMARKS.md §7).
 
 Consistency: searches and the API's counts use **Bounded** staleness: a search does not wait
 for the newest writes (about 4 ms per search at 10k vectors here, against about 200 ms with
@@ -41,9 +43,17 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from indexer.repository import IndexLoadError
-from indexer.vector_index import Indexed, IndexUnavailable, VectorIndex, _check_rows, \
-    new_version_name
+from indexer.vector_index import (
+    DraftGone,
+    Indexed,
+    IndexLoadError,
+    IndexUnavailable,
+    VectorIndex,
+    check_readback,
+    check_rows,
+    empty_result,
+    new_version_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +129,22 @@ class MilvusView:
         self.model_id = model_id
         self.dim = dim
         self.count = count
-        self.resolved_at = time.monotonic()
 
-    def search(self, queries: np.ndarray, k: int, with_tail: bool = False):
-        """Top-k per query: (scores [Q, k'], keys [[...]]) (+ each hit's tail, per row: the
-        last component of its stored vector, as FAISS's IndexVersion.search gives it)."""
+    def search(self, queries: np.ndarray, k: int, readback: int | None = None):
+        """Top-k per query: (scores [Q, k'] padded with -inf, keys [[...]]) (+ per row, the
+        hits' stored component `readback`, as every backend gives it)."""
+        if readback is not None:
+            # the collection stores one component as a scalar field: the last, as `tail`
+            if check_readback(readback, self.dim) != self.dim - 1:
+                raise ValueError("the Milvus backend reads back only the last component")
         k = min(k, self.count)
         queries = np.asarray(queries, np.float32)
         if k <= 0:
-            empty = [[] for _ in queries]
-            return (np.zeros((len(queries), 0), np.float32), empty) + \
-                ((empty,) if with_tail else ())
+            return empty_result(len(queries), readback)
         with self.owner.calls(searching=self.collection):
             rows = self.owner.client.search(
                 self.collection, data=queries.tolist(), limit=k,
-                output_fields=["tail"] if with_tail else [],
+                output_fields=["tail"] if readback is not None else [],
                 search_params=self.owner.search_params(k), consistency_level="Bounded",
                 timeout=self.owner.timeout_s)
         width = max((len(r) for r in rows), default=0)
@@ -142,13 +153,13 @@ class MilvusView:
         for i, row in enumerate(rows):
             scores[i, :len(row)] = [h["distance"] for h in row]
             keys.append([h.id for h in row])  # the primary key, whatever the server names it
-        if not with_tail:
+        if readback is None:
             return scores, keys
         return scores, keys, [np.asarray([h["entity"]["tail"] for h in row], np.float32)
                               for row in rows]
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
-        """The vectors held for these keys (one query)."""
+        """The vectors held for these keys (one query; for checks, not the search path)."""
         if not keys:
             return np.zeros((0, 0), np.float32)
         with self.owner.calls(searching=self.collection):
@@ -239,8 +250,10 @@ class MilvusIndex(VectorIndex):
     def _collection(self, model_id: str, version: str) -> str:
         return f"{self.alias(model_id)}__{version.replace('-', '_')}"
 
-    def published_version(self, model_id: str) -> str | None:
+    def published(self, model_id: str | None) -> str | None:
         """The collection the model's alias points at (None: nothing published)."""
+        if model_id is None:
+            return None
         with self.calls():
             try:
                 return self.client.describe_alias(self.alias(model_id),
@@ -275,11 +288,17 @@ class MilvusIndex(VectorIndex):
         return {"metric_type": "IP", "params": {}}
 
     # --- reading -----------------------------------------------------------------------------
-    def view(self, model_id: str) -> MilvusView:
-        collection = self.published_version(model_id)
+    def view(self, model_id: str, version: str | None = None) -> MilvusView:
+        """A view of `version` (default: the collection the model's alias points at)."""
+        collection = version or self.published(model_id)
         if collection is None:
-            raise IndexLoadError(f"no index published for model {model_id[:100]} "
+            raise IndexLoadError(f"no index published for model {str(model_id)[:100]} "
                                  "(run `python -m indexer rebuild`)")
+        if version is not None:
+            with self.calls():
+                exists = self.client.has_collection(version, timeout=self.timeout_s)
+            if not exists:
+                raise IndexLoadError("index version does not exist")
         built_by, dim = self._describe(collection)
         if built_by != model_id:  # two ids that map to one name: never serve the other's
             raise IndexLoadError(f"index version {collection} was built by model "
@@ -290,7 +309,7 @@ class MilvusIndex(VectorIndex):
     def indexed(self, model_id: str | None) -> Indexed | None:
         if model_id is None:
             return None
-        collection = self.published_version(model_id)
+        collection = self.published(model_id)
         if collection is None:
             return None
         built_by = self._model_of(collection)
@@ -318,7 +337,7 @@ class MilvusIndex(VectorIndex):
                "alias": self.alias(model_id) if model_id else None, "collection": None}
         if model_id is None:
             return out
-        collection = self.published_version(model_id)
+        collection = self.published(model_id)
         if collection is not None:
             out.update(version=collection, collection=collection,
                        model_id=self._model_of(collection), count=self._count(collection))
@@ -356,9 +375,15 @@ class MilvusIndex(VectorIndex):
                 "current": current}
 
     # --- writing -----------------------------------------------------------------------------
-    def begin(self, model_id, dim, extra=None, tuning_queries=None) -> str:
-        """A new, empty collection for `model_id` (indexed and loaded, not aliased)."""
+    def begin(self, model_id, dim, extra=None, tuning_queries=None, base=None) -> str:
+        """A new, empty collection for `model_id` (indexed and loaded, not aliased); with
+        `base`, the published collection itself (updates write in place)."""
         from pymilvus import DataType, MilvusClient
+
+        if base is not None:
+            if self.published(model_id) != base:
+                raise DraftGone(f"index version {base} is no longer published")
+            return base
 
         name = self._collection(model_id, new_version_name())
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
@@ -384,7 +409,7 @@ class MilvusIndex(VectorIndex):
 
     def write(self, version, keys, vectors, etags, part="0") -> int:
         """Upsert rows by object key: writing the same rows again leaves the same collection."""
-        vectors = _check_rows(keys, vectors, etags)
+        vectors = check_rows(keys, vectors, etags)
         for s in range(0, len(keys), WRITE_BATCH):
             rows = [{"key": k, "etag": e, "vector": v, "tail": v[-1]}
                     for k, e, v in zip(keys[s:s + WRITE_BATCH], etags[s:s + WRITE_BATCH],
@@ -393,7 +418,7 @@ class MilvusIndex(VectorIndex):
                 self.client.upsert(version, rows, timeout=self.timeout_s * 6)
         return len(keys)
 
-    def remove(self, version: str, keys: Iterable[str]) -> int:
+    def remove(self, version: str, keys: Iterable[str], part: str = "0") -> int:
         keys = list(dict.fromkeys(keys))
         for s in range(0, len(keys), WRITE_BATCH):
             with self.calls():
@@ -417,11 +442,14 @@ class MilvusIndex(VectorIndex):
                 return
             time.sleep(0.5)
 
-    def publish(self, version) -> dict:
+    def publish(self, version, parts=None) -> dict:
         """Count (Strong: every write made so far), flush and wait for the vector index (large
-        versions), then point the model's alias at it."""
+        versions), then point the model's alias at it. The published collection itself (an
+        update in place): only counted. `parts`: upserts leave nothing per part to check."""
         model_id = self._model_of(version)
         count = self._count(version)
+        if self.published(model_id) == version:
+            return {"version": version, "count": count}
         if count >= FLUSH_MIN_ROWS:
             with self.calls():
                 self.client.flush(version, timeout=self.timeout_s * 60)
@@ -429,7 +457,7 @@ class MilvusIndex(VectorIndex):
         alias = self.alias(model_id)
         with self.calls():
             self.client.load_collection(version, timeout=self.timeout_s * 12)
-            if self.published_version(model_id) is None:
+            if self.published(model_id) is None:
                 try:
                     self.client.create_alias(version, alias, timeout=self.timeout_s)
                 except Exception:  # another publisher made it meanwhile: switch it
@@ -451,10 +479,10 @@ class MilvusIndex(VectorIndex):
                tuning_queries=None) -> dict | None:
         """Upsert and delete in the published collection (no new version). None when this model
         has none (rebuild instead)."""
-        collection = self.published_version(model_id)
+        collection = self.published(model_id)
         if collection is None or self._model_of(collection) != model_id:
             return None
-        vectors = _check_rows(keys, vectors, etags)
+        vectors = check_rows(keys, vectors, etags)
         gone = [k for k in dict.fromkeys(delete) if k not in set(keys)]
         if len(keys):
             self.write(collection, keys, vectors, etags)

@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from encoder import Encoder
 from encoder.preprocessing import BadImage, decode_image
-from indexer.repository import IndexLoadError
-from indexer.vector_index import as_index
+from indexer.vector_index import IndexLoadError, VectorIndex
 from objectstore import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -101,11 +100,9 @@ class IndexReport:
         return asdict(self)
 
 
-def rebuild(store: ObjectStore, encoder: Encoder, index, prefix: str,
+def rebuild(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str,
             batch_size: int = 32, progress: bool = True) -> IndexReport:
-    """Embed every image and publish a new version. `index`: a VectorIndex (FAISS or Milvus),
-    or an IndexRepository (FAISS)."""
-    index = as_index(index)
+    """Embed every image and publish a new version."""
     t0 = time.perf_counter()
     objects = sorted(list_images(store, prefix).values(), key=lambda o: o.key)
     res = embed_objects(store, encoder, objects, batch_size, progress)
@@ -116,12 +113,11 @@ def rebuild(store: ObjectStore, encoder: Encoder, index, prefix: str,
                        failed=res.failed, seconds=time.perf_counter() - t0)
 
 
-def update(store: ObjectStore, encoder: Encoder, index, prefix: str,
+def update(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str,
            batch_size: int = 32, progress: bool = True) -> IndexReport:
     """Embed only objects the published version lacks (or whose content changed); drop removed
     ones. Nothing changed: nothing written. No usable version of this model: a rebuild.
     (FAISS writes a new version; Milvus upserts and deletes in the published collection.)"""
-    index = as_index(index)
     t0 = time.perf_counter()
     try:
         current = index.indexed(encoder.model_id)
@@ -154,10 +150,10 @@ def update(store: ObjectStore, encoder: Encoder, index, prefix: str,
                        removed=len(gone), failed=res.failed, seconds=time.perf_counter() - t0)
 
 
-def status(store: ObjectStore, index, prefix: str, model_id: str | None = None) -> dict:
-    """What is published (for `model_id` on Milvus, whose versions are per model; FAISS: the
-    CURRENT version, whichever model built it) and what an update would do."""
-    index = as_index(index)
+def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | None = None) -> dict:
+    """What is published for `model_id` (a backend with one published version for all models,
+    FAISS, reports it whichever model built it: `model_matches` tells) and what an update
+    would do."""
     info = index.status(model_id)
     objects = list_images(store, prefix)
     out = {"store": store.describe(), "objects": len(objects), **info,

@@ -1,4 +1,5 @@
-"""Versioned, persisted FAISS indexes with an atomic CURRENT pointer.
+"""The FAISS backend's files: versioned, persisted FAISS indexes with an atomic CURRENT pointer
+(indexer.faiss_index is the backend built on them).
 
 Layout under the index directory:
     versions/<version>/index.faiss   FAISS index over inner product (vectors are L2-normalised):
@@ -9,7 +10,8 @@ Layout under the index directory:
     CURRENT                          the name of the published version
 
 A version is written under a temporary name and renamed into place, then CURRENT is replaced
-atomically: readers see the old version or the new one, never a partial one.
+atomically (both fsync'd, core.atomic): readers see the old version or the new one, never a
+partial one. `IndexVersion` is a loaded, checked version: the FAISS backend's view.
 """
 from __future__ import annotations
 
@@ -17,19 +19,21 @@ import json
 import os
 import re
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 
 import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from core.atomic import atomic_dir, write_atomic
 from core.hashing import sha256_file
-from indexer.index_policy import ivf_or_none, index_spec_of
+from indexer.index_policy import index_spec_of, ivf_or_none
+from indexer.vector_index import IndexLoadError, check_readback, empty_result, new_version_name
+
+__all__ = ["IndexLoadError", "IndexRepository", "IndexVersion", "VERSION_NAME"]
 
 MANIFEST_FORMAT = "flickr-search-index/1"
 # what a version name may look like (publish makes `20240101T000000000000Z-abc123`); anything
@@ -38,11 +42,6 @@ VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _POINTER_MAX_BYTES = 256
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 REQUIRED_FILES = ("index.faiss", "table.json")
-
-
-class IndexLoadError(RuntimeError):
-    """The index on disk is missing, corrupt or does not match the model. Messages say what is
-    wrong, never where on disk (they are shown by /health)."""
 
 
 class Manifest(BaseModel):
@@ -96,6 +95,10 @@ class IndexVersion:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
     def key_of(self, vid: int) -> str:
         return self.keys[self._by_id[int(vid)]]
 
@@ -116,22 +119,23 @@ class IndexVersion:
         ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
         return self.index.reconstruct_batch(ids)  # one call, not one per key
 
-    def search(self, queries: np.ndarray, k: int, with_tail: bool = False):
-        """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count); with_tail: also the
-        last component of each hit's stored vector, per row (what Scoring.cosine_from_tail
-        reads the cosine back from; the Milvus backend returns the same)."""
+    def search(self, queries: np.ndarray, k: int, readback: int | None = None):
+        """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count); readback: also
+        component number `readback` of each hit's stored vector, per row (what Scoring reads
+        the cosine back from; every backend returns the same)."""
+        if readback is not None:
+            readback = check_readback(readback, self.dim)
         k = min(k, self.count)
         if k <= 0:
-            empty = [[] for _ in queries]
-            return (np.zeros((len(queries), 0), np.float32), empty) + \
-                ((empty,) if with_tail else ())
+            return empty_result(len(queries), readback)
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         keys = [[self.key_of(i) for i in row if i >= 0] for row in ids]
         scores = scores[:, : max((len(r) for r in keys), default=0)]
-        if not with_tail:
+        if readback is None:
             return scores, keys
-        # the hits' tails, one reconstruct_batch per row: ~15 us for 10 hits
-        return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, -1] for row in ids]
+        # one reconstruct_batch per row: ~15 us for 10 hits
+        return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, readback]
+                              for row in ids]
 
 
 class IndexRepository:
@@ -301,16 +305,17 @@ class IndexRepository:
         return np.asarray(cols["ids"], dtype=np.int64), cols["keys"], cols["etags"]
 
     # --- writing ---------------------------------------------------------------------------
-    def publish(self, index: faiss.Index, ids: np.ndarray, keys: list[str], etags: list[str],
-                model_id: str, extra: dict | None = None) -> str:
-        """Write a complete new version, then point CURRENT at it. Returns the version name."""
+    def commit_version(self, index: faiss.Index, ids: np.ndarray, keys: list[str],
+                       etags: list[str], model_id: str, extra: dict | None = None,
+                       version: str | None = None) -> str:
+        """Write a complete new version (named `version`, default a new name), then point
+        CURRENT at it. Returns the version name."""
         if not (index.ntotal == len(ids) == len(keys) == len(etags)):
             raise ValueError("index, ids, keys and etags must have the same length")
-        now = datetime.now(timezone.utc)
-        version = now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".tmp-"))
-        try:
+        version = version or new_version_name()
+        if not VERSION_NAME.fullmatch(version):
+            raise ValueError("not a valid index version name")
+        with atomic_dir(self.versions_dir / version, durable=True) as tmp:
             faiss.write_index(index, str(tmp / "index.faiss"))
             (tmp / "table.json").write_text(json.dumps(
                 {"ids": [int(i) for i in ids], "keys": list(keys), "etags": list(etags)}))
@@ -320,7 +325,7 @@ class IndexRepository:
                 "model_id": model_id,
                 "dim": int(index.d),
                 "count": int(index.ntotal),
-                "created": now.isoformat(),
+                "created": datetime.now(timezone.utc).isoformat(),
                 "index_type": type(faiss.downcast_index(index.index)).__name__
                 if isinstance(index, faiss.IndexIDMap2) else type(index).__name__,
                 "checksums": {n: sha256_file(tmp / n) for n in ("index.faiss", "table.json")},
@@ -329,23 +334,11 @@ class IndexRepository:
                 **(extra or {}),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            for p in tmp.iterdir():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-            os.rename(tmp, self.versions_dir / version)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self._point_current(version)
         return version
 
     def _point_current(self, version: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".CURRENT-")
-        with os.fdopen(fd, "w") as f:
-            f.write(version + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / "CURRENT")
+        write_atomic(self.root / "CURRENT", version + "\n", durable=True)
 
     def prune(self, keep: int = 3) -> list[str]:
         """Delete old versions beyond the newest `keep` (never the current one) and stale temps."""

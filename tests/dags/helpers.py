@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.indexer.helpers import PREFIX  # noqa: F401  (the DAG tests' image prefix)
+
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
 AIRFLOW = Path(sys.executable).parent / "airflow"
 ARTIFACTS = ROOT / "test-artifacts"
-PREFIX = "flickr8k/images/"
 RUN_TIMEOUT_S = 300
 
 if importlib.util.find_spec("airflow") is None or not AIRFLOW.exists():
@@ -34,8 +35,17 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
 
 
+def index_writers_pool() -> tuple[str, int]:
+    """(name, slots) of the pool the DAGs' index writers run in (dags/flickr8k_common.py)."""
+    spec = importlib.util.spec_from_file_location("flickr8k_common", DAGS / "flickr8k_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common.INDEX_WRITERS_POOL, common.INDEX_WRITERS_POOL_SLOTS
+
+
 def migrated_home(home: Path) -> dict:
-    """An Airflow home with a migrated SQLite DB; the environment to run Airflow in it."""
+    """An Airflow home with a migrated SQLite DB and the index writers' pool, as a deployment's
+    Airflow setup makes them; the environment to run Airflow in it."""
     env = {**clean_env(), "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -44,6 +54,13 @@ def migrated_home(home: Path) -> dict:
     r = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, cwd=home, capture_output=True,
                        text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pool, slots = index_writers_pool()
+    if subprocess.run([str(AIRFLOW), "pools", "get", pool], env=env, cwd=home,
+                      capture_output=True, timeout=120).returncode != 0:  # created if missing
+        r = subprocess.run([str(AIRFLOW), "pools", "set", pool, str(slots),
+                            "index writers: publish and prune, one at a time"], env=env, cwd=home,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return env
 
 

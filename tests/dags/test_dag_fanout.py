@@ -53,10 +53,10 @@ class _FailOnce(importlib.abc.MetaPathFinder):
 
             def embed_shard(shard, *args, **kwargs):
                 marker = os.environ["FAIL_ONCE_MARKER"]
-                if shard["index"] == int(os.environ["FAIL_ONCE_SHARD"]) and not os.path.exists(marker):
+                if shard["position"] == int(os.environ["FAIL_ONCE_SHARD"]) and not os.path.exists(marker):
                     with open(marker, "w") as f:
                         f.write(str(os.getpid()))
-                    raise RuntimeError(f"injected: shard {shard['index']} fails its first try")
+                    raise RuntimeError(f"injected: shard {shard['position']} fails its first try")
                 return real(shard, *args, **kwargs)
 
             module.embed_shard = embed_shard

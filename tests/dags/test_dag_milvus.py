@@ -48,7 +48,7 @@ def test_reindex_dag_on_milvus(airflow_env, milvus_server, milvus_prefix, tiny_f
     rep = run1["xcom"]["publish_index"]
     assert rep["action"] == "rebuilt" and rep["count"] == len(names)
     v1, etags1, vectors1 = _content(index, model)
-    assert v1 == rep["version"] == index.published_version(model)
+    assert v1 == rep["version"] == index.published(model)
     assert sorted(etags1) == [PREFIX + n for n in names]
 
     # ... the same rows a single-process rebuild writes (into a collection of its own prefix)

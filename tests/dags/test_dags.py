@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import zip_flickr8k
-from tests.dags.helpers import ARTIFACTS, DAGS, PREFIX, index_state, run_dag
+from tests.dags.helpers import AIRFLOW, ARTIFACTS, DAGS, PREFIX, index_state, index_writers_pool, \
+    run_dag
 
 pytestmark = pytest.mark.s3
 
@@ -91,6 +92,7 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
                                    c.__name__ == "MappedOperator" for c in type(t).__mro__)),
                                "schedule": str(getattr(dag, "schedule", None)),
                                "retries": {t.task_id: t.retries for t in dag.tasks},
+                               "pools": {t.task_id: t.pool for t in dag.tasks},
                                "backoff": {t.task_id: t.retry_exponential_backoff for t in dag.tasks},
                                "max_active_runs": dag.max_active_runs, "catchup": dag.catchup}
                            for d, dag in bag.dags.items()},
@@ -115,6 +117,17 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
         assert set(d["retries"].values()) == {3} and set(d["backoff"].values()) == {2.0}
         assert d["max_active_runs"] == 1 and d["catchup"] is False
     assert out["heavy"] == [], f"DAG files import heavy modules at parse time: {out['heavy']}"
+
+    # the index writers of both DAGs share one pool of one slot: one publish or prune at a time,
+    # whichever worker runs it (INDEX_DIR's file lock only reaches one machine)
+    pool, slots = index_writers_pool()
+    for d in (ing, rei):
+        assert {t: p for t, p in d["pools"].items() if p != "default_pool"} == \
+            {"publish_index": pool, "prune_versions": pool}
+    r = subprocess.run([str(AIRFLOW), "pools", "get", pool, "--output", "json"], env=airflow_env,
+                       cwd=airflow_env["AIRFLOW_HOME"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [int(p["slots"]) for p in json.loads(r.stdout)] == [slots] == [1]
 
 
 def test_permanent_errors_fail_the_task_at_once(monkeypatch):

@@ -38,6 +38,10 @@ def test_hubness_correction_round_trip(tmp_path):
     # the cosine comes back from the stored vectors and the scores, for any image
     stored = scoring.image_vectors(img)
     assert np.allclose(scoring.cosine(stored, got[0]), txt[0] @ img.T, atol=1e-5)
+    # ... or from the one component a search hands back with each hit
+    assert scoring.readback_column == 16
+    values = stored[:, scoring.readback_column]
+    assert np.allclose(scoring.cosine_from_readback(values, got[0]), txt[0] @ img.T, atol=1e-5)
     assert np.allclose(scoring.embeddings(stored), img)
     # the same convention on torch tensors (training and evaluation use those)
     got_t = scoring.scores(torch.from_numpy(txt), torch.from_numpy(img)).numpy()
@@ -56,6 +60,8 @@ def test_plain_scoring_is_the_cosine():
     v = F.normalize(torch.randn(4, 8), dim=-1).numpy()
     assert scoring.image_vectors(v) is v and scoring.query_vectors(v) is v
     assert np.allclose(scoring.cosine(v, v[0] @ v.T), v[0] @ v.T)
+    assert scoring.readback_column is None  # the score is the cosine: nothing to read back
+    assert np.allclose(scoring.cosine_from_readback(None, v[0] @ v.T), v[0] @ v.T)
 
 
 def test_a_hub_image_is_demoted():

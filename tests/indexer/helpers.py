@@ -1,9 +1,11 @@
-"""Small published index versions for the indexer tests (no model involved)."""
+"""Helpers of the indexer and DAG tests: the image prefix, small published index versions (no
+model involved)."""
 import numpy as np
 
+from core.settings import Settings
 from indexer.index_policy import new_flat_index
 
-PREFIX = "flickr8k/images/"
+PREFIX = Settings.model_fields["images_prefix"].default  # where the tests' images live
 
 
 def unit_vectors(n, d=8, seed=0):
@@ -17,4 +19,4 @@ def publish_random(repo, n=5, model_id="m-1"):
     ids = np.arange(n, dtype=np.int64)
     idx.add_with_ids(unit_vectors(n), ids)
     keys = [f"{PREFIX}{i}.jpg" for i in range(n)]
-    return repo.publish(idx, ids, keys, [f"e{i}" for i in range(n)], model_id)
+    return repo.commit_version(idx, ids, keys, [f"e{i}" for i in range(n)], model_id)

@@ -43,7 +43,7 @@ def test_ivf_keeps_ids_removal_and_reaches_recall(tmp_path):
     repo = IndexRepository(tmp_path)
     keep = np.isin(ids, [5, 7], invert=True)
     all_ids = np.concatenate([ids[keep], [99_999]])
-    repo.publish(index, all_ids, [f"k{i}" for i in all_ids], ["e"] * len(all_ids), "m",
+    repo.commit_version(index, all_ids, [f"k{i}" for i in all_ids], ["e"] * len(all_ids), "m",
                  extra={"index_params": params})
     cur = repo.load()
     assert cur.manifest["index_type"] == "IndexIVFFlat"

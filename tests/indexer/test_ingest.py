@@ -5,6 +5,7 @@ from indexer.ingest import ingest
 from flickr8k.sources import open_source
 from objectstore import LocalStore
 from tests.conftest import zip_flickr8k
+from tests.indexer.helpers import PREFIX
 
 
 def test_folder_ingest_is_idempotent(tiny_flickr, tmp_path):
@@ -16,8 +17,8 @@ def test_folder_ingest_is_idempotent(tiny_flickr, tmp_path):
     second = ingest(open_source(str(root)), store, progress=False)
     assert second.uploaded == 0 and second.unchanged == len(meta["names"])
     assert second.texts_uploaded == 0
-    keys = {o.key for o in store.list("flickr8k/images/")}
-    assert keys == {f"flickr8k/images/{n}" for n in meta["names"]}
+    keys = {o.key for o in store.list(PREFIX)}
+    assert keys == {f"{PREFIX}{n}" for n in meta["names"]}
     assert store.exists("flickr8k/text/Flickr8k.token.txt")
 
 
@@ -27,7 +28,7 @@ def test_split_filter_and_changed_content(tiny_flickr, tmp_path):
     rep = ingest(open_source(str(root)), store, split="dev", progress=False)
     assert rep.uploaded == len(meta["dev"])
     # a changed object is uploaded again; an unchanged one is not
-    store.put(f"flickr8k/images/{meta['dev'][0]}", b"stale")
+    store.put(f"{PREFIX}{meta['dev'][0]}", b"stale")
     rep = ingest(open_source(str(root)), store, split="dev", progress=False)
     assert rep.uploaded == 1 and rep.unchanged == len(meta["dev"]) - 1
 

@@ -12,6 +12,7 @@ from indexer.repository import IndexRepository
 from core.settings import Settings
 from flickr8k.format import SourceError
 from objectstore import LocalStore, StoreAuthError, StoreUnavailable
+from tests.indexer.helpers import PREFIX
 
 
 # --- retries / lock -------------------------------------------------------------------------
@@ -141,12 +142,12 @@ def fake_model(monkeypatch, encoder):
 
 
 def _run_plan(s: Settings, force_rebuild: bool = False) -> dict | None:
-    """The DAGs' tail in one process: plan_shards -> embed_shard per shard -> publish_shards
+    """The DAGs' tail in one process: plan_shards -> embed_shard per shard -> publish_index
     (None: the plan was empty, nothing changed)."""
     plan = jobs.plan_shards(force_rebuild, settings=s)
     if not plan:
         return None
-    return jobs.publish_shards(plan, [jobs.embed_shard(sh, settings=s) for sh in plan],
+    return jobs.publish_index(plan, [jobs.embed_shard(sh, settings=s) for sh in plan],
                                settings=s)
 
 
@@ -167,7 +168,7 @@ def test_plan_embed_publish_is_a_transaction(tiny_flickr, tmp_path, fake_model, 
     assert fake_model["loads"] == loads and repo.list_versions() == [v1]
 
     # a new image, and embedding fails half-way: no new version, CURRENT kept
-    store.put("flickr8k/images/new.jpg", (root / "Images" / meta["names"][0]).read_bytes())
+    store.put(f"{PREFIX}new.jpg", (root / "Images" / meta["names"][0]).read_bytes())
     real_embed = pipeline.embed_objects
 
     def broken(*a, **kw):

@@ -4,6 +4,7 @@ import json
 import numpy as np
 
 from indexer import pipeline
+from indexer.faiss_index import FaissIndex
 from indexer.repository import IndexRepository
 from indexer.ingest import ingest
 from flickr8k.sources import open_source
@@ -18,14 +19,15 @@ def test_rebuild_update_status_cycle(tiny_flickr, tmp_path, encoder):
     ingest(open_source(str(root)), store, split="dev", progress=False)
     n_dev = len(meta["dev"])
 
-    st = pipeline.status(store, repo, PREFIX)
+    st = pipeline.status(store, FaissIndex(repo), PREFIX)
     assert st["version"] is None and st["not_indexed"] == n_dev
 
-    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)  # no index yet -> rebuild
+    # no index yet -> rebuild
+    r = pipeline.update(store, encoder, FaissIndex(repo), PREFIX, progress=False)
     assert r.action == "rebuilt" and r.count == n_dev
     v1 = r.version
 
-    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
+    r = pipeline.update(store, encoder, FaissIndex(repo), PREFIX, progress=False)
     assert r.action == "unchanged" and r.version == v1 and repo.list_versions() == [v1]
 
     # two new images, one removed, one changed
@@ -34,18 +36,18 @@ def test_rebuild_update_status_cycle(tiny_flickr, tmp_path, encoder):
     store.delete(removed)
     changed = f"{PREFIX}{meta['dev'][1]}"
     store.put(changed, (root / "Images" / meta["train"][-1]).read_bytes())
-    assert pipeline.status(store, repo, PREFIX)["not_indexed"] == 3
+    assert pipeline.status(store, FaissIndex(repo), PREFIX)["not_indexed"] == 3
 
-    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
+    r = pipeline.update(store, encoder, FaissIndex(repo), PREFIX, progress=False)
     assert r.action == "updated" and r.added == 3 and r.removed == 2
     cur = repo.load()
     assert cur.count == n_dev + 1 and removed not in cur.keys and changed in cur.keys
     assert len(set(cur.ids.tolist())) == cur.count  # stable, unique ids
-    st = pipeline.status(store, repo, PREFIX, encoder.model_id)
+    st = pipeline.status(store, FaissIndex(repo), PREFIX, encoder.model_id)
     assert st["not_indexed"] == 0 and st["removed_from_store"] == 0 and st["model_matches"]
 
     # the changed object's vector is the new content's vector (same as a fresh rebuild gives)
-    fresh = pipeline.rebuild(store, encoder, IndexRepository(tmp_path / "fresh"), PREFIX,
+    fresh = pipeline.rebuild(store, encoder, FaissIndex(tmp_path / "fresh"), PREFIX,
                              progress=False)
     ref = IndexRepository(tmp_path / "fresh").load()
     a = cur.index.reconstruct(cur.id_by_key()[changed])
@@ -58,7 +60,8 @@ def test_bad_image_is_skipped_not_fatal(tiny_flickr, tmp_path, encoder):
     store = LocalStore(tmp_path / "store", "b")
     ingest(open_source(str(root)), store, split="dev", limit=2, progress=False)
     store.put(f"{PREFIX}broken.jpg", b"\xff\xd8\xff\xe0 truncated")
-    r = pipeline.rebuild(store, encoder, IndexRepository(tmp_path / "i"), PREFIX, progress=False)
+    r = pipeline.rebuild(store, encoder, FaissIndex(tmp_path / "i"), PREFIX,
+                         progress=False)
     assert r.count == 2 and list(r.failed) == [f"{PREFIX}broken.jpg"]
 
 
@@ -69,7 +72,7 @@ def test_model_change_triggers_rebuild(tiny_flickr, tmp_path, encoder):
     repo = IndexRepository(tmp_path / "i")
     publish_random(repo, model_id="some-older-model")
     manifest_before = json.loads(json.dumps(repo.read_manifest()))
-    r = pipeline.update(store, encoder, repo, PREFIX, progress=False)
+    r = pipeline.update(store, encoder, FaissIndex(repo), PREFIX, progress=False)
     assert r.action == "rebuilt" and repo.read_manifest()["model_id"] == encoder.model_id
     assert manifest_before["model_id"] == "some-older-model"
 

@@ -197,7 +197,7 @@ def test_ivf_version_is_validated_too(tmp_path):
     vecs = unit_vectors(300)
     ids = np.arange(1000, 1300, dtype=np.int64)
     index, _ = build_index(vecs, ids, IndexSpec(kind="ivf", nlist=4, nprobe=2))
-    v = repo.publish(index, ids, [f"k{i}" for i in ids], ["e"] * 300, "m")
+    v = repo.commit_version(index, ids, [f"k{i}" for i in ids], ["e"] * 300, "m")
     assert repo.load().count == 300
     _edit_table(tmp_path / "versions" / v, lambda t: t["ids"].__setitem__(5, 5))
     with pytest.raises(IndexLoadError, match="not the ids the index holds"):

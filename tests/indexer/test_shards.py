@@ -1,14 +1,16 @@
 """Sharded embedding without Airflow: key ranges, shards that write parts, and a publish that
 gives the version a single-process rebuild / update gives (FAISS); stale and repeated plans;
 the same plan on a real Milvus server (new collection for a rebuild, in place for an update)."""
+import json
+
 import numpy as np
 import pytest
 
 from flickr8k.sources import open_source
 from indexer import pipeline, shards
+from indexer.faiss_index import DRAFT_PREFIX, FaissIndex
 from indexer.ingest import ingest
 from indexer.repository import IndexRepository
-from indexer.vector_index import FaissIndex
 from objectstore import LocalStore
 from tests.conftest import make_image
 from tests.indexer.helpers import PREFIX
@@ -30,6 +32,16 @@ def _publish(repo, plan, reports) -> dict:
 
 def _run_all(store, encoder, repo, plan) -> dict:
     return _publish(repo, plan, [_embed(store, encoder, repo, s) for s in plan])
+
+
+def _draft_dir(repo, shard):
+    return repo.versions_dir / (DRAFT_PREFIX + shard.draft)
+
+
+def _update_drafts(repo) -> list[str]:
+    """The unpublished update drafts on disk (their version names)."""
+    return sorted(p.name[len(DRAFT_PREFIX):] for p in repo.versions_dir.glob(DRAFT_PREFIX + "*")
+                  if json.loads((p / "draft.json").read_text())["base"])
 
 
 def _same_version(a, b) -> None:
@@ -78,7 +90,7 @@ def test_sharded_rebuild_equals_single_process_rebuild(tiny_flickr, tmp_path, en
     assert not list(repo.versions_dir.glob(".draft-*"))  # the parts went into the version
 
     single = IndexRepository(tmp_path / "single")
-    pipeline.rebuild(store, encoder, single, PREFIX, progress=False)
+    pipeline.rebuild(store, encoder, FaissIndex(single), PREFIX, progress=False)
     _same_version(repo.load(), single.load())
     assert repo.load().manifest["plan"] == plan[0].plan
 
@@ -96,22 +108,22 @@ def test_sharded_update_equals_single_process_update(tiny_flickr, tmp_path, enco
     store = LocalStore(tmp_path / "store", "b")
     ingest(open_source(str(root)), store, split="dev", progress=False)
     repo = IndexRepository(tmp_path / "index")
-    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
+    pipeline.rebuild(store, encoder, FaissIndex(repo), PREFIX, progress=False)
     # two new images, one removed, one changed
     ingest(open_source(str(root)), store, split="train", limit=2, progress=False)
     store.delete(f"{PREFIX}{meta['dev'][0]}")
     store.put(f"{PREFIX}{meta['dev'][1]}", make_image("red", "circle", 77))
     single = IndexRepository(tmp_path / "single")
     v = repo.load()
-    single.publish(v.index, v.ids, v.keys, v.etags, v.model_id)
+    single.commit_version(v.index, v.ids, v.keys, v.etags, v.model_id)
 
     plan = _plan(store, repo, encoder, shard_size=1, max_shards=3)
     assert len(plan) == 3 and {s.mode for s in plan} == {"update"}
     assert sum(s.planned for s in plan) == 3
     report = _run_all(store, encoder, repo, plan)
     assert (report["action"], report["added"], report["removed"]) == ("updated", 3, 2)
-    assert not (repo.root / "staging" / plan[0].plan).exists()
-    pipeline.update(store, encoder, single, PREFIX, progress=False)
+    assert not _draft_dir(repo, plan[0]).exists() and _update_drafts(repo) == []
+    pipeline.update(store, encoder, FaissIndex(single), PREFIX, progress=False)
     _same_version(repo.load(), single.load())
 
     # only a removal: one shard, which finds the key gone
@@ -141,7 +153,7 @@ def test_a_plan_overtaken_by_another_version_fails_at_once(tiny_flickr, tmp_path
     ingest(open_source(str(root)), store, split="dev", progress=False)
     repo = IndexRepository(tmp_path / "index")
     rebuild = _plan(store, repo, encoder, shard_size=3, max_shards=2)
-    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)  # someone else publishes
+    pipeline.rebuild(store, encoder, FaissIndex(repo), PREFIX, progress=False)  # someone else publishes
     with pytest.raises(shards.StalePlan, match="is published now"):
         _embed(store, encoder, repo, rebuild[0])
 
@@ -149,15 +161,16 @@ def test_a_plan_overtaken_by_another_version_fails_at_once(tiny_flickr, tmp_path
     store.put(f"{PREFIX}new-2.jpg", make_image("red", "circle", 4))
     update = _plan(store, repo, encoder, shard_size=1, max_shards=2)
     first = _embed(store, encoder, repo, update[0])
-    pipeline.update(store, encoder, repo, PREFIX, progress=False)  # someone else again
+    pipeline.update(store, encoder, FaissIndex(repo), PREFIX, progress=False)  # someone else again
     with pytest.raises(shards.StalePlan, match="is published now"):
         _embed(store, encoder, repo, update[1])
     with pytest.raises(shards.StalePlan, match="is published now"):
         _publish(repo, update, [first, {**first, "shard": 1}])
-    # the next plan removes the stale one's staged parts
+    # the next plan removes the stale one's draft
+    assert _update_drafts(repo) == [update[0].draft]
     store.put(f"{PREFIX}new-3.jpg", make_image("red", "square", 5))
     fresh = _plan(store, repo, encoder, 3, 2)
-    assert [p.name for p in (repo.root / "staging").iterdir()] == [fresh[0].plan]
+    assert _update_drafts(repo) == [fresh[0].draft]
 
 
 def test_a_staged_update_needs_every_part_and_a_retried_shard_replaces_its_own(
@@ -166,19 +179,19 @@ def test_a_staged_update_needs_every_part_and_a_retried_shard_replaces_its_own(
     store = LocalStore(tmp_path / "store", "b")
     ingest(open_source(str(root)), store, split="dev", progress=False)
     repo = IndexRepository(tmp_path / "index")
-    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
+    pipeline.rebuild(store, encoder, FaissIndex(repo), PREFIX, progress=False)
     for i in range(4):
         store.put(f"{PREFIX}new-{i}.jpg", make_image("green", "circle", 10 + i))
     plan = _plan(store, repo, encoder, shard_size=2, max_shards=2)
     first = _embed(store, encoder, repo, plan[0])
-    (repo.root / "staging" / plan[0].plan / "part-00001.npz").unlink(missing_ok=True)
-    with pytest.raises(shards.StalePlan, match="part 1 of 2 is missing"):
+    (_draft_dir(repo, plan[0]) / "part-00001.npz").unlink(missing_ok=True)
+    with pytest.raises(shards.StalePlan, match="part 00001 of 2 is missing"):
         _publish(repo, plan, [first, {**first, "shard": 1}])
     assert len(repo.list_versions()) == 1
     second = _embed(store, encoder, repo, plan[1])
     again = _embed(store, encoder, repo, plan[1])  # a retry after success
     assert second["embedded"] == again["embedded"] == 2
-    staged = sorted(p.name for p in (repo.root / "staging" / plan[0].plan).iterdir())
+    staged = sorted(p.name for p in _draft_dir(repo, plan[0]).iterdir())
     assert [n for n in staged if n.startswith(("part-", "."))] == \
         ["part-00000.npz", "part-00001.npz"]  # no temp files left
     report = _publish(repo, plan, [first, again])
@@ -201,13 +214,13 @@ def test_shards_on_milvus_write_into_the_new_collection_and_update_in_place(
     try:
         plan = shards.plan(store, index, PREFIX, encoder.model_id, 2, 3, facts)
         assert len(plan) == 3 and plan[0].mode == "rebuild" and plan[0].draft
-        assert index.published_version(encoder.model_id) is None  # unpublished until the end
+        assert index.published(encoder.model_id) is None  # unpublished until the end
         reports = [shards.embed_shard(store, encoder, index, s) for s in plan]
         report = shards.publish_plan(index, plan[0], reports)
         assert report["action"] == "rebuilt" and report["version"] == plan[0].draft
         one = FaissIndex(IndexRepository(tmp_path / "one"))
         pipeline.rebuild(store, encoder, one, PREFIX, progress=False)
-        ref = one.view()
+        ref = one.view(encoder.model_id)
         assert sorted(index.indexed(encoder.model_id).etags.items()) == \
             sorted(zip(ref.keys, ref.etags))
         got = index.view(encoder.model_id).stored_vectors(ref.keys)
@@ -217,7 +230,7 @@ def test_shards_on_milvus_write_into_the_new_collection_and_update_in_place(
         store.delete(f"{PREFIX}{meta['dev'][0]}")
         store.put(f"{PREFIX}new.jpg", make_image("red", "square", 9))
         plan = shards.plan(store, index, PREFIX, encoder.model_id, 1, 3, facts)
-        assert [s.mode for s in plan] == ["update"] and plan[0].draft is None
+        assert [s.mode for s in plan] == ["update"] and plan[0].draft == plan[0].base
         reports = [shards.embed_shard(store, encoder, index, s) for s in plan]
         report = shards.publish_plan(index, plan[0], reports)
         assert (report["action"], report["added"], report["removed"]) == ("updated", 1, 1)
@@ -225,6 +238,6 @@ def test_shards_on_milvus_write_into_the_new_collection_and_update_in_place(
         keys = set(index.indexed(encoder.model_id).etags)
         assert f"{PREFIX}new.jpg" in keys and f"{PREFIX}{meta['dev'][0]}" not in keys
         assert shards.plan(store, index, PREFIX, encoder.model_id, 1, 3, facts) == []
-        assert not (tmp_path / "staging").exists()
+        assert not list(tmp_path.glob(f"**/{DRAFT_PREFIX}*"))  # nothing staged on disk
     finally:
         index.close()

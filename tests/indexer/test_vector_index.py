@@ -1,7 +1,8 @@
-"""The vector-index contract, run against both backends: FAISS files and a real Milvus
-standalone server (tests/conftest.py `milvus_server`), and milvus-lite (the same API in-process
-on a local file). Same search results and scores, same
-update / delete / prune / publish-in-parts behaviour, same `python -m indexer` commands."""
+"""The vector-index contract, run against every backend of tests/indexer/conftest.py
+`CONTRACT_BACKENDS` (the `backend` fixture): FAISS files, a real Milvus standalone server
+(tests/conftest.py `milvus_server`), milvus-lite (the same API in-process on a local file) and the
+test-only NumPy backend. Same search results and scores, same update / delete / prune /
+publish-in-parts behaviour, same `python -m indexer` commands."""
 from __future__ import annotations
 
 import json
@@ -10,31 +11,14 @@ import numpy as np
 import pytest
 
 from core.settings import Settings, get_settings
+from indexer.faiss_index import FaissIndex
 from indexer.milvus_index import MilvusIndex
-from indexer.repository import IndexLoadError, IndexRepository
-from indexer.vector_index import FaissIndex, open_index
+from indexer.vector_index import BACKENDS, DraftGone, IndexLoadError, open_index
 
 from .helpers import PREFIX, unit_vectors
 
 MODEL = "test-model-1a2b3c"
 DIM = 32
-
-
-@pytest.fixture(params=["faiss", "milvus", "milvus-lite"])
-def backend(request, tmp_path):
-    if request.param == "faiss":
-        yield FaissIndex(IndexRepository(tmp_path / "index"))
-        return
-    if request.param == "milvus-lite":  # Milvus's API in-process on a local file
-        index = MilvusIndex(str(tmp_path / "lite.db"), prefix="t_lite")
-        yield index
-        index.close()
-        return
-    server = request.getfixturevalue("milvus_server")
-    index = MilvusIndex(server.uri, prefix=request.getfixturevalue("milvus_prefix"))
-    yield index
-    for name in index.versions():  # leave the shared server clean
-        index.client.drop_collection(name)
 
 
 def _keys(n, start=0):
@@ -56,17 +40,21 @@ def test_search_matches_exact_inner_product(backend):
     out = backend.rebuild(MODEL, keys, vectors, [f"e{i}" for i in range(3000)])
     assert out["count"] == 3000 and backend.indexed(MODEL).count == 3000
     queries = unit_vectors(100, DIM, seed=2)
-    scores, found = backend.search(MODEL, queries, 10)
+    view = backend.view(MODEL)
+    assert (view.version, view.count, view.dim, view.model_id) == \
+        (backend.published(MODEL), 3000, DIM, MODEL)
+    scores, found = view.search(queries, 10)
     truth, truth_scores = exact_top(vectors, keys, queries)
     assert recall(found, truth) >= 0.95
     by_key = dict(zip(keys, vectors))
     for row_scores, row_keys, q in zip(scores, found, queries):  # the score is <q, v>
         np.testing.assert_allclose(row_scores, [by_key[k] @ q for k in row_keys], atol=1e-5)
-    view = backend.view(MODEL)
-    _, tail_keys, tails = view.search(queries[:3], 5, with_tail=True)
-    for row_keys, row_tails in zip(tail_keys, tails):  # each hit's stored last component
-        assert row_tails.dtype == np.float32 and len(row_tails) == len(row_keys) == 5
-        np.testing.assert_array_equal(row_tails, [by_key[k][-1] for k in row_keys])
+    _, read_keys, values = view.search(queries[:3], 5, readback=DIM - 1)
+    for row_keys, row_values in zip(read_keys, values):  # each hit's stored component DIM-1
+        assert row_values.dtype == np.float32 and len(row_values) == len(row_keys) == 5
+        np.testing.assert_array_equal(row_values, [by_key[k][DIM - 1] for k in row_keys])
+    with pytest.raises(ValueError):
+        view.search(queries[:1], 5, readback=DIM)
     some = found[0][:4]  # vectors come back as stored
     np.testing.assert_array_equal(view.stored_vectors(some), [by_key[k] for k in some])
 
@@ -82,12 +70,12 @@ def test_update_upserts_by_key_deletes_and_reruns_change_nothing(backend):
     assert state.count == 42 and set(state.etags) == set(keys[:30] + keys[33:] + fresh)
     assert all(state.etags[k] == "v2" for k in changed + fresh)
     # the changed vectors are searched, not the old ones
-    scores, found = backend.search(MODEL, new_vecs[:5], 1)
+    scores, found = backend.view(MODEL).search(new_vecs[:5], 1)
     assert [r[0] for r in found] == changed and np.allclose(scores[:, 0], 1.0, atol=1e-5)
     # the same update again: same contents
     backend.update(MODEL, changed + fresh, new_vecs, ["v2"] * 10, delete=keys[30:33])
     assert backend.indexed(MODEL).etags == state.etags
-    backend.delete(MODEL, fresh)
+    assert backend.update(MODEL, [], None, [], delete=fresh)["changed"]
     assert backend.indexed(MODEL).count == 37
     # another model has nothing published: an update of it is a rebuild's job
     assert backend.update("other-model", fresh, new_vecs[5:], ["v"] * 5) is None
@@ -104,14 +92,31 @@ def test_a_version_written_in_parts_is_invisible_until_published(backend):
     assert backend.indexed(MODEL).count == 10  # readers still see the first version
     assert backend.publish(version)["count"] == 30
     st = backend.status(MODEL)
-    assert st["version"] != first and st["count"] == 30 and st["model_id"] == MODEL
-    assert backend.view(MODEL).count == 30
+    assert st["version"] == version != first and st["count"] == 30 and st["model_id"] == MODEL
+    assert backend.view(MODEL).count == 30 and backend.published(MODEL) == version
+    assert backend.view(MODEL, first).count == 10  # an older version, by name
     # prune keeps the published one and the newest `keep`
     third = backend.rebuild(MODEL, _keys(3), vecs[:3], ["c"] * 3)["version"]
     pruned = backend.prune(1)
     assert first in pruned["removed"] and third not in pruned["removed"]
     assert backend.status(MODEL)["version"] == third
     assert backend.versions() == [third]
+
+
+def test_an_update_written_in_parts_applies_to_the_published_version(backend):
+    keys, vecs = _keys(10), unit_vectors(12, DIM, seed=7)
+    base = backend.rebuild(MODEL, keys, vecs[:10], ["a"] * 10)["version"]
+    draft = backend.begin(MODEL, DIM, base=base)
+    backend.write(draft, _keys(2, 10), vecs[10:], ["b"] * 2, part="00000")
+    backend.write(draft, [], None, [], part="00001")
+    backend.remove(draft, keys[:3], part="00001")
+    out = backend.publish(draft, parts=["00000", "00001"])
+    state = backend.indexed(MODEL)
+    assert out["version"] == state.version == backend.published(MODEL) and out["count"] == 9
+    assert sorted(state.etags) == sorted(keys[3:] + _keys(2, 10))
+    assert state.etags[_keys(1, 10)[0]] == "b"
+    with pytest.raises(DraftGone):  # an update applies to the published version only
+        backend.begin(MODEL, DIM, base="20000101T000000000000Z-000000")
 
 
 def test_an_unpublished_version_can_be_discarded(backend):
@@ -133,9 +138,9 @@ def test_faiss_prune_removes_drafts_of_dead_runs_only(tmp_path):
     import os
     import time
 
-    from indexer.vector_index import DRAFT_ABANDONED_S, DRAFT_PREFIX
+    from indexer.faiss_index import DRAFT_ABANDONED_S, DRAFT_PREFIX
 
-    index = FaissIndex(IndexRepository(tmp_path / "index"))
+    index = FaissIndex(tmp_path / "index")
     keys = _keys(20)
     vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     published = index.rebuild("m", keys, vectors, ["e"] * 20)["version"]
@@ -146,6 +151,55 @@ def test_faiss_prune_removes_drafts_of_dead_runs_only(tmp_path):
     assert report["removed"] == [DRAFT_PREFIX + dead] and report["current"] == published
     index.write(live, keys[:3], vectors[:3], ["e"] * 3)  # the live run goes on
     assert index.publish(live)["count"] == 3
+
+
+def test_a_faiss_update_draft_needs_its_parts_and_its_base(tmp_path):
+    index = FaissIndex(tmp_path / "index")
+    base = index.rebuild("m", _keys(4), unit_vectors(4, DIM), ["a"] * 4)["version"]
+    draft = index.begin("m", DIM, base=base)
+    index.write(draft, _keys(1, 10), unit_vectors(1, DIM), ["b"], part="00000")
+    with pytest.raises(DraftGone, match="part 00001 of 2 is missing"):
+        index.publish(draft, parts=["00000", "00001"])
+    index.rebuild("m", _keys(2), unit_vectors(2, DIM), ["c"] * 2)  # someone else publishes
+    with pytest.raises(DraftGone, match="no longer published"):
+        index.publish(draft)
+    index.begin("m", DIM, base=index.published("m"))  # drops the draft of the replaced base
+    with pytest.raises(DraftGone):
+        index.write(draft, [], None, [], part="00001")
+
+
+def test_backends_come_from_the_registry_alone(tmp_path):
+    """open_index refuses a name the registry lacks; importing the interface imports no
+    backend, and no indexer module but a backend's own names it."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import indexer
+
+    with pytest.raises(ValueError, match="must be one of faiss, milvus"):
+        open_index(Settings(_env_file=None, index_backend="elastic"))
+    assert set(BACKENDS) >= {"faiss", "milvus"}
+    code = ("import sys, indexer.vector_index, indexer.shards, indexer.jobs, indexer.pipeline; "
+            "print(sorted(m for m in sys.modules if m in "
+            "('indexer.faiss_index', 'indexer.milvus_index', 'faiss', 'pymilvus')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    own = {"faiss_index", "milvus_index", "repository", "index_policy", "vector_index"}
+    backend_modules = {f"indexer.{m}" for m in own - {"vector_index"}}
+    for path in Path(indexer.__file__).parent.glob("*.py"):
+        if path.stem in own:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in backend_modules, path.name
+            elif isinstance(node, ast.Import):
+                assert not {a.name for a in node.names} & backend_modules, path.name
+            elif isinstance(node, (ast.Name, ast.Attribute)):
+                name = node.id if isinstance(node, ast.Name) else node.attr
+                assert name not in ("FaissIndex", "MilvusIndex", "IndexRepository"), path.name
 
 
 def test_milvus_names_and_metric(milvus_server, milvus_prefix):

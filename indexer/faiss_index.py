@@ -1,0 +1,269 @@
+"""The FAISS backend of `indexer.vector_index` (INDEX_BACKEND=faiss, the embedded default):
+versioned FAISS files under INDEX_DIR with a CURRENT pointer (indexer.repository holds the
+files; indexer.index_policy picks the index type).
+
+Every write makes a new version (FAISS cannot search while adding); one pointer serves whichever
+model built it, and a view of another model's version is refused.
+
+A version written in parts is a draft beside the versions, invisible to readers:
+
+    versions/.draft-<version>/draft.json          model id, dim, extra manifest fields, and
+                                                  `base`: the version an update applies to
+                                                  (none: a rebuild)
+    versions/.draft-<version>/tuning.npy          the model's tuning queries (IVF nprobe)
+    versions/.draft-<version>/part-<part>.npz     a part's keys, etags and vectors (replaced
+                                                  whole when the part is written again)
+    versions/.draft-<version>/removed-<part>.json a part's deleted keys
+
+`publish` merges the parts (a key in several: the last part by name wins), orders them by key
+(the ids a single-process rebuild gives), builds the index and commits it under the draft's
+name: a rebuild as it is, an update applied to its base (which must still be published).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from core.atomic import atomic_dir, atomic_file, write_atomic
+from indexer.repository import VERSION_NAME, IndexRepository, IndexVersion
+from indexer.vector_index import (
+    DraftGone,
+    Indexed,
+    IndexLoadError,
+    VectorIndex,
+    check_rows,
+    new_version_name,
+)
+
+DRAFT_PREFIX = ".draft-"  # versions/.draft-<version>/ holds an unpublished version's parts
+DRAFT_ABANDONED_S = 2 * 24 * 3600  # an untouched draft this old belongs to no live run
+DRAFT_FILE = "draft.json"
+LEGACY_STAGING = "staging"  # INDEX_DIR/staging/: update parts of runs planned by older code
+
+
+class FaissIndex(VectorIndex):
+    """Versioned FAISS files (see the module doc)."""
+    backend = "faiss"
+
+    def __init__(self, repo: IndexRepository | str | Path):
+        self.repo = repo if isinstance(repo, IndexRepository) else IndexRepository(repo)
+        self._loaded: IndexVersion | None = None  # the last version indexed() loaded
+
+    @classmethod
+    def from_settings(cls, settings) -> "FaissIndex":
+        return cls(IndexRepository(settings.index_dir))
+
+    def _load(self) -> IndexVersion | None:
+        version = self.repo.current_version()
+        if version is None:
+            return None
+        if self._loaded is None or self._loaded.version != version:
+            self._loaded = self.repo.load(version)
+        return self._loaded
+
+    # --- reading -----------------------------------------------------------------------------
+    def published(self, model_id: str | None = None) -> str | None:
+        """The version CURRENT names, whichever model built it (`view` checks the model)."""
+        return self.repo.current_version()
+
+    def view(self, model_id: str | None, version: str | None = None) -> IndexVersion:
+        """Loaded and checked (checksums, table, model id: IndexLoadError)."""
+        return self.repo.load(version, expect_model_id=model_id)
+
+    def indexed(self, model_id: str | None = None) -> Indexed | None:
+        """The CURRENT version (whichever model built it: compare `model_id`)."""
+        cur = self._load()
+        if cur is None:
+            return None
+        return Indexed(cur.version, cur.model_id, cur.count, cur.etag_by_key())
+
+    def status(self, model_id: str | None = None) -> dict:
+        manifest = self.repo.read_manifest() or {}
+        return {"backend": self.backend, "version": manifest.get("version"),
+                "model_id": manifest.get("model_id"), "count": manifest.get("count", 0)}
+
+    def versions(self) -> list[str]:
+        return self.repo.list_versions()
+
+    def prune(self, keep: int) -> dict:
+        removed = self.repo.prune(keep)
+        # drafts of runs that died (a failed DAG run, a killed rebuild): older than any run
+        # still writing one could be
+        cutoff = time.time() - DRAFT_ABANDONED_S
+        for draft in self.repo.versions_dir.glob(DRAFT_PREFIX + "*"):
+            if draft.is_dir() and draft.stat().st_mtime < cutoff:
+                shutil.rmtree(draft, ignore_errors=True)
+                removed.append(draft.name)
+        shutil.rmtree(self.repo.root / LEGACY_STAGING, ignore_errors=True)
+        return {"removed": removed, "versions": len(self.repo.list_versions()),
+                "current": self.repo.current_version()}
+
+    # --- a version in parts ------------------------------------------------------------------
+    def _draft(self, version: str) -> Path:
+        if not VERSION_NAME.fullmatch(str(version)):
+            raise ValueError("not a valid index version name")
+        return self.repo.versions_dir / (DRAFT_PREFIX + version)
+
+    def _draft_meta(self, version: str) -> tuple[Path, dict]:
+        draft = self._draft(version)
+        try:
+            return draft, json.loads((draft / DRAFT_FILE).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            raise DraftGone(f"no unpublished index version {version} (discarded, or made "
+                            "obsolete by a newer published version)") from None
+
+    def begin(self, model_id, dim, extra=None, tuning_queries=None, base=None) -> str:
+        if base is not None:
+            if self.repo.current_version() != base:
+                raise DraftGone(f"index version {base} is no longer published")
+            self._drop_drafts_not_on(base)
+        version = new_version_name()
+        with atomic_dir(self._draft(version)) as tmp:  # a draft is whole or absent
+            (tmp / DRAFT_FILE).write_text(json.dumps(
+                {"model_id": model_id, "dim": int(dim), "extra": extra or {}, "base": base}))
+            if tuning_queries is not None:
+                np.save(tmp / "tuning.npy", np.asarray(tuning_queries, np.float32))
+        return version
+
+    def _drop_drafts_not_on(self, base: str) -> None:
+        """Update drafts of another base can never publish (that version was replaced)."""
+        for draft in self.repo.versions_dir.glob(DRAFT_PREFIX + "*"):
+            try:
+                stale = json.loads((draft / DRAFT_FILE).read_text()).get("base") not in \
+                    (None, base)
+            except (OSError, ValueError):
+                stale = True
+            if stale:
+                shutil.rmtree(draft, ignore_errors=True)
+
+    def _part_name(self, part) -> str:
+        if not VERSION_NAME.fullmatch(str(part)):
+            raise ValueError("not a valid part name")
+        return str(part)
+
+    def write(self, version, keys, vectors, etags, part="0") -> int:
+        vectors = check_rows(keys, vectors, etags)
+        draft, _ = self._draft_meta(version)
+        with atomic_file(draft / f"part-{self._part_name(part)}.npz") as f:
+            np.savez(f, keys=np.asarray(keys, dtype=object).astype(str),
+                     etags=np.asarray(etags, dtype=object).astype(str), vectors=vectors)
+        return len(keys)
+
+    def remove(self, version, keys, part="0") -> int:
+        """Recorded in the draft, applied to its base at publish."""
+        keys = list(dict.fromkeys(keys))
+        draft, _ = self._draft_meta(version)
+        write_atomic(draft / f"removed-{self._part_name(part)}.json", json.dumps(keys))
+        return len(keys)
+
+    def publish(self, version, parts: Iterable[str] | None = None) -> dict:
+        draft, meta = self._draft_meta(version)
+        if parts is not None:
+            parts = [self._part_name(p) for p in parts]
+            missing = [p for p in parts if not (draft / f"part-{p}.npz").is_file()]
+            if missing:
+                raise DraftGone(f"part {missing[0]} of {len(parts)} is missing")
+        rows: dict[str, tuple[str, np.ndarray]] = {}
+        for path in sorted(draft.glob("part-*.npz")):
+            with np.load(path, allow_pickle=False) as z:
+                for k, e, v in zip(z["keys"].tolist(), z["etags"].tolist(), z["vectors"]):
+                    rows[k] = (e, v)
+        removed = list(dict.fromkeys(k for path in sorted(draft.glob("removed-*.json"))
+                                     for k in json.loads(path.read_text())))
+        keys = sorted(rows)
+        vectors = np.stack([rows[k][1] for k in keys]).astype(np.float32) if keys else \
+            np.zeros((0, meta["dim"]), np.float32)
+        etags = [rows[k][0] for k in keys]
+        tuning = np.load(draft / "tuning.npy") if (draft / "tuning.npy").is_file() else None
+        if meta.get("base") is None:
+            out = self._build(meta["model_id"], keys, vectors, etags, meta["extra"], tuning,
+                              version)
+        else:
+            current = self._load()
+            if current is None or current.version != meta["base"] or \
+                    current.model_id != meta["model_id"]:
+                raise DraftGone(f"index version {meta['base']}, which this draft updates, is "
+                                "no longer published")
+            if not keys and not removed:
+                shutil.rmtree(draft, ignore_errors=True)
+                return {"version": current.version, "count": current.count, "changed": False}
+            out = self._apply(current, keys, vectors, etags, removed, meta["extra"], tuning,
+                              version)
+        shutil.rmtree(draft, ignore_errors=True)
+        return out
+
+    def discard(self, version) -> None:
+        shutil.rmtree(self._draft(version), ignore_errors=True)
+
+    # --- built and published in one go (no parts on disk) --------------------------------------
+    def rebuild(self, model_id, keys, vectors, etags, extra=None, tuning_queries=None) -> dict:
+        """Ids follow the order given."""
+        return self._build(model_id, keys, check_rows(keys, vectors, etags), etags, extra,
+                           tuning_queries)
+
+    def _build(self, model_id, keys, vectors, etags, extra, tuning_queries,
+               version: str | None = None) -> dict:
+        from indexer.index_policy import build_index
+
+        vectors = check_rows(keys, vectors, etags)
+        ids = np.arange(len(keys), dtype=np.int64)
+        # flat while exact search is fast enough, IVF (nprobe tuned to a recall target) above
+        index, params = build_index(vectors, ids, tuning_queries=tuning_queries)
+        version = self.repo.commit_version(index, ids, list(keys), list(etags), model_id,
+                                           extra={**(extra or {}), "index_params": params},
+                                           version=version)
+        return {"version": version, "count": len(keys)}
+
+    def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
+               tuning_queries=None) -> dict | None:
+        """A new version: the current one minus `delete` and the keys given, plus the vectors
+        given (new ids after the largest). None when there is no usable current version of
+        this model (rebuild instead)."""
+        try:
+            current = self._load()
+        except IndexLoadError:
+            return None
+        if current is None or current.model_id != model_id:
+            return None
+        vectors = check_rows(keys, vectors, etags)
+        return self._apply(current, keys, vectors, etags, delete, extra, tuning_queries)
+
+    def _apply(self, current: IndexVersion, keys, vectors, etags, delete, extra,
+               tuning_queries, version: str | None = None) -> dict:
+        import faiss
+
+        from indexer.index_policy import index_spec_of, needs_restructure, rebuild_structure
+
+        id_by_key = current.id_by_key()
+        drop = [k for k in dict.fromkeys([*delete, *keys]) if k in id_by_key]
+        removed = len([k for k in dict.fromkeys(delete) if k in id_by_key and k not in set(keys)])
+        if not keys and not drop:
+            return {"version": current.version, "count": current.count, "changed": False}
+        index = faiss.clone_index(current.index)
+        keep = np.ones(len(current.ids), bool)
+        if drop:
+            drop_ids = np.array([id_by_key[k] for k in drop], dtype=np.int64)
+            index.remove_ids(drop_ids)
+            keep &= ~np.isin(current.ids, drop_ids)
+        next_id = int(current.ids.max()) + 1 if len(current.ids) else 0
+        new_ids = np.arange(next_id, next_id + len(keys), dtype=np.int64)
+        if len(new_ids):
+            index.add_with_ids(vectors, new_ids)
+        ids = np.concatenate([current.ids[keep], new_ids])
+        all_keys = [k for k, m in zip(current.keys, keep) if m] + list(keys)
+        all_etags = [e for e, m in zip(current.etags, keep) if m] + list(etags)
+        extra = {**(extra or {}), "parent": current.version}
+        if needs_restructure(index, index.ntotal):
+            # the collection outgrew its index type (or shrank below it): same vectors, new type
+            index, extra["index_params"] = rebuild_structure(index, tuning_queries)
+        else:
+            extra["index_params"] = {**current.manifest.get("index_params", {}),
+                                     **index_spec_of(index).to_dict()}
+        version = self.repo.commit_version(index, ids, all_keys, all_etags, current.model_id,
+                                           extra=extra, version=version)
+        return {"version": version, "count": len(ids), "changed": True, "removed": removed}
