@@ -107,6 +107,14 @@ class Scoring:
             return scores
         return scores - np.asarray(tail, np.float32)
 
+    @property
+    def readback_column(self) -> int | None:
+        """The stored vector component the cosine is read back from (None: the score is it)."""
+        return self.index_dim - 1 if self.corrected else None
+
+    def cosine_from_readback(self, values: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        return self.cosine_from_tail(values, scores)
+
     def embeddings(self, stored: np.ndarray) -> np.ndarray:
         """The image embeddings inside stored index vectors."""
         return np.asarray(stored)[:, : self.dim]

@@ -121,9 +121,14 @@ class MilvusView:
         self.count = count
         self.resolved_at = time.monotonic()
 
-    def search(self, queries: np.ndarray, k: int, with_tail: bool = False):
+    def search(self, queries: np.ndarray, k: int, with_tail: bool = False,
+               readback: int | None = None):
         """Top-k per query: (scores [Q, k'], keys [[...]]) (+ each hit's tail, per row: the
         last component of its stored vector, as FAISS's IndexVersion.search gives it)."""
+        if readback is not None:
+            if readback not in (-1, self.dim - 1):
+                raise ValueError("this collection stores only the vectors' last component")
+            with_tail = True
         k = min(k, self.count)
         queries = np.asarray(queries, np.float32)
         if k <= 0:
@@ -275,8 +280,11 @@ class MilvusIndex(VectorIndex):
         return {"metric_type": "IP", "params": {}}
 
     # --- reading -----------------------------------------------------------------------------
-    def view(self, model_id: str) -> MilvusView:
-        collection = self.published_version(model_id)
+    def published(self, model_id: str) -> str | None:
+        return self.published_version(model_id)
+
+    def view(self, model_id: str, version: str | None = None) -> MilvusView:
+        collection = version or self.published_version(model_id)
         if collection is None:
             raise IndexLoadError(f"no index published for model {model_id[:100]} "
                                  "(run `python -m indexer rebuild`)")

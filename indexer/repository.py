@@ -96,6 +96,10 @@ class IndexVersion:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
     def key_of(self, vid: int) -> str:
         return self.keys[self._by_id[int(vid)]]
 
@@ -116,10 +120,13 @@ class IndexVersion:
         ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
         return self.index.reconstruct_batch(ids)  # one call, not one per key
 
-    def search(self, queries: np.ndarray, k: int, with_tail: bool = False):
+    def search(self, queries: np.ndarray, k: int, with_tail: bool = False,
+               readback: int | None = None):
         """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count); with_tail: also the
         last component of each hit's stored vector, per row (what Scoring.cosine_from_tail
         reads the cosine back from; the Milvus backend returns the same)."""
+        column = -1 if with_tail else readback
+        with_tail = column is not None
         k = min(k, self.count)
         if k <= 0:
             empty = [[] for _ in queries]
@@ -131,7 +138,8 @@ class IndexVersion:
         if not with_tail:
             return scores, keys
         # the hits' tails, one reconstruct_batch per row: ~15 us for 10 hits
-        return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, -1] for row in ids]
+        return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, column]
+                              for row in ids]
 
 
 class IndexRepository:

@@ -86,7 +86,9 @@ class VectorIndex:
     remote: bool = False  # True: searches are network calls (the API runs them off the loop)
 
     def indexed(self, model_id: str | None) -> Indexed | None: raise NotImplementedError
-    def view(self, model_id: str): raise NotImplementedError
+    def published(self, model_id: str) -> str | None: raise NotImplementedError
+    def view(self, model_id: str, version: str | None = None): raise NotImplementedError
+    def close(self) -> None: pass
     def status(self, model_id: str | None = None) -> dict: raise NotImplementedError
     def versions(self) -> list[str]: raise NotImplementedError
     def prune(self, keep: int) -> dict: raise NotImplementedError
@@ -158,8 +160,11 @@ class FaissIndex(VectorIndex):
             return None
         return Indexed(cur.version, cur.model_id, cur.count, cur.etag_by_key())
 
-    def view(self, model_id: str | None = None) -> IndexVersion:
-        return self.repo.load(expect_model_id=model_id)
+    def published(self, model_id: str | None = None) -> str | None:
+        return self.repo.current_version()
+
+    def view(self, model_id: str | None = None, version: str | None = None) -> IndexVersion:
+        return self.repo.load(version, expect_model_id=model_id)
 
     def status(self, model_id: str | None = None) -> dict:
         manifest = self.repo.read_manifest() or {}
