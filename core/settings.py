@@ -55,6 +55,7 @@ class RequestLimits(BaseModel):
     MAX_FILENAME_CHARS: ClassVar[int] = 1024  # filename of a given embedding (echoed back)
     MAX_FORM_FIELDS: ClassVar[int] = 100
     MAX_FORM_FILES: ClassVar[int] = 4
+    MAX_THUMBNAIL_SIDE: ClassVar[int] = 1024  # GET /images/{key}?size=N
     # multipart framing allowed around an upload of MAX_UPLOAD_BYTES (the whole-body cap)
     UPLOAD_BODY_SLACK: ClassVar[int] = 64 * 1024
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.settings import RequestLimits
 from encoder.preprocessing import BadImage
 from objectstore import InvalidKey, validate_key
 from search_api.deps import ApiKeyDep, MetricsDep, ServiceDep, SettingsDep
@@ -45,8 +46,9 @@ async def health(service: ServiceDep, settings: SettingsDep):
                        **responses(404, 422, 503)})
 async def get_image(key: str, service: ServiceDep, settings: SettingsDep,
                     size: Annotated[int | None, Query(
-                        ge=32, le=1024, description="a JPEG thumbnail at most this many pixels "
-                                                    "wide and high, instead of the original")] = None):
+                        ge=32, le=RequestLimits.MAX_THUMBNAIL_SIDE,
+                        description="a JPEG thumbnail at most this many pixels wide and high, "
+                                    "instead of the original")] = None):
     """The stored image bytes (or a thumbnail). Keys must lie under the images prefix."""
     try:
         validate_key(key)
