@@ -124,8 +124,8 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         service.ready()
         vecs = await service.encoders.encode_texts(body.queries)
         found = await service.search(vecs, body.top_k, 0, body.min_score)
-        return _json([_out(request, text, service.model_id, results)
-                      for text, results in zip(body.queries, found)])
+        return _json([_out(request, query, service.model_id, results)
+                      for query, results in zip(body.queries, found)])
 
     router.include_router(text)
     return router
