@@ -86,7 +86,7 @@ class IndexHolder:
         """index: any backend; the views served must be built by `model_id` and hold vectors of
         `dim` components. watch_s: seconds between reloads by the watcher (0: only reload()).
         on_swap: called after a new version is swapped in."""
-        self.index = index
+        self.vector_index = index
         self.model_id = model_id
         self.dim = dim
         self.watch_s = watch_s
@@ -109,7 +109,7 @@ class IndexHolder:
 
     @property
     def backend(self) -> str:
-        return self.index.backend
+        return self.vector_index.backend
 
     # --- serving -----------------------------------------------------------------------------
     def require(self):
@@ -179,7 +179,7 @@ class IndexHolder:
         with self._lock:
             served = self.current.version if self.current is not None else None
             try:
-                version = self.index.published(self.model_id)
+                version = self.vector_index.published(self.model_id)
             except IndexUnavailable as exc:
                 return self._unavailable(exc, served)
             except (OSError, IndexLoadError) as exc:  # unreadable volume, or a garbage pointer
@@ -197,12 +197,12 @@ class IndexHolder:
                 # the pointer is back on the served version: an earlier error is over
                 self.last_error = None
                 self._failed_version = None
-                if not self.index.remote:
+                if not self.vector_index.remote:
                     return {"changed": False, "version": served}
                 # a remote view is a name, not a load: take it again for a fresh count (the
                 # published version takes in-place updates)
                 try:
-                    self.current = self.index.view(self.model_id, version)
+                    self.current = self.vector_index.view(self.model_id, version)
                 except IndexUnavailable as exc:
                     return self._unavailable(exc, served)
                 except IndexLoadError:
@@ -213,7 +213,7 @@ class IndexHolder:
                 return {"changed": False, "version": served, "error": self.last_error}
             t0 = time.perf_counter()
             try:
-                new = self.index.view(self.model_id, version)
+                new = self.vector_index.view(self.model_id, version)
             except IndexUnavailable as exc:
                 return self._unavailable(exc, served)
             except Exception as exc:  # IndexLoadError, or anything a damaged version provokes
@@ -243,14 +243,14 @@ class IndexHolder:
 
     def check_now(self) -> None:
         """For /health: where asking the index is a call, not a load (remote), ask now."""
-        if self.index.remote:
+        if self.vector_index.remote:
             self.reload(retry_failed=False)
 
     def describe(self) -> dict:
         """What the index says of the model's published version (status(); empty when it
         cannot say): on Milvus the alias and the collection it points at."""
         try:
-            return self.index.status(self.model_id)
+            return self.vector_index.status(self.model_id)
         except (IndexUnavailable, IndexLoadError, OSError):
             return {}
 

@@ -133,4 +133,4 @@ class SearchService:
     def close(self) -> None:
         """stop(), and release the index's clients."""
         self.stop()
-        self.index.index.close()
+        self.index.vector_index.close()
