@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import contextlib
 import os
 import select
 import shutil
@@ -37,11 +38,12 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, median, save_json, table
 from deploy.ports import free_port
-from tests.search_api.helpers import huge_canvas_gif, rss_mb, transparent_png
+from search_api.testing import huge_canvas_gif, rss_mb, transparent_png
 
 QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city street",
            "a little girl in a pink dress", "people sitting on a bench next to the water",
@@ -54,35 +56,40 @@ HEAD_BYTES = 100 * 1024 * 1024
 HEAD_LIMIT_S = 60.0
 
 
-# --- hostile inputs (as tests/search_api/test_hostile_inputs.py makes them) -------------------
-class RssSampler:
-    """VmRSS of pid every `every` seconds in a thread: peak and the (t, MB) series."""
-
-    def __init__(self, pid: int, every: float = 0.05):
-        self.pid, self.every = pid, every
-        self.series: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.series.append((round(time.perf_counter() - self._t0, 3), rss_mb(self.pid)))
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.series.append((round(time.perf_counter() - self._t0, 3), rss_mb(self.pid)))
+# --- memory of the server (the hostile inputs: search_api.testing, as the tests make them) ---
+@dataclass
+class RssSeries:
+    """(t, MB) samples of a process's VmRSS."""
+    series: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def peak(self) -> float:
         vals = [v for _, v in self.series if v == v]
         return max(vals) if vals else float("nan")
+
+
+@contextlib.contextmanager
+def rss_sampled(pid: int, every: float = 0.05):
+    """VmRSS of pid every `every` seconds in a thread while the block runs (one last sample
+    after it)."""
+    samples, stop, t0 = RssSeries(), threading.Event(), time.perf_counter()
+
+    def sample():
+        samples.series.append((round(time.perf_counter() - t0, 3), rss_mb(pid)))
+
+    def run():
+        while not stop.is_set():
+            sample()
+            stop.wait(every)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+        sample()
 
 
 # --- servers ---------------------------------------------------------------------------------
@@ -202,7 +209,7 @@ def decode_burst(srv: Server, images, warm_image: bytes, clients: int, per_clien
     q_lat: list[float] = []
     q_codes: collections.Counter = collections.Counter()
     stop = threading.Event()
-    with RssSampler(srv.proc.pid) as sampler:
+    with rss_sampled(srv.proc.pid) as sampler:
         querier = threading.Thread(target=text_loop, args=(srv.base, stop, q_lat, q_codes))
         querier.start()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -304,7 +311,7 @@ def huge_head(srv: Server, value_bytes: int, limit_s: float) -> dict:
     poll(stop, idle_lat, idle_codes)
     lat, codes = [], collections.Counter()
     stop = threading.Event()
-    with RssSampler(srv.proc.pid) as sampler:
+    with rss_sampled(srv.proc.pid) as sampler:
         poller = threading.Thread(target=poll, args=(stop, lat, codes))
         poller.start()
         res = send_huge_head(srv.port, value_bytes, limit_s)

@@ -145,7 +145,7 @@ def query_path(args, milvus, model_path, model_id, dim, work: Path) -> list[dict
                 results[name]["rps"].append(many["throughput_rps"])
                 # the search stage inside the service (mean since its start, from /metrics)
                 results[name]["search"].append(
-                    one["server_stages"].get("faiss_search_mean_ms", float("nan")))
+                    one["server_stages"].get("index_search_mean_ms", float("nan")))
     finally:
         for proc, _ in services.values():
             proc.terminate()

@@ -9,16 +9,63 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "models" / "flickr8k-dual-encoder.pt"
 
 
-class Settings(BaseSettings):
+class RequestLimits(BaseModel):
+    """What the search API accepts from one request: every limit it enforces, in one group.
+
+    The configurable ones are settings fields (Settings inherits them: MAX_TOP_K etc.); the fixed
+    ones are class constants. Each refusal is a 4xx JSON error (MAX_CONNECTIONS: a 503), never a
+    5xx. The README's "Request limits" table lists each, its default and where it is enforced
+    (tests/search_api/test_limits.py keeps it true); enforcement points read `settings.limits`.
+    """
+    # a page of results: top_k <= MAX_TOP_K, offset <= MAX_OFFSET (a search goes this deep)
+    max_top_k: int = Field(100, ge=1)
+    max_offset: int = Field(10_000, ge=0)
+    max_query_chars: int = Field(1000, ge=1)
+    max_batch_queries: int = Field(32, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    # image decodes (uploads, thumbnails) running at once, and the memory (MiB) their estimated
+    # peaks share; a larger image waits, then decodes alone
+    max_concurrent_decodes: int = Field(2, ge=1)
+    decode_memory_mb: int = Field(192, ge=16)
+    # JSON (and urlencoded) bodies: far below MAX_UPLOAD_BYTES; 4 MiB still carries several
+    # hundred `image_embeddings` of 256 numbers. Large ones are parsed off the event loop.
+    max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # request head limits, refused at once: request line + headers (431), URL (414), header count (431)
+    max_head_bytes: int = Field(64 * 1024, ge=1024)
+    max_url_bytes: int = Field(8 * 1024, ge=256)
+    max_headers: int = Field(100, ge=8)
+    # seconds a client may take to send a request head, or between two pieces of a body (408)
+    client_timeout_s: float = Field(15.0, gt=0)
+    # open connections served at once; requests beyond get a 503 (uvicorn limit_concurrency)
+    max_connections: int = Field(1000, ge=1)
+
+    # fixed: the original clients' `image_embeddings` mode, and form bodies
+    MAX_GIVEN_EMBEDDINGS: ClassVar[int] = 10_000  # embeddings ranked per request
+    MAX_EMBEDDING_NUMBERS: ClassVar[int] = 4096  # numbers per embedding (before the model's dim)
+    MAX_FILENAME_CHARS: ClassVar[int] = 1024  # filename of a given embedding (echoed back)
+    MAX_FORM_FIELDS: ClassVar[int] = 100
+    MAX_FORM_FILES: ClassVar[int] = 4
+    MAX_THUMBNAIL_SIDE: ClassVar[int] = 1024  # GET /images/{key}?size=N
+    # multipart framing allowed around an upload of MAX_UPLOAD_BYTES (the whole-body cap)
+    UPLOAD_BODY_SLACK: ClassVar[int] = 64 * 1024
+
+    @property
+    def limits(self) -> "RequestLimits":
+        """Just the limits (a copy: Settings carries them among its other fields)."""
+        return RequestLimits.model_validate({f: getattr(self, f) for f in RequestLimits.model_fields})
+
+
+class Settings(RequestLimits, BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore",
                                       protected_namespaces=())
 
@@ -101,31 +148,10 @@ class Settings(BaseSettings):
     # --- search API --------------------------------------------------------------------------
     # when set, upload and admin routes need header X-API-Key
     api_key: str | None = None
-    # limits: each refusal is a 4xx JSON error, never a 5xx
-    max_top_k: int = Field(100, ge=1)
-    max_offset: int = Field(10_000, ge=0)
-    max_query_chars: int = Field(1000, ge=1)
-    max_batch_queries: int = Field(32, ge=1)
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    # image decodes (uploads, thumbnails) running at once, and the memory (MiB) their estimated
-    # peaks share; a larger image waits, then decodes alone
-    max_concurrent_decodes: int = Field(2, ge=1)
-    decode_memory_mb: int = Field(192, ge=16)
+    # request limits: the fields of RequestLimits above (MAX_TOP_K, MAX_UPLOAD_BYTES, ...)
     # public URL of the service (e.g. https://search.example.org/): result `url`s start with it,
     # never with the request's Host header; unset: relative URLs (`/images/<key>`)
     public_base_url: str | None = None
-    # JSON (and urlencoded) bodies: far below MAX_UPLOAD_BYTES; 4 MiB still carries several
-    # hundred `image_embeddings` of 256 numbers. Large ones are parsed off the event loop.
-    max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    # request head limits, refused at once: request line + headers (431), URL (414), header count (431)
-    max_head_bytes: int = Field(64 * 1024, ge=1024)
-    max_url_bytes: int = Field(8 * 1024, ge=256)
-    max_headers: int = Field(100, ge=8)
-    # seconds a client may take to send a request head, or between two pieces of a body (408)
-    client_timeout_s: float = Field(15.0, gt=0)
-    # open connections served at once; requests beyond get a 503 (uvicorn limit_concurrency)
-    max_connections: int = Field(1000, ge=1)
     # concurrent text queries are encoded together, up to this many per forward pass (1: off)
     text_batch_max: int = Field(64, ge=1)
     # thumbnails kept in memory for the web page (`GET /images/{key}?size=N`)

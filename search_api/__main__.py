@@ -50,29 +50,30 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from encoder import BackboneUnavailable
-    from search_api.main import build_state, create_app
+    from search_api.main import build_service, create_app
 
     try:
-        state = build_state(settings)  # fail before binding the port
+        service = build_service(settings)  # fail before binding the port
     except (FileNotFoundError, ValueError, BackboneUnavailable, OSError) as exc:
         print(f"error: cannot start: {exc} (MODEL_PATH={settings.model_path})", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(settings, state), host=args.host, port=args.port,
-                log_level=args.log_level, **server_options(settings))
+    uvicorn.run(create_app(settings, service), host=args.host, port=args.port,
+                log_level=args.log_level, **server_options(settings.limits))
     return 0
 
 
-def server_options(settings) -> dict:
-    """uvicorn options that keep one hostile client from stalling or bloating the service:
-    request-head limits and a head timeout (our httptools protocol; h11's bounded buffer when
-    httptools is missing), a cap on connections, a short keep-alive."""
+def server_options(limits) -> dict:
+    """uvicorn options that keep one hostile client from stalling or bloating the service
+    (core.settings.RequestLimits): request-head limits and a head timeout (our httptools
+    protocol; h11's bounded buffer when httptools is missing), a cap on connections, a short
+    keep-alive."""
     from search_api.middleware import limited_http_protocol
 
-    protocol = limited_http_protocol(settings.max_head_bytes, settings.max_url_bytes,
-                                     settings.max_headers, settings.client_timeout_s)
+    protocol = limited_http_protocol(limits.max_head_bytes, limits.max_url_bytes,
+                                     limits.max_headers, limits.client_timeout_s)
     return {"http": protocol or "h11",
-            "h11_max_incomplete_event_size": settings.max_head_bytes,
-            "limit_concurrency": settings.max_connections,
+            "h11_max_incomplete_event_size": limits.max_head_bytes,
+            "limit_concurrency": limits.max_connections,
             "timeout_keep_alive": 5}
 
 

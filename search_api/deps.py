@@ -15,13 +15,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.settings import Settings
+from core.settings import RequestLimits, Settings
 from search_api.metrics import Metrics
-from search_api.state import ServiceState
+from search_api.search_service import SearchService
 
 
 # async: a plain `def` dependency would cost a thread-pool hop per request
-async def get_state(request: Request) -> ServiceState:
+async def get_service(request: Request) -> SearchService:
     return request.app.state.service
 
 
@@ -33,7 +33,7 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-StateDep = Annotated[ServiceState, Depends(get_state)]
+ServiceDep = Annotated[SearchService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
@@ -109,11 +109,14 @@ def _json_field(k: str, v: str) -> Any:
         raise HTTPException(422, f"form field {k!r} must be a JSON list") from None
 
 
-async def _form_fields(request: Request, max_bytes: int, max_json: int) -> dict[str, Any]:
+async def _form_fields(request: Request, limits: RequestLimits) -> dict[str, Any]:
     """The original clients' form: JSON_FIELDS as JSON text, LIST_FIELDS as repeated fields or
     one field holding a JSON list; everything else text, converted by the model (lax)."""
+    max_json = limits.max_json_bytes
     try:
-        form = await request.form(max_files=4, max_fields=100, max_part_size=max_bytes)
+        form = await request.form(max_files=limits.MAX_FORM_FILES,
+                                  max_fields=limits.MAX_FORM_FIELDS,
+                                  max_part_size=limits.max_upload_bytes)
     except StarletteHTTPException:  # 413 from the body limit, 408 from the body timeout, 400
         raise
     except OSError as exc:  # spooling an uploaded file to the temp dir
@@ -153,18 +156,18 @@ async def _form_fields(request: Request, max_bytes: int, max_json: int) -> dict[
 async def json_or_form(request: Request, model: type[BaseModel]) -> BaseModel:
     """A JSON object (numbers must be JSON numbers: schemas.Int), or the same fields as a form,
     whose values are text and so are converted."""
-    settings = request.app.state.settings
+    limits: RequestLimits = request.app.state.limits
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "application/json":
-        raw = await _read_capped(request, settings.max_json_bytes)
+        raw = await _read_capped(request, limits.max_json_bytes)
         if len(raw) > THREAD_JSON_BYTES:  # parse and validate off the event loop
             return await run_in_threadpool(_from_json, raw, model)
         return _from_json(raw, model)
     if ctype == FORM_TYPES[0]:  # urlencoded: all in memory, so bounded like JSON
-        await _read_capped(request, settings.max_json_bytes)
-        data = await _form_fields(request, settings.max_upload_bytes, settings.max_json_bytes)
+        await _read_capped(request, limits.max_json_bytes)
+        data = await _form_fields(request, limits)
     elif ctype in FORM_TYPES:
-        data = await _form_fields(request, settings.max_upload_bytes, settings.max_json_bytes)
+        data = await _form_fields(request, limits)
     else:
         raise HTTPException(415, "send application/json or form data "
                                  "(application/x-www-form-urlencoded or multipart/form-data)")

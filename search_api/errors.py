@@ -17,7 +17,9 @@ from starlette.requests import ClientDisconnect
 
 from encoder.preprocessing import BadImage
 from search_api.images import ImageTooLarge
-from search_api.state import NoIndex
+from search_api.index_holder import NoIndex
+from search_api.search_service import BadEmbeddings
+from search_api.stored_images import ImageNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (BadImage, 400, "not a usable image: "),
     (ImageTooLarge, 413, ""),
     (NoIndex, 503, ""),
+    (BadEmbeddings, 422, ""),
+    (ImageNotFound, 404, ""),
+    (StoreUnavailable, 503, ""),
 ]
 
 

@@ -16,7 +16,7 @@ import asyncio
 import io
 import threading
 import warnings
-from collections import OrderedDict, deque
+from collections import deque
 from contextlib import asynccontextmanager
 
 from fastapi.concurrency import run_in_threadpool
@@ -170,32 +170,3 @@ async def decode_gated(gate: DecodeGate, data: bytes, max_pixels: int, decode,
     finally:
         if cost >= TRIM_AFTER_BYTES and gate.active == 0:
             await run_in_threadpool(release_memory)
-
-
-class LRUBytes:
-    """A small thread-safe LRU of thumbnails (key -> bytes)."""
-
-    def __init__(self, max_items: int):
-        self.max_items = max_items
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key, value: bytes) -> None:
-        if self.max_items <= 0:
-            return
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.max_items:
-                self._d.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()

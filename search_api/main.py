@@ -1,4 +1,5 @@
-"""The FastAPI application: loads the model and the CURRENT index once, then serves queries."""
+"""The FastAPI application: builds the search service from Settings (the model, the index any
+backend publishes, the object store), then serves queries."""
 from __future__ import annotations
 
 import logging
@@ -7,44 +8,57 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from search_api import errors
 from core.settings import Settings, get_settings
+from search_api import errors
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyGuardMiddleware, HeadAsGetMiddleware, \
     SecurityHeadersMiddleware
 from search_api.routes import search, system, web
 from search_api.schemas import bodies
-from search_api.state import ServiceState
+from search_api.search_service import SearchService
 
 log = logging.getLogger(__name__)
 
-# multipart framing around an upload of max_upload_bytes
-BODY_SLACK = 64 * 1024
 
+def build_service(settings: Settings, encoder=None, index=None, store=None) -> SearchService:
+    """The search service of these settings: the model (FileNotFoundError / ValueError when it
+    is missing or unreadable; `encoder` when already loaded), the index (`open_index(settings)`
+    unless given) with its published version opened if there is one, and the object store
+    (`store`, else opened from the settings, retried while it is down). The store and a remote
+    index may be down: the service still starts, degraded."""
+    import faiss
 
-def build_state(settings: Settings) -> ServiceState:
-    """Load the model (FileNotFoundError / ValueError when it is missing or unreadable) and the
-    CURRENT index if there is one (Milvus: resolve the model's alias). The object store and
-    Milvus may be down: the service still starts, degraded."""
     from encoder import Encoder
     from indexer.vector_index import open_index
     from objectstore import open_store
+    from search_api.encoders import QueryEncoders
+    from search_api.index_holder import IndexHolder
+    from search_api.search_service import StageTimes
+    from search_api.stored_images import StoredImages
 
-    encoder = Encoder.from_settings(settings)
-    encoder.warmup()  # export/load the runtime sessions now, not on the first request
-    index = open_index(settings)  # FAISS: versions loaded here; Milvus: nothing held locally
-    state = ServiceState(encoder, None if index.remote else index.repo, None,
-                         store_factory=lambda: open_store(settings),
-                         store_retry_s=settings.store_retry_s,
-                         thumbnail_cache_items=settings.thumbnail_cache_items,
-                         text_batch_max=settings.text_batch_max,
-                         remote_index=index if index.remote else None,
-                         refresh_s=settings.milvus_refresh_s)
-    if state.get_store() is None:  # search still works without the store; /health says degraded
+    if encoder is None:
+        encoder = Encoder.from_settings(settings)
+        encoder.warmup()  # export/load the runtime sessions now, not on the first request
+    index = index if index is not None else open_index(settings)
+    # single small queries: one thread beats two (bench/faiss_scale.py); FAISS also serves the
+    # query-side work of the other backends' tests
+    faiss.omp_set_num_threads(1)
+    stages = StageTimes()
+    images = StoredImages(settings.limits, store,
+                          store_factory=None if store is not None else lambda: open_store(settings),
+                          store_retry_s=settings.store_retry_s,
+                          thumbnail_cache_items=settings.thumbnail_cache_items, observe=stages)
+    # a remote index is asked which version it publishes often (a call, not a load)
+    watch_s = settings.milvus_refresh_s if index.remote else settings.reload_interval_s
+    holder = IndexHolder(index, encoder.model_id, encoder.scoring.index_dim, watch_s=watch_s,
+                         observe=stages, on_swap=images.clear_thumbnails)
+    service = SearchService(QueryEncoders(encoder, settings.text_batch_max, observe=stages),
+                            holder, images, stages)
+    if images.get_store() is None:  # search still works without the store; /health says degraded
         log.error("object store not reachable at start (retrying every %.0f s): %s",
-                  settings.store_retry_s, state.store_error)
-    state.reload()
-    return state
+                  settings.store_retry_s, images.store_error)
+    holder.reload()
+    return service
 
 
 def _openapi_security(app: FastAPI, settings: Settings) -> None:
@@ -68,16 +82,18 @@ def _openapi_security(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi
 
 
-def create_app(settings: Settings | None = None, state: ServiceState | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None,
+               service: SearchService | None = None) -> FastAPI:
+    """The app serving `service` (built from the settings at startup when not given)."""
     settings = settings or get_settings()
+    limits = settings.limits
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.service is None:
-            app.state.service = build_state(settings)
-        app.state.service.observe_stage = \
-            lambda stage, s: app.state.metrics.stage_seconds.labels(stage).observe(s)
-        app.state.service.start_watcher(settings.reload_interval_s)
+            app.state.service = build_service(settings)
+        app.state.service.stages.sink = metrics.observe_stage
+        app.state.service.start()
         yield
         app.state.service.stop()
 
@@ -86,25 +102,27 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         description="Find stored images by describing them, or by showing a similar one. "
                     "The web page is at `/`, Prometheus metrics at `/metrics`.")
     app.state.settings = settings
-    app.state.service = state
+    app.state.limits = limits
+    app.state.service = service
     metrics = Metrics(lambda: app.state.service)
     app.state.metrics = metrics
-    if state is not None:
-        state.observe_stage = lambda stage, s: metrics.stage_seconds.labels(stage).observe(s)
+    if service is not None:
+        service.stages.sink = metrics.observe_stage
 
     errors.install(app)
     # outermost first at request time: metrics -> security headers -> HEAD as GET ->
     # body size and time -> routes
-    app.add_middleware(BodyGuardMiddleware, limit=settings.max_upload_bytes + BODY_SLACK,
-                       timeout=settings.client_timeout_s)
+    app.add_middleware(BodyGuardMiddleware,
+                       limit=limits.max_upload_bytes + limits.UPLOAD_BODY_SLACK,
+                       timeout=limits.client_timeout_s)
     app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     app.include_router(web.router)
     app.include_router(system.router)
-    dim = state.encoder.dim if state is not None else None  # known when the caller loaded it
-    app.include_router(search.build_router(settings, bodies(settings, dim)))
+    dim = service.encoders.dim if service is not None else None  # known when built before
+    app.include_router(search.build_router(settings, bodies(limits, dim)))
     web.mount_static(app)
     _openapi_security(app, settings)
     return app

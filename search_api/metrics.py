@@ -7,7 +7,6 @@ paths, so label cardinality stays bounded.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,19 +18,23 @@ from prometheus_client.core import (
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-STAGES = ("text_encode", "image_decode", "image_encode", "faiss_search", "image_fetch",
+# index_search: one search of the served index, whatever the backend (a remote one: one
+# batched call); index_load: opening a newly published version
+STAGES = ("text_encode", "image_decode", "image_encode", "index_search", "image_fetch",
           "thumbnail", "index_load")
 
 
 class IndexCollector:
-    """Reads the served index and reload counters from the state at scrape time."""
+    """Reads the served index, reload counters and store state from the service at scrape
+    time."""
 
-    def __init__(self, get_state: Callable):
-        self.get_state = get_state
+    def __init__(self, get_service: Callable):
+        self.get_service = get_service
 
     def collect(self):
-        state = self.get_state()
-        index = state.index if state is not None else None
+        service = self.get_service()
+        holder = service.index if service is not None else None
+        index = holder.current if holder is not None else None
         vectors = GaugeMetricFamily("search_api_index_vectors", "vectors in the served index")
         vectors.add_metric([], index.count if index else 0)
         yield vectors
@@ -41,23 +44,23 @@ class IndexCollector:
         yield info
         loaded = GaugeMetricFamily("search_api_index_loaded_timestamp_seconds",
                                    "when the served index version was swapped in (unix time)")
-        loaded.add_metric([], state.loaded_at if state is not None and state.loaded_at else 0)
+        loaded.add_metric([], holder.loaded_at if holder is not None and holder.loaded_at else 0)
         yield loaded
         reloads = CounterMetricFamily("search_api_index_reloads",
                                       "index swaps (ok) and refused/failed loads (error)",
                                       labels=["result"])
-        counts = state.reload_counts if state is not None else {}
+        counts = holder.reload_counts if holder is not None else {}
         for result in ("ok", "error"):
             reloads.add_metric([result], counts.get(result, 0))
         yield reloads
         store = GaugeMetricFamily("search_api_store_up",
                                   "1 if the object store answered the last time it was used")
-        store.add_metric([], 1 if state is not None and state.store_ok else 0)
+        store.add_metric([], 1 if service is not None and service.images.store_ok else 0)
         yield store
 
 
 class Metrics:
-    def __init__(self, get_state: Callable):
+    def __init__(self, get_service: Callable):
         self.registry = CollectorRegistry()
         self.request_seconds = Histogram(
             "search_api_request_duration_seconds", "request latency per route",
@@ -69,24 +72,13 @@ class Metrics:
                                registry=self.registry)
         self.stage_seconds = Histogram(
             "search_api_stage_duration_seconds",
-            "time per stage: text_encode, image_decode, image_encode, faiss_search, image_fetch, "
-            "thumbnail, index_load", ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "time per stage: " + ", ".join(STAGES), ["stage"], buckets=LATENCY_BUCKETS, registry=self.registry)
         for s in STAGES:  # present (at zero) before first use
             self.stage_seconds.labels(s)
-        self.registry.register(IndexCollector(get_state))
+        self.registry.register(IndexCollector(get_service))
 
-    @contextmanager
-    def stage(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds.labels(name).observe(time.perf_counter() - t0)
-
-    def timed(self, name: str, fn: Callable, *args, **kwargs):
-        """Call fn timing it as a stage (use inside the worker thread, not around the await)."""
-        with self.stage(name):
-            return fn(*args, **kwargs)
+    def observe_stage(self, name: str, seconds: float) -> None:
+        self.stage_seconds.labels(name).observe(seconds)
 
 
 class MetricsMiddleware:

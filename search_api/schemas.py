@@ -1,8 +1,11 @@
 """Request/response models. Field aliases keep the original form field names working.
 
-The request models here carry no configured limits; `bodies(settings, dim)` derives the ones an
-app serves, with MAX_TOP_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_BATCH_QUERIES and the model's
-dimension as field constraints, so validation and the OpenAPI schema both come from them.
+The request models here carry no configured limits; `bodies(limits, dim)` derives the ones an
+app serves from the request limits (core.settings.RequestLimits: MAX_TOP_K, MAX_OFFSET,
+MAX_QUERY_CHARS, MAX_BATCH_QUERIES, the fixed sizes of given embeddings) and the model's
+dimension as field constraints, so validation and the OpenAPI schema both come from them. The
+other limits (body bytes, image pixels, request heads) are enforced where the bytes arrive; the
+README's "Request limits" table lists each and where.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
     StringConstraints, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from core.settings import Settings
+from core.settings import RequestLimits
 
 
 def _unicode(v: str) -> str:
@@ -70,8 +73,8 @@ class PageIn(BaseModel):
 
 class ImageEmbeddingIn(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # always parsed from JSON
-    filename: str = Field(max_length=1024)
-    embedding: list[float] = Field(min_length=1, max_length=4096)
+    filename: str = Field(max_length=RequestLimits.MAX_FILENAME_CHARS)
+    embedding: list[float] = Field(min_length=1, max_length=RequestLimits.MAX_EMBEDDING_NUMBERS)
 
     @field_validator("filename")
     @classmethod
@@ -81,7 +84,7 @@ class ImageEmbeddingIn(BaseModel):
 
 class SearchIn(PageIn, TextIn):
     image_embeddings: list[ImageEmbeddingIn] | None = Field(
-        None, max_length=10_000,
+        None, max_length=RequestLimits.MAX_GIVEN_EMBEDDINGS,
         description="rank exactly these embeddings (as /encode_image returned them, each with "
                     "a filename) instead of the index; form clients send it as a JSON string")
 
@@ -157,9 +160,9 @@ class Bodies:
     page_fields: dict  # Form(...) constraints of the upload route's paging fields
 
 
-def bodies(settings: Settings, dim: int | None = None) -> Bodies:
-    """Request models with the configured limits as constraints: the one place they are set."""
-    chars, top_k, offset = settings.max_query_chars, settings.max_top_k, settings.max_offset
+def bodies(limits: RequestLimits, dim: int | None = None) -> Bodies:
+    """Request models with the configured limits as constraints (validation and schema)."""
+    chars, top_k, offset = limits.max_query_chars, limits.max_top_k, limits.max_offset
     text_field = Field(validation_alias=AliasChoices("text", "query"), min_length=1,
                        max_length=chars, pattern=r"\S",
                        description=f"text to embed, at most {chars} characters "
@@ -170,7 +173,7 @@ def bodies(settings: Settings, dim: int | None = None) -> Bodies:
     class TextBody(TextIn):
         text: str = text_field
 
-    emb_field = Field(min_length=dim or 1, max_length=dim or 4096,
+    emb_field = Field(min_length=dim or 1, max_length=dim or limits.MAX_EMBEDDING_NUMBERS,
                       description=f"the model's dimension: {dim} numbers" if dim else None)
 
     class ImageEmbeddingBody(ImageEmbeddingIn):
@@ -181,7 +184,7 @@ def bodies(settings: Settings, dim: int | None = None) -> Bodies:
         top_k: Int = top_k_field
         offset: Int = offset_field
         image_embeddings: list[ImageEmbeddingBody] | None = Field(
-            None, max_length=10_000,
+            None, max_length=limits.MAX_GIVEN_EMBEDDINGS,
             description="rank exactly these embeddings (as /encode_image returned them, each "
                         "with a filename) instead of the index; form clients send it as a "
                         "JSON string")
@@ -189,8 +192,8 @@ def bodies(settings: Settings, dim: int | None = None) -> Bodies:
     Query = Annotated[str, StringConstraints(min_length=1, max_length=chars, pattern=r"\S")]
 
     class BatchSearchBody(BatchSearchIn):
-        queries: list[Query] = Field(min_length=1, max_length=settings.max_batch_queries,
-                                     description=f"1..{settings.max_batch_queries} query texts")
+        queries: list[Query] = Field(min_length=1, max_length=limits.max_batch_queries,
+                                     description=f"1..{limits.max_batch_queries} query texts")
         top_k: Int = top_k_field
 
     for model, name in ((TextBody, "TextIn"), (SearchBody, "SearchIn"),

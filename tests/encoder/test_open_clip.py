@@ -119,6 +119,7 @@ def test_index_with_open_clip_finds_image_by_itself(tiny_flickr, tmp_path, loade
     from flickr8k.sources import open_source
     from indexer import pipeline
     from indexer.ingest import ingest
+    from indexer.faiss_index import FaissIndex
     from indexer.repository import IndexRepository
     from objectstore import LocalStore
 
@@ -127,7 +128,7 @@ def test_index_with_open_clip_finds_image_by_itself(tiny_flickr, tmp_path, loade
     store = LocalStore(tmp_path / "store", "b")
     repo = IndexRepository(tmp_path / "index")
     ingest(open_source(str(root)), store, split="dev", progress=False)
-    r = pipeline.rebuild(store, enc, repo, PREFIX, progress=False)
+    r = pipeline.rebuild(store, enc, FaissIndex(repo), PREFIX, progress=False)
     assert r.count == len(meta["dev"])
     idx = repo.load(expect_model_id=loaded.model_id)
     assert idx.model_id == loaded.model_id
@@ -142,6 +143,7 @@ def test_api_serves_an_open_clip_model_and_refuses_another_models_index(tiny_fli
                                                                          loaded, encoder):
     from fastapi.testclient import TestClient
 
+    from indexer.vector_index import open_index
     from search_api.__main__ import preflight
     from tests.search_api.helpers import build_service
 
@@ -154,10 +156,10 @@ def test_api_serves_an_open_clip_model_and_refuses_another_models_index(tiny_fli
         assert r.status_code == 200 and len(r.json()["results"]) == 3
     # an index built by the shipped-style model is refused by a service on the open_clip model
     other = build_service(tmp_path / "ours", root, encoder)
-    svc.state.repo = other.repo
-    refused = svc.state.reload()
+    svc.service.index.vector_index = open_index(other.settings)
+    refused = svc.service.index.reload()
     assert refused["changed"] is False and "model" in refused["error"]
-    assert svc.state.index.model_id == loaded.model_id
+    assert svc.service.index.current.model_id == loaded.model_id
     # `python -m search_api` leaves a spec to the loader, which names a missing weights file
     assert preflight(f"open_clip:{ARCH}") is None
     assert preflight("open_clip:ViT-B-32:laion2b_s34b_b79k") is None

@@ -66,7 +66,8 @@ def test_store_unreachable_and_index_corrupt_at_start(tiny_flickr, tmp_path, enc
     """Nothing answers on the S3 port and CURRENT names a damaged version: the service still
     starts (text search needs neither... once an index is there), /health says why."""
     from core.settings import Settings
-    from search_api.main import build_state, create_app
+    from search_api.main import build_service as build_search_service
+    from search_api.main import create_app
 
     root, _ = tiny_flickr
     svc = build_service(tmp_path, root, encoder)
@@ -75,8 +76,8 @@ def test_store_unreachable_and_index_corrupt_at_start(tiny_flickr, tmp_path, enc
     settings = Settings(model_path=str(small_checkpoint), index_dir=str(svc.repo.root),
                            store_backend="s3", minio_endpoint=f"127.0.0.1:{free_port()}",
                            reload_interval_s=0, store_retry_s=0)
-    state = build_state(settings)
-    with TestClient(create_app(settings, state), raise_server_exceptions=False) as c:
+    service = build_search_service(settings)
+    with TestClient(create_app(settings, service), raise_server_exceptions=False) as c:
         h = c.get("/health").json()
         assert h["status"] == "degraded"
         assert h["store"].startswith("error:") and "not reachable" in h["store"]

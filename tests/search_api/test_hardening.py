@@ -6,35 +6,16 @@ import io
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.search_api.helpers import (
-    PREFIX,
-    build_service,
-    cmyk_jpeg,
-    encode,
-    jpeg_with_header_size,
-    png_bomb,
-    png_with_alpha,
-)
+from search_api.testing import cmyk_jpeg, encode, jpeg_with_header_size, png_bomb, png_with_alpha
+from tests.search_api.helpers import PREFIX
 from tests.conftest import make_image
 
 KEY = "test-key-123"
 MAX_UPLOAD = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def svc(tiny_flickr, tmp_path_factory, encoder):
-    root, _ = tiny_flickr
-    return build_service(tmp_path_factory.mktemp("hard"), root, encoder, api_key=KEY,
-                         max_top_k=50, max_upload_bytes=MAX_UPLOAD)
-
-
-@pytest.fixture(scope="module")
-def client(svc):
-    with TestClient(svc.app, raise_server_exceptions=False) as c:
-        yield c
+SERVICE_OPTIONS = dict(api_key=KEY, max_top_k=50, max_upload_bytes=MAX_UPLOAD)
+CLIENT_OPTIONS = dict(raise_server_exceptions=False)
 
 
 JPEG = make_image("red", "circle", 7)

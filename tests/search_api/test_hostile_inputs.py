@@ -20,25 +20,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from deploy.ports import free_port
-from tests.search_api.helpers import (
-    PREFIX,
-    build_service,
-    encode,
-    huge_canvas_gif,
-    republish,
-    rss_mb,
-    transparent_png,
-)
+from search_api.testing import encode, huge_canvas_gif, rss_mb, transparent_png
+from tests.search_api.helpers import PREFIX, build_service, republish
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "hostile-key"
 AUTH = {"X-API-Key": KEY}
-
-
-@pytest.fixture
-def svc(tiny_flickr, tmp_path, encoder):
-    root, _ = tiny_flickr
-    return build_service(tmp_path, root, encoder, api_key=KEY)
+SERVICE_OPTIONS = dict(api_key=KEY)
 
 
 def _reload(c):
@@ -77,23 +65,23 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_version_refused_old_one_keeps_serving(svc, case):
-    with TestClient(svc.app, raise_server_exceptions=False) as c:
-        before = svc.state.index.version
-        version, _ = republish(svc.repo, keep=slice(0, 4))
-        BROKEN[case](svc.repo.versions_dir / version)
+def test_broken_version_refused_old_one_keeps_serving(fresh_svc, case):
+    with TestClient(fresh_svc.app, raise_server_exceptions=False) as c:
+        before = fresh_svc.service.index.current.version
+        version, _ = republish(fresh_svc.repo, keep=slice(0, 4))
+        BROKEN[case](fresh_svc.repo.versions_dir / version)
         r = _reload(c)
         assert r["changed"] is False and r["version"] == before and r["error"]
-        assert version in r["error"] and str(svc.root) not in r["error"]
+        assert version in r["error"] and str(fresh_svc.root) not in r["error"]
         h = c.get("/health")
         assert h.status_code == 200 and h.json()["index_version"] == before
         _search_ok(c, before)
 
 
-def test_garbage_pointer_then_restored_clears_the_error(svc):
-    with TestClient(svc.app, raise_server_exceptions=False) as c:
-        before = svc.state.index.version
-        current = svc.repo.root / "CURRENT"
+def test_garbage_pointer_then_restored_clears_the_error(fresh_svc):
+    with TestClient(fresh_svc.app, raise_server_exceptions=False) as c:
+        before = fresh_svc.service.index.current.version
+        current = fresh_svc.repo.root / "CURRENT"
         current.write_bytes(b"\xff\xfe\xfa not utf-8")
         r = _reload(c)
         assert r["changed"] is False and "CURRENT" in r["error"] and "UTF-8" in r["error"]
@@ -105,44 +93,44 @@ def test_garbage_pointer_then_restored_clears_the_error(svc):
         assert c.get("/health").json()["last_reload_error"] is None
 
 
-def test_watcher_clears_the_error_when_the_pointer_is_put_back(svc):
-    before = svc.state.index.version
-    version, _ = republish(svc.repo, keep=slice(0, 2))
-    (svc.repo.versions_dir / version / "manifest.json").write_text("null")
-    svc.state.reload(retry_failed=False)
-    assert svc.state.last_reload_error
-    svc.repo._point_current(before)
-    svc.state.reload(retry_failed=False)
-    assert svc.state.last_reload_error is None and svc.state.index.version == before
+def test_watcher_clears_the_error_when_the_pointer_is_put_back(fresh_svc):
+    before = fresh_svc.service.index.current.version
+    version, _ = republish(fresh_svc.repo, keep=slice(0, 2))
+    (fresh_svc.repo.versions_dir / version / "manifest.json").write_text("null")
+    fresh_svc.service.index.reload(retry_failed=False)
+    assert fresh_svc.service.index.last_error
+    fresh_svc.repo._point_current(before)
+    fresh_svc.service.index.reload(retry_failed=False)
+    assert fresh_svc.service.index.last_error is None and fresh_svc.service.index.current.version == before
 
 
 # --- what /health reveals -------------------------------------------------------------------
-def test_health_with_a_1mb_pointer_is_small_and_echoes_nothing(svc):
-    with TestClient(svc.app, raise_server_exceptions=False) as c:
-        (svc.repo.root / "CURRENT").write_bytes(b"A" * 1_000_000)
+def test_health_with_a_1mb_pointer_is_small_and_echoes_nothing(fresh_svc):
+    with TestClient(fresh_svc.app, raise_server_exceptions=False) as c:
+        (fresh_svc.repo.root / "CURRENT").write_bytes(b"A" * 1_000_000)
         _reload(c)
         h = c.get("/health")
         assert h.status_code == 200 and len(h.content) < 2000, len(h.content)
         assert "AAAA" not in h.text and "too long" in h.json()["last_reload_error"]
 
 
-def test_health_names_no_server_paths(svc):
-    with TestClient(svc.app, raise_server_exceptions=False) as c:
-        shutil.rmtree(svc.store.root)  # the local store directory disappears
-        (svc.repo.root / "CURRENT").write_text("20990101T000000000000Z-nosuch\n")
+def test_health_names_no_server_paths(fresh_svc):
+    with TestClient(fresh_svc.app, raise_server_exceptions=False) as c:
+        shutil.rmtree(fresh_svc.store.root)  # the local store directory disappears
+        (fresh_svc.repo.root / "CURRENT").write_text("20990101T000000000000Z-nosuch\n")
         _reload(c)
         h = c.get("/health")
         assert h.status_code == 200
         body = h.json()
         assert body["store"].startswith("error:") and body["last_reload_error"]
-        assert str(svc.root) not in h.text and "/tmp" not in h.text, h.text
+        assert str(fresh_svc.root) not in h.text and "/tmp" not in h.text, h.text
         r = c.get(f"/images/{PREFIX}1000_red_circle.jpg")
-        assert str(svc.root) not in r.text
+        assert str(fresh_svc.root) not in r.text
 
 
 # --- URLs, keys ----------------------------------------------------------------------------
-def test_result_urls_ignore_the_host_header(svc):
-    with TestClient(svc.app) as c:
+def test_result_urls_ignore_the_host_header(fresh_svc):
+    with TestClient(fresh_svc.app) as c:
         r = c.post("/search_images_by_text", json={"query": "red", "top_k": 2},
                    headers={"Host": "evil.example"})
         assert r.status_code == 200
@@ -162,8 +150,8 @@ def test_result_urls_use_the_public_base_url(tiny_flickr, tmp_path, encoder):
 
 
 @pytest.mark.parametrize("part", ["a" * 256, "é" * 200, "x" * 1000])
-def test_over_long_image_key_is_404(svc, part):
-    with TestClient(svc.app, raise_server_exceptions=False) as c:
+def test_over_long_image_key_is_404(fresh_svc, part):
+    with TestClient(fresh_svc.app, raise_server_exceptions=False) as c:
         for url in (f"/images/{PREFIX}{part}", f"/images/{PREFIX}{part}?size=64",
                     f"/images/{PREFIX}{part}/y.jpg"):
             r = c.get(url)
@@ -172,14 +160,14 @@ def test_over_long_image_key_is_404(svc, part):
 
 
 # --- EXIF ---------------------------------------------------------------------------------
-def test_exif_rotated_upload_embeds_like_the_upright_image(svc):
+def test_exif_rotated_upload_embeds_like_the_upright_image(fresh_svc):
     rng = np.random.default_rng(0)
     stored = Image.fromarray(rng.integers(0, 255, (60, 120, 3), np.uint8)).resize((240, 120))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to view"
     tagged = encode(stored, "PNG", exif=exif.tobytes())
     upright = encode(stored.transpose(Image.Transpose.ROTATE_270), "PNG")
-    with TestClient(svc.app) as c:
+    with TestClient(fresh_svc.app) as c:
         def emb(data):
             r = c.post("/encode_image", files={"image": ("x.png", data, "image/png")},
                        headers=AUTH)

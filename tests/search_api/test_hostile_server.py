@@ -4,6 +4,7 @@ sockets (huge or slow request heads, bodies that stop, CPU-heavy JSON, odd Unico
 normal query must keep answering fast and nothing a client sends may give a 5xx."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -125,26 +127,23 @@ def health_time(server) -> float:
     return time.perf_counter() - t
 
 
-class During:
-    """Runs `attack` in a thread; meanwhile measures normal queries."""
+@contextlib.contextmanager
+def during(attack):
+    """Runs `attack` in a thread while the block measures normal queries; after the block the
+    yielded object holds what it returned (`result`) or raised (`error`)."""
+    outcome = types.SimpleNamespace(result=None, error=None)
 
-    def __init__(self, attack):
-        self.result = self.error = None
-        self.thread = threading.Thread(target=self._run, args=(attack,), daemon=True)
-
-    def _run(self, attack):
+    def run():
         try:
-            self.result = attack()
-        except Exception as exc:  # noqa: BLE001 - reported by join()
-            self.error = exc
+            outcome.result = attack()
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            outcome.error = exc
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "attack still running"
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield outcome
+    thread.join(60)
+    assert not thread.is_alive(), "attack still running"
 
 
 # --- 1. request heads -------------------------------------------------------------------------
@@ -175,7 +174,7 @@ def _send_huge(server, prefix: bytes, total: int) -> tuple[int | None, float]:
     ("header-name", b"GET /health HTTP/1.1\r\nHost: x\r\nX-", 431),
 ])
 def test_huge_request_head_refused_at_once(server, what, prefix, expected):
-    with During(lambda: _send_huge(server, prefix, 100 * 1024 * 1024)) as attack:
+    with during(lambda: _send_huge(server, prefix, 100 * 1024 * 1024)) as attack:
         time.sleep(0.05)
         times = [health_time(server) for _ in range(5)] + [query_time(server)]
     assert attack.error is None, attack.error
@@ -268,7 +267,7 @@ def test_big_json_body_refused_fast_and_queries_unaffected(server):
             send_until_answered(s, (raw[i:i + 65536] for i in range(0, len(raw), 65536)))
             return read_response(s)[0], time.perf_counter() - t
 
-    with During(attack) as attacking:
+    with during(attack) as attacking:
         times = [query_time(server) for _ in range(3)]
     assert attacking.error is None, attacking.error
     status, took = attacking.result

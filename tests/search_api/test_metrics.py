@@ -1,20 +1,14 @@
 """/metrics: Prometheus text with request latency per route, time per stage, the served index."""
 from __future__ import annotations
 
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.search_api.helpers import build_service, republish
+from tests.search_api.helpers import republish
 from tests.conftest import make_image
 
 KEY = "metrics-key"
-
-
-@pytest.fixture(scope="module")
-def svc(tiny_flickr, tmp_path_factory, encoder):
-    root, _ = tiny_flickr
-    return build_service(tmp_path_factory.mktemp("metrics"), root, encoder, api_key=KEY)
+SERVICE_OPTIONS = dict(api_key=KEY)
 
 
 def _samples(text: str) -> dict:
@@ -61,12 +55,12 @@ def test_metrics_cover_routes_stages_and_index(svc):
         assert _value(m, "search_api_request_duration_seconds_bucket",
                       route="/search_images_by_text", le="+Inf", **post) == 5
 
-        for stage in ("text_encode", "faiss_search", "image_fetch", "image_decode",
+        for stage in ("text_encode", "index_search", "image_fetch", "image_decode",
                       "image_encode", "thumbnail"):
             assert _value(m, "search_api_stage_duration_seconds_count", stage=stage) >= 1, stage
             assert _value(m, "search_api_stage_duration_seconds_sum", stage=stage) > 0, stage
         assert _value(m, "search_api_stage_duration_seconds_count", stage="text_encode") >= 4
-        assert _value(m, "search_api_stage_duration_seconds_count", stage="faiss_search") >= 5
+        assert _value(m, "search_api_stage_duration_seconds_count", stage="index_search") >= 5
 
         h = c.get("/health").json()
         assert _value(m, "search_api_index_vectors") == h["vector_count"] > 0
@@ -87,7 +81,7 @@ def test_metrics_follow_a_reload(svc):
         m = _samples(c.get("/metrics").text)
         assert _value(m, "search_api_index_vectors") == 3
         assert _value(m, "search_api_index_info", version=version,
-                      model_id=svc.state.encoder.model_id) == 1
+                      model_id=svc.service.model_id) == 1
         assert _value(m, "search_api_index_reloads_total", result="ok") == ok0 + 1
         assert _value(m, "search_api_index_reloads_total", result="error") >= 1
         assert _value(m, "search_api_stage_duration_seconds_count", stage="index_load") >= 1

@@ -15,11 +15,11 @@ from core.settings import Settings
 from flickr8k.sources import open_source
 from indexer import pipeline
 from indexer.ingest import ingest
+from indexer.faiss_index import FaissIndex
 from indexer.milvus_index import MilvusIndex
 from indexer.repository import IndexRepository
 from objectstore import LocalStore
-from search_api.main import create_app
-from search_api.state import ServiceState
+from search_api.main import build_service, create_app
 
 from .helpers import PREFIX, serve
 
@@ -42,9 +42,8 @@ def milvus_service(milvus_server, tiny_flickr, encoder, tmp_path_factory):
     settings = Settings(index_backend="milvus", milvus_uri=milvus_server.uri,
                         milvus_collection_prefix=milvus_prefix, reload_interval_s=0,
                         milvus_refresh_s=0.2, index_dir=str(tmp_path / "no-index-here"))
-    state = ServiceState(encoder, None, store, remote_index=index, refresh_s=0.2)
-    state.reload()
-    yield create_app(settings, state), state, index, store
+    service = build_service(settings, encoder=encoder, index=index, store=store)
+    yield create_app(settings, service), service, index, store
     for name in index.versions():
         index.client.drop_collection(name)
 
@@ -56,12 +55,12 @@ def _search(client, text, top_k=5):
 def test_same_results_and_scores_as_faiss(milvus_service, encoder, tmp_path):
     from fastapi.testclient import TestClient
 
-    app, state, index, store = milvus_service
+    app, service, index, store = milvus_service
     repo = IndexRepository(tmp_path / "faiss")
-    pipeline.rebuild(store, encoder, repo, PREFIX, progress=False)
-    faiss_state = ServiceState(encoder, repo, store)
-    faiss_state.reload()
-    faiss_app = create_app(Settings(index_dir=str(repo.root), reload_interval_s=0), faiss_state)
+    pipeline.rebuild(store, encoder, FaissIndex(repo), PREFIX, progress=False)
+    faiss_settings = Settings(index_dir=str(repo.root), reload_interval_s=0)
+    faiss_app = create_app(faiss_settings,
+                           build_service(faiss_settings, encoder=encoder, store=store))
     with TestClient(app) as m, TestClient(faiss_app) as f:
         for text in QUERIES:
             got, want = _search(m, text, 10).json(), _search(f, text, 10).json()
@@ -71,7 +70,7 @@ def test_same_results_and_scores_as_faiss(milvus_service, encoder, tmp_path):
             np.testing.assert_allclose([h["similarity"] for h in got["results"]],
                                        [h["similarity"] for h in want["results"]], atol=1e-5)
             assert got["total"] == want["total"] == 24
-            assert got["index_version"] == index.published_version(encoder.model_id)
+            assert got["index_version"] == index.published(encoder.model_id)
         batch = m.post("/search_images_by_texts", json={"queries": QUERIES[:3], "top_k": 3})
         assert [[h["key"] for h in r["results"]] for r in batch.json()] == \
             [[h["key"] for h in _search(f, t, 3).json()["results"]] for t in QUERIES[:3]]
@@ -80,30 +79,31 @@ def test_same_results_and_scores_as_faiss(milvus_service, encoder, tmp_path):
 def test_health_reports_backend_alias_collection_and_count(milvus_service, encoder):
     from fastapi.testclient import TestClient
 
-    app, state, index, _ = milvus_service
+    app, service, index, _ = milvus_service
     with TestClient(app) as c:
         h = c.get("/health").json()
+        assert service.index.backend == "milvus" and service.index.watch_s == 0.2
     assert h["status"] == "ok" and h["index_backend"] == "milvus"
     assert h["index_alias"] == index.alias(encoder.model_id)
-    assert h["index_collection"] == h["index_version"] == index.published_version(encoder.model_id)
+    assert h["index_collection"] == h["index_version"] == index.published(encoder.model_id)
     assert h["vector_count"] == 24
-    assert state.repo is None and state._thread is None  # nothing local, no file watcher
+    assert service.index._thread is None  # the refresher stops with the app
 
 
 def test_alias_switch_while_eight_threads_query(milvus_service, encoder, monkeypatch):
     from indexer.milvus_index import MilvusView
 
-    app, state, index, _ = milvus_service
+    app, service, index, _ = milvus_service
     calls = []
     real_search = MilvusView.search
 
-    def counted(self, queries, k, with_tail=False):
+    def counted(self, queries, k, readback=None):
         calls.append(len(queries))
-        return real_search(self, queries, k, with_tail=with_tail)
+        return real_search(self, queries, k, readback=readback)
 
     monkeypatch.setattr(MilvusView, "search", counted)
     model = encoder.model_id
-    old = index.published_version(model)
+    old = index.published(model)
     old_keys = set(index.indexed(model).etags)
     # the next version: half the images, the same vectors (no re-embedding)
     keys = sorted(old_keys)[::2]
@@ -142,12 +142,12 @@ def test_alias_switch_while_eight_threads_query(milvus_service, encoder, monkeyp
     assert seen == {old, version}
     for v, got in answers:  # each answer comes from the version it names, entirely
         assert got == (old_keys if v == old else set(keys))
-    # concurrent queries shared Milvus calls (state.remote_searches)
+    # concurrent queries shared Milvus calls (IndexHolder.search batches them)
     assert sum(calls) >= len(answers) and len(calls) < len(answers)
 
 
 def test_milvus_down_means_503_and_degraded_then_it_recovers(milvus_service, milvus_server):
-    app, state, index, _ = milvus_service
+    app, service, index, _ = milvus_service
     with serve(app) as base, httpx.Client(base_url=base, timeout=30) as c:
         assert _search(c, "a red circle").status_code == 200
         milvus_server.stop()

@@ -14,12 +14,7 @@ from fastapi.testclient import TestClient
 from tests.search_api.helpers import build_service, republish, serve
 
 KEY = "reload-key"
-
-
-@pytest.fixture
-def svc(tiny_flickr, tmp_path, encoder):
-    root, _ = tiny_flickr
-    return build_service(tmp_path, root, encoder, api_key=KEY)
+SERVICE_OPTIONS = dict(api_key=KEY)
 
 
 def _served(client) -> str:
@@ -31,8 +26,8 @@ def test_hot_reload_under_load_has_zero_failed_requests(tiny_flickr, tmp_path, e
     # the watcher polls every 50 ms; the admin endpoint forces checks in between
     svc = build_service(tmp_path, root, encoder, api_key=KEY, reload_interval_s=0.05)
     first = svc.repo.current_version()
-    versions = {first: set(svc.state.index.keys)}
-    n_all = svc.state.index.count
+    versions = {first: set(svc.service.index.current.keys)}
+    n_all = svc.service.index.current.count
     stop = threading.Event()
     results: list[tuple[str, list[str]]] = []
     failures: list[str] = []
@@ -88,17 +83,17 @@ def test_hot_reload_under_load_has_zero_failed_requests(tiny_flickr, tmp_path, e
                 r = admin.post("/admin/reload")
                 assert r.status_code == 200 and r.json()["version"] == version, r.text
             else:  # noticed by the watcher
-                _wait_for(lambda v=version: svc.state.index.version == v)
+                _wait_for(lambda v=version: svc.service.index.current.version == v)
             # let queries run against this version before the next swap
             _wait_for(lambda v=version: answered(v) >= 20, timeout=30)
 
         # a version built by another model is refused while traffic flows; the old one stays
-        served = svc.state.index.version
+        served = svc.service.index.current.version
         foreign, _ = republish(svc.repo, model_id="some-other-model-0123")
         r = admin.post("/admin/reload").json()
         assert r["changed"] is False and "model" in r["error"] and r["version"] == served
         time.sleep(0.3)  # the watcher sees it too, and keeps refusing
-        assert svc.state.index.version == served
+        assert svc.service.index.current.version == served
 
         # and the next good version is swapped in again
         good, keys = republish(svc.repo, keep=slice(0, 4), base=first)
@@ -129,15 +124,15 @@ def _wait_for(cond, timeout=10.0):
         time.sleep(0.01)
 
 
-def test_refuses_index_built_by_another_model(svc):
-    with TestClient(svc.app) as c:
+def test_refuses_index_built_by_another_model(fresh_svc):
+    with TestClient(fresh_svc.app) as c:
         before = _served(c)
-        foreign, _ = republish(svc.repo, model_id="another-model-abcdef")
+        foreign, _ = republish(fresh_svc.repo, model_id="another-model-abcdef")
         r = c.post("/admin/reload", headers={"X-API-Key": KEY})
         assert r.status_code == 200
         body = r.json()
         assert body["changed"] is False and body["version"] == before
-        assert "another-model-abcdef" in body["error"] and svc.state.encoder.model_id in body["error"]
+        assert "another-model-abcdef" in body["error"] and fresh_svc.service.model_id in body["error"]
         h = c.get("/health").json()
         assert h["index_version"] == before and "rebuild" in h["last_reload_error"]
         s = c.post("/search_images_by_text", json={"query": "red", "top_k": 2}).json()
@@ -146,11 +141,11 @@ def test_refuses_index_built_by_another_model(svc):
 
 @pytest.mark.parametrize("damage", ["corrupt-index", "missing-index", "truncated-table",
                                     "corrupt-manifest", "missing-version-dir", "empty-dir"])
-def test_damaged_version_at_reload_keeps_old_serving(svc, damage):
-    with TestClient(svc.app) as c:
+def test_damaged_version_at_reload_keeps_old_serving(fresh_svc, damage):
+    with TestClient(fresh_svc.app) as c:
         before = _served(c)
-        version, _ = republish(svc.repo, keep=slice(0, 2))
-        vdir = svc.repo.versions_dir / version
+        version, _ = republish(fresh_svc.repo, keep=slice(0, 2))
+        vdir = fresh_svc.repo.versions_dir / version
         if damage == "corrupt-index":
             data = bytearray((vdir / "index.faiss").read_bytes())
             data[len(data) // 2] ^= 0xFF
@@ -177,17 +172,17 @@ def test_damaged_version_at_reload_keeps_old_serving(svc, damage):
         assert len(s.json()["results"]) == 3
 
 
-def test_watcher_reports_a_bad_version_once_then_takes_the_next_good_one(svc):
-    version, _ = republish(svc.repo, keep=slice(0, 2))
-    (svc.repo.versions_dir / version / "index.faiss").write_bytes(b"garbage")
-    before = svc.state.index.version
+def test_watcher_reports_a_bad_version_once_then_takes_the_next_good_one(fresh_svc):
+    version, _ = republish(fresh_svc.repo, keep=slice(0, 2))
+    (fresh_svc.repo.versions_dir / version / "index.faiss").write_bytes(b"garbage")
+    before = fresh_svc.service.index.current.version
     for _ in range(5):  # what the watcher does every interval
-        svc.state.reload(retry_failed=False)
-    assert svc.state.reload_counts["error"] == 1 and svc.state.index.version == before
-    good, keys = republish(svc.repo, keep=slice(0, 3), base=before)
-    svc.state.reload(retry_failed=False)
-    assert svc.state.index.version == good and svc.state.last_reload_error is None
-    assert set(svc.state.index.keys) == keys
+        fresh_svc.service.index.reload(retry_failed=False)
+    assert fresh_svc.service.index.reload_counts["error"] == 1 and fresh_svc.service.index.current.version == before
+    good, keys = republish(fresh_svc.repo, keep=slice(0, 3), base=before)
+    fresh_svc.service.index.reload(retry_failed=False)
+    assert fresh_svc.service.index.current.version == good and fresh_svc.service.index.last_error is None
+    assert set(fresh_svc.service.index.current.keys) == keys
 
 
 def test_starts_without_an_index_then_picks_one_up(tiny_flickr, tmp_path, encoder):
@@ -203,17 +198,17 @@ def test_starts_without_an_index_then_picks_one_up(tiny_flickr, tmp_path, encode
         assert r.status_code == 503
         # an index appears: copy the built one in and publish it
         cur = svc.repo.load()
-        v = empty.repo.publish(cur.index, cur.ids, cur.keys, cur.etags, cur.model_id)
+        v = empty.repo.commit_version(cur.index, cur.ids, cur.keys, cur.etags, cur.model_id)
         assert c.post("/admin/reload", headers={"X-API-Key": KEY}).json()["version"] == v
         assert c.post("/search_images_by_text", json={"query": "red"}).status_code == 200
         assert c.get("/health").json()["status"] == "ok"
 
 
-def test_reload_response_and_manifest_agree(svc):
-    with TestClient(svc.app) as c:
-        version, keys = republish(svc.repo, keep=slice(0, 4))
+def test_reload_response_and_manifest_agree(fresh_svc):
+    with TestClient(fresh_svc.app) as c:
+        version, keys = republish(fresh_svc.repo, keep=slice(0, 4))
         r = c.post("/admin/reload", headers={"X-API-Key": KEY}).json()
-        manifest = json.loads((svc.repo.versions_dir / version / "manifest.json").read_text())
+        manifest = json.loads((fresh_svc.repo.versions_dir / version / "manifest.json").read_text())
         assert r == {"changed": True, "version": version, "previous": r["previous"],
                      "vector_count": manifest["count"], "error": None}
         assert c.post("/admin/reload", headers={"X-API-Key": KEY}).json()["changed"] is False

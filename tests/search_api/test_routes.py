@@ -4,20 +4,10 @@ import io
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import make_image
-from tests.search_api.helpers import build_service
-
-
-
-@pytest.fixture(scope="module")
-def client(tiny_flickr, tmp_path_factory, encoder):
-    root, _ = tiny_flickr
-    svc = build_service(tmp_path_factory.mktemp("api"), root, encoder, max_top_k=50)
-    with TestClient(svc.app) as c:
-        yield c
+SERVICE_OPTIONS = dict(max_top_k=50)
 
 
 def _jpeg(color="red", shape="circle"):

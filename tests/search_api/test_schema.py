@@ -14,8 +14,6 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-from tests.search_api.helpers import build_service  # noqa: E402
-
 OPERATIONS = [
     "GET /health",
     "GET /images/{key}",
@@ -36,11 +34,11 @@ EXAMPLES = 25
 KEY = "schema-test-key"
 
 
+SERVICE_OPTIONS = dict(max_top_k=20, api_key=KEY)
+
+
 @pytest.fixture(scope="module")
-def api_schema(tiny_flickr, tmp_path_factory, encoder):
-    root, _ = tiny_flickr
-    svc = build_service(tmp_path_factory.mktemp("schema"), root, encoder, max_top_k=20,
-                        api_key=KEY)
+def api_schema(svc):
     return schemathesis.openapi.from_asgi("/openapi.json", svc.app)
 
 

@@ -10,22 +10,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.search_api.helpers import PREFIX, build_service
+from tests.search_api.helpers import PREFIX
 
 S = "/search_images_by_text"
-
-
-@pytest.fixture(scope="module")
-def svc(tiny_flickr, tmp_path_factory, encoder):
-    root, _ = tiny_flickr
-    # every image of the tiny set (24), so that there is something to page through
-    return build_service(tmp_path_factory.mktemp("search"), root, encoder, split="all")
-
-
-@pytest.fixture(scope="module")
-def client(svc):
-    with TestClient(svc.app) as c:
-        yield c
+# every image of the tiny set (24), so that there is something to page through
+SERVICE_OPTIONS = dict(split="all")
 
 
 def _keys(r):
@@ -117,20 +106,20 @@ def test_concurrent_queries_match_sequential(client, svc):
     queries = [f"a {c} {s}" for c in ("red", "green", "blue", "black") for s in ("circle", "square")]
     alone = {q: client.post("/encode_text", json={"text": q}).json()["embedding"] for q in queries}
     calls = {"n": 0}
-    real = svc.state.encode_texts.fn
+    real = svc.service.encoders.texts.fn
 
     def counting(texts):
         calls["n"] += 1
         return real(texts)
 
-    svc.state.encode_texts.fn = counting
+    svc.service.encoders.texts.fn = counting
     try:
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(
                 lambda q: client.post("/encode_text", json={"text": q}).json()["embedding"],
                 queries * 3))
     finally:
-        svc.state.encode_texts.fn = real
+        svc.service.encoders.texts.fn = real
     for q, vec in zip(queries * 3, together):
         assert np.allclose(vec, alone[q], atol=1e-5), q
     assert calls["n"] <= len(queries) * 3
@@ -161,7 +150,7 @@ def test_hubness_corrected_model_reports_cosine_and_ranks_by_corrected_score(
         assert res.status_code == 200, res.text
         hits = res.json()["results"]
     q = enc.encode_texts(["a red circle"])[0]
-    emb = enc.scoring.embeddings(svc.state.index.stored_vectors([h["key"] for h in hits]))
+    emb = enc.scoring.embeddings(svc.service.index.current.stored_vectors([h["key"] for h in hits]))
     bias = enc.scoring.image_bias(emb)
     for h, v, b in zip(hits, emb, bias):
         assert h["similarity"] == pytest.approx(float(q @ v), abs=1e-4)  # plain cosine

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from playwright import sync_api  # noqa: E402
 
-from tests.search_api.helpers import PREFIX, build_service, serve
+from tests.search_api.helpers import PREFIX, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -33,10 +33,11 @@ ALL_LOADED = """n => {
 }"""
 
 
+SERVICE_OPTIONS = dict(split="all", api_key=KEY)
+
+
 @pytest.fixture(scope="module")
-def base_url(tiny_flickr, tmp_path_factory, encoder):
-    root, _ = tiny_flickr
-    svc = build_service(tmp_path_factory.mktemp("web"), root, encoder, split="all", api_key=KEY)
+def base_url(svc):
     with serve(svc.app) as url:
         yield url
 

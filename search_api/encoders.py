@@ -1,0 +1,36 @@
+"""The model's two towers behind micro-batchers: concurrent queries share one forward pass
+(search_api.batching), and the model is never called from several threads at once."""
+from __future__ import annotations
+
+from typing import Callable
+
+from encoder import Encoder
+from search_api.batching import Batcher
+
+IMAGE_BATCH_MAX = 16
+
+
+class QueryEncoders:
+    def __init__(self, encoder: Encoder, text_batch_max: int = 64,
+                 observe: Callable[[str, float], None] | None = None):
+        observe = observe or (lambda stage, seconds: None)
+        self.encoder = encoder
+        self.model_id = encoder.model_id
+        self.dim = encoder.dim
+        self.scoring = encoder.scoring
+        self.texts = Batcher(encoder.encode_texts, "text", max_batch=text_batch_max,
+                             observe=lambda s, n: observe("text_encode", s))
+        self.images = Batcher(encoder.encode_images, "image", max_batch=IMAGE_BATCH_MAX,
+                              observe=lambda s, n: observe("image_encode", s))
+
+    async def encode_texts(self, texts: list[str]):
+        """[N, dim] float32 embeddings."""
+        return await self.texts(texts)
+
+    async def encode_images(self, images: list):
+        return await self.images(images)
+
+    def close(self) -> None:
+        """Stop the worker threads (they restart on the next use)."""
+        self.texts.close()
+        self.images.close()
