@@ -3,6 +3,10 @@
 # simple auth manager from AIRFLOW_ADMIN_USER / AIRFLOW_ADMIN_PASSWORD, then exit 0.
 set -euo pipefail
 airflow db migrate
+# the one-slot pool the index-writing tasks run in (dags/flickr8k_common.py): without it
+# Airflow never schedules publish_index
+airflow pools get flickr8k_index_writers >/dev/null 2>&1 ||
+  airflow pools set flickr8k_index_writers 1 "index writers: publish and prune, one at a time"
 python - <<'PY'
 import json, os
 path = os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]

@@ -157,6 +157,10 @@ PY
 
   wait_http api "http://127.0.0.1:$API_PORT/health" 180
   wait_http airflow "http://127.0.0.1:$AIRFLOW_PORT/api/v2/version" 240
+  # the one-slot pool the index-writing tasks run in (dags/flickr8k_common.py): without it
+  # Airflow never schedules publish_index
+  airflow pools get flickr8k_index_writers >/dev/null 2>&1 ||
+    airflow pools set flickr8k_index_writers 1 "index writers: publish and prune, one at a time" >/dev/null
   echo "== stack up in $((SECONDS - t0)) s (state under $STACK_DIR; 'deploy/local_stack.sh stop' stops it)"
   status
 }
