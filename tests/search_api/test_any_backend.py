@@ -120,3 +120,31 @@ def test_a_third_backend_serves_like_faiss(svc, client, encoder, remote):
         c.post("/admin/reload")
         assert _search(c, QUERIES[1]).status_code == 200
     assert index.searches > 0
+
+
+def test_the_registered_test_backend_serves_like_faiss(svc, client, encoder, tmp_path,
+                                                       monkeypatch):
+    """The seam end to end: the test-only NumPy backend, registered by one line, is picked by
+    INDEX_BACKEND for the index build and for the service, which answers as FAISS does."""
+    from indexer import pipeline
+    from indexer.vector_index import BACKENDS, open_index
+
+    monkeypatch.setitem(BACKENDS, "numpy", "tests.indexer.numpy_index:NumpyIndex")
+    settings = svc.settings.model_copy(update={"index_backend": "numpy",
+                                               "index_dir": str(tmp_path / "numpy")})
+    writer = open_index(settings)
+    built = pipeline.rebuild(svc.store, encoder, writer, svc.settings.images_prefix,
+                             progress=False)
+    assert built.count == svc.repo.load().count
+    service = build_service(settings, encoder=encoder, store=svc.store)
+    assert type(service.index.vector_index).__name__ == "NumpyIndex"
+    with TestClient(create_app(settings, service)) as numpy_client:
+        health = numpy_client.get("/health").json()
+        assert health["status"] == "ok" and health["index_backend"] == "numpy"
+        for text in QUERIES:
+            got, want = _search(numpy_client, text).json(), _search(client, text).json()
+            assert [h["key"] for h in got["results"]] == [h["key"] for h in want["results"]]
+            np.testing.assert_allclose([h["score"] for h in got["results"]],
+                                       [h["score"] for h in want["results"]], atol=1e-5)
+            assert got["total"] == want["total"]
+    writer.close()
