@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 "text": args.query, "top_k": str(args.top_k),
                 "image_embeddings": json.dumps(embeddings), **filters})
         else:
-            r = http.post("/search_images_by_text", json={"query": args.query, "top_k": args.top_k,
-                                                          **filters})
+            r = http.post("/search_images_by_text",
+                          json={"query": args.query, "top_k": args.top_k, **filters})
         if r.status_code != 200:
             print(f"error: search failed: {r.status_code} {r.text}", file=sys.stderr)
             return 1

@@ -151,7 +151,8 @@ def test_a_model_without_a_scale_answers_null_and_refuses_min_match(tiny_flickr,
         assert all(f["type"] == "null" and "no match scale" in f["description"] for f in fields)
         for route, kw in ((S, {"json": {"query": "a red circle", "min_match": 50}}),
                           (S, {"data": {"text": "a red circle", "min_match": "50"}}),
-                          ("/search_images_by_texts", {"json": {"queries": ["a"], "min_match": 5}})):
+                          ("/search_images_by_texts",
+                           {"json": {"queries": ["a"], "min_match": 5}})):
             refused = c.post(route, **kw)
             assert refused.status_code == 422, (route, refused.text)
             assert "min_match" in refused.text
