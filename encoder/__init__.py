@@ -12,6 +12,8 @@
     inference.py        `Encoder`: numpy in, L2-normalised numpy out, on eager PyTorch or
                         runtime_onnx.py's ONNX Runtime towers (fp32 / int8)
     scoring.py          how an embedding becomes the vector an index stores or searches
+    match_scale.py      what a score means to a person: the 0-100 match, calibrated on dev
+                        captions and kept in the model card
 
 The names below are imported on first use, so `import encoder.spec` does not import torch.
 """
@@ -24,7 +26,7 @@ _EXPORTS = {
     "DualEncoder": "encoder.model", "ModelConfig": "encoder.model",
     "EmbeddingModel": "encoder.protocol", "LoadedModel": "encoder.protocol",
     "Encoder": "encoder.inference",
-    "Scoring": "encoder.scoring",
+    "Scoring": "encoder.scoring", "MatchScale": "encoder.match_scale",
     "load_checkpoint": "encoder.loading", "read_card": "encoder.loading",
     "read_scoring": "encoder.loading", "update_card": "encoder.loading",
     "save_checkpoint": "encoder.checkpoint",

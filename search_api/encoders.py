@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from encoder import Encoder
+from encoder.match_scale import MatchScale
 from search_api.batching import Batcher
 
 IMAGE_BATCH_MAX = 16
@@ -18,6 +19,8 @@ class QueryEncoders:
         self.model_id = encoder.model_id
         self.dim = encoder.dim
         self.scoring = encoder.scoring
+        # what a score means to a person (None: the card holds no calibration)
+        self.match_scale = MatchScale.from_card(encoder.loaded.card)
         self.texts = Batcher(encoder.encode_texts, "text", max_batch=text_batch_max,
                              observe=lambda s, n: observe("text_encode", s))
         self.images = Batcher(encoder.encode_images, "image", max_batch=IMAGE_BATCH_MAX,

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from encoder.preprocessing import BadImage
 from search_api.images import ImageTooLarge
 from search_api.index_holder import NoIndex
-from search_api.search_service import BadEmbeddings
+from search_api.search_service import BadEmbeddings, NoMatchScale
 from search_api.stored_images import ImageNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (ImageTooLarge, 413, ""),
     (NoIndex, 503, ""),
     (BadEmbeddings, 422, ""),
+    (NoMatchScale, 422, ""),
     (ImageNotFound, 404, ""),
     (StoreUnavailable, 503, ""),
 ]

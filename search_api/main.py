@@ -121,8 +121,10 @@ def create_app(settings: Settings | None = None,
 
     app.include_router(web.router)
     app.include_router(system.router)
-    dim = service.encoders.dim if service is not None else None  # known when built before
-    app.include_router(search.build_router(settings, bodies(limits, dim)))
+    # known when the service is built before the app
+    dim = service.encoders.dim if service is not None else None
+    has_scale = service.match_scale is not None if service is not None else None
+    app.include_router(search.build_router(settings, bodies(limits, dim, has_scale)))
     web.mount_static(app)
     _openapi_security(app, settings)
     return app

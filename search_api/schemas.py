@@ -2,8 +2,9 @@
 
 The request models here carry no configured limits; `bodies(limits, dim)` derives the ones an
 app serves from the request limits (core.settings.RequestLimits: MAX_TOP_K, MAX_OFFSET,
-MAX_QUERY_CHARS, MAX_BATCH_QUERIES, the fixed sizes of given embeddings) and the model's
-dimension as field constraints, so validation and the OpenAPI schema both come from them. The
+MAX_QUERY_CHARS, MAX_BATCH_QUERIES, the fixed sizes of given embeddings) and the model (its
+dimension; whether it has a match scale, without which `min_match` can only be null) as field
+constraints, so validation and the OpenAPI schema both come from them. The
 other limits (body bytes, image pixels, request heads) are enforced where the bytes arrive; the
 README's "Request limits" table lists each and where.
 """
@@ -49,6 +50,15 @@ def _json_number(value, info: ValidationInfo):
 Int = Annotated[int, BeforeValidator(_json_number)]
 # the bounds inside the Annotated: on the Optional's Field they would be left out of the schema
 Score = Annotated[float, Field(ge=-1.0, le=1.0), BeforeValidator(_json_number)]
+Match = Annotated[float, Field(ge=0.0, le=100.0), BeforeValidator(_json_number)]
+MIN_MATCH_DOC = ("drop results whose `match` is below this (0..100); refused (422) when the "
+                 "model has no match scale")
+NO_MATCH_SCALE_DOC = ("null only: the served model has no match scale (use min_score; "
+                      "python -m training.calibrate gives a model one)")
+MATCH_DOC = ("how good a match this is, 0..100: the share (%) of true caption->image pairs of "
+             "the model's dev split that score at or below this hit (50: a typical true match). "
+             "Falls along the ranking as `score` does. null when the model has no match scale "
+             "(its card was not calibrated: python -m training.calibrate)")
 
 
 class TextIn(BaseModel):
@@ -69,6 +79,7 @@ class PageIn(BaseModel):
     offset: Int = Field(0, ge=0, description="skip this many results (pagination)")
     min_score: Score | None = Field(None,
                                     description="drop results that score below this")
+    min_match: Match | None = Field(None, description=MIN_MATCH_DOC)
 
 
 class ImageEmbeddingIn(BaseModel):
@@ -94,6 +105,7 @@ class BatchSearchIn(BaseModel):
     queries: list[str] = Field(min_length=1, description="1..MAX_BATCH_QUERIES query texts")
     top_k: Int = Field(5, ge=1)
     min_score: Score | None = None
+    min_match: Match | None = Field(None, description=MIN_MATCH_DOC)
 
     @field_validator("queries")
     @classmethod
@@ -109,7 +121,14 @@ class Hit(BaseModel):
     # cosine similarity of query and image (the original clients read this name); `score` is
     # what results are ranked by: the cosine minus the image's hubness term (README)
     similarity: float
+    match: float | None = Field(None, ge=0.0, le=100.0, description=MATCH_DOC,
+                                examples=[87.5])
     url: str | None = None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "rank": 1, "key": "flickr8k/images/1234_abcd.jpg", "filename": "1234_abcd.jpg",
+        "score": -0.102, "similarity": 0.412, "match": 87.5,
+        "url": "/images/flickr8k/images/1234_abcd.jpg"}]})
 
 
 class SearchOut(BaseModel):
@@ -158,10 +177,14 @@ class Bodies:
     search: type[SearchIn]
     batch: type[BatchSearchIn]
     page_fields: dict  # Form(...) constraints of the upload route's paging fields
+    min_match: object  # the type of min_match: float | None, or None for a model without a scale
 
 
-def bodies(limits: RequestLimits, dim: int | None = None) -> Bodies:
-    """Request models with the configured limits as constraints (validation and schema)."""
+def bodies(limits: RequestLimits, dim: int | None = None,
+           match_scale: bool | None = None) -> Bodies:
+    """Request models with the configured limits as constraints (validation and schema).
+    `match_scale` False (the served model has none): min_match may only be null, as the schema
+    says; None (not known yet): a number is accepted and refused at search time."""
     chars, top_k, offset = limits.max_query_chars, limits.max_top_k, limits.max_offset
     text_field = Field(validation_alias=AliasChoices("text", "query"), min_length=1,
                        max_length=chars, pattern=r"\S",
@@ -169,6 +192,11 @@ def bodies(limits: RequestLimits, dim: int | None = None) -> Bodies:
                                    "(`query` accepted too)")
     top_k_field = Field(5, ge=1, le=top_k, description=f"number of results (1..{top_k})")
     offset_field = Field(0, ge=0, le=offset, description="skip this many results (pagination)")
+
+    if match_scale is False:
+        MinMatch, min_match_field = type(None), Field(None, description=NO_MATCH_SCALE_DOC)
+    else:
+        MinMatch, min_match_field = Match | None, Field(None, description=MIN_MATCH_DOC)
 
     class TextBody(TextIn):
         text: str = text_field
@@ -183,6 +211,7 @@ def bodies(limits: RequestLimits, dim: int | None = None) -> Bodies:
         text: str = text_field
         top_k: Int = top_k_field
         offset: Int = offset_field
+        min_match: MinMatch = min_match_field
         image_embeddings: list[ImageEmbeddingBody] | None = Field(
             None, max_length=limits.MAX_GIVEN_EMBEDDINGS,
             description="rank exactly these embeddings (as /encode_image returned them, each "
@@ -195,6 +224,7 @@ def bodies(limits: RequestLimits, dim: int | None = None) -> Bodies:
         queries: list[Query] = Field(min_length=1, max_length=limits.max_batch_queries,
                                      description=f"1..{limits.max_batch_queries} query texts")
         top_k: Int = top_k_field
+        min_match: MinMatch = min_match_field
 
     for model, name in ((TextBody, "TextIn"), (SearchBody, "SearchIn"),
                         (BatchSearchBody, "BatchSearchIn"), (ImageEmbeddingBody, "ImageEmbeddingIn")):
@@ -202,4 +232,7 @@ def bodies(limits: RequestLimits, dim: int | None = None) -> Bodies:
     return Bodies(TextBody, SearchBody, BatchSearchBody, {
         "top_k": dict(ge=1, le=top_k, description=f"number of results (1..{top_k})"),
         "offset": dict(ge=0, le=offset, description="skip this many results (pagination)"),
-        "min_score": dict(ge=-1.0, le=1.0, description="drop results that score below this")})
+        "min_score": dict(ge=-1.0, le=1.0, description="drop results that score below this"),
+        "min_match": dict(description=NO_MATCH_SCALE_DOC) if match_scale is False else
+        dict(ge=0.0, le=100.0, description=MIN_MATCH_DOC)},
+        float | None if match_scale is not False else None)

@@ -4,8 +4,9 @@
 served index (`IndexHolder`: any backend, hot-swapped) and the image side (`StoredImages`:
 store, decode gate, thumbnails). `search()` turns query embeddings into the vectors the index
 searches (`Scoring`), searches one version for the whole request, reads each hit's cosine back
-where the score is not the plain cosine (hubness correction) and pages the ranking;
-`rank_given()` ranks embeddings a client sent instead (the original clients' mode).
+where the score is not the plain cosine (hubness correction), gives each hit its 0-100 match
+(the model's `MatchScale`, when its card has one) and pages the ranking; `rank_given()` ranks
+embeddings a client sent instead (the original clients' mode).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from encoder.match_scale import MatchScale
 from search_api.encoders import QueryEncoders
 from search_api.index_holder import IndexHolder
 from search_api.stored_images import StoredImages
@@ -23,12 +25,17 @@ class BadEmbeddings(ValueError):
     """Given embeddings that cannot be ranked (a 422)."""
 
 
+class NoMatchScale(ValueError):
+    """A min_match asked of a model without a match scale (a 422)."""
+
+
 @dataclass(frozen=True)
 class Hit:
     rank: int  # 1-based, in the full ranking (offset included)
     key: str
     score: float  # what the ranking is by
     similarity: float  # cosine of query and image
+    match: float | None = None  # 0-100, monotonic with score (None: the model has no scale)
 
 
 @dataclass(frozen=True)
@@ -50,16 +57,24 @@ class StageTimes:
             self.sink(stage, seconds)
 
 
-def page(scores, keys, similarities, offset: int, top_k: int,
-         min_score: float | None) -> list[Hit]:
-    """The hits ranked offset+1 .. offset+top_k, stopping at the first below min_score."""
+MATCH_DECIMALS = 1  # finer than a person reads, coarse enough to compare as shown
+
+
+def page(scores, keys, similarities, offset: int, top_k: int, min_score: float | None,
+         matches=None, min_match: float | None = None) -> list[Hit]:
+    """The hits ranked offset+1 .. offset+top_k, stopping at the first below min_score or
+    min_match (match falls along the ranking as the score does)."""
     hits = []
-    for rank, (score, key, cos) in enumerate(zip(scores, keys, similarities), 1):
+    matches = [None] * len(scores) if matches is None else matches
+    for rank, (score, key, cos, match) in enumerate(zip(scores, keys, similarities, matches), 1):
         if rank <= offset:
             continue
         if min_score is not None and score < min_score:
             break
-        hits.append(Hit(rank, key, float(score), float(cos)))
+        match = None if match is None else round(float(match), MATCH_DECIMALS)
+        if min_match is not None and match < min_match:  # on the number the client sees
+            break
+        hits.append(Hit(rank, key, float(score), float(cos), match))
         if len(hits) == top_k:
             break
     return hits
@@ -77,13 +92,31 @@ class SearchService:
     def model_id(self) -> str:
         return self.encoders.model_id
 
+    @property
+    def match_scale(self) -> MatchScale | None:
+        return self.encoders.match_scale
+
+    def _matches(self, scores, of_cosine: bool, min_match: float | None):
+        """Each ranking's 0-100 matches (None without a scale: then min_match is refused)."""
+        scale = self.match_scale
+        if scale is None:
+            if min_match is not None:
+                raise NoMatchScale("min_match needs a model with a match scale (this one has "
+                                   "none: use min_score, or calibrate it with "
+                                   "python -m training.calibrate)")
+            return [None] * len(scores)
+        to_match = scale.match_cosine if of_cosine else scale.match
+        return [to_match(s) for s in scores]
+
     def ready(self):
         """The served index view, or NoIndex / IndexDown (a 503 before any work is done)."""
         return self.index.require()
 
     async def search(self, query_embeddings: np.ndarray, top_k: int, offset: int = 0,
-                     min_score: float | None = None) -> list[Results]:
+                     min_score: float | None = None,
+                     min_match: float | None = None) -> list[Results]:
         """One Results per query embedding [Q, dim], all from one index version."""
+        self._matches([], False, min_match)  # refuse an unusable min_match before searching
         view = self.index.require()  # one reference for the whole request (a reload swaps it)
         scoring = self.encoders.scoring
         readback = scoring.readback_column
@@ -94,13 +127,18 @@ class SearchService:
         else:  # the score is not the cosine: read it back from each hit's stored component
             similarities = [scoring.cosine_from_readback(v, s[:len(v)])
                             for s, v in zip(scores, values)]
-        return [Results(view.version, view.count, page(s, k, c, offset, top_k, min_score))
-                for s, k, c in zip(scores, keys, similarities)]
+        matches = self._matches(scores, False, min_match)
+        return [Results(view.version, view.count,
+                        page(s, k, c, offset, top_k, min_score, m, min_match))
+                for s, k, c, m in zip(scores, keys, similarities, matches)]
 
     def rank_given(self, query_embedding: np.ndarray, names: list[str], embeddings: list,
-                   top_k: int, offset: int = 0, min_score: float | None = None) -> Results:
+                   top_k: int, offset: int = 0, min_score: float | None = None,
+                   min_match: float | None = None) -> Results:
         """The original clients' mode: rank exactly the embeddings they sent (named `names`)
-        by cosine. BadEmbeddings when they are not all finite vectors of the model's size."""
+        by cosine (so their match is the cosine's). BadEmbeddings when they are not all finite
+        vectors of the model's size."""
+        self._matches([], True, min_match)
         dim = self.encoders.dim
         try:
             mat = np.asarray(embeddings, dtype=np.float64)
@@ -119,8 +157,10 @@ class SearchService:
             scores = np.zeros(0)
         order = np.argsort(-scores, kind="stable")
         scores = scores[order]
+        [matches] = self._matches([scores], True, min_match)
         return Results(None, len(names),
-                       page(scores, [names[i] for i in order], scores, offset, top_k, min_score))
+                       page(scores, [names[i] for i in order], scores, offset, top_k, min_score,
+                            matches, min_match))
 
     def start(self) -> None:
         self.index.start_watcher()

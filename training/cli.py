@@ -28,7 +28,7 @@ from training.train import LOSSES, TrainConfig
 log = logging.getLogger(__name__)
 # new checkpoints go here (git-ignored), never over the shipped MODEL_PATH unless --out says so
 RUNS_DIR = REPO_ROOT / "runs"
-COMMANDS = ("train", "ship", "export", "evaluate")
+COMMANDS = ("train", "ship", "export", "evaluate", "calibrate")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -158,15 +158,16 @@ def train_command(argv: list[str]) -> int:
 
 
 def ship_command(argv: list[str]) -> int:
+    from training.calibrate import calibrate
     from training.evaluate import evaluate_sets, record_evaluations
     from training.export import add_export_args, export_checkpoint
 
     p = argparse.ArgumentParser(
         prog="python -m training ship",
         description="Train (keeping the best epoch: --keep-best is implied), export the selected "
-                    "weights to --out, evaluate that file on dev and every --eval-set, and write "
-                    "its model card (and plots): the three steps `train`, `export`, `evaluate` "
-                    "in one command.")
+                    "weights to --out, evaluate that file on dev and every --eval-set, write "
+                    "its model card (and plots) and calibrate its 0-100 match score on dev: the "
+                    "steps `train`, `export`, `evaluate`, `calibrate` in one command.")
     add_train_args(p)
     p.add_argument("--out", required=True, help="the checkpoint to ship, e.g. "
                                                 "models/flickr8k-dual-encoder.pt")
@@ -186,6 +187,9 @@ def ship_command(argv: list[str]) -> int:
     results = evaluate_sets(str(out), sets, trainer.cfg.cache_dir, trainer.device,
                             use_cache=trainer.cfg.cache, plots=not args.no_plots)
     record_evaluations(str(out), results)
+    # what a score means to a person (the match the API and the page show), fitted on dev
+    calibrate(str(out), trainer.dev_split, trainer.cfg.cache_dir, trainer.device,
+              use_cache=trainer.cfg.cache, source=args.data or "")
     log.info("shippable checkpoint written to %s (serve it with MODEL_PATH=%s)", out, out)
     print(json.dumps({"checkpoint": str(out), "model_id": model_id,
                       "trained": {"checkpoint": str(trained), "model_id": trained_id,
@@ -205,4 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         from training.evaluate import main as evaluate_main
 
         return evaluate_main(argv)
+    if command == "calibrate":
+        from training.calibrate import main as calibrate_main
+
+        return calibrate_main(argv)
     return ship_command(argv) if command == "ship" else train_command(argv)

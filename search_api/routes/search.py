@@ -41,7 +41,7 @@ def _out(request: Request, query: str, model_id: str, results: Results, urls: bo
     return {"query": query, "model_id": model_id, "index_version": results.version,
             "total": results.total,
             "results": [{"rank": h.rank, "key": h.key, "filename": h.key.rsplit("/", 1)[-1],
-                         "score": h.score, "similarity": h.similarity,
+                         "score": h.score, "similarity": h.similarity, "match": h.match,
                          "url": base + quote(h.key, safe="/") if urls else None}
                         for h in results.hits]}
 
@@ -82,9 +82,11 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                       "embedding": vec[0].tolist(), "filename": filename, "text": None})
 
     @text.post("/search_images_by_text", response_model=SearchOut, responses=TEXT_ERRORS,
-                 description="Top-k images for a text. `offset` pages on; `min_score` drops weak "
-                             "matches; `image_embeddings` ranks the given embeddings instead of "
-                             "the index." + FORM_NOTE)
+                 description="Top-k images for a text. `offset` pages on; `min_score` (or "
+                             "`min_match`, 0..100) drops weak matches; `image_embeddings` ranks "
+                             "the given embeddings instead of the index. Each hit's `match` is "
+                             "the one number for people (0..100, null for a model without a "
+                             "match scale)." + FORM_NOTE)
     async def search_images_by_text(request: Request, body: SearchBody):
         service = request.app.state.service
         given = body.image_embeddings
@@ -94,9 +96,10 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         if given is not None:
             results = service.rank_given(vec[0], [e.filename for e in given],
                                          [e.embedding for e in given], body.top_k, body.offset,
-                                         body.min_score)
+                                         body.min_score, body.min_match)
             return _json(_out(request, body.text, service.model_id, results, urls=False))
-        [results] = await service.search(vec, body.top_k, body.offset, body.min_score)
+        [results] = await service.search(vec, body.top_k, body.offset, body.min_score,
+                                         body.min_match)
         return _json(_out(request, body.text, service.model_id, results))
 
     @router.post("/search_images_by_image", response_model=SearchOut, dependencies=[ApiKeyDep],
@@ -105,14 +108,15 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             image: ImageFile, service: ServiceDep, request: Request,
             top_k: Annotated[int, Form(**page["top_k"])] = 5,
             offset: Annotated[int, Form(**page["offset"])] = 0,
-            min_score: Annotated[float | None, Form(**page["min_score"])] = None):
+            min_score: Annotated[float | None, Form(**page["min_score"])] = None,
+            min_match: Annotated[bodies.min_match, Form(**page["min_match"])] = None):
         """Images that look like the uploaded one (multipart `image`, optional `top_k`,
-        `offset`, `min_score`)."""
+        `offset`, `min_score`, `min_match`)."""
         filename, data = await read_image(image)
         img = await service.images.decode_upload(data)
         service.ready()
         vec = await service.encoders.encode_images([img])
-        [results] = await service.search(vec, top_k, offset, min_score)
+        [results] = await service.search(vec, top_k, offset, min_score, min_match)
         return _json(_out(request, filename, service.model_id, results))
 
     @text.post("/search_images_by_texts", response_model=list[SearchOut], responses=TEXT_ERRORS,
@@ -123,7 +127,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         service = request.app.state.service
         service.ready()
         vecs = await service.encoders.encode_texts(body.queries)
-        found = await service.search(vecs, body.top_k, 0, body.min_score)
+        found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match)
         return _json([_out(request, query, service.model_id, results)
                       for query, results in zip(body.queries, found)])
 

@@ -5,6 +5,8 @@
 const params = new URLSearchParams(location.search);
 const PAGE = Math.min(Math.max(parseInt(params.get("per_page") || "24", 10) || 24, 1), 100);
 const THUMB = 256;
+// ?min_match=N (0..100) hides results below an N% match
+const MIN_MATCH = params.has("min_match") ? Number(params.get("min_match")) : null;
 const $ = (id) => document.getElementById(id);
 
 let current = null; // {kind: "text", query} | {kind: "image", file}
@@ -57,12 +59,32 @@ function setBusy(on) {
   $("more").disabled = on;
 }
 
+// The one number shown for a hit. Its `match` (0-100, calibrated on the model's dev captions) when
+// the model has a match scale; else the ranking score itself, so the numbers still fall along
+// the list (the plain cosine would not, under hubness correction).
+function scoreText(hit) {
+  if (hit.match !== null && hit.match !== undefined) return `${Math.round(hit.match)}% match`;
+  return "score " + hit.score.toFixed(3);
+}
+
+function rawScores(hit) {
+  return `ranking score ${hit.score.toFixed(3)}, cosine ${hit.similarity.toFixed(3)}`;
+}
+
+function scoreTitle(hit) {
+  const raw = rawScores(hit);
+  if (hit.match === null || hit.match === undefined) return raw;
+  return `scores at least as well as ${Math.round(hit.match)}% of true caption matches ` +
+    `(${raw})`;
+}
+
 function addResult(hit) {
   const li = document.createElement("li");
   li.className = "hit";
   li.dataset.key = hit.key;
   li.dataset.score = String(hit.score);
   li.dataset.similarity = String(hit.similarity);
+  if (hit.match !== null && hit.match !== undefined) li.dataset.match = String(hit.match);
 
   const btn = document.createElement("button");
   btn.type = "button";
@@ -83,10 +105,9 @@ function addResult(hit) {
   rank.textContent = "#" + hit.rank;
   const score = document.createElement("span");
   score.className = "score";
-  // the number results are ranked by, so it falls along the list; the plain cosine is in the title
-  score.textContent = hit.score.toFixed(3);
-  score.title = `ranking score: cosine similarity minus the image's hubness correction ` +
-    `(cosine ${hit.similarity.toFixed(3)})`;
+  // one number that falls along the list; the raw figures are in the title
+  score.textContent = scoreText(hit);
+  score.title = scoreTitle(hit);
   const name = document.createElement("span");
   name.className = "name";
   name.textContent = hit.filename;
@@ -106,13 +127,15 @@ async function runSearch(append) {
       data = await call("/search_images_by_text", {
         method: "POST",
         headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({query: current.query, top_k: PAGE, offset: offset}),
+        body: JSON.stringify({query: current.query, top_k: PAGE, offset: offset,
+                              ...(MIN_MATCH === null ? {} : {min_match: MIN_MATCH})}),
       });
     } else {
       const form = new FormData();
       form.append("image", current.file, current.file.name || "image");
       form.append("top_k", String(PAGE));
       form.append("offset", String(offset));
+      if (MIN_MATCH !== null) form.append("min_match", String(MIN_MATCH));
       const headers = {};
       const key = $("api-key").value.trim();
       if (key) headers["X-API-Key"] = key;
@@ -170,7 +193,7 @@ function searchImage(file) {
 function openViewer(hit) {
   $("viewer-img").src = imageUrl(hit.key);
   $("viewer-img").alt = hit.filename;
-  $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  score ${hit.score.toFixed(3)} (cosine ${hit.similarity.toFixed(3)})`;
+  $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  ${scoreText(hit)} (${rawScores(hit)})`;
   $("viewer-open").href = imageUrl(hit.key);
   $("viewer").hidden = false;
   $("viewer-close").focus();

@@ -31,3 +31,20 @@ def fresh_svc(request, tiny_flickr, tmp_path, encoder):
 def client(request, svc):
     with TestClient(svc.app, **getattr(request.module, "CLIENT_OPTIONS", {})) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def calibrated_encoder(small_checkpoint, tiny_flickr, tmp_path_factory):
+    """The small test model with a match scale in its card (fitted on the tiny dev split), for
+    the tests of `match`; a module serves it by overriding its `encoder` fixture with this."""
+    import shutil
+
+    from encoder import Encoder
+    from training.calibrate import calibrate
+    from training.data import load_split_from_folder
+
+    tmp = tmp_path_factory.mktemp("calibrated")
+    path = tmp / "small.pt"
+    shutil.copy(small_checkpoint, path)
+    calibrate(str(path), load_split_from_folder(str(tiny_flickr[0]), "dev"), str(tmp / "cache"))
+    return Encoder.from_checkpoint(str(path))

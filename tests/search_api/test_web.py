@@ -1,8 +1,8 @@
 """The web page in a real headless browser (Debian's chromium, driven by playwright).
 
-Type a query, see thumbnails that really load, page on, open the full image, then search by an
-uploaded image and by a dropped one (the service needs an API key for that: the page asks for
-it). Screenshots of the results land in test-artifacts/ (git-ignored).
+Type a query, see thumbnails that really load with each hit's match, page on, open the full
+image, then search by an uploaded image and by a dropped one (the service needs an API key for
+that: the page asks for it). Screenshots of the results land in test-artifacts/ (git-ignored).
 
 `make setup` installs Debian's chromium (playwright drives that binary; no browser download);
 without it these tests fail rather than skip.
@@ -10,6 +10,7 @@ without it these tests fail rather than skip.
 from __future__ import annotations
 
 import base64
+import math
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,12 @@ ALL_LOADED = """n => {
 
 
 SERVICE_OPTIONS = dict(split="all", api_key=KEY)
+
+
+@pytest.fixture(scope="module")
+def encoder(calibrated_encoder):
+    """A model with a match scale: the page shows each hit's match."""
+    return calibrated_encoder
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def page(tmp_path_factory):
 def _hits(page) -> list[dict]:
     return page.eval_on_selector_all(
         "#results .hit", "els => els.map(e => ({key: e.dataset.key, score: +e.dataset.score, "
-                         "similarity: +e.dataset.similarity, "
+                         "similarity: +e.dataset.similarity, match: +e.dataset.match, "
                          "rank: e.querySelector('.rank').textContent, "
                          "shown: e.querySelector('.score').textContent, "
                          "title: e.querySelector('.score').title}))")
@@ -79,12 +86,12 @@ def test_text_search_thumbnails_paging_and_viewer(page, base_url):
     hits = _hits(page)
     assert [h["rank"] for h in hits] == [f"#{i}" for i in range(1, PER_PAGE + 1)]
     assert all(h["key"].startswith(PREFIX) for h in hits)
-    # the ranking score is shown, so the numbers fall along the list; the cosine is in the title
-    assert all(h["shown"] == f"{h['score']:.3f}" for h in hits)
-    assert [float(h["shown"]) for h in hits] == sorted((float(h["shown"]) for h in hits),
-                                                       reverse=True)
-    assert all("ranking score" in h["title"] and f"{h['similarity']:.3f}" in h["title"]
-               for h in hits)
+    # one number, the match, falls along the list; the ranking score and cosine are in the title
+    assert all(h["shown"] == f"{math.floor(h['match'] + 0.5)}% match" for h in hits)  # JS round
+    shown = [int(h["shown"].split("%")[0]) for h in hits]
+    assert shown == sorted(shown, reverse=True) and all(0 <= m <= 100 for m in shown)
+    assert all(f"ranking score {h['score']:.3f}" in h["title"]
+               and f"{h['similarity']:.3f}" in h["title"] for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert "Showing 8 of 24" in page.text_content("#summary")
     assert "q=a+red+circle" in page.url  # the search can be shared as a link
@@ -108,8 +115,17 @@ def test_text_search_thumbnails_paging_and_viewer(page, base_url):
     src = page.get_attribute("#viewer-img", "src")
     assert src == "/images/" + all_hits[2]["key"]  # the original, not the thumbnail
     assert all_hits[2]["key"].rsplit("/", 1)[-1] in page.text_content("#viewer-caption")
+    assert all_hits[2]["shown"] in page.text_content("#viewer-caption")
     page.keyboard.press("Escape")
     assert page.is_hidden("#viewer")
+    assert not page.errors, page.errors
+
+    # ?min_match=N keeps the matches of N% and more
+    cut = all_hits[5]["match"]
+    page.goto(f"{base_url}/?per_page=24&min_match={cut}&q=a+red+circle")
+    page.wait_for_function("() => document.getElementById('summary').textContent.includes('of')")
+    kept = _hits(page)
+    assert [h["key"] for h in kept] == [h["key"] for h in all_hits if h["match"] >= cut]
     assert not page.errors, page.errors
 
 
@@ -131,7 +147,9 @@ def test_search_by_uploaded_and_dropped_image(page, base_url, tiny_flickr):
     page.set_input_files("#file", str(path))
     page.wait_for_function(ALL_LOADED, arg=PER_PAGE)
     hits = _hits(page)
-    assert hits[0]["key"] == PREFIX + name and hits[0]["shown"] == "1.000"
+    # the image finds itself: score 1, beyond every true caption pair of the calibration
+    assert hits[0]["key"] == PREFIX + name and abs(hits[0]["score"] - 1.0) < 1e-3
+    assert hits[0]["shown"] == "100% match"
     assert page.is_visible("#query-image") and page.is_hidden("#error")
     page.wait_for_function("() => document.getElementById('query-thumb').naturalWidth > 0")
     page.click("#more")  # paging works for image searches too

@@ -62,6 +62,11 @@ def test_ship_equals_train_export_evaluate(tiny_flickr, tmp_path, flickr_style_s
         shipped["trained"]["epoch"]
     assert card["config"]["query_bank_size"] == 10
     assert (one / "model.curve.png").stat().st_size > 1000
+    # and its 0-100 match score is calibrated on dev, as `calibrate` alone would
+    calibrated = _run(["calibrate", "--data", str(root), "--device", "cpu", "--cache-dir",
+                       str(steps / "cache"), "--checkpoint", str(steps / "model.pt")], capsys)
+    assert card["match_scale"]["knots"] == read_card(steps / "model.pt")["match_scale"]["knots"]
+    assert calibrated
     assert (one / "model.examples.png").stat().st_size > 1000
 
 
@@ -75,7 +80,7 @@ def test_every_command_line_still_answers():
     """`python -m training` with and without a command, and the steps' own modules."""
     for argv in (["-m", "training", "--help"], ["-m", "training", "ship", "--help"],
                  ["-m", "training", "export", "--help"], ["-m", "training.export", "--help"],
-                 ["-m", "training.evaluate", "--help"]):
+                 ["-m", "training.evaluate", "--help"], ["-m", "training", "calibrate", "--help"]):
         out = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0, (argv, out.stderr)
