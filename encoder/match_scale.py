@@ -18,6 +18,7 @@ calibrated before) has no scale: `MatchScale.from_card` returns None.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -33,13 +34,19 @@ def _knots(values, n: int) -> tuple[float, ...]:
     return tuple(round(float(v), 6) for v in np.quantile(values, np.linspace(0, 1, n)))
 
 
-def _interpolate(knots: tuple[float, ...], values) -> np.ndarray:
-    """100 x the interpolated CDF at each value, clipped to [0, 100]."""
+@lru_cache(maxsize=64)
+def _curve(knots: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The interpolation points of a scale, made once (every search hit reads them)."""
     xs = np.asarray(knots, np.float64)
     levels = np.linspace(0.0, 100.0, len(xs))
     # equal knots (a narrow or tiny fit): keep the highest level of each, "at or below" wins
     xs, last = np.unique(xs[::-1], return_index=True)
-    levels = levels[::-1][last]
+    return xs, levels[::-1][last]
+
+
+def _interpolate(knots: tuple[float, ...], values) -> np.ndarray:
+    """100 x the interpolated CDF at each value, clipped to [0, 100]."""
+    xs, levels = _curve(knots)
     values = np.asarray(values, np.float64)
     if len(xs) == 1:
         out = np.where(values >= xs[0], 100.0, 0.0)
