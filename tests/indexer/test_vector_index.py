@@ -264,3 +264,68 @@ def test_indexer_commands_behave_alike(kind, request, tmp_path, tiny_flickr, sma
             for name in index.versions():
                 index.client.drop_collection(name)
         get_settings.cache_clear()
+
+
+# --- the invariant: reading a version page by page, verified against the store --------------
+def test_keys_page_reads_a_version_in_key_order_page_by_page(backend):
+    keys = _keys(25)
+    order = np.random.default_rng(9).permutation(25)  # written out of order, in two parts
+    version = backend.begin(MODEL, DIM)
+    vecs = unit_vectors(25, DIM, seed=9)
+    for part, chunk in (("p0", order[:12]), ("p1", order[12:])):
+        backend.write(version, [keys[i] for i in chunk], vecs[chunk],
+                      [f"e{i}" for i in chunk], part=part)
+    backend.publish(version)
+    pages, after = [], None
+    while page := backend.keys_page(version, after, 10):
+        assert len(page) <= 10
+        pages.append(page)
+        after = page[-1][0]
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert [r for p in pages for r in p] == [(k, f"e{i}") for i, k in enumerate(keys)]
+    assert backend.keys_page(version, keys[-1], 10) == []
+
+
+def test_verify_reports_missing_stale_extra_and_another_model(backend, tmp_path):
+    from indexer.verify import verify
+    from objectstore import LocalStore
+
+    store = LocalStore(tmp_path / "store", "b")
+    keys = _keys(12)
+    infos = [store.put(k, k.encode()) for k in keys]
+    store.put(f"{PREFIX}notes.txt", b"not an image")  # not indexed, not reported
+    backend.rebuild(MODEL, keys, unit_vectors(12, DIM), [o.etag for o in infos])
+    clean = verify(store, backend, PREFIX, MODEL, page=5)
+    assert clean.ok and (clean.objects, clean.rows) == (12, 12), clean.summary()
+    store.put(keys[3], b"changed")  # stale
+    store.put(_keys(1, 50)[0], b"new")  # missing
+    store.delete(keys[7])  # extra
+    found = verify(store, backend, PREFIX, MODEL, page=5)
+    assert not found.ok and not found.wrong_model
+    report = found.to_dict()
+    assert {k: (report[k]["count"], report[k]["first"]) for k in
+            ("missing", "stale", "extra", "duplicated")} == {
+        "missing": (1, _keys(1, 50)), "stale": (1, [keys[3]]), "extra": (1, [keys[7]]),
+        "duplicated": (0, [])}
+    assert "stale: 1" in found.summary() and keys[3] in found.summary()
+    other = verify(store, backend, PREFIX, "another-model-ffff")
+    assert not other.ok  # FAISS: the published version is another model's; Milvus: none is
+    assert other.wrong_model or other.to_dict()["missing"]["count"] == 12
+
+
+def test_verify_reports_a_key_held_twice_in_a_faiss_table(tmp_path):
+    from indexer.index_policy import new_flat_index
+    from indexer.verify import verify
+    from objectstore import LocalStore
+
+    store = LocalStore(tmp_path / "store", "b")
+    keys = _keys(4)
+    etags = [store.put(k, b"x").etag for k in keys]
+    index = FaissIndex(tmp_path / "index")
+    flat = new_flat_index(DIM)
+    flat.add_with_ids(unit_vectors(5, DIM), np.arange(5, dtype=np.int64))
+    index.repo.commit_version(flat, np.arange(5), keys + [keys[2]], etags + [etags[2]], MODEL)
+    for page in (2, 3, 100):  # the second row of the key never lands in a page of its own
+        found = verify(store, index, PREFIX, MODEL, page=page).to_dict()
+        assert found["duplicated"] == {"count": 1, "first": [keys[2]]} and not found["ok"]
+        assert found["rows"] == 5 and found["missing"]["count"] == found["extra"]["count"] == 0
