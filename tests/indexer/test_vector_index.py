@@ -329,3 +329,58 @@ def test_verify_reports_a_key_held_twice_in_a_faiss_table(tmp_path):
         found = verify(store, index, PREFIX, MODEL, page=page).to_dict()
         assert found["duplicated"] == {"count": 1, "first": [keys[2]]} and not found["ok"]
         assert found["rows"] == 5 and found["missing"]["count"] == found["extra"]["count"] == 0
+
+
+@pytest.mark.parametrize("kind", ["faiss", "milvus-lite"])
+def test_indexer_verify_command(kind, tmp_path, tiny_flickr, small_checkpoint, monkeypatch,
+                                capsys):
+    """`python -m indexer verify`: exit 0 on a clean index; a changed, an added and a deleted
+    image and another model each reported, exit 1."""
+    import pymilvus  # noqa: F401  (imported before MILVUS_URI names a file: it reads it then)
+
+    from flickr8k.sources import open_source
+    from indexer import cli
+    from indexer.ingest import ingest
+    from objectstore import LocalStore
+
+    root, _ = tiny_flickr
+    store = LocalStore(tmp_path / "store", "b")
+    ingest(open_source(str(root)), store, split="dev", progress=False)
+    env = {"STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(tmp_path / "store"),
+           "MINIO_BUCKET": "b", "INDEX_DIR": str(tmp_path / "index"),
+           "MODEL_PATH": str(small_checkpoint),
+           "INDEX_BACKEND": "milvus" if kind == "milvus-lite" else kind,
+           "MILVUS_URI": str(tmp_path / "lite.db"), "MILVUS_COLLECTION_PREFIX": "t_verify"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    monkeypatch.chdir(tmp_path)
+
+    def verify(*argv) -> tuple[int, dict]:
+        rc = cli.main(["--quiet", "verify", "--json", *argv])
+        return rc, json.loads(capsys.readouterr().out)
+
+    try:
+        assert cli.main(["--quiet", "rebuild"]) == 0
+        capsys.readouterr()
+        rc, report = verify()
+        assert rc == 0 and report["ok"] and report["objects"] == report["rows"] == 6, report
+        keys = [o.key for o in store.list(PREFIX)]
+        store.put(keys[0], store.get(keys[1]))  # stale: another content under the key
+        store.put(PREFIX + "zz-new.jpg", store.get(keys[2]))  # missing
+        store.delete(keys[3])  # extra
+        rc, report = verify()
+        assert rc == 1 and not report["ok"]
+        assert (report["stale"]["first"], report["missing"]["first"], report["extra"]["first"]) \
+            == ([keys[0]], [PREFIX + "zz-new.jpg"], [keys[3]])
+        assert cli.main(["--quiet", "verify"]) == 1  # the summary for people
+        assert "MISMATCH" in capsys.readouterr().out
+        assert cli.main(["--quiet", "update"]) == 0
+        capsys.readouterr()
+        assert verify()[0] == 0  # an update repairs it
+        monkeypatch.setenv("MODEL_PATH", str(tmp_path / "no-such-model.pt"))
+        get_settings.cache_clear()
+        rc, report = verify()  # another (here: no) model than the one that built the version
+        assert rc == 1 and (report["wrong_model"] or report["missing"]["count"] == 6)
+    finally:
+        get_settings.cache_clear()
