@@ -17,7 +17,8 @@ can be rerun after success without changing anything, and a failed step leaves n
 Two runs never plan against each other (`plan_shards`' `other_runs`): a scheduled re-index
 skips while any other index run is active (that run indexes what there is), and an ingestion
 waits for an active re-index to finish before it plans (its upload is then indexed on top of
-what that run published). Otherwise the second to publish would find its plan stale.
+what that run published; the waiting task holds one of the executor's task slots). Otherwise
+the second to publish would find its plan stale.
 
 The fan-out's functions are named after the DAG tasks that run them. Object-store and vector-index errors
 that look transient (server unreachable) are retried here with exponential back-off (tenacity);
