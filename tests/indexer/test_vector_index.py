@@ -384,3 +384,21 @@ def test_indexer_verify_command(kind, tmp_path, tiny_flickr, small_checkpoint, m
         assert rc == 1 and (report["wrong_model"] or report["missing"]["count"] == 6)
     finally:
         get_settings.cache_clear()
+
+
+def test_verify_refuses_a_listing_out_of_key_order(faiss_index):
+    """A merge-join of unsorted input would report nonsense: it stops instead."""
+    from indexer.verify import verify
+    from objectstore import ObjectInfo
+
+    class Unsorted:
+        def describe(self):
+            return "unsorted"
+
+        def list(self, prefix=""):
+            return iter([ObjectInfo(f"{PREFIX}b.jpg", 1, "e"), ObjectInfo(f"{PREFIX}a.jpg", 1, "e")])
+
+    faiss_index.rebuild(MODEL, [f"{PREFIX}a.jpg", f"{PREFIX}b.jpg"], unit_vectors(2, DIM),
+                        ["e", "e"])
+    with pytest.raises(RuntimeError, match="not in key order"):
+        verify(Unsorted(), faiss_index, PREFIX, MODEL)
