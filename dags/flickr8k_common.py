@@ -1,5 +1,6 @@
 """What both Flickr8k DAGs share: retry policy, the permanent-error rule, the index writers'
-pool, and the fanned-out tail embed_shard x N -> publish_index -> prune_versions (no DAG here).
+pool, how a run tells that another index run is active (`other_index_runs`), and the fanned-out
+tail embed_shard x N -> publish_index -> verify_index -> prune_versions (no DAG here).
 
 The task ids are those of earlier runs (Airflow keys task history, logs and XComs by them);
 each task here calls the `indexer.jobs` function of the same name.
@@ -20,6 +21,8 @@ from core.settings import get_settings
 # (`airflow pools set`, deploy/SCALING.md); a task of a missing pool is never scheduled.
 INDEX_WRITERS_POOL = "flickr8k_index_writers"
 INDEX_WRITERS_POOL_SLOTS = 1
+# the DAGs whose runs plan, embed and publish index versions
+INDEX_DAGS = ("flickr8k_data_ingestion", "flickr8k_reindex")
 
 DEFAULT_ARGS = {
     "owner": "flickr-search",
@@ -47,6 +50,14 @@ def fail_fast(fn):
     return run
 
 
+def other_index_runs(context) -> int:
+    """Runs of the index DAGs active now besides this task's own (Airflow's record of runs:
+    `plan_shards` skips or waits while there are any, see `indexer.jobs`)."""
+    ti, own = context["ti"], context["dag_run"].dag_id
+    return sum(max(0, ti.get_dr_count(dag_id=d, states=["running"]) - (d == own))
+               for d in INDEX_DAGS)
+
+
 @task(execution_timeout=timedelta(hours=6))
 @fail_fast
 def embed_shard(shard: dict) -> dict:
@@ -63,9 +74,19 @@ def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
     return jobs.publish_index(plan, embedded)
 
 
+@task(execution_timeout=timedelta(hours=2))
+@fail_fast
+def verify_index(published: dict) -> dict:
+    """The published version holds exactly the store's images (else the run fails, naming the
+    missing, stale, extra and duplicated keys)."""
+    from indexer import jobs
+
+    return jobs.verify_index(published)
+
+
 @task(pool=INDEX_WRITERS_POOL)
 @fail_fast
-def prune_versions(published: dict) -> dict:
+def prune_versions(verified: dict) -> dict:
     from indexer import jobs
 
     return jobs.prune_versions()
@@ -73,5 +94,5 @@ def prune_versions(published: dict) -> dict:
 
 def embed_publish_prune(plan):
     """Inside a DAG: `embed_shard` mapped over the plan's shards, `publish_index` once all
-    succeeded, then `prune_versions`."""
-    return prune_versions(publish_index(plan, embed_shard.expand(shard=plan)))
+    succeeded, `verify_index`, then `prune_versions`."""
+    return prune_versions(verify_index(publish_index(plan, embed_shard.expand(shard=plan))))

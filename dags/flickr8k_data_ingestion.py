@@ -1,16 +1,19 @@
 """`flickr8k_data_ingestion`: Flickr8k (URL, zip or folder) -> object store -> a new index version.
 
     fetch_archives -> verify_and_unpack -> upload_to_store -> plan_shards (short-circuit)
-        -> embed_shard x N (mapped) -> publish_index -> prune_versions
+        -> embed_shard x N (mapped) -> publish_index -> verify_index -> prune_versions
 
 Each task is an idempotent transaction done by `indexer.jobs` (this file only wires them):
 downloads resume and are checked (size / sha256 / zip CRC) before use, uploads are skipped when
 the object's content hash already matches. `plan_shards` splits what the index lacks into key
 ranges (EMBED_SHARD_SIZE keys each, at most EMBED_MAX_SHARDS); nothing to do -> the run stops
-there. `embed_shard` is mapped over the ranges (Airflow dynamic task mapping: one task instance
+there; while a re-index run is active it first waits for it to finish (that run publishes
+first; the plan is then made on its version, so nothing is embedded twice and no plan goes
+stale). `embed_shard` is mapped over the ranges (Airflow dynamic task mapping: one task instance
 per shard, run in parallel by the executor, a failed shard retried alone), and `publish_index`
 merges them into one new version once all succeeded (atomically: a failed run leaves the current
-version in place).
+version in place), and `verify_index` checks the published version against the store
+(`python -m indexer verify`: the run fails when they differ).
 
 Configuration (core.settings: environment of the Airflow workers or .env; a run's params win):
 FLICKR8K_SOURCE (a folder, a Flickr8k_Dataset.zip path or URL, as for `python -m indexer ingest`;
@@ -23,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
-from flickr8k_common import DEFAULT_ARGS, embed_publish_prune, fail_fast
+from flickr8k_common import DEFAULT_ARGS, embed_publish_prune, fail_fast, other_index_runs
 
 
 @dag(
@@ -70,12 +73,14 @@ def flickr8k_data_ingestion():
 
         return jobs.upload(unpacked["folder"], split=params["split"], limit=params["limit"])
 
-    @task.short_circuit
+    @task.short_circuit(execution_timeout=timedelta(hours=8))
     @fail_fast
-    def plan_shards(uploaded: dict) -> list[dict]:
+    def plan_shards(uploaded: dict, **context) -> list[dict]:
         from indexer import jobs
 
-        return jobs.plan_shards()
+        # a re-index run embedding meanwhile publishes first: plan on top of its version
+        return jobs.plan_shards(other_runs=lambda: other_index_runs(context),
+                                wait_for_others=True)
 
     embed_publish_prune(plan_shards(upload_to_store(verify_and_unpack(fetch_archives()))))
 

@@ -1,8 +1,10 @@
 """`flickr8k_reindex`: on a schedule, bring the index in line with the bucket.
 
-    plan_shards (short-circuit) -> embed_shard x N (mapped) -> publish_index -> prune_versions
+    plan_shards (short-circuit) -> embed_shard x N (mapped) -> publish_index -> verify_index
+        -> prune_versions
 
-`plan_shards` compares the bucket's images with the current index version (new or changed
+While another index run is active (an ingestion embedding an upload), `plan_shards` plans
+nothing and the run stops there: that run indexes what there is. Otherwise `plan_shards` compares the bucket's images with the current index version (new or changed
 objects, removed objects) and the model id of MODEL_PATH with the index's, without loading the
 model; when nothing differs the run stops there (the other tasks are skipped, no new version).
 Otherwise it splits the keys to embed into ranges (EMBED_SHARD_SIZE keys each, at most
@@ -10,8 +12,9 @@ EMBED_MAX_SHARDS); `embed_shard`, mapped over them (one task instance per shard,
 failed one retried alone), embeds its range's new objects and finds its removed ones, and
 `publish_index` publishes all shards' work at once (FAISS: one new version; Milvus updates
 in place). A changed model id means a full rebuild into a new version (also forced with the
-`force_rebuild` param; the plan then loads the model to begin it). The work is done by
-`indexer.jobs` and `indexer.shards`.
+`force_rebuild` param; the plan then loads the model to begin it). `verify_index` then checks
+that the published version holds exactly the bucket's images (`python -m indexer verify`) and
+fails the run when not. The work is done by `indexer.jobs` and `indexer.shards`.
 
 Schedule: REINDEX_SCHEDULE (cron or preset, read when the file is parsed; default @hourly).
 """
@@ -22,7 +25,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, task
 
 from core.settings import get_settings
-from flickr8k_common import DEFAULT_ARGS, embed_publish_prune, fail_fast
+from flickr8k_common import DEFAULT_ARGS, embed_publish_prune, fail_fast, other_index_runs
 
 
 @dag(
@@ -42,10 +45,12 @@ from flickr8k_common import DEFAULT_ARGS, embed_publish_prune, fail_fast
 def flickr8k_reindex():
     @task.short_circuit
     @fail_fast
-    def plan_shards(params=None) -> list[dict]:
+    def plan_shards(params=None, **context) -> list[dict]:
         from indexer import jobs
 
-        return jobs.plan_shards(force_rebuild=params["force_rebuild"])
+        # while an ingestion (or any other index run) is active, it indexes what there is
+        return jobs.plan_shards(force_rebuild=params["force_rebuild"],
+                                other_runs=lambda: other_index_runs(context))
 
     embed_publish_prune(plan_shards())
 

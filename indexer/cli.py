@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="model id, version, count, objects not indexed")
     pr = sub.add_parser("prune", help="delete old index versions")
     pr.add_argument("--keep", type=int, help="versions to keep (default: INDEX_KEEP_VERSIONS)")
+    ver = sub.add_parser("verify", help="check that the published version holds exactly the "
+                                        "store's images, current etags, current model; exit 1 "
+                                        "when not")
+    ver.add_argument("--json", action="store_true", help="the full report as JSON")
+    ver.add_argument("--show", type=int, default=10, help="keys listed per kind of problem")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     setup_logging()
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report.__dict__))
         elif args.cmd == "status":
             print(json.dumps(_status(s, store, index), indent=2))
+        elif args.cmd == "verify":
+            return _verify(s, store, index, args)
         else:
             from encoder import Encoder
             from indexer import pipeline
@@ -72,3 +79,17 @@ def _status(s, store, index) -> dict:
     except (FileNotFoundError, ValueError):
         model_id = None
     return status(store, index, s.images_prefix, model_id)
+
+
+def _verify(s, store, index, args) -> int:
+    """0 when the invariant holds, 1 when not (the report says how)."""
+    from encoder import read_card
+    from indexer.verify import verify
+
+    try:
+        model_id = read_card(s.model_path)["model_id"]
+    except (FileNotFoundError, ValueError):
+        model_id = None  # no model: any published version is another model's
+    result = verify(store, index, s.images_prefix, model_id, shown=max(0, args.show))
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.ok else 1

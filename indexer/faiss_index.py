@@ -21,6 +21,7 @@ name: a rebuild as it is, an update applied to its base (which must still be pub
 """
 from __future__ import annotations
 
+import bisect
 import json
 import shutil
 import time
@@ -53,6 +54,7 @@ class FaissIndex(VectorIndex):
     def __init__(self, repo: IndexRepository | str | Path):
         self.repo = repo if isinstance(repo, IndexRepository) else IndexRepository(repo)
         self._loaded: IndexVersion | None = None  # the last version indexed() loaded
+        self._table: tuple[str, list[tuple[str, str]]] | None = None  # keys_page's version
 
     @classmethod
     def from_settings(cls, settings) -> "FaissIndex":
@@ -89,6 +91,19 @@ class FaissIndex(VectorIndex):
 
     def versions(self) -> list[str]:
         return self.repo.list_versions()
+
+    def keys_page(self, version, after=None, limit=10_000) -> list[tuple[str, str]]:
+        """From the version's key table: one file, read and sorted once per version (kept
+        while pages of that version are asked for)."""
+        if self._table is None or self._table[0] != version:
+            keys, etags = self.repo.read_key_table(version)
+            self._table = (version, sorted(zip(keys, etags)))
+        rows = self._table[1]
+        start = 0 if after is None else bisect.bisect_right(rows, after, key=lambda r: r[0])
+        stop = min(len(rows), start + max(1, int(limit)))
+        if stop < len(rows):  # a key held twice stays in one page, where verify sees it
+            stop = bisect.bisect_right(rows, rows[stop - 1][0], key=lambda r: r[0])
+        return rows[start:stop]
 
     def prune(self, keep: int) -> dict:
         removed = self.repo.prune(keep)

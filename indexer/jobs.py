@@ -10,7 +10,15 @@ can be rerun after success without changing anything, and a failed step leaves n
                      shards; [] when nothing did (no model load, no version)
     embed_shard      one shard's range embedded and written (a rerun writes the same again)
     publish_index    once every shard succeeded: the plan's version published
+    verify_index     the published version holds exactly the store's images (indexer.verify);
+                     IndexMismatch fails the run when not
     prune_versions   old versions beyond INDEX_KEEP_VERSIONS
+
+Two runs never plan against each other (`plan_shards`' `other_runs`): a scheduled re-index
+skips while any other index run is active (that run indexes what there is), and an ingestion
+waits for an active re-index to finish before it plans (its upload is then indexed on top of
+what that run published; the waiting task holds one of the executor's task slots). Otherwise
+the second to publish would find its plan stale.
 
 The fan-out's functions are named after the DAG tasks that run them. Object-store and vector-index errors
 that look transient (server unreachable) are retried here with exponential back-off (tenacity);
@@ -39,15 +47,18 @@ from flickr8k.format import SourceNotFound
 from indexer.ingest import ingest
 from indexer.vector_index import IndexUnavailable, open_index
 from indexer.shards import StalePlan
+from indexer.verify import IndexMismatch
 from objectstore import InvalidKey, StoreAuthError, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors a retry cannot fix (bad credentials, a missing model file or source, a shard plan
-# overtaken by a newer version): fail at once.
+# overtaken by a newer version, an index that does not match the store): fail at once.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (StoreAuthError, InvalidKey, FileNotFoundError,
-                                                     SourceNotFound, StalePlan)
+                                                     SourceNotFound, StalePlan, IndexMismatch)
+OTHER_RUNS_POLL_S = 30.0  # how often a waiting ingestion asks whether the re-index finished
+OTHER_RUNS_WAIT_S = 7 * 3600.0  # longer than a re-index run may last (its dagrun_timeout)
 
 UNPACK_MARKER = ".complete.json"
 # what a task retries with back-off: the object store or the vector index (Milvus) not answering
@@ -167,11 +178,29 @@ def prune_versions(keep: int | None = None, settings: Settings | None = None) ->
 
 # --- fanned-out embedding: plan_shards -> embed_shard (mapped, one per shard) -> publish_index
 # (indexer.shards; the DAGs map `embed_shard` over the plan with Airflow dynamic task mapping)
-def plan_shards(force_rebuild: bool = False, settings: Settings | None = None) -> list[dict]:
+def plan_shards(force_rebuild: bool = False, settings: Settings | None = None,
+                other_runs: Callable[[], int] | None = None, wait_for_others: bool = False,
+                poll_s: float = OTHER_RUNS_POLL_S, wait_s: float = OTHER_RUNS_WAIT_S,
+                sleep: Callable[[float], None] = time.sleep) -> list[dict]:
     """Shard descriptors for what changed ([] when nothing did: no model load, no version).
-    EMBED_SHARD_SIZE keys per shard, at most EMBED_MAX_SHARDS shards."""
+    EMBED_SHARD_SIZE keys per shard, at most EMBED_MAX_SHARDS shards.
+
+    `other_runs()`: how many other index runs are active now (the DAGs ask Airflow). While
+    any is: `wait_for_others` (an ingestion) waits for them, polling every `poll_s`, up to
+    `wait_s` (then TimeoutError); otherwise (a scheduled re-index) the run plans nothing, [],
+    and leaves the work to them."""
     from indexer import shards
 
+    if other_runs is not None and other_runs():
+        if not wait_for_others:
+            log.info("another index run is active: it indexes what there is; nothing planned")
+            return []
+        deadline = time.monotonic() + wait_s
+        while other_runs():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"another index run was still active after {wait_s:.0f} s")
+            log.info("another index run is active: planning once it has finished")
+            sleep(poll_s)
     s = _settings(settings)
     store = with_retries(open_store, s)
     model_id = _model_id(s.model_path)
@@ -227,3 +256,15 @@ def publish_index(plan: list[dict], embedded: list[dict],
     with index_lock(s.index_dir):
         return with_retries(shards.publish_plan, open_index(s), shards.Shard.from_dict(plan[0]),
                             list(embedded), retry_on=TRANSIENT_ERRORS)
+
+
+def verify_index(published: dict | None = None, settings: Settings | None = None) -> dict:
+    """After a publish: the published version of MODEL_PATH's model holds exactly the store's
+    images, with their current etags (`indexer.verify`); IndexMismatch (a permanent error: the
+    run fails) when not, naming the first keys of each kind."""
+    from indexer.verify import verify_or_raise
+
+    s = _settings(settings)
+    store = with_retries(open_store, s)
+    return with_retries(verify_or_raise, store, open_index(s), s.images_prefix,
+                        _model_id(s.model_path), retry_on=TRANSIENT_ERRORS)

@@ -320,17 +320,24 @@ class MilvusIndex(VectorIndex):
         """key -> etag of every row, paged by key (Strong: sees every write made before)."""
         out: dict[str, str] = {}
         last = None
-        while True:
-            filt = "" if last is None else f"key > {json.dumps(last, ensure_ascii=False)}"
-            with self.calls():
-                rows = self.client.query(collection, filter=filt, limit=PAGE,
-                                         output_fields=["key", "etag"],
-                                         consistency_level="Strong", timeout=self.timeout_s * 6)
-            if not rows:
-                return out
-            for r in rows:
-                out[r["key"]] = r["etag"]
-            last = max(r["key"] for r in rows)
+        while rows := self.keys_page(collection, last, PAGE):
+            out.update(rows)
+            last = rows[-1][0]
+        return out
+
+    def keys_page(self, version, after=None, limit=10_000) -> list[tuple[str, str]]:
+        """One query on the primary key (`key > after`, at most `limit` rows, capped at PAGE).
+        In iterator mode, as pymilvus's query iterator asks, the server answers with the
+        smallest keys in order; a plain limited query returns any `limit` of them (milvus-lite
+        does). Strong: a page sees every write made before. A key cannot come twice: rows are
+        written by upsert on it, and a query returns one row per primary key."""
+        filt = "" if after is None else f"key > {json.dumps(after, ensure_ascii=False)}"
+        with self.calls():
+            rows = self.client.query(version, filter=filt, limit=max(1, min(int(limit), PAGE)),
+                                     output_fields=["key", "etag"], consistency_level="Strong",
+                                     iterator="True", reduce_stop_for_best="False",
+                                     timeout=self.timeout_s * 6)
+        return sorted((r["key"], r["etag"]) for r in rows)
 
     def status(self, model_id: str | None = None) -> dict:
         out = {"backend": self.backend, "version": None, "model_id": None, "count": 0,

@@ -185,6 +185,30 @@ class IndexRepository:
             return None
         return manifest if isinstance(manifest, dict) else None
 
+    def read_key_table(self, version: str) -> tuple[list[str], list[str]]:
+        """(keys, etags) of a version's table, checked against its manifest's checksum, without
+        loading the index (IndexLoadError when missing or damaged). Keys are not checked for
+        uniqueness here: `indexer verify` reports a key held twice."""
+        if not isinstance(version, str) or not VERSION_NAME.fullmatch(version):
+            raise IndexLoadError("not a valid index version name")
+        manifest = self.read_manifest(version)
+        if manifest is None:
+            raise IndexLoadError(f"index version {version} does not exist or has no manifest")
+        path = self.versions_dir / version / "table.json"
+        digest = (manifest.get("checksums") or {}).get("table.json")
+        try:
+            if digest is None or sha256_file(path) != digest:
+                raise IndexLoadError(f"index version {version}: table.json is corrupt "
+                                     "(checksum mismatch)")
+        except OSError as exc:
+            raise IndexLoadError(f"index version {version}: cannot read table.json "
+                                 f"({exc.strerror or type(exc).__name__})") from None
+        _, keys, etags = self._read_table(version, path)
+        if len(keys) != len(etags):
+            raise IndexLoadError(f"index version {version}: table has {len(keys)} keys and "
+                                 f"{len(etags)} etags")
+        return keys, etags
+
     def load(self, version: str | None = None, expect_model_id: str | None = None) -> IndexVersion:
         """Load and fully validate a version (default: the current one) before anyone can use
         it: manifest schema, checksums, the FAISS file, and a table aligned with the index

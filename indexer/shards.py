@@ -21,8 +21,9 @@ write straight into it (upserts by key: a retry writes the same rows).
 
 A plan belongs to the version published when it was made: once another one is published its
 shards and its publish fail at once (`StalePlan`, no retries) instead of overwriting newer work,
-and the next run plans again. A plan that was published is recognised, so re-running a finished
-run's tasks publishes nothing.
+and the next run plans again (the DAGs keep their runs from planning against each other:
+`jobs.plan_shards`). A plan that was published is recognised, so re-running a finished run's
+tasks publishes nothing.
 """
 from __future__ import annotations
 

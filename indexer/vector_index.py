@@ -21,7 +21,14 @@ Reading (the search service, `status`):
                                                number `readback`: what Scoring reads the
                                                cosine back from; no vectors over the wire)
     indexed(model_id) -> Indexed | None        the published version's keys -> etags, count
-    status(model_id) -> dict                   backend, version, count (+ alias, collection)
+    status(model_id) -> dict                   backend, version, model_id, count (+ alias,
+                                               collection)
+    keys_page(version, after=None, limit)      a version's (key, etag) rows in key order, the
+                                               first `limit` after key `after`: reads any size
+                                               page by page (`indexer.verify`); a key held
+                                               twice comes twice, in one page (a FAISS key
+                                               table could hold one twice; Milvus cannot:
+                                               an upsert replaces the row of its key)
 
 Whole-model writes (what `python -m indexer rebuild|update|prune` does):
 
@@ -136,6 +143,8 @@ class VectorIndex:
     def indexed(self, model_id: str | None) -> Indexed | None: raise NotImplementedError
     def status(self, model_id: str | None = None) -> dict: raise NotImplementedError
     def versions(self) -> list[str]: raise NotImplementedError
+    def keys_page(self, version: str, after: str | None = None,
+                  limit: int = 10_000) -> list[tuple[str, str]]: raise NotImplementedError
 
     # --- writing -----------------------------------------------------------------------------
     def prune(self, keep: int) -> dict: raise NotImplementedError

@@ -88,16 +88,30 @@ class LocalStore:
             raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
 
     def list(self, prefix=""):
-        base = self.root
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if _partial_write(name):
-                    continue
-                path = Path(dirpath) / name
-                key = path.relative_to(base).as_posix()
-                if key.startswith(prefix):
-                    yield ObjectInfo(key, *self._size_md5(path, key))
+        """Objects under `prefix` in key order (as S3 lists them), one directory at a time:
+        nothing is collected first, so a listing of a million keys streams."""
+        top = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / top if top else self.root
+        if top and (start.is_symlink() or self.root not in start.resolve().parents):
+            return
+        for path, key in self._walk_in_key_order(start, top + "/" if top else ""):
+            if key.startswith(prefix):
+                yield ObjectInfo(key, *self._size_md5(path, key))
+
+    def _walk_in_key_order(self, directory: Path, key_prefix: str):
+        """(path, key) of every object below `directory`, in key order: a folder's keys all
+        begin with `<name>/`, so it sorts among the files as that string."""
+        try:
+            with os.scandir(directory) as it:
+                entries = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e)
+                           for e in it]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name, entry in sorted(entries, key=lambda ne: ne[0]):
+            if name.endswith("/"):
+                yield from self._walk_in_key_order(Path(entry.path), key_prefix + name)
+            elif entry.is_file() and not _partial_write(name):
+                yield Path(entry.path), key_prefix + name
 
     def check(self):
         if not self.root.is_dir():

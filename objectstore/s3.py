@@ -1,6 +1,7 @@
 """S3 / MinIO backend through the `minio` client."""
 from __future__ import annotations
 
+import heapq
 import io
 
 from core.hashing import md5_hex
@@ -12,6 +13,8 @@ from objectstore.base import (
     StoreUnavailable,
     validate_key,
 )
+
+LIST_BUFFER = 10_000  # objects of one folder level held while listing it in key order
 
 
 class S3Store:
@@ -102,13 +105,40 @@ class S3Store:
         self._call(self.client.remove_object, self.bucket, key, key=key)
 
     def list(self, prefix=""):
-        it = self._call(self.client.list_objects, self.bucket, prefix=prefix, recursive=True)
-        while True:
-            obj = self._call(next, it, None)
-            if obj is None:
-                return
-            if not obj.is_dir:
-                yield ObjectInfo(obj.object_name, obj.size, (obj.etag or "").strip('"'))
+        """Objects under `prefix` in key order, one folder level at a time: a listing by
+        folder gives a page's objects first and its subfolders after them, and some servers
+        (SeaweedFS) list a subfolder `a/` where `a` sorts, before `a-b.jpg`. So a level's
+        subfolder names are gathered first (and its objects too, up to LIST_BUFFER; a larger
+        level is listed a second time rather than held), then objects and subfolders are
+        merged by key."""
+        folders: list[str] = []
+        objects: list[ObjectInfo] | None = []
+        for obj in self._level(prefix):
+            if obj.is_dir:
+                folders.append(obj.object_name)
+            elif objects is not None:
+                objects.append(ObjectInfo(obj.object_name, obj.size, (obj.etag or "").strip('"')))
+                if len(objects) > LIST_BUFFER:
+                    objects = None  # listed again below
+        if objects is not None:
+            objects.sort(key=lambda o: o.key)
+            again = iter(objects)
+        else:
+            again = (ObjectInfo(o.object_name, o.size, (o.etag or "").strip('"'))
+                     for o in self._level(prefix) if not o.is_dir)
+        heapq.heapify(folders)
+        for info in again:
+            while folders and folders[0] < info.key:
+                yield from self.list(heapq.heappop(folders))
+            yield info
+        while folders:
+            yield from self.list(heapq.heappop(folders))
+
+    def _level(self, prefix: str):
+        """One folder level as the server lists it: objects and subfolders (`is_dir`)."""
+        it = self._call(self.client.list_objects, self.bucket, prefix=prefix, recursive=False)
+        while (obj := self._call(next, it, None)) is not None:
+            yield obj
 
     def check(self):
         self._call(self.client.bucket_exists, self.bucket)

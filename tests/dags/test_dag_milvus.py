@@ -47,6 +47,7 @@ def test_reindex_dag_on_milvus(airflow_env, milvus_server, milvus_prefix, tiny_f
     assert len(shards) == 3 and all(run1["tasks"][t]["state"] == "success" for t in shards)
     rep = run1["xcom"]["publish_index"]
     assert rep["action"] == "rebuilt" and rep["count"] == len(names)
+    assert run1["xcom"]["verify_index"]["ok"]  # the alias's collection equals the store
     v1, etags1, vectors1 = _content(index, model)
     assert v1 == rep["version"] == index.published(model)
     assert sorted(etags1) == [PREFIX + n for n in names]
@@ -72,6 +73,7 @@ def test_reindex_dag_on_milvus(airflow_env, milvus_server, milvus_prefix, tiny_f
     run3 = run_dag(env, "flickr8k_reindex", logs)
     rep3 = run3["xcom"]["publish_index"]
     assert rep3["action"] == "updated" and rep3["added"] == 1 and rep3["removed"] == 1
+    assert run3["xcom"]["verify_index"]["rows"] == len(names)
     v3, etags3, _ = _content(index, model)
     assert v3 == v1 and added in etags3 and removed not in etags3
     assert len(etags3) == len(names) and index.versions() == [v1]

@@ -106,7 +106,8 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
     assert set(out["dags"]) == {"flickr8k_data_ingestion", "flickr8k_reindex"}
     ing, rei = out["dags"]["flickr8k_data_ingestion"], out["dags"]["flickr8k_reindex"]
     fan_out = {"plan_shards": [], "embed_shard": ["plan_shards"],
-               "publish_index": ["embed_shard", "plan_shards"], "prune_versions": ["publish_index"]}
+               "publish_index": ["embed_shard", "plan_shards"],
+               "verify_index": ["publish_index"], "prune_versions": ["verify_index"]}
     assert ing["upstream"] == {"fetch_archives": [], "verify_and_unpack": ["fetch_archives"],
                                "upload_to_store": ["verify_and_unpack"],
                                **fan_out, "plan_shards": ["upload_to_store"]}
@@ -153,7 +154,50 @@ def test_permanent_errors_fail_the_task_at_once(monkeypatch):
     assert "params" in inspect.signature(task_body).parameters
 
 
+def test_other_index_runs_counts_both_dags_but_not_the_own_run(monkeypatch):
+    """What `plan_shards` asks Airflow (the runtime task instance's `get_dr_count`): running
+    runs of either index DAG, the asking run itself not counted."""
+    monkeypatch.syspath_prepend(str(DAGS))
+    from flickr8k_common import INDEX_DAGS, other_index_runs
+
+    class TI:
+        def __init__(self, running):
+            self.running, self.asked = running, []
+
+        def get_dr_count(self, dag_id, states=None):
+            self.asked.append((dag_id, tuple(states)))
+            return self.running.get(dag_id, 0)
+
+    class Run:
+        dag_id = "flickr8k_reindex"
+
+    def count(running):
+        ti = TI(running)
+        n = other_index_runs({"ti": ti, "dag_run": Run()})
+        assert ti.asked == [(d, ("running",)) for d in INDEX_DAGS]
+        return n
+
+    assert count({"flickr8k_reindex": 1}) == 0  # this run alone
+    assert count({"flickr8k_reindex": 1, "flickr8k_data_ingestion": 1}) == 1
+    assert count({}) == 0  # the own run not (yet) counted as running: never negative
+
+
 # --- bucket / index state -------------------------------------------------------------------
+def _ingestion_running(env: dict, running: bool) -> None:
+    """Trigger an ingestion run and mark it running (no scheduler here to start it), or mark
+    that run failed again."""
+    import sqlite3
+    from contextlib import closing
+
+    if running:
+        r = subprocess.run([str(AIRFLOW), "dags", "trigger", "flickr8k_data_ingestion"], env=env,
+                           cwd=env["AIRFLOW_HOME"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with closing(sqlite3.connect(Path(env["AIRFLOW_HOME"]) / "airflow.db")) as db, db:
+        db.execute("UPDATE dag_run SET state=? WHERE dag_id='flickr8k_data_ingestion' AND "
+                   "run_type='manual' AND state=?",
+                   ("running", "queued") if running else ("failed", "running"))
+
 def _bucket(store) -> dict[str, tuple[str, str]]:
     return {o.object_name: (o.etag, o.last_modified.isoformat())
             for o in store.client.list_objects(store.bucket, recursive=True)}
@@ -228,6 +272,8 @@ def test_both_dags_for_real_twice(airflow_env, served_flickr, s3_server, small_c
     assert b1 == b0  # nothing re-uploaded after the failed run either
     assert len(i1["versions"]) == 1 and i1["count"] == n and i1["keys"] == _images(b1)
     assert run1["xcom"]["publish_index"]["action"] == "rebuilt"
+    verified = run1["xcom"]["verify_index"]  # the published version equals the bucket
+    assert verified["ok"] and verified["objects"] == verified["rows"] == n
     assert [t for t in run1["tasks"] if t.startswith("embed_shard")] == ["embed_shard[0]"]
     assert run1["xcom"]["upload_to_store"]["uploaded"] == 0  # the failed run had uploaded them
     assert len(seen) == 2  # no second download: the archives were already complete and checked
@@ -242,7 +288,7 @@ def test_both_dags_for_real_twice(airflow_env, served_flickr, s3_server, small_c
     assert run2["xcom"]["verify_and_unpack"]["unpacked"] is False
     assert run2["tasks"]["plan_shards"]["state"] == "success"
     assert "plan_shards" not in run2["xcom"]  # no shards: the rest is skipped
-    assert {run2["tasks"][t]["state"] for t in ("embed_shard", "publish_index",
+    assert {run2["tasks"][t]["state"] for t in ("embed_shard", "publish_index", "verify_index",
                                                 "prune_versions")} == {"skipped"}
     assert len(seen) == 2
 
@@ -250,6 +296,18 @@ def test_both_dags_for_real_twice(airflow_env, served_flickr, s3_server, small_c
     removed, added = _images(b2)[0], PREFIX + "9999_new_upload.jpg"
     store.delete(removed)
     store.put(added, make_image("red", "circle", 999), content_type="image/jpeg")
+
+    # 3a. ... while an ingestion run is active (one triggered, marked running as the scheduler
+    #     would): the re-index plans nothing and leaves the work to it, nothing fails
+    _ingestion_running(env, True)
+    skipped = run_dag(env, "flickr8k_reindex", logs)
+    _ingestion_running(env, False)
+    snap("reindex while an ingestion runs (skipped)", skipped)
+    assert skipped["tasks"]["plan_shards"]["state"] == "success"
+    assert {skipped["tasks"][t]["state"] for t in ("embed_shard", "publish_index",
+                                                   "verify_index")} == {"skipped"}
+    assert index_state(index_dir) == i2
+
     run3 = run_dag(env, "flickr8k_reindex", logs)
     b3, i3 = snap("reindex run 1 (1 added, 1 removed)", run3)
     assert run3["tasks"]["plan_shards"]["state"] == "success"
@@ -259,6 +317,7 @@ def test_both_dags_for_real_twice(airflow_env, served_flickr, s3_server, small_c
     assert i3["count"] == n and i3["keys"] == _images(b3)
     assert added in i3["keys"] and removed not in i3["keys"]
     assert len(i3["versions"]) == 2 and i3["current"] != i2["current"]
+    assert run3["xcom"]["verify_index"]["ok"]
 
     # 4. reindex again: short-circuits, no new version
     run4 = run_dag(env, "flickr8k_reindex", logs)

@@ -108,6 +108,11 @@ class NumpyIndex(VectorIndex):
     def versions(self):
         return sorted(p.stem for p in self.root.glob("*.npz"))
 
+    def keys_page(self, version, after=None, limit=10_000):
+        view = self._load(version)  # keys are stored sorted
+        rows = [(k, e) for k, e in zip(view.keys, view.etags) if after is None or k > after]
+        return rows[:max(1, limit)]
+
     def prune(self, keep):
         published = set(self._pointers().values())
         names = self.versions()

@@ -230,3 +230,73 @@ def test_one_source_setting_and_a_missing_source_fails_at_once(tiny_flickr, tmp_
     assert jobs.fetch_archives(settings=_settings(tmp_path, flickr8k_source=str(root))) == \
         {"kind": "folder", "folder": str(root)}
 
+
+
+# --- two index runs at once: a re-index and an ingestion -------------------------------------
+def test_runs_never_plan_against_each_other_and_verify_index_checks_the_result(
+        tiny_flickr, tmp_path, fake_model):
+    """The re-index DAG's scheduled run while an ingestion embeds, and the other way round,
+    through the task bodies (the Airflow side, `other_index_runs`, is in tests/dags). Without
+    the check the second run's plan goes stale when the first publishes; with it the re-index
+    plans nothing while an ingestion is active, and an ingestion waits for an active re-index:
+    no failed task, every upload indexed, nothing embedded twice."""
+    from indexer.shards import StalePlan
+    from indexer.verify import IndexMismatch
+
+    root, meta = tiny_flickr
+    s = _settings(tmp_path, embed_shard_size=5)
+    store = LocalStore(s.local_store_dir, s.minio_bucket)
+    jobs.upload(str(root), settings=s)
+    image = (root / "Images" / meta["names"][0]).read_bytes()
+    _run_plan(s)
+    assert jobs.verify_index(settings=s)["ok"]
+
+    def embed_and_publish(plan):
+        return jobs.publish_index(plan, [jobs.embed_shard(sh, settings=s) for sh in plan],
+                                  settings=s)
+
+    # the fault: two plans on one version; the first to publish makes the other's stale
+    store.put(f"{PREFIX}race-0.jpg", image)
+    ingestion = jobs.plan_shards(settings=s)
+    reindex = jobs.plan_shards(settings=s)
+    embed_and_publish(reindex)
+    with pytest.raises(StalePlan):
+        jobs.embed_shard(ingestion[0], settings=s)
+
+    # a re-index fires while an ingestion is active: it plans nothing
+    store.put(f"{PREFIX}race-1.jpg", image)
+    ingestion = jobs.plan_shards(settings=s, other_runs=lambda: 0, wait_for_others=True)
+    assert jobs.plan_shards(settings=s, other_runs=lambda: 1) == []
+    assert embed_and_publish(ingestion)["added"] == 1
+
+    # an ingestion reaches its plan while a re-index embeds: it waits, then plans on top
+    store.put(f"{PREFIX}race-2.jpg", image)
+    reindex = jobs.plan_shards(settings=s, other_runs=lambda: 0)
+    store.put(f"{PREFIX}race-3.jpg", image)  # the ingestion's upload
+    active, polls = {"reindex": True}, []
+
+    def reindex_finishes(seconds):  # while the ingestion waits, the re-index run completes
+        polls.append(seconds)
+        embedded = [jobs.embed_shard(sh, settings=s) for sh in reindex]  # takes race-3 too
+        store.put(f"{PREFIX}race-4.jpg", image)  # uploaded after the re-index listed
+        jobs.publish_index(reindex, embedded, settings=s)
+        active["reindex"] = False
+
+    ingestion = jobs.plan_shards(settings=s, other_runs=lambda: int(active["reindex"]),
+                                 wait_for_others=True, poll_s=5, sleep=reindex_finishes)
+    assert polls == [5] and sum(sh["planned"] for sh in ingestion) == 1  # race-4 only
+    out = embed_and_publish(ingestion)  # no StalePlan
+    assert out["action"] == "updated" and out["added"] == 1
+    report = jobs.verify_index(out, settings=s)
+    assert report["ok"] and report["objects"] == len(meta["names"]) + 5
+
+    # an ingestion waits at most wait_s
+    with pytest.raises(TimeoutError):
+        jobs.plan_shards(settings=s, other_runs=lambda: 1, wait_for_others=True, poll_s=0,
+                         wait_s=0, sleep=lambda _: None)
+
+    # the invariant broken (an image deleted after the publish): the task fails, permanently
+    store.delete(f"{PREFIX}race-4.jpg")
+    with pytest.raises(IndexMismatch, match="extra: 1"):
+        jobs.verify_index(out, settings=s)
+    assert IndexMismatch in jobs.PERMANENT_ERRORS

@@ -264,3 +264,141 @@ def test_indexer_commands_behave_alike(kind, request, tmp_path, tiny_flickr, sma
             for name in index.versions():
                 index.client.drop_collection(name)
         get_settings.cache_clear()
+
+
+# --- the invariant: reading a version page by page, verified against the store --------------
+def test_keys_page_reads_a_version_in_key_order_page_by_page(backend):
+    keys = _keys(25)
+    order = np.random.default_rng(9).permutation(25)  # written out of order, in two parts
+    version = backend.begin(MODEL, DIM)
+    vecs = unit_vectors(25, DIM, seed=9)
+    for part, chunk in (("p0", order[:12]), ("p1", order[12:])):
+        backend.write(version, [keys[i] for i in chunk], vecs[chunk],
+                      [f"e{i}" for i in chunk], part=part)
+    backend.publish(version)
+    pages, after = [], None
+    while page := backend.keys_page(version, after, 10):
+        assert len(page) <= 10
+        pages.append(page)
+        after = page[-1][0]
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert [r for p in pages for r in p] == [(k, f"e{i}") for i, k in enumerate(keys)]
+    assert backend.keys_page(version, keys[-1], 10) == []
+
+
+def test_verify_reports_missing_stale_extra_and_another_model(backend, tmp_path):
+    from indexer.verify import verify
+    from objectstore import LocalStore
+
+    store = LocalStore(tmp_path / "store", "b")
+    keys = _keys(12)
+    infos = [store.put(k, k.encode()) for k in keys]
+    store.put(f"{PREFIX}notes.txt", b"not an image")  # not indexed, not reported
+    backend.rebuild(MODEL, keys, unit_vectors(12, DIM), [o.etag for o in infos])
+    clean = verify(store, backend, PREFIX, MODEL, page=5)
+    assert clean.ok and (clean.objects, clean.rows) == (12, 12), clean.summary()
+    store.put(keys[3], b"changed")  # stale
+    store.put(_keys(1, 50)[0], b"new")  # missing
+    store.delete(keys[7])  # extra
+    found = verify(store, backend, PREFIX, MODEL, page=5)
+    assert not found.ok and not found.wrong_model
+    report = found.to_dict()
+    assert {k: (report[k]["count"], report[k]["first"]) for k in
+            ("missing", "stale", "extra", "duplicated")} == {
+        "missing": (1, _keys(1, 50)), "stale": (1, [keys[3]]), "extra": (1, [keys[7]]),
+        "duplicated": (0, [])}
+    assert "stale: 1" in found.summary() and keys[3] in found.summary()
+    other = verify(store, backend, PREFIX, "another-model-ffff")
+    assert not other.ok  # FAISS: the published version is another model's; Milvus: none is
+    assert other.wrong_model or other.to_dict()["missing"]["count"] == 12
+
+
+def test_verify_reports_a_key_held_twice_in_a_faiss_table(tmp_path):
+    from indexer.index_policy import new_flat_index
+    from indexer.verify import verify
+    from objectstore import LocalStore
+
+    store = LocalStore(tmp_path / "store", "b")
+    keys = _keys(4)
+    etags = [store.put(k, b"x").etag for k in keys]
+    index = FaissIndex(tmp_path / "index")
+    flat = new_flat_index(DIM)
+    flat.add_with_ids(unit_vectors(5, DIM), np.arange(5, dtype=np.int64))
+    index.repo.commit_version(flat, np.arange(5), keys + [keys[2]], etags + [etags[2]], MODEL)
+    for page in (2, 3, 100):  # the second row of the key never lands in a page of its own
+        found = verify(store, index, PREFIX, MODEL, page=page).to_dict()
+        assert found["duplicated"] == {"count": 1, "first": [keys[2]]} and not found["ok"]
+        assert found["rows"] == 5 and found["missing"]["count"] == found["extra"]["count"] == 0
+
+
+@pytest.mark.parametrize("kind", ["faiss", "milvus-lite"])
+def test_indexer_verify_command(kind, tmp_path, tiny_flickr, small_checkpoint, monkeypatch,
+                                capsys):
+    """`python -m indexer verify`: exit 0 on a clean index; a changed, an added and a deleted
+    image and another model each reported, exit 1."""
+    import pymilvus  # noqa: F401  (imported before MILVUS_URI names a file: it reads it then)
+
+    from flickr8k.sources import open_source
+    from indexer import cli
+    from indexer.ingest import ingest
+    from objectstore import LocalStore
+
+    root, _ = tiny_flickr
+    store = LocalStore(tmp_path / "store", "b")
+    ingest(open_source(str(root)), store, split="dev", progress=False)
+    env = {"STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(tmp_path / "store"),
+           "MINIO_BUCKET": "b", "INDEX_DIR": str(tmp_path / "index"),
+           "MODEL_PATH": str(small_checkpoint),
+           "INDEX_BACKEND": "milvus" if kind == "milvus-lite" else kind,
+           "MILVUS_URI": str(tmp_path / "lite.db"), "MILVUS_COLLECTION_PREFIX": "t_verify"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    monkeypatch.chdir(tmp_path)
+
+    def verify(*argv) -> tuple[int, dict]:
+        rc = cli.main(["--quiet", "verify", "--json", *argv])
+        return rc, json.loads(capsys.readouterr().out)
+
+    try:
+        assert cli.main(["--quiet", "rebuild"]) == 0
+        capsys.readouterr()
+        rc, report = verify()
+        assert rc == 0 and report["ok"] and report["objects"] == report["rows"] == 6, report
+        keys = [o.key for o in store.list(PREFIX)]
+        store.put(keys[0], store.get(keys[1]))  # stale: another content under the key
+        store.put(PREFIX + "zz-new.jpg", store.get(keys[2]))  # missing
+        store.delete(keys[3])  # extra
+        rc, report = verify()
+        assert rc == 1 and not report["ok"]
+        assert (report["stale"]["first"], report["missing"]["first"], report["extra"]["first"]) \
+            == ([keys[0]], [PREFIX + "zz-new.jpg"], [keys[3]])
+        assert cli.main(["--quiet", "verify"]) == 1  # the summary for people
+        assert "MISMATCH" in capsys.readouterr().out
+        assert cli.main(["--quiet", "update"]) == 0
+        capsys.readouterr()
+        assert verify()[0] == 0  # an update repairs it
+        monkeypatch.setenv("MODEL_PATH", str(tmp_path / "no-such-model.pt"))
+        get_settings.cache_clear()
+        rc, report = verify()  # another (here: no) model than the one that built the version
+        assert rc == 1 and (report["wrong_model"] or report["missing"]["count"] == 6)
+    finally:
+        get_settings.cache_clear()
+
+
+def test_verify_refuses_a_listing_out_of_key_order(faiss_index):
+    """A merge-join of unsorted input would report nonsense: it stops instead."""
+    from indexer.verify import verify
+    from objectstore import ObjectInfo
+
+    class Unsorted:
+        def describe(self):
+            return "unsorted"
+
+        def list(self, prefix=""):
+            return iter([ObjectInfo(f"{PREFIX}b.jpg", 1, "e"), ObjectInfo(f"{PREFIX}a.jpg", 1, "e")])
+
+    faiss_index.rebuild(MODEL, [f"{PREFIX}a.jpg", f"{PREFIX}b.jpg"], unit_vectors(2, DIM),
+                        ["e", "e"])
+    with pytest.raises(RuntimeError, match="not in key order"):
+        verify(Unsorted(), faiss_index, PREFIX, MODEL)

@@ -38,6 +38,19 @@ def test_list_with_prefix(store):
     assert len(list(store.list(""))) == 4
 
 
+def test_list_is_in_key_order(store, monkeypatch):
+    """As S3 lists (by key, not folder by folder): what `indexer verify` merge-joins on."""
+    keys = ["p/a/b.jpg", "p/a.jpg", "p/a-b.jpg", "p/z.jpg", "p/a/c/d.jpg", "p/ab.jpg", "p/B.jpg",
+            "p/a0.jpg", "q.jpg"]
+    for k in keys:
+        store.put(k, b"x")
+    for buffered in (10_000, 2):  # S3: a folder level held whole, or listed twice
+        monkeypatch.setattr("objectstore.s3.LIST_BUFFER", buffered)
+        assert [o.key for o in store.list("p/")] == sorted(k for k in keys if k.startswith("p/"))
+        assert [o.key for o in store.list("p/a")] == sorted(k for k in keys if k.startswith("p/a"))
+        assert [o.key for o in store.list("")] == sorted(keys)
+
+
 def test_overwrite_changes_etag(store):
     store.put("k/x", b"one")
     store.put("k/x", b"two")
