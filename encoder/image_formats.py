@@ -108,7 +108,7 @@ def _open_raw(data: bytes):
 
     raw = rawpy.RawPy()
     try:
-        raw.open_buffer(data)  # parses the header; nothing is unpacked yet
+        raw.open_buffer(io.BytesIO(data))  # parses the header; nothing is unpacked yet
     except Exception as exc:  # rawpy.LibRawError and its subclasses, or anything LibRaw raises
         raw.close()
         raise RawRefused(f"not a RAW file LibRaw can read ({type(exc).__name__}: {exc})") \
@@ -126,9 +126,10 @@ def raw_size(data: bytes, max_pixels: int, min_side: int | None = None) -> tuple
     cannot read it or it has more than `max_pixels` sensor pixels."""
     raw = _open_raw(data)
     try:
-        return _check_raw(raw, max_pixels, min_side)
+        w, h, cost = _check_raw(raw, max_pixels, min_side)
     finally:
         raw.close()
+    return w, h, cost + len(data)  # LibRaw reads from its own copy of the file
 
 
 def _check_raw(raw, max_pixels: int, min_side: int | None) -> tuple[int, int, int]:
