@@ -154,7 +154,7 @@ def decode_raw(data: bytes, max_pixels: int, min_side: int | None = None) -> Ima
     raw = _open_raw(data)
     try:
         _check_raw(raw, max_pixels, min_side)
-        preview = _preview(raw, max_pixels)
+        preview = _preview(raw, max_pixels, min_side)
         if preview is not None:
             method = _RAW_FLIP.get(int(raw.sizes.flip))
             return preview.transpose(method) if method is not None else preview
@@ -171,8 +171,9 @@ def decode_raw(data: bytes, max_pixels: int, min_side: int | None = None) -> Ima
         raw.close()
 
 
-def _preview(raw, max_pixels: int) -> Image.Image | None:
-    """The largest embedded preview, RGB, or None when there is none (or it is unusable)."""
+def _preview(raw, max_pixels: int, min_side: int | None) -> Image.Image | None:
+    """The largest embedded preview, RGB (a JPEG one DCT-scaled while both sides stay >=
+    `min_side`), or None when there is none (or it is unusable)."""
     import rawpy
 
     try:
@@ -184,6 +185,8 @@ def _preview(raw, max_pixels: int) -> Image.Image | None:
             with Image.open(io.BytesIO(thumb.data), formats=("JPEG",)) as im:
                 if im.size[0] * im.size[1] > max_pixels:
                     return None
+                if min_side:
+                    im.draft("RGB", (min_side, min_side))
                 return im.convert("RGB")
         return Image.fromarray(thumb.data).convert("RGB")  # a bitmap preview
     except Exception:  # a damaged preview: demosaic instead
