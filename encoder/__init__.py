@@ -7,8 +7,6 @@
     loading.py          the factory: `load_checkpoint`, `read_card`, `read_scoring`, `update_card`
     model.py            our dual encoder: pretrained towers (backbones.py: registry) + projection
                         heads; preprocessing.py: image decoding and transforms
-    image_formats.py    which files are photos (the one list of formats) and the decoders beyond
-                        Pillow's own: HEIC/HEIF (pillow-heif), camera RAW (rawpy); torch-free
     open_clip_model.py  pretrained CLIP-family models (open_clip) by spec, and their fine-tunes
     checkpoint.py       the checkpoint file: trainable weights + model card, the model id
     inference.py        `Encoder`: numpy in, L2-normalised numpy out, on eager PyTorch or
