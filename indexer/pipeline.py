@@ -46,10 +46,11 @@ def _load(store: ObjectStore, encoder: Encoder, info: ObjectInfo):
 
 
 def _remember(refusals: RefusalTable | None, objects: dict[str, ObjectInfo],
-              failed: dict[str, str], covers=lambda key: True) -> None:
+              failed: dict[str, str]) -> None:
+    """Record this run's refusals; forget those of files that left the listing or changed."""
     if refusals is not None:
         refusals.update({k: (objects[k].etag, why) for k, why in failed.items() if k in objects},
-                        objects, covers)
+                        objects)
 
 
 def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
