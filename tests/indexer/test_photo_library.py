@@ -146,3 +146,21 @@ def test_shards_skip_and_record_refusals(library, tmp_path, encoder):
     store.delete(BROKEN)  # gone from the store: forgotten
     pipeline.update(store, encoder, index, "", progress=False, refusals=refusals)
     assert refusals.all() == {}
+
+
+def test_dag_tasks_index_the_whole_bucket_and_remember_refusals(library, tmp_path,
+                                                                small_checkpoint):
+    """The DAGs' task bodies with IMAGES_PREFIX empty: the same photos as the command line,
+    the refused file named in the publish report and not planned again."""
+    from indexer import jobs
+
+    root, files = library
+    s = Settings(_env_file=None, store_backend="local", local_store_dir=str(tmp_path / "store"),
+                 index_dir=str(tmp_path / "index"), model_path=str(small_checkpoint),
+                 minio_bucket="b", images_prefix="", embed_shard_size=4)
+    add_folder(root, LocalStore(tmp_path / "store", "b"), "", progress=False)
+    plan = jobs.plan_shards(settings=s)
+    out = jobs.publish_index(plan, [jobs.embed_shard(sh, settings=s) for sh in plan], settings=s)
+    assert out["count"] == LIBRARY_PHOTOS and list(out["failed"]) == [BROKEN]
+    assert (tmp_path / "index" / "refused.json").is_file()
+    assert jobs.plan_shards(settings=s) == []  # the refused file is no work
