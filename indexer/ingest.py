@@ -138,7 +138,7 @@ def add_folder(folder: str | os.PathLike, store: ObjectStore,
                workers: int = 8, progress: bool = True) -> AddReport:
     """Every photo under `folder` into the store at <images_prefix><sub_prefix/><relative
     path> (see the module doc); files whose path cannot be a key are skipped and named."""
-    root = Path(folder).expanduser()
+    root = Path(folder).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder")
     prefix = folder_prefix(images_prefix, sub_prefix)
