@@ -98,7 +98,13 @@ def test_find_photos_skips_hidden_and_non_photos(library):
     assert found == sorted(files)  # no notes.txt, no ._b.heic
 
 
-def test_empty_images_prefix_is_the_whole_bucket(monkeypatch):
+def test_empty_images_prefix_is_the_whole_bucket(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMAGES_PREFIX", raising=False)
+    (tmp_path / ".env").write_text("IMAGES_PREFIX=\nTEXT_PREFIX=\n")
+    from_file = Settings(_env_file=tmp_path / ".env")
+    assert from_file.images_prefix == "" and from_file.text_prefix == "flickr8k/text/"
+    monkeypatch.setenv("IMAGES_PREFIX", "2024/")  # the environment before .env, as ever
+    assert Settings(_env_file=tmp_path / ".env").images_prefix == "2024/"
     monkeypatch.setenv("IMAGES_PREFIX", "")
     assert Settings(_env_file=None).images_prefix == ""
     monkeypatch.setenv("TEXT_PREFIX", "")  # other settings: empty is still unset
