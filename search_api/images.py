@@ -3,8 +3,8 @@
 Uploads are checked before any pixel is decoded: only the photo formats of
 `encoder.image_formats` are opened (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF, AVIF; no EPS,
 which would run Ghostscript, no exotic codecs; camera RAW only for stored files named so), and
-the pixel count in the header is compared with the limit, so a small file that would decompress to gigabytes (a "decompression bomb") is
-refused without being decoded. Errors are domain errors (BadImage, ImageTooLarge); errors.py
+the pixel count in the header is compared with the limit, so a small file that would decompress
+to gigabytes (a "decompression bomb") is refused without being decoded. Errors are domain errors (BadImage, ImageTooLarge); errors.py
 gives them their HTTP status.
 
 Decoding is bounded in memory: images much larger than the model input are decoded at reduced
