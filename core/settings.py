@@ -2,7 +2,7 @@
 
 Each field is read from the environment variable of the same name in upper case (or from
 `.env`): `model_path` <- MODEL_PATH; an empty value (docker-compose passes `VAR=` for unset ones)
-counts as unset. Command lines and DAGs take their defaults from here; the README's
+counts as unset, except for IMAGES_PREFIX, where empty means the whole bucket. Command lines and DAGs take their defaults from here; the README's
 configuration table lists exactly these fields.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (BaseSettings, DotEnvSettingsSource, EnvSettingsSource,
+                               PydanticBaseSettingsSource, SettingsConfigDict)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO_ROOT / "models" / "flickr8k-dual-encoder.pt"
@@ -65,9 +66,36 @@ class RequestLimits(BaseModel):
         return RequestLimits.model_validate({f: getattr(self, f) for f in RequestLimits.model_fields})
 
 
+class _EmptyIsAValue(PydanticBaseSettingsSource):
+    """The fields where an empty value is a value, not "unset", read from `source` (an
+    environment or .env source that keeps empty values)."""
+    FIELDS = ("images_prefix",)  # IMAGES_PREFIX= : the whole bucket
+
+    def __init__(self, settings_cls, source: EnvSettingsSource):
+        super().__init__(settings_cls)
+        self.source = source
+
+    def get_field_value(self, field, field_name):  # unused: __call__ reads the source whole
+        return None, field_name, False
+
+    def __call__(self) -> dict:
+        return {k: v for k, v in self.source().items() if k in self.FIELDS and v == ""}
+
+
 class Settings(RequestLimits, BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore",
                                       protected_namespaces=())
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        env_empty = _EmptyIsAValue(settings_cls, EnvSettingsSource(
+            settings_cls, env_ignore_empty=False))
+        dotenv_empty = _EmptyIsAValue(settings_cls, DotEnvSettingsSource(
+            settings_cls, env_file=dotenv_settings.env_file,
+            env_file_encoding=dotenv_settings.env_file_encoding, env_ignore_empty=False))
+        return (init_settings, env_empty, env_settings, dotenv_empty, dotenv_settings,
+                file_secret_settings)
 
     # --- model -------------------------------------------------------------------------------
     model_path: str = str(SHIPPED_MODEL)
@@ -93,7 +121,8 @@ class Settings(RequestLimits, BaseSettings):
     minio_secret_key: str = "minioadmin"
     minio_bucket: str = "flickr8k"
     minio_secure: bool = False
-    # data layout inside the bucket
+    # data layout inside the bucket: photos are every image under IMAGES_PREFIX, at any depth
+    # (keys keep their relative paths); IMAGES_PREFIX= (empty) is the whole bucket
     images_prefix: str = "flickr8k/images/"
     text_prefix: str = "flickr8k/text/"
 

@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
 from encoder.backbones import ImageSpec
+from encoder.image_formats import PILLOW_FORMATS, RawRefused, decode_raw
 
 # Flickr8k copies here are squashed to a square; user images are squashed the same way for our
 # models (open_clip models use their own resize + crop: eval_transform).
@@ -31,6 +32,8 @@ _ORIENTATION = {
 # bytes per pixel of a loaded image, by mode (what decoding costs before any conversion)
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 4, "PA": 4, "La": 4, "I;16": 2, "I;16B": 2,
                "I;16L": 2, "I;16N": 2}
+# formats whose decoder holds its own copy of the pixels before Pillow's
+_OWN_BUFFER_FORMATS = ("HEIF", "AVIF")
 
 
 class BadImage(ValueError):
@@ -39,6 +42,18 @@ class BadImage(ValueError):
 
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit grey (TIFF, PNG) as 8-bit grey: Pillow's own conversion clips them."""
+    if img.mode.startswith("I;16"):
+        return img.point(lambda v: v / 256, "L") if img.mode == "I;16" else \
+            img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode in ("I", "F"):
+        lo, hi = img.getextrema()
+        scale = 255.0 / (hi - lo) if hi > lo else 1.0
+        return img.point(lambda v: (v - lo) * scale).convert("L")
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -74,17 +89,28 @@ def reduction_factor(size: tuple[int, int], min_side: int | None = DECODE_MIN_SI
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *,
                  min_side: int | None = DECODE_MIN_SIDE,
-                 formats: tuple[str, ...] | None = None) -> Image.Image:
+                 formats: tuple[str, ...] | None = PILLOW_FORMATS,
+                 raw: bool = False) -> Image.Image:
     """Decode bytes to an upright RGB PIL image; refuse empty, truncated, non-image or oversized
     input.
 
     EXIF orientation is applied. Images much larger than the model input are decoded at
     reduced size (JPEG: DCT scaling; others: a box reduction right after load, before any
     conversion) while both sides stay >= `min_side` (None: full size, e.g. for the viewer);
-    smaller images decode exactly as before. `formats` restricts the decoders tried.
+    smaller images decode exactly as before. `formats` restricts the Pillow decoders tried
+    (default: the photo formats of `encoder.image_formats`, HEIC/HEIF and AVIF included);
+    `raw=True` decodes a camera RAW file (`image_formats.is_raw_key` of its name) through
+    LibRaw instead, within the same pixel limit.
     """
     if not data:
         raise BadImage("empty file")
+    if raw:
+        try:
+            img = decode_raw(data, max_pixels, min_side)
+        except RawRefused as exc:
+            raise BadImage(str(exc)) from None
+        factor = reduction_factor(img.size, min_side)
+        return img.reduce(factor) if factor > 1 else img
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -105,6 +131,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *,
         method = _ORIENTATION.get(int(img.getexif().get(0x0112, 1)))  # 0x0112: Orientation
     except Exception:  # a damaged EXIF block: keep the pixels as stored
         method = None
+    img = _to_8bit(img)
     factor = reduction_factor(img.size, min_side)
     out = _reduced_rgb(img, factor) if factor > 1 else _to_rgb(img)
     img.close()
@@ -126,6 +153,8 @@ def decode_cost(img: Image.Image, min_side: int | None = DECODE_MIN_SIDE) -> int
     loaded = lw * lh * _MODE_BYTES.get(img.mode, 4)
     if img.format == "JPEG" and (img.info.get("progressive") or img.info.get("progression")):
         loaded += w * h * 2  # whole-image DCT coefficients, whatever the output scale
+    if img.format in _OWN_BUFFER_FORMATS:
+        loaded += w * h * 4
     f = reduction_factor((lw, lh), min_side)
     converted = (lw // f + 1) * (lh // f + 1) * 4 * (3 if f == 1 else 2)
     strips = lw * min(lh, _STRIP_ROWS) * 4 * 3 if f > 1 else 0

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from core.hashing import sha256_file
 from core.settings import get_settings
+from encoder.image_formats import IMAGE_SUFFIXES, is_image_key
 from flickr8k.format import (
     IMAGE_DIRS,
     IMAGE_LIST_FILE,
@@ -139,8 +140,7 @@ def _folder_source(root: Path) -> Flickr8kSource:
     image_dir = next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), None)
     if image_dir is None:
         raise SourceError(f"{root}: no image folder ({' or '.join(IMAGE_DIRS)}) found")
-    images = {p.name: p.read_bytes for p in image_dir.iterdir()
-              if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    images = {p.name: p.read_bytes for p in image_dir.iterdir() if is_image_key(p.name)}
     texts = {}
     for d in (root, root / "Flickr8k_text"):
         if d.is_dir():
@@ -245,7 +245,7 @@ def open_resolved(local: dict) -> Flickr8kSource:
     """Read what `resolve` returned (zip members are CRC-checked again on every read)."""
     if local["kind"] == "folder":
         return _folder_source(Path(local["folder"]))
-    return Flickr8kSource(_zip_members(Path(local["images_zip"]), (".jpg", ".jpeg", ".png")),
+    return Flickr8kSource(_zip_members(Path(local["images_zip"]), IMAGE_SUFFIXES),
                           _zip_members(Path(local["text_zip"]), (".txt",)))
 
 

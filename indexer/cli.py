@@ -1,4 +1,10 @@
-"""`python -m indexer {ingest,rebuild,update,status,prune}` — one command, one stage each."""
+"""`python -m indexer {ingest,add,rebuild,update,status,verify,prune}` — one command, one stage
+each.
+
+`add PATH` puts a folder of your own photos into the store (any depth, every format of
+`encoder.image_formats`) and updates the index; `status` names the files the decoders refused;
+`verify` checks that the published version holds exactly the store's images.
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +24,22 @@ def main(argv: list[str] | None = None) -> int:
     ing.add_argument("--text-source", help="Flickr8k_text.zip path or URL (zip sources)")
     ing.add_argument("--split", default="all", choices=["all", "train", "dev", "test"])
     ing.add_argument("--limit", type=int, help="ingest at most N images (smoke runs)")
+    add = sub.add_parser("add", help="put every photo under a folder into the store (keyed by "
+                                     "its relative path under IMAGES_PREFIX), then update "
+                                     "the index")
+    add.add_argument("path", help="a folder of photos (searched at any depth)")
+    add.add_argument("--prefix", help="a folder under IMAGES_PREFIX to put them in (default: "
+                                      "IMAGES_PREFIX itself)")
+    add.add_argument("--no-update", action="store_true", help="only upload; do not embed")
     for name, text in (("rebuild", "embed every image and publish a fresh index version"),
-                       ("update", "embed only new/changed images; drop removed ones")):
-        sp = sub.add_parser(name, help=text)
+                       ("update", "embed only new/changed images; drop removed ones"),
+                       ("add", None)):
+        sp = add if name == "add" else sub.add_parser(name, help=text)
         sp.add_argument("--batch-size", type=int, default=None)
-    sub.add_parser("status", help="model id, version, count, objects not indexed")
+        sp.add_argument("--retry-refused", action="store_true",
+                        help="try the files the decoders refused before again")
+    sub.add_parser("status", help="model id, version, count, objects not indexed, files "
+                                  "refused by the decoders")
     pr = sub.add_parser("prune", help="delete old index versions")
     pr.add_argument("--keep", type=int, help="versions to keep (default: INDEX_KEEP_VERSIONS)")
     ver = sub.add_parser("verify", help="check that the published version holds exactly the "
@@ -36,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from flickr8k.sources import open_resolved
     from indexer import jobs
-    from indexer.ingest import ingest
+    from indexer.ingest import add_folder, ingest
+    from indexer.listing import RefusalTable
     from indexer.vector_index import open_index
     from objectstore import StoreError, open_store
 
@@ -60,10 +78,23 @@ def main(argv: list[str] | None = None) -> int:
             from encoder import Encoder
             from indexer import pipeline
 
+            out = {}
+            if args.cmd == "add":
+                added = add_folder(args.path, store, s.images_prefix, args.prefix,
+                                   progress=not args.quiet)
+                out["added"] = {**added.__dict__, "total": added.total}
+                if args.no_update:
+                    print(json.dumps(out, indent=2))
+                    return 0
+            refusals = RefusalTable.in_dir(s.index_dir)
+            if args.retry_refused:
+                refusals.clear()
             fn = pipeline.rebuild if args.cmd == "rebuild" else pipeline.update
             report = fn(store, Encoder.from_settings(s), index, s.images_prefix,
-                        batch_size=args.batch_size or s.embed_batch_size, progress=not args.quiet)
-            print(json.dumps(report.to_dict(), indent=2))
+                        batch_size=args.batch_size or s.embed_batch_size, progress=not args.quiet,
+                        refusals=refusals)
+            out = {**out, "index": report.to_dict()} if out else report.to_dict()
+            print(json.dumps(out, indent=2))
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -72,24 +103,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _status(s, store, index) -> dict:
     from encoder import read_card
+    from indexer.listing import RefusalTable
     from indexer.pipeline import status
 
     try:
         model_id = read_card(s.model_path)["model_id"]
     except (FileNotFoundError, ValueError):
         model_id = None
-    return status(store, index, s.images_prefix, model_id)
+    return status(store, index, s.images_prefix, model_id, RefusalTable.in_dir(s.index_dir))
 
 
 def _verify(s, store, index, args) -> int:
     """0 when the invariant holds, 1 when not (the report says how)."""
     from encoder import read_card
+    from indexer.listing import RefusalTable
     from indexer.verify import verify
 
     try:
         model_id = read_card(s.model_path)["model_id"]
     except (FileNotFoundError, ValueError):
         model_id = None  # no model: any published version is another model's
-    result = verify(store, index, s.images_prefix, model_id, shown=max(0, args.show))
+    result = verify(store, index, s.images_prefix, model_id, shown=max(0, args.show),
+                    refused=RefusalTable.in_dir(s.index_dir).etags())
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.ok else 1

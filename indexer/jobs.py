@@ -45,6 +45,7 @@ from core.settings import Settings, get_settings
 from flickr8k import sources
 from flickr8k.format import SourceNotFound
 from indexer.ingest import ingest
+from indexer.listing import RefusalTable, list_images
 from indexer.vector_index import IndexUnavailable, open_index
 from indexer.shards import StalePlan
 from indexer.verify import IndexMismatch
@@ -155,7 +156,7 @@ def upload(folder: str, split: str = "all", limit: int | None = None,
     t0 = time.perf_counter()
     report = with_retries(ingest, src, store, s.images_prefix, s.text_prefix, split=split,
                           limit=limit, progress=False)
-    objects = with_retries(lambda: sum(1 for _ in store.list(s.images_prefix)))
+    objects = with_retries(lambda: len(list_images(store, s.images_prefix)))
     return {**report.__dict__, "images_in_store": objects, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -207,7 +208,7 @@ def plan_shards(force_rebuild: bool = False, settings: Settings | None = None,
     plan = with_retries(shards.plan, store, open_index(s), s.images_prefix, model_id,
                         s.embed_shard_size, s.embed_max_shards,
                         lambda: _prepare_model(s, model_id), force_rebuild=force_rebuild,
-                        retry_on=TRANSIENT_ERRORS)
+                        refusals=RefusalTable.in_dir(s.index_dir), retry_on=TRANSIENT_ERRORS)
     return [shard.to_dict() for shard in plan]
 
 
@@ -242,7 +243,7 @@ def embed_shard(shard: dict, settings: Settings | None = None) -> dict:
     encoder = Encoder.from_settings(s)
     return with_retries(shards.embed_shard, store, encoder, open_index(s),
                         shards.Shard.from_dict(shard), batch_size=s.embed_batch_size,
-                        retry_on=TRANSIENT_ERRORS)
+                        refusals=RefusalTable.in_dir(s.index_dir), retry_on=TRANSIENT_ERRORS)
 
 
 def publish_index(plan: list[dict], embedded: list[dict],
@@ -267,4 +268,5 @@ def verify_index(published: dict | None = None, settings: Settings | None = None
     s = _settings(settings)
     store = with_retries(open_store, s)
     return with_retries(verify_or_raise, store, open_index(s), s.images_prefix,
-                        _model_id(s.model_path), retry_on=TRANSIENT_ERRORS)
+                        _model_id(s.model_path), RefusalTable.in_dir(s.index_dir).etags(),
+                        retry_on=TRANSIENT_ERRORS)

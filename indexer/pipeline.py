@@ -1,4 +1,9 @@
-"""The index life cycle: embed objects from the store, rebuild, update incrementally, status."""
+"""The index life cycle: embed objects from the store, rebuild, update incrementally, status.
+
+Photos are listed by `indexer.listing` (what a photo is: `encoder.image_formats`). A file the
+decoders refuse is reported (`failed`, the log) and, given a `RefusalTable`, remembered by key
+and etag, so later runs skip it until it changes; it never stops a run.
+"""
 from __future__ import annotations
 
 import logging
@@ -13,13 +18,16 @@ import torch
 from tqdm import tqdm
 
 from encoder import Encoder
+from encoder.image_formats import IMAGE_SUFFIXES  # noqa: F401  (re-exported for old importers)
+from encoder.image_formats import is_raw_key
 from encoder.preprocessing import BadImage, decode_image
+from indexer.listing import RefusalTable, list_images, warn_if_empty
 from indexer.vector_index import IndexLoadError, VectorIndex
 from objectstore import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+MAX_REFUSED_LISTED = 100  # refused files named in a status (all are in the table)
 
 
 @dataclass
@@ -30,15 +38,20 @@ class EmbedResult:
     failed: dict[str, str] = field(default_factory=dict)  # key -> why
 
 
-def list_images(store: ObjectStore, prefix: str) -> dict[str, ObjectInfo]:
-    return {o.key: o for o in store.list(prefix) if o.key.lower().endswith(IMAGE_SUFFIXES)}
-
-
 def _load(store: ObjectStore, encoder: Encoder, info: ObjectInfo):
     try:
-        return info, encoder.preprocess(decode_image(store.get(info.key))), None
+        image = decode_image(store.get(info.key), raw=is_raw_key(info.key))
+        return info, encoder.preprocess(image), None
     except BadImage as exc:
         return info, None, str(exc)
+
+
+def _remember(refusals: RefusalTable | None, objects: dict[str, ObjectInfo],
+              failed: dict[str, str]) -> None:
+    """Record this run's refusals; forget those of files that left the listing or changed."""
+    if refusals is not None:
+        refusals.update({k: (objects[k].etag, why) for k, why in failed.items() if k in objects},
+                        objects)
 
 
 def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
@@ -93,7 +106,9 @@ class IndexReport:
     count: int
     added: int = 0
     removed: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # refused by the decoders this run
+    refused_before: int = 0  # skipped: refused before, unchanged since
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -101,20 +116,28 @@ class IndexReport:
 
 
 def rebuild(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str,
-            batch_size: int = 32, progress: bool = True) -> IndexReport:
-    """Embed every image and publish a new version."""
+            batch_size: int = 32, progress: bool = True,
+            refusals: RefusalTable | None = None) -> IndexReport:
+    """Embed every image (but those refused before, unchanged since) and publish a new
+    version."""
     t0 = time.perf_counter()
-    objects = sorted(list_images(store, prefix).values(), key=lambda o: o.key)
+    listed = list_images(store, prefix)
+    warnings = warn_if_empty(store, prefix, listed)
+    skip = refusals.refused(listed) if refusals is not None else {}
+    objects = sorted((o for k, o in listed.items() if k not in skip), key=lambda o: o.key)
     res = embed_objects(store, encoder, objects, batch_size, progress)
+    _remember(refusals, listed, res.failed)
     out = index.rebuild(encoder.model_id, res.keys, res.vectors, res.etags,
                         extra={"source": store.describe(), "prefix": prefix},
                         tuning_queries=encoder.scoring.tuning_queries())
     return IndexReport("rebuilt", out["version"], out["count"], added=len(res.keys),
-                       failed=res.failed, seconds=time.perf_counter() - t0)
+                       failed=res.failed, refused_before=len(skip), warnings=warnings,
+                       seconds=time.perf_counter() - t0)
 
 
 def update(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str,
-           batch_size: int = 32, progress: bool = True) -> IndexReport:
+           batch_size: int = 32, progress: bool = True,
+           refusals: RefusalTable | None = None) -> IndexReport:
     """Embed only objects the published version lacks (or whose content changed); drop removed
     ones. Nothing changed: nothing written. No usable version of this model: a rebuild.
     (FAISS writes a new version; Milvus upserts and deletes in the published collection.)"""
@@ -123,41 +146,58 @@ def update(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str
         current = index.indexed(encoder.model_id)
     except IndexLoadError as exc:
         log.info("no usable current index (%s): rebuilding", exc)
-        return rebuild(store, encoder, index, prefix, batch_size, progress)
+        return rebuild(store, encoder, index, prefix, batch_size, progress, refusals)
     if current is None:
         log.info("no published index for model %s: rebuilding", encoder.model_id)
-        return rebuild(store, encoder, index, prefix, batch_size, progress)
+        return rebuild(store, encoder, index, prefix, batch_size, progress, refusals)
     if current.model_id != encoder.model_id:
         log.info("model changed (%s -> %s): rebuilding", current.model_id, encoder.model_id)
-        return rebuild(store, encoder, index, prefix, batch_size, progress)
+        return rebuild(store, encoder, index, prefix, batch_size, progress, refusals)
 
     objects = list_images(store, prefix)
+    warnings = warn_if_empty(store, prefix, objects)
+    skip = refusals.refused(objects) if refusals is not None else {}
     indexed = current.etags
     gone = [k for k in indexed if k not in objects or objects[k].etag != indexed[k]]
-    new = sorted((o for k, o in objects.items() if indexed.get(k) != o.etag), key=lambda o: o.key)
+    new = sorted((o for k, o in objects.items() if indexed.get(k) != o.etag and k not in skip),
+                 key=lambda o: o.key)
     if not gone and not new:
+        _remember(refusals, objects, {})  # forget refusals of files that left the store
         return IndexReport("unchanged", current.version, current.count,
+                           refused_before=len(skip), warnings=warnings,
                            seconds=time.perf_counter() - t0)
 
     res = embed_objects(store, encoder, new, batch_size, progress)
+    _remember(refusals, objects, res.failed)
     if not res.keys and not gone:
         return IndexReport("unchanged", current.version, current.count, failed=res.failed,
+                           refused_before=len(skip), warnings=warnings,
                            seconds=time.perf_counter() - t0)
     out = index.update(encoder.model_id, res.keys, res.vectors, res.etags, delete=gone,
                        extra={"source": store.describe(), "prefix": prefix},
                        tuning_queries=encoder.scoring.tuning_queries())
     return IndexReport("updated", out["version"], out["count"], added=len(res.keys),
-                       removed=len(gone), failed=res.failed, seconds=time.perf_counter() - t0)
+                       removed=len(gone), failed=res.failed, refused_before=len(skip),
+                       warnings=warnings, seconds=time.perf_counter() - t0)
 
 
-def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | None = None) -> dict:
+def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | None = None,
+           refusals: RefusalTable | None = None) -> dict:
     """What is published for `model_id` (a backend with one published version for all models,
-    FAISS, reports it whichever model built it: `model_matches` tells) and what an update
-    would do."""
+    FAISS, reports it whichever model built it: `model_matches` tells), what an update would do,
+    and the files the decoders refused (`refused`, `refused_files`: key and reason; they do not
+    count as not indexed)."""
     info = index.status(model_id)
     objects = list_images(store, prefix)
-    out = {"store": store.describe(), "objects": len(objects), **info,
-           "count": 0, "not_indexed": len(objects), "removed_from_store": 0}
+    refused = refusals.refused(objects) if refusals is not None else {}
+    out = {"store": store.describe(), "prefix": prefix, "objects": len(objects), **info,
+           "count": 0, "not_indexed": len(objects) - len(refused), "removed_from_store": 0,
+           "refused": len(refused),
+           "refused_files": [{"key": k, "reason": refused[k]}
+                             for k in sorted(refused)[:MAX_REFUSED_LISTED]]}
+    warnings = warn_if_empty(store, prefix, objects)
+    if warnings:
+        out["warnings"] = warnings
     if info.get("version") is None:
         return out
     out["count"] = info.get("count", 0)
@@ -169,7 +209,8 @@ def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | 
     if current is None:
         return out
     indexed = current.etags
-    out["not_indexed"] = sum(1 for k, o in objects.items() if indexed.get(k) != o.etag)
+    out["not_indexed"] = sum(1 for k, o in objects.items()
+                             if indexed.get(k) != o.etag and k not in refused)
     out["removed_from_store"] = sum(1 for k in indexed if k not in objects)
     if model_id is not None:
         out["model_matches"] = model_id == current.model_id

@@ -19,6 +19,10 @@ the store: no step but the plan's one listing needs every key. A shard retried r
 part; where the backend updates the published version in place (Milvus), an update's shards
 write straight into it (upserts by key: a retry writes the same rows).
 
+Files the decoders refused are remembered by key and etag (`indexer.listing.RefusalTable`,
+when one is given): the plan and each shard skip those unchanged since, a shard records what it
+refused (and logs each one), and the publish report lists them; they never fail a run.
+
 A plan belongs to the version published when it was made: once another one is published its
 shards and its publish fail at once (`StalePlan`, no retries) instead of overwriting newer work,
 and the next run plans again (the DAGs keep their runs from planning against each other:
@@ -36,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from indexer.listing import RefusalTable, list_images, warn_if_empty
 from indexer.vector_index import DraftGone, IndexLoadError, VectorIndex, new_version_name
 from objectstore import ObjectStore
 
@@ -110,13 +115,12 @@ def _published(index: VectorIndex, model_id: str) -> str | None:
 # --- plan --------------------------------------------------------------------------------------
 def plan(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str, shard_size: int,
          max_shards: int, prepare: Callable[[], tuple[int, np.ndarray | None]],
-         force_rebuild: bool = False) -> list[Shard]:
+         force_rebuild: bool = False, refusals: RefusalTable | None = None) -> list[Shard]:
     """The shards of the work an update (or a rebuild) needs now; [] when nothing changed.
     `prepare()` -> (index dimension, tuning queries) of the model, called when there is work
     (it reads the model's card). The mode is decided as `pipeline.update` decides it: a rebuild
-    when forced, or when there is no usable version of this model."""
-    from indexer.pipeline import list_images
-
+    when forced, or when there is no usable version of this model. Files refused before and
+    unchanged since are no work."""
     base = None
     if not force_rebuild:
         try:
@@ -127,10 +131,15 @@ def plan(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str, sha
             log.info("model changed (%s -> %s): planning a rebuild", base.model_id, model_id)
             base = None
     objects = list_images(store, prefix)
+    warn_if_empty(store, prefix, objects)
+    skip = refusals.refused(objects) if refusals is not None else {}
+    if skip:
+        log.info("plan: %d file(s) refused before and unchanged since are skipped", len(skip))
     if base is None:
-        todo = sorted(objects)
+        todo = sorted(k for k in objects if k not in skip)
     else:
-        todo = sorted(k for k, o in objects.items() if base.etags.get(k) != o.etag)
+        todo = sorted(k for k, o in objects.items()
+                      if base.etags.get(k) != o.etag and k not in skip)
         if not todo and all(k in objects for k in base.etags):
             return []
     on = base.version if base else _published(index, model_id)
@@ -171,9 +180,9 @@ def _check_base(index: VectorIndex, shard: Shard) -> None:
 
 # --- one shard ---------------------------------------------------------------------------------
 def embed_shard(store: ObjectStore, encoder, index: VectorIndex, shard: Shard,
-                batch_size: int = 32) -> dict:
+                batch_size: int = 32, refusals: RefusalTable | None = None) -> dict:
     """Embed what the shard's range needs and write it; a summary for the logs and XCom."""
-    from indexer.pipeline import embed_objects, list_images
+    from indexer.pipeline import embed_objects
 
     t0 = time.perf_counter()
     who = {"shard": shard.position, "of": shard.of, "pid": os.getpid(),
@@ -188,16 +197,20 @@ def embed_shard(store: ObjectStore, encoder, index: VectorIndex, shard: Shard,
         raise StalePlan(f"plan {shard.plan} is for model {shard.model_id}, MODEL_PATH now "
                         f"loads {encoder.model_id}")
     objects = {k: o for k, o in list_images(store, shard.prefix).items() if shard.covers(k)}
+    skip = refusals.refused(objects) if refusals is not None else {}
     gone: list[str] = []
     if shard.mode == "update":
         indexed = {k: e for k, e in index.indexed(shard.model_id).etags.items()
                    if shard.covers(k)}
         gone = sorted(k for k, e in indexed.items() if k not in objects or objects[k].etag != e)
-        todo = [o for k, o in objects.items() if indexed.get(k) != o.etag]
+        todo = [o for k, o in objects.items() if indexed.get(k) != o.etag and k not in skip]
     else:
-        todo = list(objects.values())
+        todo = [o for k, o in objects.items() if k not in skip]
     res = embed_objects(store, encoder, sorted(todo, key=lambda o: o.key), batch_size,
                         progress=False)
+    if refusals is not None:
+        refusals.update({k: (objects[k].etag, why) for k, why in res.failed.items()}, objects,
+                        lambda k: k.startswith(shard.prefix) and shard.covers(k))
     try:
         index.write(shard.draft, res.keys, res.vectors, res.etags, part=shard.part)
         if shard.mode == "update":  # a changed key embedded again is upserted, not removed
@@ -207,6 +220,7 @@ def embed_shard(store: ObjectStore, encoder, index: VectorIndex, shard: Shard,
         raise StalePlan(f"plan {shard.plan}: {exc}; the next run plans again") from None
     out = {**who, "action": "embedded", "listed": len(objects), "embedded": len(res.keys),
            "gone": len(gone), "failed": dict(list(res.failed.items())[:MAX_FAILED_LISTED]),
+           "refused_before": len(skip),
            "seconds": round(time.perf_counter() - t0, 2)}
     log.info("shard %d/%d (pid %d on %s): %s", shard.position, shard.of, os.getpid(),
              who["host"], out)
@@ -224,7 +238,10 @@ def publish_plan(index: VectorIndex, shard: Shard, reports: list[dict]) -> dict:
         raise StalePlan(f"plan {shard.plan}: shard(s) {missing} of {shard.of} did not report")
     embedded = [e for e in reports if e.get("action") == "embedded"]
     failed = {k: v for e in embedded for k, v in e.get("failed", {}).items()}
+    for key, why in sorted(failed.items()):  # the run's log names every refused file
+        log.warning("refused %s: %s", key, why)
     report = {"failed": failed, "plan": shard.plan, "shards": shard.of,
+              "refused_before": sum(e.get("refused_before", 0) for e in embedded),
               "embedded_by": [{k: e.get(k) for k in ("shard", "pid", "host", "embedded")}
                               for e in embedded]}
     done = _published_by(index, shard)

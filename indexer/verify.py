@@ -18,6 +18,10 @@ What it reports (counts, and the first few keys of each kind):
                  (where versions are per model, Milvus, nothing is published for the current
                  one: every image is missing)
 
+Files the decoders refused (`indexer.listing.RefusalTable`: a key and the etag that was
+refused) are not missing: they are counted apart as `refused` and do not fail the check; the
+same key with another etag (the file was replaced since) is missing again.
+
 A store written to while it runs (an upload after the version was planned) shows as missing or
 stale: the invariant is that of a quiet store, as after a run with no uploads meanwhile.
 """
@@ -61,6 +65,7 @@ class Verification:
     objects: int = 0  # images in the store
     rows: int = 0  # rows the version holds
     found: dict[str, Found] = field(default_factory=lambda: {k: Found() for k in KINDS})
+    refused: Found = field(default_factory=Found)  # not indexed: the decoders refused them
 
     @property
     def wrong_model(self) -> bool:
@@ -75,7 +80,8 @@ class Verification:
                 "prefix": self.prefix, "model_id": self.model_id, "version": self.version,
                 "version_model_id": self.version_model_id, "wrong_model": self.wrong_model,
                 "objects": self.objects, "rows": self.rows,
-                **{k: {"count": f.count, "first": f.first} for k, f in self.found.items()}}
+                **{k: {"count": f.count, "first": f.first} for k, f in self.found.items()},
+                "refused": {"count": self.refused.count, "first": self.refused.first}}
 
     def summary(self) -> str:
         """A few lines for people (and for the failed task's message)."""
@@ -90,6 +96,9 @@ class Verification:
             if f.count:
                 more = ", ..." if f.count > len(f.first) else ""
                 lines.append(f"  {kind}: {f.count} ({', '.join(f.first)}{more})")
+        if self.refused.count:
+            lines.append(f"  refused by the decoders (not indexed, `python -m indexer status` "
+                         f"says why): {self.refused.count}")
         return "\n".join(lines)
 
 
@@ -106,9 +115,9 @@ def _in_order(pairs: Iterator[tuple[str, str]], what: str) -> Iterator[tuple[str
 
 
 def _images(store: ObjectStore, prefix: str) -> Iterator[tuple[str, str]]:
-    from indexer.pipeline import IMAGE_SUFFIXES
+    from encoder.image_formats import is_image_key  # the one owner of what counts as a photo
 
-    return ((o.key, o.etag) for o in store.list(prefix) if o.key.lower().endswith(IMAGE_SUFFIXES))
+    return ((o.key, o.etag) for o in store.list(prefix) if is_image_key(o.key))
 
 
 def _rows(index: VectorIndex, version: str | None, page: int) -> Iterator[tuple[str, str]]:
@@ -122,9 +131,12 @@ def _rows(index: VectorIndex, version: str | None, page: int) -> Iterator[tuple[
 
 
 def verify(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | None,
-           page: int = PAGE, shown: int = SHOWN) -> Verification:
+           page: int = PAGE, shown: int = SHOWN,
+           refused: dict[str, str] | None = None) -> Verification:
     """Merge-join the store's images under `prefix` with the rows of the version published for
-    `model_id`; every difference is counted (see the module doc)."""
+    `model_id`; every difference is counted (see the module doc). `refused`: key -> etag of the
+    files the decoders refused."""
+    refused = refused or {}
     info = index.status(model_id)
     version = info.get("version")
     out = Verification(index.backend, store.describe(), prefix, model_id, version,
@@ -141,7 +153,7 @@ def verify(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | 
             row = next(rows, None)
             continue
         if row is None or (obj is not None and obj[0] < row[0]):
-            found["missing"].add(obj[0], shown)
+            (out.refused if refused.get(obj[0]) == obj[1] else found["missing"]).add(obj[0], shown)
             out.objects += 1
             obj = next(objects, None)
         elif obj is None or row[0] < obj[0]:
@@ -159,9 +171,9 @@ def verify(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | 
 
 
 def verify_or_raise(store: ObjectStore, index: VectorIndex, prefix: str,
-                    model_id: str | None) -> dict:
+                    model_id: str | None, refused: dict[str, str] | None = None) -> dict:
     """`verify`, as a task: its report when the invariant holds, IndexMismatch otherwise."""
-    result = verify(store, index, prefix, model_id)
+    result = verify(store, index, prefix, model_id, refused=refused)
     if not result.ok:
         raise IndexMismatch(result.summary())
     return result.to_dict()

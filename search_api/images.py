@@ -1,14 +1,16 @@
 """Uploaded and stored images: safe decoding, and thumbnails for the web page.
 
-Uploads are checked before any pixel is decoded: only common raster formats are opened (no EPS,
-which would run Ghostscript, no exotic codecs), and the pixel count in the header is compared
-with the limit, so a small file that would decompress to gigabytes (a "decompression bomb") is
-refused without being decoded. Errors are domain errors (BadImage, ImageTooLarge); errors.py
+Uploads are checked before any pixel is decoded: only the photo formats of
+`encoder.image_formats` are opened (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF, AVIF; no EPS,
+which would run Ghostscript, no exotic codecs; camera RAW only for stored files named so), and
+the pixel count in the header is compared with the limit, so a small file that would decompress
+to gigabytes (a "decompression bomb") is refused without being decoded. Errors are domain errors (BadImage, ImageTooLarge); errors.py
 gives them their HTTP status.
 
 Decoding is bounded in memory: images much larger than the model input are decoded at reduced
 size (encoder.preprocessing), at most a few decodes run at once and their estimated peak bytes
 share a budget (DecodeGate), and freed memory is handed back to the OS after large decodes.
+Thumbnails are JPEG whatever the original (a HEIC, TIFF or RAW photo included).
 """
 from __future__ import annotations
 
@@ -22,11 +24,15 @@ from contextlib import asynccontextmanager
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, UnidentifiedImageError
 
+from encoder.image_formats import (BROWSER_TYPES, PILLOW_FORMATS, RawRefused, RawTooLarge,
+                                   raw_size)
 from encoder.preprocessing import (DECODE_MIN_SIDE, BadImage, decode_cost, decode_image,
                                    release_memory)
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-SAFE_IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"}
+ALLOWED_FORMATS = PILLOW_FORMATS
+# content types served inline (anything else is an attachment: never SVG/HTML from our origin)
+SAFE_IMAGE_TYPES = BROWSER_TYPES
+FORMATS_DOC = "a JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF image"
 
 
 class ImageTooLarge(ValueError):
@@ -43,11 +49,20 @@ def check_header(data: bytes, max_pixels: int, min_side: int | None = None
     return inspect_image(data, max_pixels, min_side)[:3]
 
 
-def inspect_image(data: bytes, max_pixels: int, min_side: int | None = None
-                  ) -> tuple[str, int, int, int]:
-    """(format, width, height, estimated decode bytes) from the header alone."""
+def inspect_image(data: bytes, max_pixels: int, min_side: int | None = None,
+                  raw: bool = False) -> tuple[str, int, int, int]:
+    """(format, width, height, estimated decode bytes) from the header alone; raw=True: a
+    camera RAW file (LibRaw reads the header)."""
     if not data:
         raise BadImage("the image file is empty (0 bytes)")
+    if raw:
+        try:
+            w, h, cost = raw_size(data, max_pixels, min_side)
+        except RawTooLarge as exc:
+            raise ImageTooLarge(str(exc)) from None
+        except RawRefused as exc:
+            raise BadImage(str(exc)) from None
+        return "RAW", w, h, cost
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -57,8 +72,7 @@ def inspect_image(data: bytes, max_pixels: int, min_side: int | None = None
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image has too many pixels: {exc}") from None
     except UnidentifiedImageError:
-        raise BadImage("not a JPEG, PNG, WebP, GIF or BMP image (or the file is damaged)") \
-            from None
+        raise BadImage(f"not {FORMATS_DOC} (or the file is damaged)") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise BadImage(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
     if w <= 0 or h <= 0:
@@ -82,9 +96,10 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(f"cannot decode it ({type(exc).__name__}: {exc})") from None
 
 
-def make_thumbnail(data: bytes, size: int, max_pixels: int) -> bytes:
-    # BadImage for a stored object that is not an image; decoded no larger than needed
-    img = decode_image(data, max_pixels, min_side=size)
+def make_thumbnail(data: bytes, size: int, max_pixels: int, raw: bool = False) -> bytes:
+    """A JPEG at most `size` pixels wide and high, whatever the original's format (BadImage for
+    a stored object that is not an image); decoded no larger than needed."""
+    img = decode_image(data, max_pixels, min_side=size, raw=raw)
     img.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=82, optimize=False)
@@ -160,10 +175,10 @@ class DecodeGate:
 
 
 async def decode_gated(gate: DecodeGate, data: bytes, max_pixels: int, decode,
-                       min_side: int | None = DECODE_MIN_SIDE):
+                       min_side: int | None = DECODE_MIN_SIDE, raw: bool = False):
     """Check the header (BadImage / ImageTooLarge), wait for room in the gate, run `decode()`
     in a worker thread, and give memory back to the OS after a large decode."""
-    cost = (await run_in_threadpool(inspect_image, data, max_pixels, min_side))[3]
+    cost = (await run_in_threadpool(inspect_image, data, max_pixels, min_side, raw))[3]
     try:
         async with gate.hold(cost):
             return await run_in_threadpool(decode)

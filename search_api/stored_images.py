@@ -11,6 +11,7 @@ from cachetools import LRUCache
 from fastapi.concurrency import run_in_threadpool
 
 from core.settings import RequestLimits
+from encoder.image_formats import is_raw_key
 from objectstore import InvalidKey, ObjectNotFound, StoreError
 from search_api.images import DecodeGate, decode_gated, decode_upload, make_thumbnail
 from search_api.redaction import public_error
@@ -119,17 +120,19 @@ class StoredImages:
 
     async def thumbnail(self, key: str, size: int) -> bytes:
         """A JPEG thumbnail of the stored image `key`, at most `size` pixels wide and high
-        (cached). fetch()'s errors; BadImage / ImageTooLarge for a stored object that is not a
-        usable image."""
+        (cached), whatever the original's format (camera RAW by its name: the embedded preview
+        or a demosaic). fetch()'s errors; BadImage / ImageTooLarge for a stored object that is
+        not a usable image."""
         cached = self._cached((key, size))
         if cached is not None:
             return cached
         data = await run_in_threadpool(self.fetch, key)
         max_pixels = self.limits.max_image_pixels
+        raw = is_raw_key(key)
         thumb = await decode_gated(
             self.decode_gate, data, max_pixels,
-            lambda: self._timed("thumbnail", make_thumbnail, data, size, max_pixels),
-            min_side=size)
+            lambda: self._timed("thumbnail", make_thumbnail, data, size, max_pixels, raw),
+            min_side=size, raw=raw)
         if self._thumbnails is not None:
             with self._thumb_lock:
                 self._thumbnails[(key, size)] = thumb

@@ -11,6 +11,7 @@ from PIL import Image
 from search_api.testing import cmyk_jpeg, encode, jpeg_with_header_size, png_bomb, png_with_alpha
 from tests.search_api.helpers import PREFIX
 from tests.conftest import make_image
+from tests.photo_samples import dng_bytes
 
 KEY = "test-key-123"
 MAX_UPLOAD = 1_000_000
@@ -114,8 +115,11 @@ BAD_INPUTS = [
     ("pdf-as-jpg", "POST", IMG, _upload(b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF"), 400),
     ("svg", "POST", IMG, _upload(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
                                "x.svg", "image/svg+xml"), 400),
-    ("tiff-not-allowed", "POST", IMG,
-     lambda: _upload(encode(Image.new("RGB", (8, 8)), "TIFF"), "x.tif", "image/tiff"), 400),
+    # TIFF, HEIC and AVIF uploads are photos (tests/search_api/test_photo_formats.py); TGA is not
+    ("tga-not-allowed", "POST", IMG,
+     lambda: _upload(encode(Image.new("RGB", (8, 8)), "TGA"), "x.tga", "image/x-tga"), 400),
+    ("camera-raw-upload", "POST", IMG,  # LibRaw reads stored files only, never uploads
+     lambda: _upload(dng_bytes(16, 16), "x.dng", "image/x-adobe-dng"), 400),
     ("png-bomb-20000x20000", "POST", IMG, lambda: _upload(png_bomb(), "bomb.png", "image/png"), 413),
     ("jpeg-header-30000x30000", "POST", IMG,
      lambda: _upload(jpeg_with_header_size(JPEG, 30_000, 30_000)), 413),
