@@ -11,13 +11,12 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from core.settings import Settings
 from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep
 from search_api.errors import responses
-from search_api.images import ImageTooLarge
+from search_api.images import FORMATS_DOC, ImageTooLarge
 from search_api.schemas import Bodies, EmbeddingOut, SearchOut
 from search_api.search_service import Results
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
-IMAGE_DOC = "a JPEG, PNG, WebP, GIF or BMP image"
 FORM_NOTE = ("\n\nThe same fields are accepted as a form (urlencoded or multipart), as the "
              "original clients send them.")
 
@@ -61,7 +60,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             raise ImageTooLarge(f"image larger than {max_upload} bytes")
         return image.filename or "upload", data
 
-    ImageFile = Annotated[UploadFile, File(description=IMAGE_DOC)]
+    ImageFile = Annotated[UploadFile, File(description=FORMATS_DOC)]
 
     @text.post("/encode_text", response_model=EmbeddingOut,
                  responses=responses(400, 413, 415, 422), description="Embed a text." + FORM_NOTE)

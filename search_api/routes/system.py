@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.settings import RequestLimits
+from encoder.image_formats import is_image_key
 from encoder.preprocessing import BadImage
 from objectstore import InvalidKey, validate_key
 from search_api.deps import ApiKeyDep, MetricsDep, ServiceDep, SettingsDep
@@ -57,6 +58,8 @@ async def get_image(key: str, service: ServiceDep, settings: SettingsDep,
     if not key.startswith(settings.images_prefix):
         raise HTTPException(404, f"no image {key[:200]!r} (images live under "
                                  f"{settings.images_prefix})")
+    if not is_image_key(key):  # with IMAGES_PREFIX= the bucket may hold other files too
+        raise HTTPException(404, f"no image {key[:200]!r} (not a photo's file name)")
     headers = {"Cache-Control": "public, max-age=3600"}
     if size is not None:
         try:  # bounded like uploads: a few decodes at once, within a memory budget

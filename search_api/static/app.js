@@ -190,8 +190,16 @@ function searchImage(file) {
   runSearch(false);
 }
 
+// what a browser shows as it is; HEIC, TIFF and camera RAW are shown as a large JPEG instead
+const BROWSER_SHOWS = /\.(jpe?g|png|webp|gif|bmp|avif)$/i;
+const VIEWER_SIZE = 1024;
+
+function viewerUrl(key) {
+  return BROWSER_SHOWS.test(key) ? imageUrl(key) : imageUrl(key, VIEWER_SIZE);
+}
+
 function openViewer(hit) {
-  $("viewer-img").src = imageUrl(hit.key);
+  $("viewer-img").src = viewerUrl(hit.key);
   $("viewer-img").alt = hit.filename;
   $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  ${scoreText(hit)} (${rawScores(hit)})`;
   $("viewer-open").href = imageUrl(hit.key);

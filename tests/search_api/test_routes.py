@@ -118,3 +118,14 @@ def test_image_route_refuses_bad_keys(client, key, status):
     r = client.get(f"/images/{key}")
     assert r.status_code == status
     assert b"root:" not in r.content
+
+
+def test_image_route_serves_photos_only(svc, client):
+    """Under the images prefix (the whole bucket with IMAGES_PREFIX=) other files may lie: the
+    route serves photos, by the one list of photo formats, and nothing else."""
+    prefix = svc.settings.images_prefix
+    svc.store.put(prefix + "notes/readme.txt", b"not a photo")
+    r = client.get(f"/images/{prefix}notes/readme.txt")
+    assert r.status_code == 404 and "not a photo" in r.json()["detail"]
+    photo = next(o.key for o in svc.store.list(prefix) if o.key.endswith(".jpg"))
+    assert client.get(f"/images/{photo}").status_code == 200
