@@ -148,13 +148,28 @@ def _folder_source(root: Path) -> Flickr8kSource:
     return Flickr8kSource(images, texts)
 
 
+class _ZipReader:
+    """Reads members of one zip file through a handle of this process's own: a ZipFile shares
+    its file offset, so DataLoader workers forked from one process would read each other's
+    bytes (BadZipFile, bad CRC) through the parent's handle."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._pid, self._zip = os.getpid(), zipfile.ZipFile(path)
+
+    def read(self, member: str) -> bytes:
+        if self._pid != os.getpid():
+            self._pid, self._zip = os.getpid(), zipfile.ZipFile(self.path)
+        return self._zip.read(member)
+
+
 def _zip_members(path: Path, suffixes: tuple[str, ...]) -> dict[str, Callable[[], bytes]]:
     try:
-        z = zipfile.ZipFile(path)
+        z = _ZipReader(path)
     except zipfile.BadZipFile:
         raise SourceError(f"{path} is not a valid zip archive") from None
     out = {}
-    for info in z.infolist():
+    for info in z._zip.infolist():
         name = PurePosixPath(info.filename).name
         if info.is_dir() or name.startswith(".") or "__MACOSX" in info.filename:
             continue

@@ -54,3 +54,43 @@ def test_bad_sources(tmp_path):
         open_source(str(tmp_path / "x.zip"), str(tmp_path / "x.zip"))
     with pytest.raises(SourceError, match="not found"):
         open_source(str(tmp_path / "nope" / "Flickr8k_Dataset.zip"))
+
+
+def _read_all(src, names, out):
+    """Every image many times; a read that fails or differs is kept, not raised."""
+    import zlib
+
+    seen: dict[str, set] = {n: set() for n in names}
+    for _ in range(60):
+        for n in names:
+            try:
+                seen[n].add(zlib.crc32(src.read_image(n)))
+            except Exception as exc:  # BadZipFile, a bad CRC: what a shared handle gives
+                seen[n].add(type(exc).__name__)
+    out.put(seen)
+
+
+def test_zip_source_read_by_forked_workers(tiny_flickr, tmp_path):
+    """DataLoader workers are forked from the process that opened the zip: each must read the
+    members through its own handle, or they read each other's bytes (bad CRC, wrong image)."""
+    import multiprocessing
+
+    root, _ = tiny_flickr
+    images_zip, text_zip = zip_flickr8k(root, tmp_path / "zips")
+    src = open_source(str(images_zip), str(text_zip), cache_dir=str(tmp_path / "cache"))
+    names = src.image_names()
+    src.read_image(names[0])  # the parent has used its handle before the fork
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    workers = [ctx.Process(target=_read_all, args=(src, names, out)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    got = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    import zlib
+
+    want = {n: {zlib.crc32((root / "Images" / n).read_bytes())} for n in names}
+    for seen in got:
+        assert seen == want
