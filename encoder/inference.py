@@ -67,10 +67,12 @@ class Encoder:
         log.warning("%s tower: %s; falling back to eager PyTorch", tower, exc)
         setattr(self, f"{tower}_runtime", "torch")
 
-    def warmup(self) -> None:
+    def warmup(self, image: bool = True) -> None:
         """Build/load the runtime sessions now (export once per model id) instead of on the
-        first request."""
+        first request (the image tower's too unless `image` is False)."""
         self.encode_texts(["warm up"])
+        if not image:
+            return
         size = self.model.image_spec.input_size
         self.encode_pixels(torch.zeros(1, 3, size, size))
 

@@ -1,17 +1,24 @@
 """The model's two towers behind micro-batchers: concurrent queries share one forward pass
-(search_api.batching), and the model is never called from several threads at once."""
+(search_api.batching), and the model is never called from several threads at once.
+
+The encoder is the serving bundle's torch-free `encoder.serving.ServingEncoder` (what the
+service builds by default) or the eager `encoder.inference.Encoder`: both give `model_id`, `dim`,
+`scoring`, `encode_texts` and `encode_images`."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from encoder import Encoder
 from search_api.batching import Batcher
+
+if TYPE_CHECKING:
+    from encoder.inference import Encoder
+    from encoder.serving import ServingEncoder
 
 IMAGE_BATCH_MAX = 16
 
 
 class QueryEncoders:
-    def __init__(self, encoder: Encoder, text_batch_max: int = 64,
+    def __init__(self, encoder: ServingEncoder | Encoder, text_batch_max: int = 64,
                  observe: Callable[[str, float], None] | None = None):
         observe = observe or (lambda stage, seconds: None)
         self.encoder = encoder
