@@ -19,7 +19,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "IMAGE_BACKBONES": "encoder.backbones", "TEXT_BACKBONES": "encoder.backbones",
-    "BackboneUnavailable": "encoder.protocol",
+    "BackboneUnavailable": "encoder.errors",
     "BadImage": "encoder.preprocessing", "decode_image": "encoder.preprocessing",
     "DualEncoder": "encoder.model", "ModelConfig": "encoder.model",
     "EmbeddingModel": "encoder.protocol", "LoadedModel": "encoder.protocol",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from encoder.pixels import ImageSpec  # torch-free, so that serving code can hold one
-from encoder.protocol import BackboneUnavailable  # noqa: F401 (torch-free, re-exported)
+from encoder.errors import BackboneUnavailable  # noqa: F401 (torch-free, re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,6 @@ if TYPE_CHECKING:  # type names only: importing this module does not import torc
     from encoder.model import ModelConfig
 
 
-class BackboneUnavailable(RuntimeError):
-    """A model's parts (pretrained weights, a package) cannot be had here."""
-
-
 @runtime_checkable
 class EmbeddingModel(Protocol):
     """Images and texts into one L2-normalised space (an `nn.Module`: `to`, `eval`,

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from encoder.protocol import BackboneUnavailable
+    from encoder.errors import BackboneUnavailable
     from search_api.main import build_service, create_app
 
     try:
