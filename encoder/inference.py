@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from encoder.loading import load_checkpoint
+from encoder.pixels import PixelNormalizer
 from encoder.protocol import LoadedModel
 from encoder.preprocessing import eval_transform
 from encoder.runtime_onnx import RUNTIMES, OnnxTowers, OnnxUnavailable
@@ -37,11 +38,7 @@ class Encoder:
         # how embeddings become index and query vectors (the one owner of that convention)
         self.scoring = Scoring.of(loaded.model)
         self.transform = eval_transform(self.model.image_spec)
-        # (x/255 - mean)/std == x*scale + offset, per channel
-        mean = np.asarray(self.model.image_spec.mean, np.float64)
-        std = np.asarray(self.model.image_spec.std, np.float64)
-        self._scale = (1 / (255 * std)).astype(np.float32)[:, None, None]
-        self._offset = (-mean / std).astype(np.float32)[:, None, None]
+        self.normalize = PixelNormalizer(self.model.image_spec)  # the torch-free twin
         onnx_ok = self.device.type == "cpu"
         if not onnx_ok and "torch" not in (image_runtime, text_runtime):
             log.info("ONNX runtimes are for CPU; running eager PyTorch on %s", self.device)
@@ -101,10 +98,7 @@ class Encoder:
         the cost of torchvision's chain, and without torch ops in the loader threads."""
         spec = self.model.image_spec
         if image.mode == "RGB" and image.size == (spec.input_size, spec.input_size):
-            chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))  # uint8
-            x = chw * self._scale  # float32 [3, H, W]
-            x += self._offset
-            return torch.from_numpy(x)
+            return torch.from_numpy(self.normalize(image))  # not resized: x * scale + offset
         return self.transform(image)
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
