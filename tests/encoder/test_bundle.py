@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder import DualEncoder, Encoder, ModelConfig, load_checkpoint, save_checkpoint, \
-    update_card
-from encoder.bundle import BundleMissing, StaleBundle, check_tokenizer, read_bundle, write_bundle
+from encoder import DualEncoder, Encoder, ModelConfig, load_checkpoint, read_card, \
+    save_checkpoint, update_card
+from encoder.bundle import BundleMissing, StaleBundle, check_tokenizer, ensure_bundle, \
+    read_bundle, write_bundle
 from encoder.pixels import ImageSpec, PixelNormalizer
 from encoder.preprocessing import decode_image, eval_transform
 from encoder.serving import ServingEncoder
@@ -126,6 +127,17 @@ def test_a_stale_or_missing_bundle_names_the_command(banked, tmp_path):
     path.with_suffix(".card.json").unlink()  # without its card: the file's bytes decide
     with pytest.raises(StaleBundle, match="changed since the bundle was made"):
         read_bundle(path)
+
+
+def test_ensure_bundle_writes_a_missing_one_once_with_the_command(banked, tmp_path):
+    path = tmp_path / "m.pt"
+    shutil.copy(banked, path)
+    shutil.copy(banked.with_suffix(".card.json"), path.with_suffix(".card.json"))
+    write_bundle(banked, cache_dir=tmp_path / "onnx")  # the child reuses these exported graphs
+    bundle = ensure_bundle(path, cache_dir=tmp_path / "onnx")  # `python -m encoder bundle`
+    assert bundle.dir == tmp_path / "m.bundle"
+    assert bundle.model_id == read_card(path)["model_id"]
+    assert ensure_bundle(path, cache_dir=tmp_path / "onnx").manifest == bundle.manifest
 
 
 def test_reading_and_serving_import_no_torch(banked, tmp_path):
