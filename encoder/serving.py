@@ -22,6 +22,7 @@ import numpy as np
 from encoder.bundle import ServingBundle, ensure_bundle
 from encoder.onnx_sessions import new_session
 from encoder.pixels import PixelNormalizer
+from encoder.preprocessing import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class ServingEncoder:
                 sess = self._sessions.get(tower)
                 if sess is None:
                     sess = new_session(self.bundle.graph(self.graphs[tower]), self.threads)
+                    # loading parses the graph and copies its weights: hand the parse's freed
+                    # heap back to the OS (ViT-B-32's text tower: 440 -> 340 MB resident)
+                    release_memory()
                     self._sessions[tower] = sess
         return sess
 
