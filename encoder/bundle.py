@@ -11,8 +11,10 @@
     <bundle>/bank.npy         the query bank (hubness correction; absent for plain cosine):
                               the image side's b(v) needs it, the query side only [q, 1]
 
-Where (`bundle_dir`): beside a checkpoint file (`models/x.pt` -> `models/x.bundle/`); for an
-open_clip spec, in the ONNX cache folder (`<ONNX_CACHE_DIR>/bundles/<spec>`).
+Where (`bundle_dirs`): beside a checkpoint file (`models/x.pt` -> `models/x.bundle/`), or, when
+that folder is read-only (a container's mount), in the ONNX cache folder
+(`<ONNX_CACHE_DIR>/bundles/x-<digest of the checkpoint's path>`); an open_clip spec's in the
+ONNX cache folder (`<ONNX_CACHE_DIR>/bundles/<spec>`).
 
 Written by `python -m encoder bundle [MODEL_PATH]` (`write_bundle`; needs torch: it loads the
 model, exports the graphs, checks them against eager PyTorch and the tokenizer against the
@@ -73,13 +75,28 @@ def default_cache_dir() -> Path:
     return Path(get_settings().onnx_cache_dir)
 
 
-def bundle_dir(model_path, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the bundle of `model_path` lives (see the module doc)."""
+def bundle_dirs(model_path, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where the bundle of `model_path` may live, in the order they are read (see the module
+    doc): beside a checkpoint, then (a checkpoint in a read-only folder, e.g. a container's
+    mount) under the ONNX cache folder; an open_clip spec's under the ONNX cache folder."""
     spec = parse_model_spec(model_path)
+    cache = Path(cache_dir or default_cache_dir()) / "bundles"
     if isinstance(spec, CheckpointFile):
-        return spec.path.parent / f"{spec.path.stem}.bundle"
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(spec))[:200]
-    return Path(cache_dir or default_cache_dir()) / "bundles" / safe
+        where = hashlib.sha256(str(spec.path.resolve()).encode()).hexdigest()[:8]
+        return [spec.path.parent / f"{spec.path.stem}.bundle",
+                cache / f"{spec.path.stem}-{where}"]
+    return [cache / re.sub(r"[^A-Za-z0-9._-]+", "_", str(spec))[:200]]
+
+
+def bundle_dir(model_path, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where a new bundle of `model_path` is written: the first of `bundle_dirs` whose folder
+    can be written (beside a checkpoint unless its folder is read-only)."""
+    candidates = bundle_dirs(model_path, cache_dir)
+    for folder in candidates:
+        parent = next((p for p in (folder.parent, *folder.parents) if p.exists()), None)
+        if parent is not None and os.access(parent, os.W_OK):
+            return folder
+    return candidates[0]
 
 
 def _source_files(model_path) -> list[Path]:
@@ -186,12 +203,28 @@ def read_bundle(model_path, cache_dir: str | os.PathLike | None = None,
                 directory: str | os.PathLike | None = None) -> ServingBundle:
     """The bundle of `model_path` (torch-free). BundleMissing when there is none, StaleBundle
     when it belongs to another model or is damaged; both name the command that writes it."""
-    folder = Path(directory) if directory else bundle_dir(model_path, cache_dir)
+    if directory:
+        return _read_folder(Path(directory), model_path)
+    candidates = bundle_dirs(model_path, cache_dir)
+    stale = None
+    for folder in candidates:
+        if (folder / MANIFEST).exists():
+            try:
+                return _read_folder(folder, model_path)
+            except StaleBundle as exc:  # another location may hold a fresh one
+                stale = stale or exc
+    if stale is not None:
+        raise stale
+    raise BundleMissing(f"no serving bundle for MODEL_PATH={model_path} (expected at "
+                        f"{candidates[0]}); write it with {_command(model_path)}")
+
+
+def _read_folder(folder: Path, model_path) -> ServingBundle:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise BundleMissing(f"no serving bundle for MODEL_PATH={model_path} (expected at "
-                            f"{folder}); write it with {_command(model_path)}") from None
+        raise BundleMissing(f"no serving bundle for MODEL_PATH={model_path} at {folder}; "
+                            f"write it with {_command(model_path)}") from None
     except (OSError, ValueError) as exc:
         raise StaleBundle(f"unreadable serving bundle {folder / MANIFEST} ({exc}); rewrite it "
                           f"with {_command(model_path)}") from None
@@ -224,10 +257,19 @@ def ensure_bundle(model_path, cache_dir: str | os.PathLike | None = None) -> Ser
         if not torch_installed():
             raise
         log.warning("%s; writing it now (once)", exc)
-    cmd = [sys.executable, "-m", "encoder", "bundle", str(model_path)]
-    if cache_dir:
-        cmd += ["--cache-dir", str(cache_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    from filelock import FileLock
+
+    folder = bundle_dir(model_path, cache_dir)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # replicas starting together write it once
+        try:
+            return read_bundle(model_path, cache_dir)
+        except (BundleMissing, StaleBundle):
+            pass
+        cmd = [sys.executable, "-m", "encoder", "bundle", str(model_path), "--out", str(folder)]
+        if cache_dir:
+            cmd += ["--cache-dir", str(cache_dir)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise StaleBundle(f"could not write the serving bundle for MODEL_PATH={model_path}: "
