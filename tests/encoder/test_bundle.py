@@ -3,6 +3,7 @@ scoring and ranks as the torch path, for our dual encoder and an open_clip model
 does not match its checkpoint is refused, naming the command that rewrites it."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,21 @@ def test_ensure_bundle_writes_a_missing_one_once_with_the_command(banked, tmp_pa
     assert bundle.dir == tmp_path / "m.bundle"
     assert bundle.model_id == read_card(path)["model_id"]
     assert ensure_bundle(path, cache_dir=tmp_path / "onnx").manifest == bundle.manifest
+
+
+def test_a_read_only_checkpoint_folder_keeps_its_bundle_in_the_cache(banked, tmp_path,
+                                                                    monkeypatch):
+    import encoder.bundle as bundle_module
+
+    path = tmp_path / "ro" / "m.pt"
+    path.parent.mkdir()
+    shutil.copy(banked, path)
+    real_access = os.access
+    monkeypatch.setattr(bundle_module.os, "access",  # as a read-only mount answers
+                        lambda p, mode: Path(p) != path.parent and real_access(p, mode))
+    folder = write_bundle(path, cache_dir=tmp_path / "onnx")
+    assert folder.parent == tmp_path / "onnx" / "bundles" and not (path.parent / "m.bundle").exists()
+    assert read_bundle(path, cache_dir=tmp_path / "onnx").dir == folder
 
 
 def test_reading_and_serving_import_no_torch(banked, tmp_path):
