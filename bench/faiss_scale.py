@@ -40,7 +40,7 @@ def embeddings(args):
     pick = rng.choice(len(texts), args.queries, replace=False)
     queries = enc.encode_texts([texts[i] for i in pick])
     # raw embeddings here (no bias column): tune on the bank's raw caption embeddings
-    tuning = enc.scoring.bank[:300].numpy() if enc.scoring.corrected else None
+    tuning = np.asarray(enc.scoring.bank[:300]) if enc.scoring.corrected else None
     return np.concatenate(imgs).astype(np.float32), queries.astype(np.float32), tuning
 
 

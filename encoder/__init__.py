@@ -11,9 +11,18 @@
     checkpoint.py       the checkpoint file: trainable weights + model card, the model id
     inference.py        `Encoder`: numpy in, L2-normalised numpy out, on eager PyTorch or
                         runtime_onnx.py's ONNX Runtime towers (fp32 / int8)
-    scoring.py          how an embedding becomes the vector an index stores or searches
+    scoring.py          how an embedding becomes the vector an index stores or searches (NumPy
+                        for arrays; torch only for tensors)
     match_scale.py      what a score means to a person: the 0-100 match, calibrated on dev
                         captions and kept in the model card
+    image_formats.py    which files are photos (the one list) and the decoders beyond Pillow's
+                        (HEIC via pillow-heif, camera RAW via rawpy); torch-free
+
+Serving without torch (the search service): bundle.py writes and checks a model's serving bundle
+(ONNX towers, tokenizer file, preprocessing constants, scoring data; `python -m encoder bundle`),
+serving.py runs it (`ServingEncoder`: ONNX Runtime, `tokenizers` via tokens.py, NumPy/Pillow
+preprocessing via pixels.py, which also holds `ImageSpec`); onnx_sessions.py opens ONNX Runtime
+sessions, errors.py holds `BackboneUnavailable`. None of these import torch.
 
 The names below are imported on first use, so `import encoder.spec` does not import torch.
 """
@@ -21,7 +30,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "IMAGE_BACKBONES": "encoder.backbones", "TEXT_BACKBONES": "encoder.backbones",
-    "BackboneUnavailable": "encoder.backbones",
+    "BackboneUnavailable": "encoder.errors",
     "BadImage": "encoder.preprocessing", "decode_image": "encoder.preprocessing",
     "DualEncoder": "encoder.model", "ModelConfig": "encoder.model",
     "EmbeddingModel": "encoder.protocol", "LoadedModel": "encoder.protocol",

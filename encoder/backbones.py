@@ -8,28 +8,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from encoder.pixels import ImageSpec  # torch-free, so that serving code can hold one
+from encoder.errors import BackboneUnavailable  # noqa: F401 (torch-free, re-exported)
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    name: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    out_dim: int
-    # None: our models' squash-resize (what they were trained on). open_clip models carry their
-    # own: "shortest" (+ center crop), "squash" or "longest" (+ pad), and the interpolation.
-    # Left out of the repr, which keys cached features (training/features.py): the transform's
-    # repr in that key carries them, and our models' existing keys stay valid.
-    resize_mode: str | None = field(default=None, repr=False)
-    interpolation: str | None = field(default=None, repr=False)
 
 
 class StagedImageBackbone(nn.Module):
@@ -123,10 +110,6 @@ def _mobilenet_v3_small(name: str, weights_path: str | None) -> StagedImageBackb
         )
     spec = ImageSpec(name, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 576)
     return StagedImageBackbone(spec, list(net.features))
-
-
-class BackboneUnavailable(RuntimeError):
-    pass
 
 
 IMAGE_BACKBONES: dict[str, Callable[[str, str | None], StagedImageBackbone]] = {

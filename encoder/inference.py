@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from encoder.loading import load_checkpoint
+from encoder.pixels import PixelNormalizer
 from encoder.protocol import LoadedModel
 from encoder.preprocessing import eval_transform
 from encoder.runtime_onnx import RUNTIMES, OnnxTowers, OnnxUnavailable
@@ -30,6 +31,7 @@ class Encoder:
             if r not in RUNTIMES:
                 raise ValueError(f"unknown runtime {r!r}; known: {RUNTIMES}")
         self.loaded = loaded
+        self.card = loaded.card
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
         self.model_id = loaded.model_id
@@ -37,11 +39,7 @@ class Encoder:
         # how embeddings become index and query vectors (the one owner of that convention)
         self.scoring = Scoring.of(loaded.model)
         self.transform = eval_transform(self.model.image_spec)
-        # (x/255 - mean)/std == x*scale + offset, per channel
-        mean = np.asarray(self.model.image_spec.mean, np.float64)
-        std = np.asarray(self.model.image_spec.std, np.float64)
-        self._scale = (1 / (255 * std)).astype(np.float32)[:, None, None]
-        self._offset = (-mean / std).astype(np.float32)[:, None, None]
+        self.normalize = PixelNormalizer(self.model.image_spec)  # the torch-free twin
         onnx_ok = self.device.type == "cpu"
         if not onnx_ok and "torch" not in (image_runtime, text_runtime):
             log.info("ONNX runtimes are for CPU; running eager PyTorch on %s", self.device)
@@ -67,10 +65,12 @@ class Encoder:
         log.warning("%s tower: %s; falling back to eager PyTorch", tower, exc)
         setattr(self, f"{tower}_runtime", "torch")
 
-    def warmup(self) -> None:
+    def warmup(self, image: bool = True) -> None:
         """Build/load the runtime sessions now (export once per model id) instead of on the
-        first request."""
+        first request (the image tower's too unless `image` is False)."""
         self.encode_texts(["warm up"])
+        if not image:
+            return
         size = self.model.image_spec.input_size
         self.encode_pixels(torch.zeros(1, 3, size, size))
 
@@ -99,10 +99,7 @@ class Encoder:
         the cost of torchvision's chain, and without torch ops in the loader threads."""
         spec = self.model.image_spec
         if image.mode == "RGB" and image.size == (spec.input_size, spec.input_size):
-            chw = np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))  # uint8
-            x = chw * self._scale  # float32 [3, H, W]
-            x += self._offset
-            return torch.from_numpy(x)
+            return torch.from_numpy(self.normalize(image))  # not resized: x * scale + offset
         return self.transform(image)
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:

@@ -1,17 +1,24 @@
-"""Image decoding and preprocessing shared by training, indexing and the API."""
+"""Image decoding and preprocessing shared by training, indexing and the API.
+
+Decoding needs Pillow only; the torch transforms (`eval_transform`, `train_transform`) import
+torch and torchvision when called, so the service decodes without them (its NumPy twin of the
+eval transform is encoder/pixels.py)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import io
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2 as T
 
-from encoder.backbones import ImageSpec
 from encoder.image_formats import PILLOW_FORMATS, RawRefused, decode_raw
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2 as T
+
+    from encoder.pixels import ImageSpec
 
 # Flickr8k copies here are squashed to a square; user images are squashed the same way for our
 # models (open_clip models use their own resize + crop: eval_transform).
@@ -185,6 +192,9 @@ def eval_transform(spec: ImageSpec):
 
         return image_transform(spec.input_size, is_train=False, mean=spec.mean, std=spec.std,
                                resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+    import torch
+    from torchvision.transforms import v2 as T
+
     return T.Compose([
         T.ToImage(),
         T.Resize((spec.input_size, spec.input_size), antialias=True),
@@ -194,6 +204,9 @@ def eval_transform(spec: ImageSpec):
 
 
 def train_transform(spec: ImageSpec) -> T.Compose:
+    import torch
+    from torchvision.transforms import v2 as T
+
     return T.Compose([
         T.ToImage(),
         T.RandomResizedCrop((spec.input_size, spec.input_size), scale=(0.5, 1.0), antialias=True),

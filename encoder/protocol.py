@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 if TYPE_CHECKING:  # type names only: importing this module does not import torch
     import torch
 
-    from encoder.backbones import ImageSpec
+    from encoder.pixels import ImageSpec
     from encoder.model import ModelConfig
 
 

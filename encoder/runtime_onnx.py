@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.atomic import atomic_path, write_atomic
+from encoder.onnx_sessions import OnnxUnavailable, new_session, session_options  # noqa: F401
 from encoder.protocol import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,10 @@ EXPORT_MIN_COSINE = 0.9999  # fp32 graphs must reproduce eager PyTorch this clos
 INT8_MIN_COSINE = 0.95      # a sanity floor only: int8 quality is judged by Recall@K (bench/)
 
 
-class OnnxUnavailable(RuntimeError):
-    """onnxruntime is not installed, or the model could not be exported faithfully."""
-
-
 def default_cache_dir() -> Path:
     from core.settings import get_settings
 
     return Path(get_settings().onnx_cache_dir)
-
-
-def _ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise OnnxUnavailable("onnxruntime is not installed (pip install onnxruntime)") from exc
-    return ort
 
 
 # --- the exported functions ---------------------------------------------------------------
@@ -132,23 +121,6 @@ def _quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def session_options(threads: int | None = None, spinning: bool = False):
-    """One intra-op pool of `threads` (default: all cores), no inter-op parallelism.
-
-    Spinning is off: on a machine with few cores, worker threads that busy-wait between ops
-    steal the cores that fetch/decode threads and other processes need (measured in bench/).
-    """
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.log_severity_level = 3
-    return so
 
 
 class OnnxTowers:
@@ -272,9 +244,7 @@ class OnnxTowers:
 
     # --- sessions ---------------------------------------------------------------------------
     def _new_session(self, path: Path):
-        ort = _ort()
-        return ort.InferenceSession(str(path), session_options(self.threads, self.spinning),
-                                    providers=["CPUExecutionProvider"])
+        return new_session(path, self.threads, self.spinning)
 
     def session(self, tower: str, int8: bool = False):
         name = f"{tower}{'.int8' if int8 else ''}"

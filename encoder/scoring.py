@@ -14,29 +14,39 @@ Every other package goes through `Scoring` and knows nothing of index columns.
 """
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 
-Array = TypeVar("Array", np.ndarray, torch.Tensor)
+if TYPE_CHECKING:  # torch is imported only for torch inputs: serving needs NumPy alone
+    import torch
 
-
-def _torch(x) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) \
-        if isinstance(x, np.ndarray) else x
+Array = TypeVar("Array", np.ndarray, "torch.Tensor")
 
 
-def _like(result: torch.Tensor, template) -> np.ndarray | torch.Tensor:
-    return result.float().cpu().numpy() if isinstance(template, np.ndarray) else result
+def _numpy(x) -> np.ndarray | None:
+    """`x` as a float32 NumPy array (a tensor or array-like), None for None."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) over axis 1, stable (as torch.logsumexp, in float32)."""
+    top = x.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
 class Scoring:
-    def __init__(self, dim: int, bank: torch.Tensor | None = None,
-                 temperature: torch.Tensor | float = 0.07):
+    def __init__(self, dim: int, bank=None, temperature=0.07):
+        """bank: [B, dim] query bank (a NumPy array or a tensor; empty or None: plain cosine);
+        temperature: a float (or a 0-d tensor)."""
         self.dim = int(dim)
-        self.bank = bank.detach().float().cpu() if bank is not None and len(bank) else None
-        self.temperature = torch.as_tensor(temperature, dtype=torch.float32).detach().cpu()
+        bank = _numpy(bank)
+        self.bank: np.ndarray | None = bank if bank is not None and len(bank) else None
+        self.temperature = float(_numpy(temperature).reshape(-1)[0])
         self.corrected = self.bank is not None
         # the vectors an index holds: the embedding, plus the bias column when corrected
         self.index_dim = self.dim + 1 if self.corrected else self.dim
@@ -49,11 +59,10 @@ class Scoring:
         return cls.from_weights(model.config.embed_dim, model.logit_scale, model.query_bank)
 
     @classmethod
-    def from_weights(cls, dim: int, logit_scale, bank: torch.Tensor | None) -> "Scoring":
+    def from_weights(cls, dim: int, logit_scale, bank=None) -> "Scoring":
         """From the learned log logit scale (temperature = 1 / its exp, capped as in training)."""
-        with torch.no_grad():
-            t = 1.0 / torch.as_tensor(logit_scale).detach().float().cpu().exp().clamp(max=100)
-        return cls(dim, bank, t)
+        scale = np.exp(_numpy(logit_scale).reshape(-1)[0])
+        return cls(dim, bank, np.float32(1.0) / np.minimum(scale, np.float32(100)))
 
     def describe(self) -> str:
         if not self.corrected:
@@ -61,15 +70,25 @@ class Scoring:
         return (f"cosine minus hubness bias (inverted softmax over {len(self.bank)} training "
                 "captions)")
 
-    @torch.inference_mode()
     def image_bias(self, image_emb: Array) -> Array:
-        """b(v) per image (zeros without a bank)."""
-        v = _torch(image_emb)
+        """b(v) per image (zeros without a bank): NumPy for arrays, torch for tensors."""
+        if not isinstance(image_emb, np.ndarray):
+            return self._image_bias_torch(image_emb)
+        v = np.asarray(image_emb, np.float32)
         if not self.corrected:
-            return _like(torch.zeros(v.shape[0]), image_emb)
-        t = self.temperature
-        bank = self.bank.to(v.device, v.dtype)
-        return _like(t * torch.logsumexp(v @ bank.T / t, dim=1), image_emb)
+            return np.zeros(v.shape[0], np.float32)
+        t = np.float32(self.temperature)
+        return (t * _logsumexp(v @ self.bank.T / t)).astype(np.float32)
+
+    def _image_bias_torch(self, v: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        with torch.inference_mode():
+            if not self.corrected:
+                return torch.zeros(v.shape[0])
+            t = self.temperature
+            bank = torch.from_numpy(self.bank).to(v.device, v.dtype)
+            return t * torch.logsumexp(v @ bank.T / t, dim=1)
 
     # --- what an index stores and searches ----------------------------------------------------
     def image_vectors(self, image_emb: Array) -> Array:
@@ -79,6 +98,8 @@ class Scoring:
         bias = self.image_bias(image_emb)
         if isinstance(image_emb, np.ndarray):
             return np.concatenate([image_emb, -bias[:, None]], axis=1).astype(np.float32)
+        import torch
+
         return torch.cat([image_emb, -bias[:, None].to(image_emb.dtype)], 1)
 
     def query_vectors(self, query_emb: Array) -> Array:
@@ -87,6 +108,8 @@ class Scoring:
             return query_emb
         if isinstance(query_emb, np.ndarray):
             return np.concatenate([query_emb, np.ones((len(query_emb), 1), np.float32)], axis=1)
+        import torch
+
         return torch.cat([query_emb, torch.ones(len(query_emb), 1, dtype=query_emb.dtype,
                                                 device=query_emb.device)], 1)
 
@@ -120,4 +143,4 @@ class Scoring:
         captions, when the model has one (else None: the index builder makes stand-ins)."""
         if not self.corrected:
             return None
-        return self.query_vectors(self.bank[:n].numpy())
+        return self.query_vectors(self.bank[:n])

@@ -1,7 +1,9 @@
 """`python -m search_api [--host H] [--port P]`: serve the API and the web page.
 
 Exits with status 2 and a one-line error, before binding the port, when the model checkpoint is
-missing or unreadable (or the settings are invalid). A missing index or an unreachable object
+missing or unreadable, its serving bundle is missing or stale where torch is not installed (the
+error names `python -m encoder bundle`), or the settings are invalid. With the bundle present the
+process never imports torch (encoder/serving.py). A missing index or an unreachable object
 store do not stop it: /health says `degraded` until they are there.
 """
 import argparse
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from encoder import BackboneUnavailable
+    from encoder.errors import BackboneUnavailable
     from search_api.main import build_service, create_app
 
     try:

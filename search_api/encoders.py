@@ -1,18 +1,25 @@
 """The model's two towers behind micro-batchers: concurrent queries share one forward pass
-(search_api.batching), and the model is never called from several threads at once."""
+(search_api.batching), and the model is never called from several threads at once.
+
+The encoder is the serving bundle's torch-free `encoder.serving.ServingEncoder` (what the
+service builds by default) or the eager `encoder.inference.Encoder`: both give `model_id`, `dim`,
+`scoring`, `encode_texts` and `encode_images`."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from encoder import Encoder
 from encoder.match_scale import MatchScale
 from search_api.batching import Batcher
+
+if TYPE_CHECKING:
+    from encoder.inference import Encoder
+    from encoder.serving import ServingEncoder
 
 IMAGE_BATCH_MAX = 16
 
 
 class QueryEncoders:
-    def __init__(self, encoder: Encoder, text_batch_max: int = 64,
+    def __init__(self, encoder: ServingEncoder | Encoder, text_batch_max: int = 64,
                  observe: Callable[[str, float], None] | None = None):
         observe = observe or (lambda stage, seconds: None)
         self.encoder = encoder
@@ -20,7 +27,7 @@ class QueryEncoders:
         self.dim = encoder.dim
         self.scoring = encoder.scoring
         # what a score means to a person (None: the card holds no calibration)
-        self.match_scale = MatchScale.from_card(encoder.loaded.card)
+        self.match_scale = MatchScale.from_card(encoder.card)
         self.texts = Batcher(encoder.encode_texts, "text", max_batch=text_batch_max,
                              observe=lambda s, n: observe("text_encode", s))
         self.images = Batcher(encoder.encode_images, "image", max_batch=IMAGE_BATCH_MAX,

@@ -20,15 +20,19 @@ from search_api.search_service import SearchService
 log = logging.getLogger(__name__)
 
 
-def build_service(settings: Settings, encoder=None, index=None, store=None) -> SearchService:
-    """The search service of these settings: the model (FileNotFoundError / ValueError when it
-    is missing or unreadable; `encoder` when already loaded), the index (`open_index(settings)`
+def build_service(settings: Settings, encoder=None, index=None, store=None,
+                  eager_image_tower: bool = False) -> SearchService:
+    """The search service of these settings: the model (`encoder.serving.query_encoder`: the
+    serving bundle's towers without torch, or eager PyTorch when the runtime settings say so;
+    FileNotFoundError / ValueError when it is missing, unreadable or its bundle is stale;
+    `encoder` when already loaded; the text tower is loaded now, the image tower on first use
+    unless `eager_image_tower`), the index (`open_index(settings)`
     unless given) with its published version opened if there is one, and the object store
     (`store`, else opened from the settings, retried while it is down). The store and a remote
     index may be down: the service still starts, degraded."""
     import faiss
 
-    from encoder import Encoder
+    from encoder.serving import ServingEncoder, query_encoder
     from indexer.vector_index import open_index
     from objectstore import open_store
     from search_api.encoders import QueryEncoders
@@ -37,8 +41,10 @@ def build_service(settings: Settings, encoder=None, index=None, store=None) -> S
     from search_api.stored_images import StoredImages
 
     if encoder is None:
-        encoder = Encoder.from_settings(settings)
-        encoder.warmup()  # export/load the runtime sessions now, not on the first request
+        encoder = query_encoder(settings)
+        # open the runtime sessions now, not on the first request (the bundle's image tower:
+        # on first image use; eager PyTorch exports both graphs now)
+        encoder.warmup(image=eager_image_tower or not isinstance(encoder, ServingEncoder))
     index = index if index is not None else open_index(settings)
     # single small queries: one thread beats two (bench/faiss_scale.py); FAISS also serves the
     # query-side work of the other backends' tests

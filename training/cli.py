@@ -158,6 +158,7 @@ def train_command(argv: list[str]) -> int:
 
 
 def ship_command(argv: list[str]) -> int:
+    from encoder.bundle import write_bundle
     from training.calibrate import calibrate
     from training.evaluate import evaluate_sets, record_evaluations
     from training.export import add_export_args, export_checkpoint
@@ -190,6 +191,8 @@ def ship_command(argv: list[str]) -> int:
     # what a score means to a person (the match the API and the page show), fitted on dev
     calibrate(str(out), trainer.dev_split, trainer.cfg.cache_dir, trainer.device,
               use_cache=trainer.cfg.cache, source=args.data or "")
+    # what the search service serves it from without torch
+    log.info("serving bundle written to %s", write_bundle(out))
     log.info("shippable checkpoint written to %s (serve it with MODEL_PATH=%s)", out, out)
     print(json.dumps({"checkpoint": str(out), "model_id": model_id,
                       "trained": {"checkpoint": str(trained), "model_id": trained_id,

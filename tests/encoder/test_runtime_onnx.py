@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder import Encoder, load_checkpoint, runtime_onnx
+from encoder import Encoder, load_checkpoint, onnx_sessions, runtime_onnx
 
 
 TEXTS = ["a red circle", "two dogs playing in the snow", "a man riding a bike down the road"]
@@ -78,7 +78,7 @@ def test_missing_onnxruntime_falls_back_to_torch(pair, tmp_path, monkeypatch):
     def unavailable():
         raise runtime_onnx.OnnxUnavailable("onnxruntime is not installed")
 
-    monkeypatch.setattr(runtime_onnx, "_ort", unavailable)
+    monkeypatch.setattr(onnx_sessions, "ort", unavailable)
     enc = Encoder(ref.loaded, image_runtime="onnx", text_runtime="onnx",
                   onnx_cache_dir=str(tmp_path))
     out = enc.encode_texts(TEXTS[:1])

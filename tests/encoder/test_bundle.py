@@ -1,0 +1,200 @@
+"""The serving bundle and the torch-free serving path: the same tokens, pixels, embeddings,
+scoring and ranks as the torch path, for our dual encoder and an open_clip model; a bundle that
+does not match its checkpoint is refused, naming the command that rewrites it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoder import DualEncoder, Encoder, ModelConfig, load_checkpoint, read_card, \
+    save_checkpoint, update_card
+from encoder.bundle import BundleMissing, StaleBundle, check_tokenizer, ensure_bundle, \
+    read_bundle, write_bundle
+from encoder.pixels import ImageSpec, PixelNormalizer
+from encoder.preprocessing import decode_image, eval_transform
+from encoder.serving import ServingEncoder
+from tests.encoder.test_preprocessing import _photo
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "models" / "flickr8k-dual-encoder.pt"
+FLICKR8K = ROOT.parent / "shared" / "datasets" / "flickr8k"
+OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+TEXTS = ["two dogs playing in the snow", "a child", "Crème brûlée & “quotes”", ""]
+
+
+def _photos(n: int = 12) -> list:
+    """Real photos of several sizes (Flickr8k when it is here), else photo-like synthetic ones."""
+    files = sorted((FLICKR8K / "Images").glob("*.jpg"))[:n] if FLICKR8K.is_dir() else []
+    if files:
+        return [decode_image(f.read_bytes()) for f in files]
+    return [_photo(w, h, seed=i) for i, (w, h) in
+            enumerate([(500, 375), (333, 500), (640, 427), (260, 260), (1024, 768)] * 2)]
+
+
+SPECS = [
+    ImageSpec("efficientnet_lite2", 260, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1280),
+    ImageSpec("mobilenet_v3_small", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 576),
+    ImageSpec("open_clip", 224, *OPENAI, 512, resize_mode="shortest", interpolation="bicubic"),
+    ImageSpec("open_clip", 224, *OPENAI, 512, resize_mode="squash", interpolation="bilinear"),
+    ImageSpec("open_clip", 64, *OPENAI, 512, resize_mode="longest", interpolation="bicubic"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-{s.resize_mode}")
+def test_numpy_pixels_equal_the_eval_transform(spec):
+    """Within one 8-bit level anywhere, and a hundredth of a level on average."""
+    tf, numpy_tf = eval_transform(spec), PixelNormalizer(spec)
+    std = np.asarray(spec.std)[:, None, None]
+    for img in _photos():
+        want, got = tf(img).numpy(), numpy_tf(img)
+        assert got.shape == want.shape == (3, spec.input_size, spec.input_size)
+        levels = np.abs(got - want) * std * 255
+        assert levels.max() <= 1.0 + 1e-3 and levels.mean() < 0.02
+
+
+@pytest.fixture(scope="module")
+def banked(tmp_path_factory) -> Path:
+    torch.manual_seed(2)
+    model = DualEncoder(ModelConfig(embed_dim=32)).eval()
+    model.set_query_bank(F.normalize(torch.randn(30, 32), dim=-1))
+    path = tmp_path_factory.mktemp("bundle") / "banked.pt"
+    save_checkpoint(model, path)
+    return path
+
+
+def _assert_serves_like(encoder: Encoder, serving: ServingEncoder) -> None:
+    assert serving.model_id == encoder.model_id and serving.dim == encoder.dim
+    check_tokenizer(encoder.model, serving.tokenizer)
+    cos = (serving.encode_texts(TEXTS) * encoder.encode_texts(TEXTS)).sum(1)
+    assert cos.min() > 0.9999
+    images = _photos(4)
+    cos = (serving.encode_images(images) * encoder.encode_images(images)).sum(1)
+    assert cos.min() > 0.9999
+    mine, theirs = serving.scoring, encoder.scoring
+    assert (mine.index_dim, mine.readback_column, mine.temperature) == \
+        (theirs.index_dim, theirs.readback_column, theirs.temperature)
+    emb = encoder.encode_images(images)
+    np.testing.assert_array_equal(mine.image_vectors(emb), theirs.image_vectors(emb))
+
+
+def test_dual_encoder_bundle_serves_like_the_checkpoint(banked, tmp_path):
+    folder = write_bundle(banked, cache_dir=tmp_path / "onnx")
+    assert folder == banked.parent / "banked.bundle"
+    assert {p.name for p in folder.iterdir()} >= {"bundle.json", "image.onnx", "text.onnx",
+                                                  "text.int8.onnx", "tokenizer.json", "bank.npy"}
+    serving = ServingEncoder(read_bundle(banked))
+    assert serving.scoring.corrected
+    assert serving.loaded_towers == []  # each tower on first use
+    serving.warmup()
+    assert serving.loaded_towers == ["text"]
+    _assert_serves_like(Encoder.from_checkpoint(str(banked)), serving)
+    assert serving.loaded_towers == ["image", "text"]
+
+
+def test_open_clip_bundle_serves_like_the_spec(weights_file, tmp_path):
+    spec = f"open_clip:test-tiny-vit:{weights_file}"
+    encoder = Encoder(load_checkpoint(spec))
+    folder = write_bundle(spec, cache_dir=tmp_path, loaded=encoder.loaded)
+    assert folder.parent == tmp_path / "bundles"
+    bundle = read_bundle(spec, cache_dir=tmp_path)
+    assert bundle.image_spec == encoder.model.image_spec
+    assert bundle.manifest["tokenizer"]["mask"] == "nonzero"
+    _assert_serves_like(encoder, ServingEncoder(bundle))
+    long_texts = ["a photo of " * 60, "ok!", "NEW\nLINES\tand    spaces", "&lt;b&gt;bold"]
+    check_tokenizer(encoder.model, bundle.tokenizer(), long_texts)
+
+
+def test_a_stale_or_missing_bundle_names_the_command(banked, tmp_path):
+    path = tmp_path / "m.pt"
+    shutil.copy(banked, path)
+    shutil.copy(banked.with_suffix(".card.json"), path.with_suffix(".card.json"))
+    with pytest.raises(BundleMissing, match=r"python -m encoder bundle .*m\.pt"):
+        read_bundle(path)
+    write_bundle(path, cache_dir=tmp_path / "onnx")
+    update_card(path, note="evaluated")  # the file changes, the model does not
+    assert read_bundle(path).model_id == load_checkpoint(path).model_id
+    torch.manual_seed(3)  # another model saved under the same name
+    save_checkpoint(DualEncoder(ModelConfig(embed_dim=32)), path)
+    with pytest.raises(StaleBundle, match=r"made for model .*python -m encoder bundle"):
+        read_bundle(path)
+    path.with_suffix(".card.json").unlink()  # without its card: the file's bytes decide
+    with pytest.raises(StaleBundle, match="changed since the bundle was made"):
+        read_bundle(path)
+
+
+def test_ensure_bundle_writes_a_missing_one_once_with_the_command(banked, tmp_path):
+    path = tmp_path / "m.pt"
+    shutil.copy(banked, path)
+    shutil.copy(banked.with_suffix(".card.json"), path.with_suffix(".card.json"))
+    write_bundle(banked, cache_dir=tmp_path / "onnx")  # the child reuses these exported graphs
+    bundle = ensure_bundle(path, cache_dir=tmp_path / "onnx")  # `python -m encoder bundle`
+    assert bundle.dir == tmp_path / "m.bundle"
+    assert bundle.model_id == read_card(path)["model_id"]
+    assert ensure_bundle(path, cache_dir=tmp_path / "onnx").manifest == bundle.manifest
+
+
+def test_a_read_only_checkpoint_folder_keeps_its_bundle_in_the_cache(banked, tmp_path,
+                                                                    monkeypatch):
+    import encoder.bundle as bundle_module
+
+    path = tmp_path / "ro" / "m.pt"
+    path.parent.mkdir()
+    shutil.copy(banked, path)
+    real_access = os.access
+    monkeypatch.setattr(bundle_module.os, "access",  # as a read-only mount answers
+                        lambda p, mode: Path(p) != path.parent and real_access(p, mode))
+    folder = write_bundle(path, cache_dir=tmp_path / "onnx")
+    assert folder.parent == tmp_path / "onnx" / "bundles" and not (path.parent / "m.bundle").exists()
+    assert read_bundle(path, cache_dir=tmp_path / "onnx").dir == folder
+
+
+def test_reading_and_serving_import_no_torch(banked, tmp_path):
+    write_bundle(banked, cache_dir=tmp_path / "onnx")
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+from PIL import Image
+from encoder.bundle import read_bundle
+from encoder.serving import ServingEncoder
+enc = ServingEncoder(read_bundle({str(banked)!r}))
+q = enc.scoring.query_vectors(enc.encode_texts(["a dog"]))
+v = enc.scoring.image_vectors(enc.encode_images([Image.new("RGB", (300, 200), "red")]))
+print(q.shape, v.shape)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(1,", "33)", "(1,", "33)"]
+
+
+@pytest.mark.skipif(not (FLICKR8K / "Images").is_dir(), reason="needs the Flickr8k dataset")
+def test_recall_through_the_serving_path_equals_the_evaluation(tmp_path):
+    """The shipped model on a slice of dev: the ranks the evaluation command reports, from the
+    serving path (bundle towers, NumPy pixels, NumPy scoring, exact inner-product search)."""
+    from training.data import load_splits
+    from training.evaluate import evaluate_checkpoint
+    from training.recall import summarize, _ranks_t2i
+
+    split = load_splits(["dev"], str(FLICKR8K))[0][0].subset(60)
+    want = evaluate_checkpoint(str(SHIPPED), split, cache_dir=None, use_cache=False)
+    write_bundle(SHIPPED, out=tmp_path / "bundle", cache_dir=tmp_path / "onnx")
+    serving = ServingEncoder(read_bundle(SHIPPED, directory=tmp_path / "bundle"))
+    images = [decode_image(split.read(name)) for name in split.images]
+    texts, owner = split.flat_captions()
+    stored = serving.scoring.image_vectors(
+        np.concatenate([serving.encode_images(images[i:i + 16]) for i in range(0, 60, 16)]))
+    queries = serving.scoring.query_vectors(serving.encode_texts(texts))
+    ranks = _ranks_t2i(torch.from_numpy(queries @ stored.T), torch.as_tensor(owner))
+    assert summarize(ranks, (1, 5, 10)) == want["text_to_image"]
