@@ -50,6 +50,11 @@ def banked_checkpoint(tmp_path_factory) -> Path:
     model.set_query_bank(F.normalize(torch.randn(40, 64), dim=-1))
     path = tmp_path_factory.mktemp("banked") / "banked.pt"
     save_checkpoint(model, path)
+    # a match scale in its card: the service without torch reads it from the card file
+    from encoder import MatchScale, update_card
+
+    scale = MatchScale.fit(np.linspace(-0.4, 0.3, 50), np.linspace(-0.1, 0.6, 50), "test")
+    update_card(path, match_scale=scale.to_card())
     return path
 
 
@@ -114,6 +119,8 @@ def _same_ranking(got: list[dict], want: list[dict]) -> None:
         assert g["key"] in want_by_key
         ref = want_by_key[g["key"]]
         assert g["score"] == pytest.approx(ref["score"], abs=SCORE_TOL)
+        assert g["match"] is not None
+        assert g["match"] == pytest.approx(ref["match"], abs=0.5)  # 0-100, 1 decimal
         assert g["similarity"] == pytest.approx(ref["similarity"], abs=SCORE_TOL)
         assert g["url"] == ref["url"] and g["filename"] == ref["filename"]
     assert any(h["score"] != h["similarity"] for h in want)  # the corrected scoring was used
