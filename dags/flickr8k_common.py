@@ -78,7 +78,8 @@ def publish_index(plan: list[dict], embedded: list[dict]) -> dict:
 @fail_fast
 def verify_index(published: dict) -> dict:
     """The published version holds exactly the store's images (else the run fails, naming the
-    missing, stale, extra and duplicated keys)."""
+    missing, stale, extra and duplicated keys). What changed in the store after the run's plan
+    listed it (`published` carries when) is logged, not failed: the next run indexes it."""
     from indexer import jobs
 
     return jobs.verify_index(published)

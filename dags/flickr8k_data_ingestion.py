@@ -13,7 +13,8 @@ stale). `embed_shard` is mapped over the ranges (Airflow dynamic task mapping: o
 per shard, run in parallel by the executor, a failed shard retried alone), and `publish_index`
 merges them into one new version once all succeeded (atomically: a failed run leaves the current
 version in place), and `verify_index` checks the published version against the store
-(`python -m indexer verify`: the run fails when they differ).
+(`python -m indexer verify`: the run fails when they differ, except by what changed in the
+store after the plan listed it, which the next run indexes).
 
 Configuration (core.settings: environment of the Airflow workers or .env; a run's params win):
 FLICKR8K_SOURCE (a folder, a Flickr8k_Dataset.zip path or URL, as for `python -m indexer ingest`;

@@ -14,7 +14,8 @@ failed one retried alone), embeds its range's new objects and finds its removed 
 in place). A changed model id means a full rebuild into a new version (also forced with the
 `force_rebuild` param; the plan then loads the model to begin it). `verify_index` then checks
 that the published version holds exactly the bucket's images (`python -m indexer verify`) and
-fails the run when not. The work is done by `indexer.jobs` and `indexer.shards`.
+fails the run when not; uploads, changes and deletions made after the plan listed the bucket
+are logged, not failed (the next run indexes them). The work is done by `indexer.jobs` and `indexer.shards`.
 
 Schedule: REINDEX_SCHEDULE (cron or preset, read when the file is parsed; default @hourly).
 """

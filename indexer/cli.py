@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "when not")
     ver.add_argument("--json", action="store_true", help="the full report as JSON")
     ver.add_argument("--show", type=int, default=10, help="keys listed per kind of problem")
+    ver.add_argument("--since", type=_point_in_time, metavar="TIME",
+                     help="as a run that listed the store at TIME (epoch seconds or ISO 8601, "
+                          "UTC unless it says): uploads and changes dated after it are "
+                          "reported as changed during the run, not as missing or stale")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     setup_logging()
@@ -124,6 +128,22 @@ def _verify(s, store, index, args) -> int:
     except (FileNotFoundError, ValueError):
         model_id = None  # no model: any published version is another model's
     result = verify(store, index, s.images_prefix, model_id, shown=max(0, args.show),
-                    refused=RefusalTable.in_dir(s.index_dir).etags())
+                    refused=RefusalTable.in_dir(s.index_dir).etags(), since=args.since)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.ok else 1
+
+
+def _point_in_time(text: str) -> float:
+    """Epoch seconds, or an ISO 8601 time (UTC unless it names a zone) -> epoch seconds."""
+    from datetime import datetime, timezone
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not epoch seconds or an ISO 8601 time: {text!r}") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()

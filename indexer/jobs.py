@@ -11,7 +11,8 @@ can be rerun after success without changing anything, and a failed step leaves n
     embed_shard      one shard's range embedded and written (a rerun writes the same again)
     publish_index    once every shard succeeded: the plan's version published
     verify_index     the published version holds exactly the store's images (indexer.verify);
-                     IndexMismatch fails the run when not
+                     IndexMismatch fails the run when not; what changed in the store after
+                     the plan listed it is logged, not failed (the next run indexes it)
     prune_versions   old versions beyond INDEX_KEEP_VERSIONS
 
 Two runs never plan against each other (`plan_shards`' `other_runs`): a scheduled re-index
@@ -262,11 +263,28 @@ def publish_index(plan: list[dict], embedded: list[dict],
 def verify_index(published: dict | None = None, settings: Settings | None = None) -> dict:
     """After a publish: the published version of MODEL_PATH's model holds exactly the store's
     images, with their current etags (`indexer.verify`); IndexMismatch (a permanent error: the
-    run fails) when not, naming the first keys of each kind."""
+    run fails) when not, naming the first keys of each kind. `published`: publish_index's
+    report, which carries when the run's plan listed the store and how many images it found:
+    what changed in the store after that (uploads, changes, deletions made while the run ran)
+    is logged and reported as `changed_during_run`, not failed (the next run indexes it).
+    Without them (None) the store is checked as it is now."""
     from indexer.verify import verify_or_raise
 
     s = _settings(settings)
+    published = published or {}
+    since, listed = published.get("plan_listed_at"), published.get("plan_listed")
     store = with_retries(open_store, s)
-    return with_retries(verify_or_raise, store, open_index(s), s.images_prefix,
-                        _model_id(s.model_path), RefusalTable.in_dir(s.index_dir).etags(),
-                        retry_on=TRANSIENT_ERRORS)
+    report = with_retries(verify_or_raise, store, open_index(s), s.images_prefix,
+                          _model_id(s.model_path), since=since, listed=listed,
+                          refused=RefusalTable.in_dir(s.index_dir).etags(),
+                          retry_on=TRANSIENT_ERRORS)
+    during = report["changed_during_run"]
+    if during["count"]:
+        what = ", ".join(f"{during[kind]['count']} {words}" for kind, words in
+                         (("uploaded", "uploads arrived"), ("changed", "images changed"),
+                          ("deleted", "images were deleted")) if during[kind]["count"])
+        keys = [k for kind in ("uploaded", "changed", "deleted") for k in during[kind]["first"]]
+        log.info("%s during this run, after its plan listed the store (%s%s); the next run "
+                 "indexes them", what, ", ".join(keys[:10]), ", ..." if len(keys) > 10 or
+                 during["count"] > len(keys) else "")
+    return report

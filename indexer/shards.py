@@ -4,7 +4,9 @@ turns every shard's work into one new index version (any `indexer.vector_index` 
     plan     list the images once; split the keys that need embedding into at most
              EMBED_MAX_SHARDS contiguous key ranges of about EMBED_SHARD_SIZE keys each, and
              begin the version they write into (`VectorIndex.begin`: a rebuild's new draft, or
-             an update of the published version)
+             an update of the published version); each descriptor records when the listing
+             began and how many images it found (`listed_at`, `listed`: the run's check,
+             `indexer.verify`, excuses what changed in the store after)
     shard    list its own range, embed what needs it, write it into that version as its part
              (`write`; `remove` for its range's keys that left the store)
     publish  once every shard succeeded: `VectorIndex.publish` of that version, which gives
@@ -69,6 +71,10 @@ class Shard:
     start: str | None  # first key of the range (None: open)
     stop: str | None  # first key of the next range, excluded (None: open)
     planned: int  # keys to embed in this range when planned
+    # when the plan began listing the store (epoch seconds) and the images it listed: what
+    # `verify_index` holds the run to (None in descriptors planned before they were recorded)
+    listed_at: float | None = None
+    listed: int | None = None
 
     @property
     def part(self) -> str:
@@ -130,6 +136,7 @@ def plan(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str, sha
         if base is not None and base.model_id != model_id:
             log.info("model changed (%s -> %s): planning a rebuild", base.model_id, model_id)
             base = None
+    listed_at = time.time()
     objects = list_images(store, prefix)
     warn_if_empty(store, prefix, objects)
     skip = refusals.refused(objects) if refusals is not None else {}
@@ -151,7 +158,8 @@ def plan(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str, sha
                         base=on if mode == "update" else None)
     ranges = split_ranges(todo, shard_size, max_shards)
     shards = [Shard(plan_id, mode, model_id, on, draft, i, len(ranges),
-                    _listing_prefix(prefix, start, stop), start, stop, n)
+                    _listing_prefix(prefix, start, stop), start, stop, n,
+                    listed_at=listed_at, listed=len(objects))
               for i, (start, stop, n) in enumerate(ranges)]
     log.info("plan %s: %s of %d keys (%d to embed) in %d shards, into %s", plan_id, mode,
              len(objects), len(todo), len(shards), draft)
@@ -242,6 +250,7 @@ def publish_plan(index: VectorIndex, shard: Shard, reports: list[dict]) -> dict:
         log.warning("refused %s: %s", key, why)
     report = {"failed": failed, "plan": shard.plan, "shards": shard.of,
               "refused_before": sum(e.get("refused_before", 0) for e in embedded),
+              "plan_listed_at": shard.listed_at, "plan_listed": shard.listed,
               "embedded_by": [{k: e.get(k) for k in ("shard", "pid", "host", "embedded")}
                               for e in embedded]}
     done = _published_by(index, shard)

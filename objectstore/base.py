@@ -31,6 +31,9 @@ class ObjectInfo:
     key: str
     size: int
     etag: str  # content hash (md5 hex) for single-part objects
+    # when the object was last written, epoch seconds by the store's clock (a file's mtime,
+    # S3's LastModified: whole seconds on some servers); None where not known (a put's answer)
+    last_modified: float | None = None
 
 
 def validate_key(key: str) -> str:

@@ -51,8 +51,14 @@ class LocalStore:
         return ObjectInfo(key, len(data), md5_hex(data))
 
     def _read(self, path: Path, key: str) -> bytes:
+        return self._read_dated(path, key)[0]
+
+    def _read_dated(self, path: Path, key: str) -> tuple[bytes, float]:
+        """The file's bytes and its mtime, both from one open file: a put replaces the file
+        (rename), so the two always belong to the same content."""
         try:
-            return path.read_bytes()
+            with open(path, "rb") as f:
+                return f.read(), os.fstat(f.fileno()).st_mtime
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r} in {self.describe()}") from None
         except OSError as exc:
@@ -64,11 +70,11 @@ class LocalStore:
         return self._read(self._path(key, must_exist=True), key)
 
     def stat(self, key):
-        return ObjectInfo(key, *self._size_md5(self._path(key, must_exist=True), key))
+        return self._info(self._path(key, must_exist=True), key)
 
-    def _size_md5(self, path: Path, key: str) -> tuple[int, str]:
-        data = self._read(path, key)
-        return len(data), md5_hex(data)
+    def _info(self, path: Path, key: str) -> ObjectInfo:
+        data, mtime = self._read_dated(path, key)
+        return ObjectInfo(key, len(data), md5_hex(data), mtime)
 
     def exists(self, key):
         try:
@@ -96,7 +102,7 @@ class LocalStore:
             return
         for path, key in self._walk_in_key_order(start, top + "/" if top else ""):
             if key.startswith(prefix):
-                yield ObjectInfo(key, *self._size_md5(path, key))
+                yield self._info(path, key)
 
     def _walk_in_key_order(self, directory: Path, key_prefix: str):
         """(path, key) of every object below `directory`, in key order: a folder's keys all

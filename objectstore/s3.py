@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import heapq
 import io
+from datetime import timezone
 
 from core.hashing import md5_hex
 from objectstore.base import (
@@ -15,6 +16,15 @@ from objectstore.base import (
 )
 
 LIST_BUFFER = 10_000  # objects of one folder level held while listing it in key order
+
+
+def _info(obj) -> ObjectInfo:
+    """A listed or stat'ed `minio.datatypes.Object` (last_modified: a datetime in UTC)."""
+    when = obj.last_modified
+    if when is not None and when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return ObjectInfo(obj.object_name, obj.size, (obj.etag or "").strip('"'),
+                      when.timestamp() if when is not None else None)
 
 
 class S3Store:
@@ -91,7 +101,7 @@ class S3Store:
     def stat(self, key):
         validate_key(key)
         st = self._call(self.client.stat_object, self.bucket, key, key=key)
-        return ObjectInfo(key, st.size, (st.etag or "").strip('"'))
+        return _info(st)
 
     def exists(self, key):
         try:
@@ -117,15 +127,14 @@ class S3Store:
             if obj.is_dir:
                 folders.append(obj.object_name)
             elif objects is not None:
-                objects.append(ObjectInfo(obj.object_name, obj.size, (obj.etag or "").strip('"')))
+                objects.append(_info(obj))
                 if len(objects) > LIST_BUFFER:
                     objects = None  # listed again below
         if objects is not None:
             objects.sort(key=lambda o: o.key)
             again = iter(objects)
         else:
-            again = (ObjectInfo(o.object_name, o.size, (o.etag or "").strip('"'))
-                     for o in self._level(prefix) if not o.is_dir)
+            again = (_info(o) for o in self._level(prefix) if not o.is_dir)
         heapq.heapify(folders)
         for info in again:
             while folders and folders[0] < info.key:

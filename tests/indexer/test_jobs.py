@@ -234,14 +234,17 @@ def test_one_source_setting_and_a_missing_source_fails_at_once(tiny_flickr, tmp_
 
 # --- two index runs at once: a re-index and an ingestion -------------------------------------
 def test_runs_never_plan_against_each_other_and_verify_index_checks_the_result(
-        tiny_flickr, tmp_path, fake_model):
+        tiny_flickr, tmp_path, fake_model, monkeypatch):
     """The re-index DAG's scheduled run while an ingestion embeds, and the other way round,
     through the task bodies (the Airflow side, `other_index_runs`, is in tests/dags). Without
     the check the second run's plan goes stale when the first publishes; with it the re-index
     plans nothing while an ingestion is active, and an ingestion waits for an active re-index:
     no failed task, every upload indexed, nothing embedded twice."""
+    import time
+
+    from indexer.faiss_index import FaissIndex
     from indexer.shards import StalePlan
-    from indexer.verify import IndexMismatch
+    from indexer.verify import CLOCK_SLACK_S, IndexMismatch
 
     root, meta = tiny_flickr
     s = _settings(tmp_path, embed_shard_size=5)
@@ -295,8 +298,91 @@ def test_runs_never_plan_against_each_other_and_verify_index_checks_the_result(
         jobs.plan_shards(settings=s, other_runs=lambda: 1, wait_for_others=True, poll_s=0,
                          wait_s=0, sleep=lambda _: None)
 
-    # the invariant broken (an image deleted after the publish): the task fails, permanently
+    # the invariant broken (an image deleted before the plan, its removal lost to a bug): the
+    # task fails, permanently
     store.delete(f"{PREFIX}race-4.jpg")
-    with pytest.raises(IndexMismatch, match="extra: 1"):
+    monkeypatch.setattr(FaissIndex, "remove", lambda self, version, keys, part="0": 0)
+    # images written in the last CLOCK_SLACK_S before a plan may have come after its listing
+    # (a store's clock, whole seconds): they would leave room for a deletion during the run
+    time.sleep(CLOCK_SLACK_S)
+    out = _run_plan(s)
+    assert out["removed"] == 1  # as the shard reported it
+    with pytest.raises(IndexMismatch, match=f"extra: 1 \\({PREFIX}race-4.jpg\\)"):
         jobs.verify_index(out, settings=s)
     assert IndexMismatch in jobs.PERMANENT_ERRORS
+
+
+def test_verify_index_reports_what_changed_in_the_store_during_the_run(
+        tiny_flickr, tmp_path, fake_model, monkeypatch, caplog, capsys):
+    """A person uploads, changes and deletes photos while a run embeds: the run's verify_index
+    passes and reports them as changed during the run (dated after its plan listed the store);
+    the same changes dated before the plan are keys the run missed and fail it; the command
+    line, without --since, reports them as missing, stale and extra; the next run indexes
+    them."""
+    import json
+    import logging
+    import os
+    import time
+
+    import encoder as encoder_pkg
+    from indexer import cli
+    from indexer.verify import CLOCK_SLACK_S, IndexMismatch
+
+    root, meta = tiny_flickr
+    s = _settings(tmp_path, embed_shard_size=5)
+    store = LocalStore(s.local_store_dir, s.minio_bucket)
+    jobs.upload(str(root), settings=s)
+    names = [o.key for o in store.list(PREFIX)]
+    image = (root / "Images" / meta["names"][0]).read_bytes()
+    assert jobs.verify_index(_run_plan(s), settings=s)["changed_during_run"]["count"] == 0
+
+    store.put(f"{PREFIX}before.jpg", image)  # the run's work, uploaded before its plan
+    time.sleep(CLOCK_SLACK_S)  # (what came in the second before a plan may count as after it)
+    t0 = time.time()
+    plan = jobs.plan_shards(settings=s)
+    assert t0 <= plan[0]["listed_at"] <= time.time() and plan[0]["listed"] == len(names) + 1
+    embedded = [jobs.embed_shard(sh, settings=s) for sh in plan]
+    # after the shards listed their ranges: an upload, a change and a deletion
+    during = f"{PREFIX}during.jpg"
+    store.put(during, image)
+    old_etag = store.stat(names[0]).etag
+    assert store.put(names[0], store.get(names[2])).etag != old_etag
+    store.delete(names[1])
+    out = jobs.publish_index(plan, embedded, settings=s)
+    assert (out["plan_listed_at"], out["plan_listed"]) == (plan[0]["listed_at"], len(names) + 1)
+    with caplog.at_level(logging.INFO, logger="indexer.jobs"):
+        report = jobs.verify_index(out, settings=s)
+    changed = report["changed_during_run"]
+    assert report["ok"] and [changed[k]["first"] for k in ("uploaded", "changed", "deleted")] \
+        == [[during], [names[0]], [names[1]]], report
+    assert all(report[k]["count"] == 0 for k in ("missing", "stale", "extra", "duplicated"))
+    assert "1 uploads arrived, 1 images changed, 1 images were deleted during this run" in \
+        caplog.text and "the next run indexes them" in caplog.text
+
+    # a person's check of the store now (no --since) still sees them; --since alone cannot
+    # date a deletion
+    monkeypatch.setattr(cli, "get_settings", lambda: s)
+    monkeypatch.setattr(encoder_pkg, "read_card", lambda path: {"model_id": fake_model["id"]})
+    capsys.readouterr()
+    assert cli.main(["--quiet", "verify", "--json"]) == 1
+    now = json.loads(capsys.readouterr().out)
+    assert [now[k]["first"] for k in ("missing", "stale", "extra")] == [[during], [names[0]],
+                                                                       [names[1]]]
+    assert cli.main(["--quiet", "verify", "--json", "--since", str(out["plan_listed_at"])]) == 1
+    since = json.loads(capsys.readouterr().out)
+    assert [since["changed_during_run"][k]["count"] for k in ("uploaded", "changed")] == [1, 1]
+    assert (since["missing"]["count"], since["stale"]["count"], since["extra"]["first"]) == \
+        (0, 0, [names[1]])
+
+    # the same upload and change made before the plan listed the store: missed by the run
+    before = out["plan_listed_at"] - 60
+    for key in (during, names[0]):
+        os.utime(store.root / key, (before, before))
+    with pytest.raises(IndexMismatch) as failed:
+        jobs.verify_index(out, settings=s)
+    for line in (f"missing: 1 ({during})", f"stale: 1 ({names[0]})", f"extra: 1 ({names[1]})"):
+        assert line in str(failed.value)
+
+    # the next run indexes them
+    assert _run_plan(s)["action"] == "updated"
+    assert cli.main(["--quiet", "verify"]) == 0

@@ -81,11 +81,17 @@ def test_sharded_rebuild_equals_single_process_rebuild(tiny_flickr, tmp_path, en
     plan = _plan(store, repo, encoder, shard_size=5, max_shards=4)
     assert len(plan) == 4 and {s.mode for s in plan} == {"rebuild"} and plan[0].draft
     assert sum(s.planned for s in plan) == len(meta["names"])
+    # every descriptor records the plan's one listing: when it began, how many images it found
+    assert {(s.listed_at, s.listed) for s in plan} == {(plan[0].listed_at, len(meta["names"]))}
+    older = {k: v for k, v in plan[0].to_dict().items() if k not in ("listed_at", "listed")}
+    assert shards.Shard.from_dict(older).listed_at is None  # planned before they were recorded
     reports = [_embed(store, encoder, repo, s) for s in plan]
     with pytest.raises(shards.StalePlan, match=r"shard\(s\) \[3\] of 4 did not report"):
         _publish(repo, plan, reports[:3])
     report = _publish(repo, plan, reports)
     assert report["action"] == "rebuilt" and report["count"] == len(meta["names"])
+    assert (report["plan_listed_at"], report["plan_listed"]) == (plan[0].listed_at,
+                                                                 len(meta["names"]))
     assert report["shards"] == 4 and len(report["embedded_by"]) == 4
     assert not list(repo.versions_dir.glob(".draft-*"))  # the parts went into the version
 

@@ -328,7 +328,77 @@ def test_verify_reports_a_key_held_twice_in_a_faiss_table(tmp_path):
     for page in (2, 3, 100):  # the second row of the key never lands in a page of its own
         found = verify(store, index, PREFIX, MODEL, page=page).to_dict()
         assert found["duplicated"] == {"count": 1, "first": [keys[2]]} and not found["ok"]
+        # a run's check too: a key held twice is never a change in the store
+        run = verify(store, index, PREFIX, MODEL, page=page, since=0.0, listed=4).to_dict()
+        assert run["duplicated"]["count"] == 1 and not run["ok"]
         assert found["rows"] == 5 and found["missing"]["count"] == found["extra"]["count"] == 0
+
+
+def test_verify_since_a_plan_reports_what_changed_after_it_apart(backend, tmp_path):
+    """A run's check (`since`: when its plan listed the store, `listed`: how many images it
+    found): an upload, a change and a deletion made after it are changed during the run, not a
+    failure; the same dated before the plan, or more keys gone than the store lost since, are
+    keys the run got wrong."""
+    import os
+    import time
+
+    from indexer.verify import verify
+    from objectstore import LocalStore
+
+    store = LocalStore(tmp_path / "store", "b")
+    keys, ghost = _keys(12), f"{PREFIX}ghost.jpg"  # ghost: never in the store
+    etags = [store.put(k, k.encode()).etag for k in keys]
+    long_ago = time.time() - 3600
+    for k in keys:
+        os.utime(store.root / k, (long_ago, long_ago))
+    backend.rebuild(MODEL, keys, unit_vectors(12, DIM), etags)
+    since = time.time() - 60  # the plan listed the 12 images a minute ago
+    new = _keys(1, 50)[0]
+    store.put(keys[3], b"changed"), store.put(new, b"new"), store.delete(keys[7])
+
+    run = verify(store, backend, PREFIX, MODEL, page=5, since=since, listed=12)
+    report = run.to_dict()
+    assert run.ok and report["since"] == since, run.summary()
+    assert report["changed_during_run"] == {
+        "count": 3, "uploaded": {"count": 1, "first": [new]},
+        "changed": {"count": 1, "first": [keys[3]]}, "deleted": {"count": 1, "first": [keys[7]]}}
+    assert all(report[k]["count"] == 0 for k in ("missing", "stale", "extra", "duplicated"))
+    assert "changed during this run" in run.summary() and "the next run indexes them" in \
+        run.summary()
+
+    now = verify(store, backend, PREFIX, MODEL).to_dict()  # a person's check: the store now
+    assert [now[k]["first"] for k in ("missing", "stale", "extra")] == [[new], [keys[3]],
+                                                                       [keys[7]]]
+    assert not now["ok"] and now["changed_during_run"]["count"] == 0
+
+    # the same changes dated before the plan: the run missed them, and with every image in the
+    # store older than the plan nothing can have been deleted during it
+    later = time.time() + 60
+    missed = verify(store, backend, PREFIX, MODEL, since=later, listed=12).to_dict()
+    assert [missed[k]["first"] for k in ("missing", "stale", "extra")] == [[new], [keys[3]],
+                                                                          [keys[7]]]
+    assert not missed["ok"] and missed["changed_during_run"]["count"] == 0
+
+    # extra keys, judged by count: a key the store never had, in a quiet store, fails; next to
+    # a deletion during the run there is room for one, not two, so both are extra; without
+    # the plan's count (`--since` on the command line) no extra key is excused
+    store.put(keys[3], keys[3].encode()), store.put(keys[7], keys[7].encode()), store.delete(new)
+    for k in (keys[3], keys[7]):
+        os.utime(store.root / k, (long_ago, long_ago))
+    backend.rebuild(MODEL, keys + [ghost], unit_vectors(13, DIM), etags + ["e"])
+    quiet = verify(store, backend, PREFIX, MODEL, since=since, listed=12)
+    assert not quiet.ok and quiet.found["extra"].first == [ghost]
+    store.delete(keys[0])
+    busy = verify(store, backend, PREFIX, MODEL, since=since, listed=12)
+    assert not busy.ok and busy.found["extra"].first == [keys[0], ghost]
+    assert busy.during_run["deleted"].count == 0
+    backend.rebuild(MODEL, keys, unit_vectors(12, DIM), etags)
+    assert verify(store, backend, PREFIX, MODEL, since=since, listed=12).ok
+    assert not verify(store, backend, PREFIX, MODEL, since=since).ok
+
+    # another model is wrong whenever the store changed
+    other = verify(store, backend, PREFIX, "another-model-ffff", since=since, listed=12)
+    assert not other.ok and (other.wrong_model or other.found["missing"].count == 11)
 
 
 @pytest.mark.parametrize("kind", ["faiss", "milvus-lite"])

@@ -106,3 +106,29 @@ def test_s3_server_not_reachable():
 
     with pytest.raises(StoreUnavailable, match="not reachable"):
         S3Store(f"127.0.0.1:{free_port()}", "a", "b", "some-bucket", timeout=1, retries=0)
+
+
+def test_objects_are_dated_when_last_written(store, tmp_path):
+    """`last_modified` (epoch seconds, the store's clock: whole seconds on SeaweedFS) in the
+    listing and from stat; what `indexer verify` tells an upload made during a run by."""
+    import os
+    import time
+
+    from objectstore import ObjectInfo
+
+    assert ObjectInfo("k", 1, "e").last_modified is None  # not every answer is dated
+    before = time.time()
+    store.put("d/a.jpg", b"one")
+    listed, = store.list("d/")
+    first = store.stat("d/a.jpg").last_modified
+    assert isinstance(listed.last_modified, float) and isinstance(first, float)
+    for when in (listed.last_modified, first):
+        assert before - 2 <= when <= time.time() + 1  # one clock on this machine; whole seconds
+    time.sleep(1.1)
+    store.put("d/a.jpg", b"two")
+    listed, = store.list("d/")
+    assert listed.last_modified > first and store.stat("d/a.jpg").last_modified > first
+    if isinstance(store, LocalStore):  # the file's mtime, as another writer may set it
+        os.utime(store.root / "d" / "a.jpg", (1e9, 1e9))
+        assert [o.last_modified for o in store.list("d/")] == [1e9]
+        assert store.stat("d/a.jpg").last_modified == 1e9
