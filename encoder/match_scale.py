@@ -52,6 +52,11 @@ def _interpolate(knots: tuple[float, ...], values) -> np.ndarray:
         out = np.where(values >= xs[0], 100.0, 0.0)
     else:
         out = np.interp(values, xs, levels, left=0.0, right=100.0)
+        # each value inside its own segment's levels: np.interp's rounding may put a value just
+        # below a knot above the knot's own level (by ~1e-14), which would break monotonicity
+        seg = np.clip(np.searchsorted(xs, values, side="right") - 1, 0, len(xs) - 2)
+        inside = values >= xs[0]
+        out = np.where(inside, np.clip(out, levels[seg], levels[seg + 1]), out)
     return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 100.0)
 
 
