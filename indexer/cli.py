@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from objectstore import StoreError, open_store
 
     s = get_settings()
+    index = None
     try:
         index = open_index(s)  # INDEX_BACKEND: the same commands on FAISS files and on Milvus
         if args.cmd == "prune":
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if index is not None:
+            index.close()  # a milvus-lite server pymilvus started for a .db file stops with it
     return 0
 
 

@@ -189,6 +189,7 @@ class MilvusIndex(VectorIndex):
         self.timeout_s, self.index_wait_s = timeout_s, index_wait_s
         self._client = None
         self._client_lock = threading.Lock()
+        self._loaded: set[str] = set()  # collections seen loaded by this client
 
     @classmethod
     def from_settings(cls, s) -> "MilvusIndex":
@@ -238,6 +239,7 @@ class MilvusIndex(VectorIndex):
         if self._client is not None:
             self._client.close()
             self._client = None
+        self._loaded.clear()  # another client (a server started again) may hold them released
         if self.uri.endswith(".db"):  # milvus-lite: pymilvus started a local server for the file
             from milvus_lite.server_manager import server_manager_instance
 
@@ -273,7 +275,20 @@ class MilvusIndex(VectorIndex):
     def _model_of(self, collection: str) -> str:
         return self._describe(collection)[0]
 
+    def _ensure_loaded(self, collection: str) -> None:
+        """Load a collection a query needs when the server holds it released: a milvus-lite
+        server started again for the same .db file (another process, or after `close`) holds
+        every collection released, and queries on it fail."""
+        if collection in self._loaded:
+            return
+        with self.calls():
+            state = self.client.get_load_state(collection, timeout=self.timeout_s).get("state")
+            if getattr(state, "name", str(state)) != "Loaded":
+                self.client.load_collection(collection, timeout=self.timeout_s * 12)
+        self._loaded.add(collection)
+
     def _count(self, collection: str, consistency: str = "Strong") -> int:
+        self._ensure_loaded(collection)
         with self.calls():
             rows = self.client.query(collection, filter="", output_fields=["count(*)"],
                                      consistency_level=consistency, timeout=self.timeout_s)
@@ -332,6 +347,7 @@ class MilvusIndex(VectorIndex):
         does). Strong: a page sees every write made before. A key cannot come twice: rows are
         written by upsert on it, and a query returns one row per primary key."""
         filt = "" if after is None else f"key > {json.dumps(after, ensure_ascii=False)}"
+        self._ensure_loaded(version)
         with self.calls():
             rows = self.client.query(version, filter=filt, limit=max(1, min(int(limit), PAGE)),
                                      output_fields=["key", "etag"], consistency_level="Strong",
