@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def build_service(settings: Settings, encoder=None, index=None, store=None,
-                  eager_image_tower: bool = False) -> SearchService:
+                  eager_image_tower: bool | None = None) -> SearchService:
     """The search service of these settings: the model (`encoder.serving.query_encoder`: the
     serving bundle's towers without torch, or eager PyTorch when the runtime settings say so;
     FileNotFoundError / ValueError when it is missing, unreadable or its bundle is stale;
     `encoder` when already loaded; the text tower is loaded now, the image tower on first use
-    unless `eager_image_tower`), the index (`open_index(settings)`
+    unless `eager_image_tower`, default IMAGE_TOWER_AT_START), the index (`open_index(settings)`
     unless given) with its published version opened if there is one, and the object store
     (`store`, else opened from the settings, retried while it is down). The store and a remote
     index may be down: the service still starts, degraded."""
@@ -40,6 +40,8 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     from search_api.search_service import StageTimes
     from search_api.stored_images import StoredImages
 
+    if eager_image_tower is None:
+        eager_image_tower = settings.image_tower_at_start
     if encoder is None:
         encoder = query_encoder(settings)
         # open the runtime sessions now, not on the first request (the bundle's image tower:

@@ -198,3 +198,24 @@ def test_recall_through_the_serving_path_equals_the_evaluation(tmp_path):
     queries = serving.scoring.query_vectors(serving.encode_texts(texts))
     ranks = _ranks_t2i(torch.from_numpy(queries @ stored.T), torch.as_tensor(owner))
     assert summarize(ranks, (1, 5, 10)) == want["text_to_image"]
+
+
+def test_the_service_opens_the_image_tower_at_start_only_when_asked(banked, tmp_path):
+    """IMAGE_TOWER_AT_START: the bundle's image tower opened by build_service, or on the first
+    image request (the default: a text-only deployment never pays for it)."""
+    from core.settings import Settings
+    from objectstore import LocalStore
+    from search_api.main import build_service
+
+    write_bundle(banked, cache_dir=tmp_path / "onnx")
+    base = dict(_env_file=None, model_path=str(banked), index_dir=str(tmp_path / "index"),
+                onnx_cache_dir=str(tmp_path / "onnx"), reload_interval_s=0)
+    store = LocalStore(tmp_path / "store", "b")
+    lazy = build_service(Settings(**base), store=store)
+    eager = build_service(Settings(**base, image_tower_at_start=True), store=store)
+    try:
+        assert lazy.encoders.encoder.loaded_towers == ["text"]
+        assert eager.encoders.encoder.loaded_towers == ["image", "text"]
+    finally:
+        for service in (lazy, eager):
+            service.stop()
