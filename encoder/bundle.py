@@ -130,13 +130,7 @@ def _fingerprint(path: Path) -> dict:
 
 def _card_model_id(path: Path) -> str | None:
     """The model id of a checkpoint's card file, when it was written with (or after) it."""
-    card = path.parent / f"{path.stem}.card.json"
-    try:
-        if card.stat().st_mtime_ns < path.stat().st_mtime_ns:
-            return None  # older than the checkpoint: says nothing about it
-        return json.loads(card.read_text()).get("model_id")
-    except (OSError, ValueError):
-        return None
+    return (CheckpointFile(path).read_card_file() or {}).get("model_id")
 
 
 def _stale_reason(manifest: dict, model_path) -> str | None:

@@ -23,6 +23,7 @@ import torch
 from core.atomic import write_atomic
 from encoder.model import ModelConfig
 from encoder.protocol import EmbeddingModel
+from encoder.spec import CheckpointFile
 from encoder.scoring import Scoring
 from encoder.spec import CheckpointFile
 
@@ -41,7 +42,7 @@ def _write(path: Path, payload: dict) -> None:
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_atomic(path, lzma.compress(buf.getvalue()), durable=True)  # int8 deltas compress ~2x
-    write_atomic(path.with_suffix(".card.json"), json.dumps(card_of(payload), indent=2) + "\n",
+    write_atomic(CheckpointFile(path).card_path, json.dumps(card_of(payload), indent=2) + "\n",
                  durable=True)
 
 

@@ -112,21 +112,14 @@ def query_encoder(settings):
     bundle = ensure_bundle(settings.model_path, settings.onnx_cache_dir)
     return ServingEncoder(bundle, text_int8=settings.text_runtime == "onnx-int8",
                           image_int8=settings.image_runtime == "onnx-int8",
-                          card=card_file(settings.model_path))
+                          card=_card(settings.model_path, bundle.model_id))
 
 
-def card_file(model_path) -> dict:
-    """A checkpoint's card, read from the `.card.json` written beside it (no torch); {} for an
-    open_clip spec or a checkpoint without one."""
-    import json
-    from pathlib import Path
-
+def _card(model_path, model_id: str) -> dict:
+    """The checkpoint's card as the file beside it holds it now (a card-only update, e.g. a new
+    match scale, keeps the bundle valid), when it is this model's; {} for an open_clip spec."""
     from encoder.spec import CheckpointFile, parse_model_spec
 
     spec = parse_model_spec(str(model_path))
-    if not isinstance(spec, CheckpointFile):
-        return {}
-    try:
-        return json.loads(Path(spec.path).with_suffix(".card.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    card = spec.read_card_file() if isinstance(spec, CheckpointFile) else None
+    return card if card and card.get("model_id") == model_id else {}

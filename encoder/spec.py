@@ -11,6 +11,7 @@ which file format":
 """
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -80,6 +81,22 @@ class CheckpointFile:
             return "zip"
         raise ValueError(f"{self.path} is not a readable checkpoint (neither lzma-compressed nor "
                          f"a torch.save archive)")
+
+    @property
+    def card_path(self) -> Path:
+        """The model card written beside the checkpoint (`<name>.card.json`)."""
+        return self.path.with_suffix(".card.json")
+
+    def read_card_file(self) -> dict | None:
+        """The card beside the checkpoint (torch-free), or None when there is none, it is
+        unreadable, or it is older than the checkpoint (it then says nothing about it)."""
+        try:
+            if self.card_path.stat().st_mtime_ns < self.path.stat().st_mtime_ns:
+                return None
+            card = json.loads(self.card_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return card if isinstance(card, dict) else None
 
     def __str__(self) -> str:
         return str(self.path)

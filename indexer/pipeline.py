@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from encoder import Encoder
-from encoder.image_formats import IMAGE_SUFFIXES  # noqa: F401  (re-exported for old importers)
 from encoder.image_formats import is_raw_key
 from encoder.preprocessing import BadImage, decode_image
 from indexer.listing import RefusalTable, list_images, warn_if_empty

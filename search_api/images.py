@@ -24,14 +24,10 @@ from contextlib import asynccontextmanager
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, UnidentifiedImageError
 
-from encoder.image_formats import (BROWSER_TYPES, PILLOW_FORMATS, RawRefused, RawTooLarge,
-                                   raw_size)
+from encoder.image_formats import PILLOW_FORMATS, RawRefused, RawTooLarge, raw_size
 from encoder.preprocessing import (DECODE_MIN_SIDE, BadImage, decode_cost, decode_image,
                                    release_memory)
 
-ALLOWED_FORMATS = PILLOW_FORMATS
-# content types served inline (anything else is an attachment: never SVG/HTML from our origin)
-SAFE_IMAGE_TYPES = BROWSER_TYPES
 FORMATS_DOC = "a JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF image"
 
 
@@ -66,7 +62,7 @@ def inspect_image(data: bytes, max_pixels: int, min_side: int | None = None,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+            with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as im:
                 fmt, (w, h) = im.format, im.size
                 cost = decode_cost(im, min_side) if min_side is not None else w * h * 4 * 3
     except Image.DecompressionBombError as exc:
@@ -87,7 +83,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     decoded at reduced size when it is much larger than the model input."""
     check_header(data, max_pixels)
     try:
-        return decode_image(data, max_pixels, formats=ALLOWED_FORMATS)
+        return decode_image(data, max_pixels, formats=PILLOW_FORMATS)
     except BadImage:
         raise
     except Image.DecompressionBombError as exc:

@@ -9,12 +9,12 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.settings import RequestLimits
-from encoder.image_formats import is_image_key
+from encoder.image_formats import BROWSER_TYPES, is_image_key
 from encoder.preprocessing import BadImage
 from objectstore import InvalidKey, validate_key
 from search_api.deps import ApiKeyDep, MetricsDep, ServiceDep, SettingsDep
 from search_api.errors import responses
-from search_api.images import SAFE_IMAGE_TYPES, ImageTooLarge
+from search_api.images import ImageTooLarge
 from search_api.schemas import HealthOut, ReloadOut
 
 router = APIRouter()
@@ -70,7 +70,7 @@ async def get_image(key: str, service: ServiceDep, settings: SettingsDep,
         return Response(thumb, media_type="image/jpeg", headers=headers)
     data = await run_in_threadpool(service.images.fetch, key)
     ctype = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    if ctype not in SAFE_IMAGE_TYPES:  # never serve e.g. SVG/HTML from our origin inline
+    if ctype not in BROWSER_TYPES:  # never serve e.g. SVG/HTML from our origin inline
         ctype = "application/octet-stream"
         headers["Content-Disposition"] = "attachment"
     return Response(data, media_type=ctype, headers=headers)
