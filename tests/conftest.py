@@ -98,6 +98,20 @@ def s3_store(s3_server, request):
     return S3Store(s3_server["endpoint"], s3_server["access_key"], s3_server["secret_key"], bucket)
 
 
+def save_banked_checkpoint(path: Path, embed_dim: int, bank_size: int, seed: int) -> Path:
+    """A dual encoder with a query bank (hubness-corrected scores), heads untrained."""
+    import torch
+    import torch.nn.functional as F
+
+    from encoder import DualEncoder, ModelConfig, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = DualEncoder(ModelConfig(embed_dim=embed_dim)).eval()
+    model.set_query_bank(F.normalize(torch.randn(bank_size, embed_dim), dim=-1))
+    save_checkpoint(model, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory) -> Path:
     """Real pretrained towers with freshly initialised heads (no training): fast to make."""

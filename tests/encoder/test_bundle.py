@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from encoder import DualEncoder, Encoder, ModelConfig, load_checkpoint, read_card, \
     save_checkpoint, update_card
@@ -21,6 +20,7 @@ from encoder.bundle import BundleMissing, StaleBundle, check_tokenizer, ensure_b
 from encoder.pixels import ImageSpec, PixelNormalizer
 from encoder.preprocessing import decode_image, eval_transform
 from encoder.serving import ServingEncoder
+from tests.conftest import save_banked_checkpoint
 from tests.encoder.test_preprocessing import _photo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,12 +62,7 @@ def test_numpy_pixels_equal_the_eval_transform(spec):
 
 @pytest.fixture(scope="module")
 def banked(tmp_path_factory) -> Path:
-    torch.manual_seed(2)
-    model = DualEncoder(ModelConfig(embed_dim=32)).eval()
-    model.set_query_bank(F.normalize(torch.randn(30, 32), dim=-1))
-    path = tmp_path_factory.mktemp("bundle") / "banked.pt"
-    save_checkpoint(model, path)
-    return path
+    return save_banked_checkpoint(tmp_path_factory.mktemp("bundle") / "banked.pt", 32, 30, 2)
 
 
 def _assert_serves_like(encoder: Encoder, serving: ServingEncoder) -> None:

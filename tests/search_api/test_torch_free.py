@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy.ports import free_port
-from tests.conftest import make_image
+from tests.conftest import make_image, save_banked_checkpoint
 from tests.search_api.helpers import build_service
 
 # installed before anything is imported: torch and torchvision cannot be imported, and every
@@ -40,16 +40,7 @@ SCORE_TOL = 2e-3  # eager PyTorch vs ONNX Runtime embeddings (cosine >= 0.9999)
 @pytest.fixture(scope="module")
 def banked_checkpoint(tmp_path_factory) -> Path:
     """A dual encoder with a query bank: the service reads cosines back (hubness correction)."""
-    import torch
-    import torch.nn.functional as F
-
-    from encoder import DualEncoder, ModelConfig, save_checkpoint
-
-    torch.manual_seed(1)
-    model = DualEncoder(ModelConfig(embed_dim=64)).eval()
-    model.set_query_bank(F.normalize(torch.randn(40, 64), dim=-1))
-    path = tmp_path_factory.mktemp("banked") / "banked.pt"
-    save_checkpoint(model, path)
+    path = save_banked_checkpoint(tmp_path_factory.mktemp("banked") / "banked.pt", 64, 40, 1)
     # a match scale in its card: the service without torch reads it from the card file
     from encoder import MatchScale, update_card
 
