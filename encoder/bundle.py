@@ -130,7 +130,13 @@ def _fingerprint(path: Path) -> dict:
 
 def _card_model_id(path: Path) -> str | None:
     """The model id of a checkpoint's card file, when it was written with (or after) it."""
-    return (CheckpointFile(path).read_card_file() or {}).get("model_id")
+    checkpoint = CheckpointFile(path)
+    try:
+        if checkpoint.card_path.stat().st_mtime_ns < path.stat().st_mtime_ns:
+            return None  # older than the checkpoint: says nothing about it
+    except OSError:
+        return None
+    return (checkpoint.read_card_file() or {}).get("model_id")
 
 
 def _stale_reason(manifest: dict, model_path) -> str | None:

@@ -88,11 +88,10 @@ class CheckpointFile:
         return self.path.with_suffix(".card.json")
 
     def read_card_file(self) -> dict | None:
-        """The card beside the checkpoint (torch-free), or None when there is none, it is
-        unreadable, or it is older than the checkpoint (it then says nothing about it)."""
+        """The card beside the checkpoint (torch-free), or None when there is none or it is
+        unreadable. Whether it describes this file is for the caller to check (its model id;
+        file times do not tell: a git checkout writes both in any order)."""
         try:
-            if self.card_path.stat().st_mtime_ns < self.path.stat().st_mtime_ns:
-                return None
             card = json.loads(self.card_path.read_text())
         except (OSError, ValueError):
             return None

@@ -112,10 +112,9 @@ def test_spec_parsing_lives_in_one_module():
     assert not offenders
 
 
-def test_the_card_beside_a_checkpoint_is_read_only_when_not_older(tmp_path):
-    """A card written with (or after) the checkpoint describes it; an older one does not."""
+def test_the_card_beside_a_checkpoint(tmp_path):
+    """The card file is read without torch; a missing or damaged one is None."""
     import json
-    import os
 
     from encoder.spec import CheckpointFile
 
@@ -125,8 +124,5 @@ def test_the_card_beside_a_checkpoint_is_read_only_when_not_older(tmp_path):
     ckpt.card_path.write_text(json.dumps({"model_id": "m-1"}))
     assert ckpt.card_path == tmp_path / "m.card.json"
     assert ckpt.read_card_file() == {"model_id": "m-1"}
-    stat = ckpt.path.stat()
-    os.utime(ckpt.card_path, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10**9))
-    assert ckpt.read_card_file() is None  # the checkpoint was rewritten after it
     ckpt.card_path.write_text("not json")
     assert ckpt.read_card_file() is None

@@ -195,3 +195,21 @@ def test_a_missing_bundle_without_torch_names_the_command(reference, tmp_path):
                           timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "python -m encoder bundle" in done.stderr and "no serving bundle" in done.stderr
+
+
+def test_the_card_counts_by_model_id_not_by_file_times(banked_checkpoint, tmp_path):
+    """A fresh clone writes the card before the checkpoint (alphabetical): the serving encoder
+    reads it by model id (the match scale), and ignores another model's card."""
+    import os
+    import shutil
+
+    from encoder.serving import _card
+
+    ckpt = shutil.copy(banked_checkpoint, tmp_path / "m.pt")
+    card = shutil.copy(banked_checkpoint.with_suffix(".card.json"), tmp_path / "m.card.json")
+    later = os.stat(ckpt).st_mtime_ns + 10**9
+    os.utime(ckpt, ns=(later, later))  # the checkpoint written after its card
+    model_id = json.loads(Path(card).read_text())["model_id"]
+    assert _card(ckpt, model_id)["match_scale"]["knots"]
+    assert _card(ckpt, "another-model") == {}
+    assert _card("open_clip:ViT-B-32", model_id) == {}
