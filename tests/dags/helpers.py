@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +22,7 @@ DAGS = ROOT / "dags"
 AIRFLOW = Path(sys.executable).parent / "airflow"
 ARTIFACTS = ROOT / "test-artifacts"
 RUN_TIMEOUT_S = 300
+END_GRACE_S = 60  # how long `dags test` may take to exit once its run has finished
 
 if importlib.util.find_spec("airflow") is None or not AIRFLOW.exists():
     raise RuntimeError("apache-airflow is missing: `make setup` (pip install -e '.[airflow,test]')")
@@ -99,23 +101,46 @@ def run_dag(env: dict, dag_id: str, log_dir: Path, conf: dict | None = None,
     n = len(list(log_dir.glob(f"{dag_id}-*.log"))) + 1
     log = log_dir / f"{dag_id}-{n}.log"
     t0 = time.perf_counter()
+    end_hung = False
     with open(log, "w") as out:  # streamed, so that a hung run still leaves its log
+        proc = subprocess.Popen(cmd, env=env, cwd=env["AIRFLOW_HOME"], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, cwd=env["AIRFLOW_HOME"], stdout=out,
-                                  stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`airflow dags test {dag_id}` ran over {RUN_TIMEOUT_S} s; log: {log}\n"
-                        + log.read_text()[-4000:])
+            finished_at = None
+            while proc.poll() is None:
+                now = time.perf_counter()
+                if now - t0 > RUN_TIMEOUT_S:
+                    pytest.fail(f"`airflow dags test {dag_id}` ran over {RUN_TIMEOUT_S} s; "
+                                f"log: {log}\n" + log.read_text()[-4000:])
+                # LocalExecutor.end() can wait forever on a worker that never takes its
+                # shutdown message (apache/airflow#45329): once the run is over, that wait
+                # is Airflow's teardown, not the DAG's behaviour; the run's outcome is read
+                # from the metadata DB below.
+                if finished_at is None and use_executor and "DagRun Finished" in log.read_text():
+                    finished_at = now
+                if finished_at is not None and now - finished_at > END_GRACE_S:
+                    end_hung = True
+                    break
+                time.sleep(0.5)
+        finally:
+            try:  # the process and any worker it left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
     wall = time.perf_counter() - t0
     r = subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
     run_id, state, tasks, xcoms = latest_run(env["AIRFLOW_HOME"], dag_id)
     tail = (r.stdout + r.stderr)[-4000:]
     if expect_ok:
-        assert r.returncode == 0, f"`airflow dags test {dag_id}` failed (rc {r.returncode}):\n{tail}"
+        assert r.returncode == 0 or end_hung, \
+            f"`airflow dags test {dag_id}` failed (rc {r.returncode}):\n{tail}"
         assert state == "success", f"{dag_id} run {run_id} ended {state}:\n{tail}"
     else:
-        assert r.returncode != 0 and state == "failed", f"{dag_id} should have failed:\n{tail}"
+        assert (r.returncode != 0 or end_hung) and state == "failed", \
+            f"{dag_id} should have failed:\n{tail}"
     return {"dag_id": dag_id, "run_id": run_id, "rc": r.returncode, "state": state,
+            "executor_end_hung": end_hung,
             "wall_s": round(wall, 1), "tasks": tasks, "xcom": xcoms}
 
 

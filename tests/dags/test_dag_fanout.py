@@ -34,9 +34,22 @@ pytestmark = pytest.mark.s3
 SHARDS, FAILING_SHARD = 4, 2
 
 # Loaded by every Python process of the run (PYTHONPATH): shard FAIL_ONCE_SHARD raises on its
-# first try, recording that try's pid in FAIL_ONCE_MARKER.
+# first try, recording that try's pid in FAIL_ONCE_MARKER. A shard of 6 images takes well under
+# a second, so on a loaded machine the executor may finish one before starting the next: each
+# attempt signs in under SHARD_STARTED_DIR and waits (up to 120 s) until a second attempt has
+# signed in. With two worker slots that returns at once; run one after another, the shards do not
+# overlap and the test fails as it should.
 _FAIL_ONCE = '''
-import importlib.abc, importlib.util, os, sys
+import importlib.abc, importlib.util, os, sys, time
+
+
+def _wait_for_a_second_shard(position):
+    started = os.environ["SHARD_STARTED_DIR"]
+    with open(os.path.join(started, f"{position}-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + 120
+    while len(os.listdir(started)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 class _FailOnce(importlib.abc.MetaPathFinder):
@@ -52,6 +65,7 @@ class _FailOnce(importlib.abc.MetaPathFinder):
             real = module.embed_shard
 
             def embed_shard(shard, *args, **kwargs):
+                _wait_for_a_second_shard(shard["position"])
                 marker = os.environ["FAIL_ONCE_MARKER"]
                 if shard["position"] == int(os.environ["FAIL_ONCE_SHARD"]) and not os.path.exists(marker):
                     with open(marker, "w") as f:
@@ -129,6 +143,8 @@ def test_mapped_shards_in_separate_processes_retry_alone_and_match_one_process(
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(_FAIL_ONCE)
     marker = tmp_path / "failed-once.pid"
+    started = tmp_path / "shards-started"
+    started.mkdir()
     index_dir = tmp_path / "index"
     store_env = {"STORE_BACKEND": "s3", "MINIO_ENDPOINT": s3_server["endpoint"],
                  "MINIO_ACCESS_KEY": s3_server["access_key"],
@@ -140,7 +156,8 @@ def test_mapped_shards_in_separate_processes_retry_alone_and_match_one_process(
            "EMBED_SHARD_SIZE": str(24 // SHARDS), "EMBED_MAX_SHARDS": "8",
            "FLICKR8K_TASK_RETRIES": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
-           "FAIL_ONCE_SHARD": str(FAILING_SHARD), "FAIL_ONCE_MARKER": str(marker)}
+           "FAIL_ONCE_SHARD": str(FAILING_SHARD), "FAIL_ONCE_MARKER": str(marker),
+           "SHARD_STARTED_DIR": str(started)}
     logs = ARTIFACTS / "dag_logs_fanout"
     home = env["AIRFLOW_HOME"]
 
