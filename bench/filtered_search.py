@@ -43,10 +43,22 @@ def library(base: np.ndarray, n: int, seed: int = 0):
     kmeans.train(base)
     group = kmeans.index.search(base, 1)[1][:, 0]  # each source image's folder
     folder = group[np.arange(n) % len(base)]
-    taken = T0.timestamp() + np.random.default_rng(seed).uniform(0, SPAN_S, n)
+    rng = np.random.default_rng(seed)
+    taken = T0.timestamp() + rng.uniform(0, SPAN_S, n)
     keys = [f"f{folder[i]:03d}/{i:07d}.jpg" for i in range(n)]
-    infos = [{"taken_at": float(taken[i]), "taken_at_source": "exif", "width": 4000,
-              "height": 3000} for i in range(n)]
+    # the rest as a phone library has it: a few cameras, a hundred places, a GPS fix each
+    place = rng.integers(0, 100, n)
+    camera = rng.integers(0, 8, n)
+    lat = rng.uniform(-60, 70, 100)[place] + rng.normal(0, 0.05, n)
+    lon = rng.uniform(-180, 180, 100)[place] + rng.normal(0, 0.05, n)
+    size = rng.integers(800_000, 6_000_000, n)
+    infos = [{"taken_at": float(taken[i]), "taken_at_source": "exif",
+              "camera_make": f"Make {camera[i] % 3}", "camera_model": f"Model {camera[i]}",
+              "lat": float(lat[i]), "lon": float(lon[i]), "city": f"City {place[i]}",
+              "region": f"Region {place[i] // 4}", "country": f"Country {place[i] // 10}",
+              "country_code": f"C{place[i] // 10}", "width": 4032, "height": 3024,
+              "orientation": 1, "bytes": int(size[i]), "content_type": "image/jpeg",
+              "folder": f"f{folder[i]:03d}"} for i in range(n)]
     return keys, vectors, infos, taken, folder
 
 
@@ -146,9 +158,34 @@ def run_faiss(base, queries, tuning, n, rows_out):
         faiss.omp_set_num_threads(1)
         params = view.manifest["index_params"]
         print(f"FAISS {n:,} vectors: {params}, built in {build:.0f} s, loaded in {load:.1f} s")
+        print(version_costs(index, view.version, n))
         for row in measure(view, keys, vectors, queries, taken, folder,
                            clear_cache=view._passing.clear):
             rows_out.append({"backend": f"FAISS {params['kind']} {n:,}", **row})
+
+
+def version_costs(index, version: str, n: int) -> str:
+    """Bytes of metadata per photo, and the load time of the version with its table against
+    the same version without it (a copy less info.parquet, as versions were made before)."""
+    import json
+    import shutil
+
+    from common import interleaved
+
+    from indexer.repository import INFO_FILE
+
+    vdir = index.repo.versions_dir / version
+    bare = index.repo.versions_dir / (version + "-bare")
+    shutil.copytree(vdir, bare)
+    (bare / INFO_FILE).unlink()
+    manifest = json.loads((bare / "manifest.json").read_text())
+    del manifest["checksums"][INFO_FILE]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    times = interleaved({"with": lambda: index.repo.load(version),
+                         "without": lambda: index.repo.load(bare.name)}, rounds=3)
+    size = (vdir / INFO_FILE).stat().st_size
+    return (f"metadata: {size / n:.1f} bytes per photo ({size / 2**20:.1f} MiB); load "
+            f"{median(times['with']):.2f} s with it, {median(times['without']):.2f} s without")
 
 
 def run_milvus(base, queries, n, rows_out):

@@ -41,10 +41,12 @@ import logging
 import re
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import numpy as np
+from cachetools import TTLCache
 
 from indexer import milvus_photos, photo_columns
 from indexer.photo_filter import PhotoFilter, active, unit_sphere
@@ -81,6 +83,7 @@ NOT_FOUND_CODES = {100, 1600}  # collection not found, alias not found
 INFO_BATCH = 1000  # keys per metadata query
 FACETS_TTL_S = 60.0  # facets of a collection are counted again after this long
 NEAR_KEYS_MAX = 100_000  # keys an expression may name for `near` (servers without arithmetic)
+NEAR_CACHE_S = 30.0  # such a key list is reused this long (in-place updates show after it)
 
 
 def _public(exc: BaseException) -> str:
@@ -180,7 +183,10 @@ class MilvusView:
         if not keys or not self.owner.has_photos(self.collection):
             return [None] * len(keys)
         found: dict[str, dict | None] = {}
-        wanted = list(dict.fromkeys(keys))
+        # a key with control characters cannot be named in an expression (milvus-lite's
+        # parser refuses their escapes): none is looked up, and it is reported as not held
+        wanted = [k for k in dict.fromkeys(keys) if isinstance(k, str) and
+                  not any(unicodedata.category(c) == "Cc" for c in k)]
         for s in range(0, len(wanted), INFO_BATCH):
             with self.owner.calls(searching=self.collection):
                 rows = self.owner.client.query(
@@ -254,6 +260,8 @@ class MilvusIndex(VectorIndex):
         self._photos: dict[str, bool] = {}  # collection -> has the metadata fields
         self._arithmetic: bool | None = None  # the server evaluates arithmetic over fields
         self._facets: dict[str, tuple[float, dict]] = {}  # collection -> when, ranked facets
+        # `near` as the keys in its circle (servers without arithmetic), reused a short while
+        self._near_cache = TTLCache(maxsize=32, ttl=NEAR_CACHE_S)
 
     @classmethod
     def from_settings(cls, s) -> "MilvusIndex":
@@ -400,7 +408,13 @@ class MilvusIndex(VectorIndex):
             return None
         near = None
         if where.near is not None and not self._evaluates_arithmetic(collection):
-            near = self._near_keys(collection, where)
+            cache_key = (collection, where.near.model_dump_json())
+            with self._client_lock:
+                near = self._near_cache.get(cache_key)
+            if near is None:
+                near = self._near_keys(collection, where)
+                with self._client_lock:
+                    self._near_cache[cache_key] = near
         return milvus_photos.expression(where, near)
 
     def _near_keys(self, collection: str, where: PhotoFilter) -> str:

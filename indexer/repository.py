@@ -70,7 +70,7 @@ REQUIRED_FILES = ("index.faiss", "table.json")
 INFO_FILE = "info.parquet"  # optional: versions made before metadata have none
 FILTER_CACHE_SIZE = 16  # filters whose passing ids a loaded version keeps (<= ~130 KB each)
 EXACT_MIN_ROWS = 2048  # this few passing ids are always searched exactly
-FILTER_CANDIDATES_PER_HIT = 40  # IVF: passing vectors in the probed lists per hit wanted
+FILTER_CANDIDATES_PER_HIT = 20  # IVF: passing vectors in the probed lists per hit wanted
 GATHER_COST = 2.0  # scoring a gathered vector costs about this many scanned ones
 
 
@@ -239,24 +239,48 @@ class IndexVersion:
         wanted = math.ceil(FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / max(1, passing))
         return int(min(ivf.nlist, max(ivf.nprobe, wanted)))
 
+    @cached_property
+    def _centroid_scorer(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """IVF: the centroids, and (an L2 quantizer) their squared norms."""
+        ivf = ivf_or_none(self.index)
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        if ivf.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT:
+            return centroids, None
+        return centroids, (centroids ** 2).sum(axis=1)
+
     def _lists_for(self, queries: np.ndarray, k: int, passing: PassingIds):
         """IVF, per query: the lists to probe (nearest first, padded with -1) and their
         centroid scores: lists holding passing vectors, until they hold
         FILTER_CANDIDATES_PER_HIT * k of them (all, when fewer pass), and at least nprobe."""
         ivf = ivf_or_none(self.index)
-        centroid_scores, lists = ivf.quantizer.search(queries, ivf.nlist)  # every list, in order
-        counts = passing.list_counts[lists]
+        centroids, norms = self._centroid_scorer
+        scores = queries @ centroids.T  # larger: nearer (IP), as the quantizer ranks them
+        if norms is not None:
+            scores = 2 * scores - norms[None, :]
         target = min(passing.count, FILTER_CANDIDATES_PER_HIT * k)
-        nonempty = counts > 0
-        reach = np.maximum((np.cumsum(counts, axis=1) < target).sum(axis=1) + 1,
-                           (np.cumsum(nonempty, axis=1) < min(ivf.nprobe, nonempty[0].sum()))
-                           .sum(axis=1) + 1)
-        chosen = nonempty & (np.arange(ivf.nlist)[None, :] < reach[:, None])
-        order = np.argsort(~chosen, axis=1, kind="stable")  # the chosen first, in order
+        wanted = min(ivf.nprobe, int((passing.list_counts > 0).sum()))
+        # the nearest few lists usually suffice: sort those, and all of them only if not
+        for nearest in (min(ivf.nlist, 4 * self._nprobe_for(passing.count, k) + 16),
+                        ivf.nlist):
+            if nearest < ivf.nlist:
+                lists = np.argpartition(-scores, nearest - 1, axis=1)[:, :nearest]
+            else:
+                lists = np.broadcast_to(np.arange(ivf.nlist), scores.shape)
+            order = np.argsort(-np.take_along_axis(scores, lists, 1), axis=1, kind="stable")
+            lists = np.take_along_axis(lists, order, 1)
+            counts = passing.list_counts[lists]
+            held = np.cumsum(counts, axis=1)
+            nonempty = counts > 0
+            seen = np.cumsum(nonempty, axis=1)
+            if nearest == ivf.nlist or ((held[:, -1] >= target) & (seen[:, -1] >= wanted)).all():
+                break
+        reach = np.maximum((held < target).sum(axis=1), (seen < wanted).sum(axis=1)) + 1
+        chosen = nonempty & (np.arange(lists.shape[1])[None, :] < reach[:, None])
+        first = np.argsort(~chosen, axis=1, kind="stable")  # the chosen first, in order
         width = int(chosen.sum(axis=1).max())
-        lists = np.take_along_axis(lists, order, 1)[:, :width]
-        centroid_scores = np.take_along_axis(centroid_scores, order, 1)[:, :width]
+        lists = np.take_along_axis(lists, first, 1)[:, :width]
         lists[np.arange(width)[None, :] >= chosen.sum(axis=1)[:, None]] = -1  # faiss skips -1
+        centroid_scores = np.take_along_axis(scores, np.maximum(lists, 0), 1)
         return np.ascontiguousarray(lists, np.int64), \
             np.ascontiguousarray(centroid_scores, np.float32)
 

@@ -82,7 +82,9 @@ Versions made before metadata existed still load and search; info() gives None, 
 
 Errors: `IndexUnavailable` when the index service cannot be reached (Milvus down: retry later);
 `IndexLoadError` when a version is unusable (missing, corrupt, another model's); `DraftGone`
-when a draft cannot be published (discarded, overtaken by a newer version, a part missing).
+when a draft cannot be published (discarded, overtaken by a newer version, a part missing);
+`FilterTooBroad` (a ValueError: the client's to narrow) when a backend cannot apply a filter
+exactly within its limits.
 """
 from __future__ import annotations
 
