@@ -158,10 +158,12 @@ def run_faiss(base, queries, tuning, n, rows_out):
         faiss.omp_set_num_threads(1)
         params = view.manifest["index_params"]
         print(f"FAISS {n:,} vectors: {params}, built in {build:.0f} s, loaded in {load:.1f} s")
-        print(version_costs(index, view.version, n))
         for row in measure(view, keys, vectors, queries, taken, folder,
                            clear_cache=view._passing.clear):
             rows_out.append({"backend": f"FAISS {params['kind']} {n:,}", **row})
+        # after the searches: loading copies of the version leaves the allocator in a state
+        # that slowed the cold searches measured after it 4x
+        print(version_costs(index, view.version, n))
 
 
 def version_costs(index, version: str, n: int) -> str:

@@ -24,11 +24,13 @@ ids that pass, and the search runs over those ids only:
     gathered and scored exactly;
   - otherwise FAISS searches with an IDSelectorBitmap in its SearchParameters: flat, an exact
     scan that skips the rest; IVF, the lists probed are chosen for the filter: the lists
-    nearest the query that hold passing vectors (counted per list once per filter), as many
-    as hold FILTER_CANDIDATES_PER_HIT * k of them and at least the index's own nprobe, then
-    `search_preassigned` with the selector. Lists near the query without a passing photo are
-    skipped instead of probed for nothing: a filter of photos unlike the query (a folder of
-    another trip) still finds its best ones.
+    nearest the query that hold passing vectors (counted per list once per filter; when few
+    lists hold any, only those are ranked), as many as hold FILTER_CANDIDATES_PER_HIT * k of
+    them and at least the index's own nprobe, then `search_preassigned` with the selector.
+    Lists near the query without a passing photo are skipped instead of probed for nothing: a
+    filter of photos unlike the query (a folder of another trip) still finds its best ones.
+Scores come from FAISS's own loops (one thread in the service), never numpy's BLAS, whose
+threads wait for cores on a busy machine.
 Either way a row holds k hits whenever k photos pass (the lists probed hold at least k of
 them); never top-k then filter.
 """
@@ -112,6 +114,10 @@ class PassingIds:
     ids: np.ndarray | None
     bitmap: np.ndarray | None
     list_counts: np.ndarray | None = None
+    # IVF, when few lists hold passing vectors: those lists and their centroids (ranked
+    # instead of every list)
+    held_lists: np.ndarray | None = None
+    held_centroids: np.ndarray | None = None
 
 
 @dataclass
@@ -204,10 +210,14 @@ class IndexVersion:
             else:
                 by_id = np.zeros(int(self.ids.max()) + 1, bool)
                 by_id[ids] = True
-            counts = None
-            if ivf_or_none(self.index) is not None:
-                counts = np.bincount(self._list_of_id[ids], minlength=self._nlist)
-            out = PassingIds(len(ids), None, np.packbits(by_id, bitorder="little"), counts)
+            out = PassingIds(len(ids), None, np.packbits(by_id, bitorder="little"))
+            ivf = ivf_or_none(self.index)
+            if ivf is not None:
+                out.list_counts = np.bincount(self._list_of_id[ids], minlength=self._nlist)
+                held = np.flatnonzero(out.list_counts)
+                if len(held) <= ivf.nlist // 2:
+                    out.held_lists = held.astype(np.int64)
+                    out.held_centroids = np.ascontiguousarray(self._centroids[held])
         with self._passing_lock:
             self._passing[key] = out
         return out
@@ -219,6 +229,11 @@ class IndexVersion:
     @cached_property
     def _nlist(self) -> int:
         return int(ivf_or_none(self.index).nlist)
+
+    @cached_property
+    def _centroids(self) -> np.ndarray:
+        ivf = ivf_or_none(self.index)
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
 
     @cached_property
     def _list_of_id(self) -> np.ndarray:
@@ -239,50 +254,39 @@ class IndexVersion:
         wanted = math.ceil(FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / max(1, passing))
         return int(min(ivf.nlist, max(ivf.nprobe, wanted)))
 
-    @cached_property
-    def _centroid_scorer(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """IVF: the centroids, and (an L2 quantizer) their squared norms."""
-        ivf = ivf_or_none(self.index)
-        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-        if ivf.quantizer.metric_type == faiss.METRIC_INNER_PRODUCT:
-            return centroids, None
-        return centroids, (centroids ** 2).sum(axis=1)
-
     def _lists_for(self, queries: np.ndarray, k: int, passing: PassingIds):
         """IVF, per query: the lists to probe (nearest first, padded with -1) and their
         centroid scores: lists holding passing vectors, until they hold
-        FILTER_CANDIDATES_PER_HIT * k of them (all, when fewer pass), and at least nprobe."""
+        FILTER_CANDIDATES_PER_HIT * k of them (all, when fewer pass), and at least nprobe.
+        The quantizer ranks the lists (FAISS's own threads, not numpy's BLAS: its threads
+        wait for cores a busy machine does not give them)."""
         ivf = ivf_or_none(self.index)
-        centroids, norms = self._centroid_scorer
-        scores = queries @ centroids.T  # larger: nearer (IP), as the quantizer ranks them
-        if norms is not None:
-            scores = 2 * scores - norms[None, :]
         target = min(passing.count, FILTER_CANDIDATES_PER_HIT * k)
         wanted = min(ivf.nprobe, int((passing.list_counts > 0).sum()))
-        # the nearest few lists usually suffice: sort those, and all of them only if not
-        for nearest in (min(ivf.nlist, 4 * self._nprobe_for(passing.count, k) + 16),
-                        ivf.nlist):
-            if nearest < ivf.nlist:
-                lists = np.argpartition(-scores, nearest - 1, axis=1)[:, :nearest]
-            else:
-                lists = np.broadcast_to(np.arange(ivf.nlist), scores.shape)
-            order = np.argsort(-np.take_along_axis(scores, lists, 1), axis=1, kind="stable")
-            lists = np.take_along_axis(lists, order, 1)
+        # the nearest few lists usually suffice: rank those, 8x more if not, then all
+        few = 4 * self._nprobe_for(passing.count, k) + 16
+        ranked = ivf.nlist if passing.held_lists is None else len(passing.held_lists)
+        for nearest in (min(ranked, few), min(ranked, 8 * few), ranked):
+            if passing.held_lists is None:
+                scores, lists = ivf.quantizer.search(queries, nearest)
+            else:  # only the lists holding passing vectors
+                scores, lists = faiss.knn(queries, passing.held_centroids, nearest,
+                                          metric=ivf.quantizer.metric_type)
+                lists = passing.held_lists[lists]
             counts = passing.list_counts[lists]
             held = np.cumsum(counts, axis=1)
             nonempty = counts > 0
             seen = np.cumsum(nonempty, axis=1)
-            if nearest == ivf.nlist or ((held[:, -1] >= target) & (seen[:, -1] >= wanted)).all():
+            if nearest == ranked or ((held[:, -1] >= target) & (seen[:, -1] >= wanted)).all():
                 break
         reach = np.maximum((held < target).sum(axis=1), (seen < wanted).sum(axis=1)) + 1
         chosen = nonempty & (np.arange(lists.shape[1])[None, :] < reach[:, None])
         first = np.argsort(~chosen, axis=1, kind="stable")  # the chosen first, in order
         width = int(chosen.sum(axis=1).max())
         lists = np.take_along_axis(lists, first, 1)[:, :width]
+        scores = np.take_along_axis(scores, first, 1)[:, :width]
         lists[np.arange(width)[None, :] >= chosen.sum(axis=1)[:, None]] = -1  # faiss skips -1
-        centroid_scores = np.take_along_axis(scores, np.maximum(lists, 0), 1)
-        return np.ascontiguousarray(lists, np.int64), \
-            np.ascontiguousarray(centroid_scores, np.float32)
+        return np.ascontiguousarray(lists, np.int64), np.ascontiguousarray(scores, np.float32)
 
     def _exact_max_rows(self, passing: int, k: int = 10) -> int:
         """Up to how many passing ids an exact search over them is chosen: while it costs no
@@ -297,15 +301,10 @@ class IndexVersion:
 
     def _search_passing(self, queries: np.ndarray, k: int, passing: PassingIds):
         """(scores, ids) of the top k among the passing ids, -1 ids where a row has fewer."""
-        if passing.ids is not None:  # exact, over just these vectors
+        if passing.ids is not None:  # exact, over just these vectors (FAISS's threads)
             vectors = self.index.reconstruct_batch(passing.ids)
-            scores = queries @ vectors.T
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(passing.ids) \
-                else np.broadcast_to(np.arange(len(passing.ids)), (len(queries), k))
-            top_scores = np.take_along_axis(scores, top, 1)
-            order = np.argsort(-top_scores, axis=1, kind="stable")
-            return np.take_along_axis(top_scores, order, 1), \
-                passing.ids[np.take_along_axis(top, order, 1)]
+            scores, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+            return scores, np.where(rows >= 0, passing.ids[np.maximum(rows, 0)], -1)
         selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
         ivf = ivf_or_none(self.index)
         if ivf is None:  # flat: an exact scan that skips the ids not passing
