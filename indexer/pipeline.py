@@ -142,7 +142,7 @@ def rebuild(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: st
     _remember(refusals, listed, res.failed)
     out = index.rebuild(encoder.model_id, res.keys, res.vectors, res.etags,
                         extra={"source": store.describe(), "prefix": prefix},
-                        tuning_queries=encoder.scoring.tuning_queries())
+                        tuning_queries=encoder.scoring.tuning_queries(), info=res.infos)
     return IndexReport("rebuilt", out["version"], out["count"], added=len(res.keys),
                        failed=res.failed, refused_before=len(skip), warnings=warnings,
                        seconds=time.perf_counter() - t0)
@@ -188,7 +188,7 @@ def update(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str
                            seconds=time.perf_counter() - t0)
     out = index.update(encoder.model_id, res.keys, res.vectors, res.etags, delete=gone,
                        extra={"source": store.describe(), "prefix": prefix},
-                       tuning_queries=encoder.scoring.tuning_queries())
+                       tuning_queries=encoder.scoring.tuning_queries(), info=res.infos)
     return IndexReport("updated", out["version"], out["count"], added=len(res.keys),
                        removed=len(gone), failed=res.failed, refused_before=len(skip),
                        warnings=warnings, seconds=time.perf_counter() - t0)

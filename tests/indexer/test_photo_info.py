@@ -262,3 +262,48 @@ def test_the_pipeline_reads_each_photos_metadata_once_with_its_pixels(encoder, t
     assert (by_key["2023/d.jpg"]["width"], by_key["2023/d.jpg"]["height"]) == (48, 64)
     assert by_key["2023/e.jpg"]["country_code"] == "AU"
     assert all(i["bytes"] == len(photos[k]) for k, i in by_key.items())
+
+
+def _library_store(root):
+    from objectstore import LocalStore
+
+    store = LocalStore(root, "b")
+    store.put("lib/2023/beach/a.jpg", photo_bytes("JPEG", photo_exif()))
+    store.put("lib/2024/b.heic", photo_bytes("HEIF", photo_exif(position=(48.8566, 2.3522),
+                                                                 offset=None)))
+    store.put("lib/c.png", image_bytes("PNG", (30, 20)))
+    return store
+
+
+def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_path):
+    from indexer import pipeline
+    from tests.indexer.numpy_index import NumpyIndex
+
+    store, index = _library_store(tmp_path / "store"), NumpyIndex(tmp_path / "index")
+    assert pipeline.rebuild(store, encoder, index, "lib/", progress=False).count == 3
+    store.put("lib/2024/d.jpg", photo_bytes("JPEG", photo_exif(position=(-33.8688, 151.2093))))
+    assert pipeline.update(store, encoder, index, "lib/", progress=False).added == 1
+
+    view = index.view(encoder.model_id)
+    a, b, c, d, missing = view.info(["lib/2023/beach/a.jpg", "lib/2024/b.heic", "lib/c.png",
+                                     "lib/2024/d.jpg", "lib/nope.jpg"])
+    assert (a["city"], a["folder"], a["camera_model"]) == ("Lisbon", "lib/2023/beach", "EOS R6")
+    assert (b["city"], b["folder"]) == ("Paris", "lib/2024")
+    assert c["folder"] == "lib" and c.get("lat") is None
+    assert d["country_code"] == "AU" and missing is None
+    assert view.info_counts() == {"with_date": 3, "with_position": 3, "with_place": 3}
+
+
+def test_shards_write_the_metadata_into_their_parts(encoder, tmp_path):
+    from indexer import shards
+    from tests.indexer.numpy_index import NumpyIndex
+
+    store, index = _library_store(tmp_path / "store"), NumpyIndex(tmp_path / "index")
+    facts = lambda: (encoder.scoring.index_dim, encoder.scoring.tuning_queries())  # noqa: E731
+    plan = shards.plan(store, index, "lib/", encoder.model_id, 2, 8, facts)
+    assert len(plan) == 2
+    reports = [shards.embed_shard(store, encoder, index, s) for s in plan]
+    shards.publish_plan(index, plan[0], reports)
+    infos = index.view(encoder.model_id).info(["lib/2023/beach/a.jpg", "lib/c.png"])
+    assert infos[0]["country"] == "Portugal"
+    assert infos[1]["taken_at_source"] == "modified"
