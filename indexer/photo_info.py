@@ -1,9 +1,9 @@
 """A photo's own metadata, read from the bytes the indexer already fetched for embedding.
 
 `extract_photo_info(data, info)` gives one dict with the fields of `PHOTO_INFO_FIELDS` (any may
-be None): when it was taken (EXIF DateTimeOriginal with its OffsetTimeOriginal; without an
-offset the local time is read as UTC; without EXIF the object's last-modified time, and
-`taken_at_source` says which), camera make and model, the GPS position and its place (offline,
+be None): when it was taken (EXIF DateTimeOriginal with its OffsetTimeOriginal, or the offset
+the GPS fix's UTC time implies; without either the local time is read as UTC; without EXIF the
+object's last-modified time, and `taken_at_source` says which), camera make and model, the GPS position and its place (offline,
 `core.places`), the size as displayed (after the EXIF orientation), the orientation, bytes,
 content type and folder.
 
@@ -56,6 +56,7 @@ _DATETIME_ORIGINAL, _DATETIME_DIGITIZED = 0x9003, 0x9004
 _OFFSET_ORIGINAL, _OFFSET_DIGITIZED = 0x9011, 0x9012
 _SUBSEC_ORIGINAL, _SUBSEC_DIGITIZED = 0x9291, 0x9292
 _GPS_LAT_REF, _GPS_LAT, _GPS_LON_REF, _GPS_LON = 1, 2, 3, 4
+_GPS_TIME, _GPS_DATE = 7, 29  # the fix's UTC time of day (rationals) and date
 
 # a date before photography or far in the future is a camera's unset clock, not a date
 _EARLIEST_YEAR, _LATEST_YEAR = 1826, 2200
@@ -213,10 +214,29 @@ def _read_taken_at(exif: Image.Exif, out: dict) -> None:
         local = _exif_datetime(ifd.get(stamp), ifd.get(subsec))
         if local is None:
             continue
-        zone = _exif_offset(ifd.get(offset))
+        zone = _exif_offset(ifd.get(offset)) or _offset_from_gps_clock(exif, local)
         out["taken_at"] = local.replace(tzinfo=zone or timezone.utc).timestamp()
         out["taken_at_source"] = "exif" if zone is not None else "exif-no-offset"
         return
+
+
+def _offset_from_gps_clock(exif: Image.Exif, local: datetime) -> timezone | None:
+    """Cameras without offset tags often record the GPS fix's UTC time: the local time's
+    difference from it, to the nearest quarter hour, is the zone the camera's clock was in."""
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        day = _text(gps.get(_GPS_DATE))
+        hms = [float(x) for x in gps.get(_GPS_TIME) or ()]
+        if day is None or len(hms) != 3 or not all(math.isfinite(x) and x >= 0 for x in hms):
+            return None
+        utc = datetime.strptime(day[:10].replace("-", ":"), "%Y:%m:%d") + timedelta(
+            hours=hms[0], minutes=hms[1], seconds=hms[2])
+    except Exception:
+        return None
+    quarters = round((local - utc).total_seconds() / 900)
+    if abs(quarters) > 14 * 4:  # no zone is that far: the clocks disagree, not the zones
+        return None
+    return timezone(timedelta(minutes=15 * quarters))
 
 
 def _read_gps(exif: Image.Exif, out: dict) -> None:

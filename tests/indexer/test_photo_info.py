@@ -62,6 +62,18 @@ def test_a_date_without_offset_is_read_as_utc_and_says_so():
     assert info["taken_at_source"] == "exif-no-offset"
 
 
+def test_without_an_offset_the_gps_clock_gives_the_zone():
+    exif = photo_exif(offset=None)  # 18:30:05 local
+    gps = exif.get_ifd(0x8825)
+    gps[29], gps[7] = "2023:07:14", (16.0, 30.0, 3.0)  # the fix at 16:30:03 UTC
+    info = info_of("a.jpg", photo_bytes("JPEG", exif))
+    assert info["taken_at"] == pytest.approx(JULY_14_2023_1830_PLUS2)
+    assert info["taken_at_source"] == "exif"
+    gps[29] = "2023:07:01"  # a fix two weeks off: no zone is that far, read as UTC
+    info = info_of("a.jpg", photo_bytes("JPEG", exif))
+    assert info["taken_at_source"] == "exif-no-offset"
+
+
 def test_negative_offset_and_subseconds():
     exif = photo_exif(offset="-05:30")
     exif.get_ifd(0x8769)[0x9291] = "25"  # SubSecTimeOriginal: .25 s
