@@ -15,7 +15,11 @@ Measured in one run, interleaved:
                        preprocess, forward, metadata, FAISS publish), per image
   indexing without     the same rebuild with metadata reading switched off (the pipeline as
     metadata           it was before), per image: the end-to-end difference, noisier
-and the ratio metadata / indexing (target <= 5 %).
+  storing metadata     the index backend's own cost: `index.rebuild` of the same, already
+                       embedded vectors with `info=` minus without it, per image
+and the ratios (metadata + storing) / indexing (target <= 5 %).
+
+    python bench/photo_info.py [--backend faiss]   (any INDEX_BACKEND the registry knows)
 """
 from __future__ import annotations
 
@@ -53,12 +57,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--runtime", default="onnx", help="the image tower's runtime")
+    p.add_argument("--backend", default="faiss", help="INDEX_BACKEND of the index written")
     args = p.parse_args()
     header("photo metadata: extraction vs the whole indexing time per image")
 
     from encoder import Encoder, load_checkpoint
     from indexer import pipeline, photo_info
-    from indexer.faiss_index import FaissIndex
+    from core.settings import Settings
+    from indexer.vector_index import open_index
     from objectstore import LocalStore
     from training.data import load_split_from_folder
 
@@ -89,8 +95,12 @@ def main() -> int:
                   text_runtime="torch", onnx_cache_dir=tempfile.mkdtemp(prefix="onnx-"))
     real_extract, real_add_places = pipeline.extract_photo_info, pipeline.add_places
 
+    def index_at(name: str):
+        return open_index(Settings(_env_file=None, index_backend=args.backend,
+                                   index_dir=str(work / name), milvus_uri=str(work / "lite.db")))
+
     def rebuild():
-        pipeline.rebuild(store, enc, FaissIndex(work / "index"), "photos/",
+        pipeline.rebuild(store, enc, index_at("index"), "photos/",
                          batch_size=args.batch, progress=False)
 
     def rebuild_without_metadata():
@@ -105,8 +115,19 @@ def main() -> int:
     sample = photo_info.extract_photo_info(data[objects[0].key], objects[0])
     assert sample["taken_at_source"] == "exif" and sample["country"], sample
     rebuild()  # warm: ONNX export / session, page cache
+    embedded = pipeline.embed_objects(store, enc, objects, args.batch, progress=False)
+    assert len(embedded.infos) == len(embedded.keys) == len(objects)
+
+    def store_vectors(info):
+        def run():
+            index_at("store-only").rebuild(enc.model_id, embedded.keys, embedded.vectors,
+                                           embedded.etags, info=info)
+        return run
+
     fns = {"metadata alone": metadata_alone, "indexing, end to end": rebuild,
-           "indexing without metadata": rebuild_without_metadata}
+           "indexing without metadata": rebuild_without_metadata,
+           "index write with metadata": store_vectors(embedded.infos),
+           "index write without metadata": store_vectors(None)}
     times = {k: [] for k in fns}
     for _ in range(args.rounds):
         for k, fn in fns.items():
@@ -115,21 +136,30 @@ def main() -> int:
             times[k].append(time.perf_counter() - t)
     n = len(objects)
     per_image = {k: median(v) / n * 1e3 for k, v in times.items()}
+    storing = [max(0.0, a - b) for a, b in zip(times["index write with metadata"],
+                                                times["index write without metadata"])]
+    per_image["storing metadata (difference)"] = median(storing) / n * 1e3
     ratios = [m / e for m, e in zip(times["metadata alone"], times["indexing, end to end"])]
+    total_ratios = [(m + s) / e for m, s, e in zip(times["metadata alone"], storing,
+                                                   times["indexing, end to end"])]
     e2e_diff = [(a - b) / a for a, b in zip(times["indexing, end to end"],
                                              times["indexing without metadata"])]
     rows = [{"what": k, "ms per image (median)": v} for k, v in per_image.items()]
     print(f"{n} images with EXIF+GPS, batch {args.batch}, image runtime {args.runtime}, "
+          f"index backend {args.backend}, "
           f"{args.rounds} rounds interleaved, checkpoint {args.checkpoint}\n")
     print(table(rows))
     print(f"\nmetadata / indexing per image: {median(ratios):.2%} "
-          f"(per round: {', '.join(f'{r:.2%}' for r in ratios)}; target <= 5 %)")
+          f"(per round: {', '.join(f'{r:.2%}' for r in ratios)})")
+    print(f"(metadata + storing it) / indexing per image: {median(total_ratios):.2%} "
+          f"(per round: {', '.join(f'{r:.2%}' for r in total_ratios)}; target <= 5 %)")
     print("end to end, (with - without) / with: "
           + ", ".join(f"{d:+.1%}" for d in e2e_diff) + " (noisy: machine load)")
     print(f"place table, one-off load per process: {table_load_s:.2f} s")
     print(f"load average at end: {load_average()}")
     save_json("photo_info", {"n": n, "times": times, "per_image_ms": per_image,
-                             "ratios": ratios, "table_load_s": table_load_s})
+                             "ratios": ratios, "with_storing": total_ratios,
+                             "table_load_s": table_load_s})
     return 0
 
 
