@@ -32,6 +32,7 @@ def info_of(key: str, data: bytes, last_modified: float | None = MODIFIED, **kw)
     ("AVIF", "avif", "image/avif"),
     ("WEBP", "webp", "image/webp"),
     ("PNG", "png", "image/png"),
+    ("TIFF", "TIF", "image/tiff"),
 ])
 def test_exif_date_camera_position_and_place(fmt, suffix, mime):
     data = photo_bytes(fmt, photo_exif(), size=(80, 60))
@@ -131,9 +132,10 @@ def test_size_is_as_displayed(fmt, orientation):
 
 
 def test_tiff_camera_and_orientation():
-    data = photo_bytes("TIFF", photo_exif(orientation=6, taken=None, position=None))
+    data = photo_bytes("TIFF", photo_exif(orientation=6, position=None))
     info = info_of("scans/a.TIFF", data)
     assert (info["camera_make"], info["camera_model"]) == ("Canon", "EOS R6")
+    assert info["taken_at"] == pytest.approx(JULY_14_2023_1830_PLUS2)
     assert (info["width"], info["height"], info["orientation"]) == (48, 64, 6)
     assert info["content_type"] == "image/tiff" and info["folder"] == "scans"
 
