@@ -4,7 +4,7 @@ import random
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from PIL import Image, ImageFile
+from PIL import ImageFile
 
 from encoder.preprocessing import decode_image
 from indexer.photo_info import PHOTO_INFO_FIELDS, add_places, extract_photo_info, folder_of
@@ -319,8 +319,6 @@ def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_p
     assert view.info_counts() == {"with_date": 3, "with_position": 3, "with_place": 3}
 
     # what was read from the photos is what a filter inside the search sees
-    from datetime import datetime as dt
-
     import numpy as np
 
     from indexer.photo_filter import PhotoFilter
@@ -330,8 +328,8 @@ def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_p
         (PhotoFilter(country="portugal"), ["lib/2023/beach/a.jpg"]),
         (PhotoFilter(city="Paris"), ["lib/2024/b.heic"]),
         (PhotoFilter(folders=["lib/2024"]), ["lib/2024/b.heic", "lib/2024/d.jpg"]),
-        (PhotoFilter(camera="eos r6", taken_after=dt(2023, 7, 14, 16, 30, 5),
-                     taken_before=dt(2023, 7, 14, 16, 30, 6)), ["lib/2023/beach/a.jpg"]),
+        (PhotoFilter(camera="eos r6", taken_after=datetime(2023, 7, 14, 16, 30, 5),
+                     taken_before=datetime(2023, 7, 14, 16, 30, 6)), ["lib/2023/beach/a.jpg"]),
         (PhotoFilter(near={"lat": -33.87, "lon": 151.21, "km": 20}), ["lib/2024/d.jpg"]),
     ]:
         _, found = view.search(query, 10, where=where)
