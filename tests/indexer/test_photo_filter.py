@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from pydantic import ValidationError
 
-from indexer.photo_columns import clean_info, facets, info_counts
+from indexer.photo_columns import INFO_COLUMNS, clean_info, facets, info_counts
 from indexer.photo_filter import PhotoFilter, active
 
 LISBON = {"lat": 38.7223, "lon": -9.1393}
@@ -46,6 +46,8 @@ def test_an_empty_filter_restricts_nothing():
     ({"min_width": -1}, "min_width"),
     ({"orientation": "diagonal"}, "orientation"),
     ({"camera": "   "}, "camera"),
+    ({"city": "Oslo\x00"}, "city"),
+    ({"folders": ["a\nb"]}, "folders.0"),
     ({"city": "x" * 500}, "city"),
     ({"folders": ["a"] * 101}, "folders"),
     ({"folders": "2023"}, "folders"),
@@ -100,8 +102,9 @@ def test_matches(fields, yes, no):
 
 def test_clean_info_keeps_known_columns_of_their_types():
     row = clean_info({"width": "12", "lat": float("nan"), "city": 3, "colour": "red",
-                      "orientation": 1.5, "taken_at": True}, "a/b/c.jpg")
+                      "orientation": 1.5, "taken_at": True, "country": ""}, "a/b/c.jpg")
     assert row["width"] == 12 and row["lat"] is None and row["city"] is None
+    assert row["country"] is None
     assert row["orientation"] is None and row["taken_at"] is None and "colour" not in row
     assert row["folder"] == "a/b" and clean_info({}, "top.jpg")["folder"] == ""
     assert clean_info(None, "x.jpg") is None
@@ -122,3 +125,8 @@ def test_counts_and_facets():
     assert got["country"] == [["PT", 1], ["Portugal", 1]]
     assert got["camera"] == [["Fujifilm", 1], ["X100", 1]]
     assert facets(rows, limit=1)["folder"] == [["2023", 2]]
+
+
+def test_the_stored_columns_are_the_photo_info_fields():
+    photo_info = pytest.importorskip("indexer.photo_info")
+    assert tuple(INFO_COLUMNS) == tuple(photo_info.PHOTO_INFO_FIELDS)
