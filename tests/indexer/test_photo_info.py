@@ -289,21 +289,37 @@ def _library_store(root):
     return store
 
 
+@pytest.fixture(params=["faiss", "milvus-lite", "numpy"])
+def library_index(request, tmp_path):
+    """An empty index of each backend the metadata goes to (milvus-lite: in-process)."""
+    index = _index(request.param, tmp_path / "index")
+    yield index
+    index.close()
+
+
 def _index(kind, root):
     if kind == "faiss":
         from indexer.faiss_index import FaissIndex
 
         return FaissIndex(root)
+    if kind == "milvus-lite":
+        from core.settings import Settings
+        from indexer.vector_index import open_index
+
+        root.mkdir(parents=True, exist_ok=True)
+        return open_index(Settings(_env_file=None, index_backend="milvus", index_dir=str(root),
+                                   milvus_uri=str(root / "lite.db"),
+                                   milvus_collection_prefix="t_info"))
     from tests.indexer.numpy_index import NumpyIndex
 
     return NumpyIndex(root)
 
 
-@pytest.mark.parametrize("kind", ["faiss", "numpy"])
-def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_path, kind):
+def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_path,
+                                                                  library_index):
     from indexer import pipeline
 
-    store, index = _library_store(tmp_path / "store"), _index(kind, tmp_path / "index")
+    store, index = _library_store(tmp_path / "store"), library_index
     assert pipeline.rebuild(store, encoder, index, "lib/", progress=False).count == 3
     store.put("lib/2024/d.jpg", photo_bytes("JPEG", photo_exif(
         taken="2024:01:05 10:00:00", offset="+11:00", position=(-33.8688, 151.2093))))
@@ -336,11 +352,10 @@ def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_p
         assert sorted(found[0]) == expected, where
 
 
-@pytest.mark.parametrize("kind", ["faiss", "numpy"])
-def test_shards_write_the_metadata_into_their_parts(encoder, tmp_path, kind):
+def test_shards_write_the_metadata_into_their_parts(encoder, tmp_path, library_index):
     from indexer import shards
 
-    store, index = _library_store(tmp_path / "store"), _index(kind, tmp_path / "index")
+    store, index = _library_store(tmp_path / "store"), library_index
     facts = lambda: (encoder.scoring.index_dim, encoder.scoring.tuning_queries())  # noqa: E731
     plan = shards.plan(store, index, "lib/", encoder.model_id, 2, 8, facts)
     assert len(plan) == 2
