@@ -199,7 +199,8 @@ def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | 
     """What is published for `model_id` (a backend with one published version for all models,
     FAISS, reports it whichever model built it: `model_matches` tells), what an update would do,
     and the files the decoders refused (`refused`, `refused_files`: key and reason; they do not
-    count as not indexed)."""
+    count as not indexed), and how many indexed photos have a date read from the photo, a
+    position, a place (`with_date`, `with_position`, `with_place`: view.info_counts)."""
     info = index.status(model_id)
     objects = list_images(store, prefix)
     refused = refusals.refused(objects) if refusals is not None else {}
@@ -207,7 +208,8 @@ def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | 
            "count": 0, "not_indexed": len(objects) - len(refused), "removed_from_store": 0,
            "refused": len(refused),
            "refused_files": [{"key": k, "reason": refused[k]}
-                             for k in sorted(refused)[:MAX_REFUSED_LISTED]]}
+                             for k in sorted(refused)[:MAX_REFUSED_LISTED]],
+           "with_date": 0, "with_position": 0, "with_place": 0}
     warnings = warn_if_empty(store, prefix, objects)
     if warnings:
         out["warnings"] = warnings
@@ -227,4 +229,8 @@ def status(store: ObjectStore, index: VectorIndex, prefix: str, model_id: str | 
     out["removed_from_store"] = sum(1 for k in indexed if k not in objects)
     if model_id is not None:
         out["model_matches"] = model_id == current.model_id
+    try:
+        out.update(index.view(current.model_id, current.version).info_counts())
+    except IndexLoadError as exc:
+        out["error"] = str(exc)
     return out

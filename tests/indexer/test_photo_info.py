@@ -333,6 +333,9 @@ def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_p
     assert c["folder"] == "lib" and c.get("lat") is None
     assert d["country_code"] == "AU" and missing is None
     assert view.info_counts() == {"with_date": 3, "with_position": 3, "with_place": 3}
+    st = pipeline.status(store, index, "lib/", encoder.model_id)  # python -m indexer status
+    assert (st["with_date"], st["with_position"], st["with_place"]) == (3, 3, 3)
+    assert st["count"] == 4 and st["not_indexed"] == 0
 
     # what was read from the photos is what a filter inside the search sees
     import numpy as np
