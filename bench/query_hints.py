@@ -11,6 +11,11 @@ where nothing was read. Then the time per query, warm (every query, `--rounds` t
 phrases dateparser already parsed come from its cache, as in a running service), the first
 read of each query with the cache emptied, and a hostile text of MAX_QUERY_CHARS characters
 full of years, months and place cues.
+
+`--captions FILE` (default: Flickr8k.token.txt in FLICKR8K_SOURCE, when there) also reads every
+caption of a Flickr8k-style captions file: sentences people wrote about photos, with no hints
+meant, so every read is listed for a person to judge (a place the caption names is right, a dog
+breed read as a town is not).
 """
 from __future__ import annotations
 
@@ -86,10 +91,21 @@ def _hostile_text(limit: int) -> str:
     return (unit * (limit // len(unit) + 1))[:limit]
 
 
+def _default_captions() -> Path | None:
+    try:
+        from core.settings import get_settings
+
+        return Path(get_settings().flickr8k_source) / "Flickr8k.token.txt"
+    except Exception:  # no settings here: no captions read
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=Path, default=CASES)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="a captions file (image#n<TAB>caption per line)")
     args = parser.parse_args()
 
     from core.settings import RequestLimits
@@ -133,6 +149,18 @@ def main() -> int:
         t = time.perf_counter()
         query_hints.read_hints(hostile, now)
         hostile_ms.append((time.perf_counter() - t) * 1000)
+    captions = args.captions or _default_captions()
+    if captions is not None and captions.is_file():
+        texts = [line.split("\t", 1)[1].strip()
+                 for line in captions.read_text(encoding="utf-8").splitlines() if "\t" in line]
+        started = time.perf_counter()
+        reads = [(text, query_hints.read_hints(text, now).hints) for text in texts]
+        per_caption_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
+        reads = [(text, hints) for text, hints in reads if hints]
+        print(f"captions {captions.name}: {len(texts)} read, something read from {len(reads)} "
+              f"({per_caption_ms:.3f} ms a caption); judge each:")
+        for text, hints in reads:
+            print(f"  {text!r}: " + "; ".join(f"{h.field}={h.value} <- {h.text!r}" for h in hints))
     warm.sort()
     print(f"time per query: warm mean {statistics.mean(warm):.3f} ms, p50 "
           f"{warm[len(warm) // 2]:.3f} ms, p99 {warm[int(len(warm) * 0.99)]:.3f} ms; "

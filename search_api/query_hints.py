@@ -102,14 +102,27 @@ here inside outside along""".split())
 DATE_CUES = {"in": "in", "during": "in", "from": "in", "of": "in", "on": "in", "around": "in",
              "circa": "in", "ca": "in", "since": "since", "after": "after", "before": "before",
              "until": "until", "till": "until", "up to": "until"}
+# ("outside" is no cue: "at an outside cafe")
 PLACE_CUES = frozenset({"in", "at", "near", "from", "around", "across", "through", "visiting",
-                        "inside", "outside", "throughout", "within", "over"})
+                        "throughout", "within", "over"})
 # "to" is a place cue only after a word of going somewhere ("trip to Lisbon", not "next to")
 MOTION_BEFORE_TO = frozenset({"trip", "travel", "travelled", "traveled", "travelling",
                               "traveling", "going", "went", "go", "flight", "flew", "drive",
                               "drove", "road", "journey", "holiday", "holidays", "vacation",
                               "visit", "moved", "move", "moving", "welcome", "back", "way",
                               "tour", "cruise", "ride", "excursion", "honeymoon"})
+# "at" after these is where one looks, not where one is ("looking at Santa")
+LOOKING_BEFORE_AT = frozenset("""
+look looks looking looked stare stares staring stared smile smiles smiling smiled point points
+pointing pointed wave waves waving waved laugh laughs laughing laughed bark barks barking
+glance glances glancing gaze gazes gazing aim aims aiming yell yells yelling shout shouts
+shouting throw throws throwing grin grins grinning peek peeks peeking peer peers peering
+growl growls growling swing swings swinging lunge lunges lunging snap snaps snapping""".split())
+# names the filter cannot hold (a continent is no country, region or city)
+NOT_PLACES = frozenset({"asia", "europe", "africa", "america", "americas", "north america",
+                        "south america", "latin america", "central america", "antarctica",
+                        "oceania", "australasia", "middle east", "caribbean", "scandinavia",
+                        "eurasia", "arctic"})
 # a name right after these names something else ("a dog named Paris")
 NAMING_WORDS = frozenset({"named", "called", "nicknamed", "dubbed", "titled", "brand", "model"})
 # the word after a bare year that says it is a year, not a count ("2019 photos")
@@ -157,12 +170,21 @@ def _place_names() -> dict:
 
 @lru_cache(maxsize=1)
 def _english_place_words() -> frozenset[str]:
-    """Place names that are also ordinary English words in lower case ("nice", "bath",
-    "china", "turkey", "jordan"): Webster's list from the english-words package."""
+    """Place names made only of ordinary English words in lower case, plurals and "the"
+    included ("nice", "bath", "china", "rapids", "rolling hills", "the entrance"): Webster's
+    list from the english-words package."""
     from english_words import get_english_words_set
 
     words = get_english_words_set(["web2"], lower=False, alpha=True)
-    return frozenset(name for name in _place_names() if name in words)
+
+    def english(word: str) -> bool:
+        if word in words or word in FUNCTION_WORDS:
+            return True
+        # a plural of a word, unless the list has it as a proper name ("Paris" is no "pari")
+        return word.endswith("s") and word.capitalize() not in words and (
+            word[:-1] in words or (word.endswith("es") and word[:-2] in words))
+
+    return frozenset(name for name in _place_names() if all(map(english, name.split())))
 
 
 @lru_cache(maxsize=1)
@@ -654,20 +676,23 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             if i + n >= len(words) or n >= MAX_PLACE_WORDS or gap(i + n - 1, i + n).strip():
                 break
             key, n = f"{key} {normalized[i + n]}", n + 1
-        if found is None or in_date(words[i].start()) or found[1] in _date_words():
+        if found is None or in_date(words[i].start()) or found[1] in _date_words() \
+                or found[1] in NOT_PLACES:
             i += 1
             continue
         n, key = found
         last = i + n - 1
         start, end = words[i].start(), words[last].end()
-        match = names[key][0]
+        match = _likeliest(names[key])
         # the word before: a cue ("in", "trip to", "in the"), a naming word, or a separator
         cue_at = None
         p = i - 1
         if p >= 0 and lowered[p] == "the" and not gap(p, i).strip():
             p -= 1
         if p >= 0 and not gap(p, p + 1).strip():
-            if lowered[p] in PLACE_CUES or (lowered[p] == "to" and p > 0 and lowered[p - 1] in MOTION_BEFORE_TO):
+            going_to = lowered[p] == "to" and p > 0 and lowered[p - 1] in MOTION_BEFORE_TO
+            looking_at = lowered[p] == "at" and p > 0 and lowered[p - 1] in LOOKING_BEFORE_AT
+            if (lowered[p] in PLACE_CUES and not looking_at) or going_to:
                 cue_at = p
         if i > 0 and lowered[i - 1] in NAMING_WORDS:
             i += 1
@@ -696,9 +721,11 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             before = gap(i - 1, i) if i > 0 else ""
             after_sep = last + 1 >= len(words) or bool(gap(last, last + 1).strip()) \
                 or in_date(words[last + 1].start())
+            # after a comma, or closing a query of keywords ("Eiffel tower Paris"): in a
+            # sentence an unmarked name is a thing ("a black Labrador", "a green Kawasaki")
+            keywords = not any(word in FUNCTION_WORDS for word in lowered)
             separated = i > 0 and ("," in before or (
-                not before.strip() and lowered[i - 1] not in FUNCTION_WORDS
-                and not capitalised(i - 1)))
+                keywords and not before.strip() and not capitalised(i - 1)))
             plain_country = match.kind == "country" and not capitalised(i)
             # a word that is also English only in a list after a comma ("Kyoto, Japan")
             listed = ambiguous and capitalised(i) and "," in before
@@ -735,6 +762,18 @@ def _name_prefixes() -> frozenset[str]:
         for n in range(1, min(len(words), MAX_PLACE_WORDS) + 1):
             prefixes.add(" ".join(words[:n]))
     return frozenset(prefixes)
+
+
+def _likeliest(matches):
+    """What a name most likely means: a country if it names one, else the larger of its
+    region and its city ("Portland": the city in Oregon, not the parish in Jamaica)."""
+    if matches[0].kind == "country":
+        return matches[0]
+    region = next((m for m in matches if m.kind == "region"), None)
+    city = next((m for m in matches if m.kind == "city"), None)
+    if region is None or city is None:
+        return matches[0]
+    return region if region.weight >= city.weight else city
 
 
 def _place_value(match) -> str:
