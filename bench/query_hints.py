@@ -69,6 +69,7 @@ def evaluate(cases_path: Path = CASES) -> dict:
                                                  right_total + len(right),
                                                  listed_total + len(listed))
         outcomes.append({"query": case["query"], "listed": listed, "read": read,
+                         "held_out": case.get("held_out"),
                          "text": got.text, "expected_text": case.get("text"),
                          "ok": read == listed and case.get("text", got.text) == got.text})
     negatives = [o for o in outcomes if not o["listed"]]
@@ -83,7 +84,18 @@ def evaluate(cases_path: Path = CASES) -> dict:
         "text_cases": len(with_text),
         "text_right": sum(1 for o in with_text if o["text"] == o["expected_text"]),
         "outcomes": outcomes,
+        "held_out": {batch: _scores([o for o in outcomes if o["held_out"] == batch])
+                     for batch in sorted({o["held_out"] for o in outcomes if o["held_out"]})},
     }
+
+
+def _scores(outcomes: list[dict]) -> dict:
+    read = sum(len(o["read"]) for o in outcomes)
+    listed = sum(len(o["listed"]) for o in outcomes)
+    right = sum(len(o["read"] & o["listed"]) for o in outcomes)
+    return {"cases": len(outcomes), "precision": right / read if read else 1.0,
+            "recall": right / listed if listed else 1.0, "right": right, "read": read,
+            "listed": listed}
 
 
 def _hostile_text(limit: int) -> str:
@@ -125,6 +137,10 @@ def main() -> int:
           f"{result['recall']:.3f} ({result['items_right']}/{result['items_listed']}); "
           f"must-not cases clean {result['negatives_clean']}/{result['negatives']}; "
           f"remaining text right {result['text_right']}/{result['text_cases']}")
+    for batch, score in result["held_out"].items():
+        print(f"  held-out batch {batch} ({score['cases']} cases), as the rules are now: "
+              f"precision {score['precision']:.3f} ({score['right']}/{score['read']}), "
+              f"recall {score['recall']:.3f} ({score['right']}/{score['listed']})")
 
     spec = json.loads(Path(args.cases).read_text(encoding="utf-8"))
     now = datetime.fromisoformat(spec["now"])

@@ -14,10 +14,11 @@ What is read (everything else stays in the text):
            year ranges ("2015-2018", "between 2015 and 2018"), and since/after/before/until
            in front of any of them (one bound only).
   places   a country, region or city of core.places.place_names(), longest name first, read
-           only after a cue ("in", "near", "from", "over", "trip to" ...), capitalised at the
-           end of the query ("Eiffel tower Paris"), or with the region or country it lies in
-           ("Lisbon, Portugal", "Austin texas"); never a name that is also an ordinary English
-           word unless written with a capital ("in Nice", not "in nice weather"), never one
+           only after a cue ("in", "near", "from", "over", "trip to" ...), closing a query of
+           keywords ("Eiffel tower Paris"; in a sentence an unmarked name is a thing: "a black
+           Labrador"), or with the region or country it lies in ("Lisbon, Portugal", "Austin
+           texas"); never a name made of ordinary English words unless written with a capital
+           ("in Nice", not "in nice weather" or "at the rapids"), never one
            followed by a word it may qualify ("Jordan shoes", "Paris Hilton"), never a month
            ("in March" is not March, England). One country, region and city each.
 Not read, on purpose: a month or season without a year or last/this ("snow in winter",
@@ -726,11 +727,13 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             keywords = not any(word in FUNCTION_WORDS for word in lowered)
             separated = i > 0 and ("," in before or (
                 keywords and not before.strip() and not capitalised(i - 1)))
-            plain_country = match.kind == "country" and not capitalised(i)
+            # in lower case: a country, or a name of several words that are not English
+            # ("beach portugal", "golden gate bridge san francisco")
+            plain_name = not capitalised(i) and (match.kind == "country" or n > 1)
             # a word that is also English only in a list after a comma ("Kyoto, Japan")
             listed = ambiguous and capitalised(i) and "," in before
             if (ambiguous and not listed) or not after_sep or not separated \
-                    or not (capitalised(i) or plain_country):
+                    or not (capitalised(i) or plain_name):
                 i += 1
                 continue
         field = match.kind
