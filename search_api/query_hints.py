@@ -9,7 +9,8 @@ What is read (everything else stays in the text):
   dates    a year ("2019", "in 2019"; 1900..this year, not a count: "2000 balloons"), a month of
            a year ("July 2023", "juli 2023"; month names also in de/fr/es/it/pt/nl), a day
            ("12 March 2021", "2021-03-12", "on March 3rd"), a season of a year or the last/this
-           one ("summer 2019", "last winter"), "last/this week|month|year|weekend|July",
+           one ("summer 2019"; "last winter": the latest one that is over, "this winter" the
+           latest one that has begun), "last/this week|month|year|weekend|July",
            "yesterday", "3 weeks ago", "the past 2 years", a decade after a cue ("in the 90s"),
            year ranges ("2015-2018", "between 2015 and 2018"), and since/after/before/until
            in front of any of them (one bound only).
@@ -18,12 +19,12 @@ What is read (everything else stays in the text):
            keywords ("Eiffel tower Paris"; in a sentence an unmarked name is a thing: "a black
            Labrador"), or with the region or country it lies in ("Lisbon, Portugal", "Austin
            texas"); never a name made of ordinary English words unless written with a capital
-           ("in Nice", not "in nice weather" or "at the rapids"), never one
-           followed by a word it may qualify ("Jordan shoes", "Paris Hilton"), never a month
-           ("in March" is not March, England). One country, region and city each.
+           ("in Nice", not "in nice weather" or "at the rapids"), never one followed by a word
+           it may qualify ("Jordan shoes", "Paris Hilton"), never a month ("in March" is not
+           March, England). One country, region and city each.
 Not read, on purpose: a month or season without a year or last/this ("snow in winter",
 "a dog named July"): it names every one of them and the filter has no "any July"; holidays
-("4th of July", "Christmas"). Seasons are the northern hemisphere's unless `tz` is a zone of
+("4th of July"; "Christmas 2022" reads 2022 only). Seasons are the northern hemisphere's unless `tz` is a zone of
 the southern one. Day boundaries are midnights in `tz`.
 
 dateparser parses the phrases found (days, "N units ago"), restricted to English and run only
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import calendar
 import re
+import threading
 from dataclasses import dataclass, field as dataclass_field
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -493,10 +495,17 @@ def _parse(clock: _Clock, phrase: str) -> tuple[datetime, str] | None:
     return _parse_cached(phrase, clock.now.replace(tzinfo=None, second=0, microsecond=0))
 
 
+_parser_lock = threading.Lock()  # dateparser's parsers keep state; the service has threads
+
+
 @lru_cache(maxsize=4096)
 def _parse_cached(phrase: str, base: datetime) -> tuple[datetime, str] | None:
     parser = _relative_parser(base)
-    data = parser.get_date_data(phrase)
+    try:
+        with _parser_lock:
+            data = parser.get_date_data(phrase)
+    except Exception:  # a phrase the parser cannot take is no date (it never fails a search)
+        return None
     if data.date_obj is None:
         return None
     return data.date_obj, data.period or "day"
