@@ -24,13 +24,13 @@ What is read (everything else stays in the text):
            March, England). One country, region and city each.
 Not read, on purpose: a month or season without a year or last/this ("snow in winter",
 "a dog named July"): it names every one of them and the filter has no "any July"; holidays
-("4th of July"; "Christmas 2022" reads 2022 only). Seasons are the northern hemisphere's unless `tz` is a zone of
-the southern one. Day boundaries are midnights in `tz`.
+("4th of July"; "Christmas 2022" reads 2022 only). Seasons are the northern hemisphere's
+unless `tz` is a zone of the southern one. Day boundaries are midnights in `tz`.
 
 dateparser parses the phrases found (days, "N units ago"), restricted to English and run only
-on the few phrases the patterns here select (none on a text without a digit or a date word), so
-a query costs about 0.1 ms once warm; `warm_up()` loads the parsers, the place table and the word
-list up front (seconds) instead of on the first query.
+on the few phrases the patterns here select (none on a text without a digit or a date word),
+so a query costs about 0.1 ms once warm; `warm_up()` loads the parsers, the place table and
+the word list up front (seconds) instead of on the first query.
 """
 from __future__ import annotations
 
@@ -617,7 +617,8 @@ def _find_dates(text: str, clock: _Clock) -> list[_Read]:
             break
         cue = _date_cue(text, start)
         cues_needed = _NEEDS_CUE.get(handler.__name__)
-        if cues_needed is not None and (cue is None or cue.group(1).casefold() not in cues_needed):
+        if cues_needed is not None and (cue is None
+                                        or cue.group(1).casefold() not in cues_needed):
             continue
         tried += 1
         span = handler(clock, m)
@@ -724,7 +725,8 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             if ambiguous and not capitalised(i):
                 i += 1
                 continue
-            if not capitalised(i) and match.kind == "city" and match.weight < MIN_LOWERCASE_CITY_WEIGHT:
+            if not capitalised(i) and match.kind == "city" \
+                    and match.weight < MIN_LOWERCASE_CITY_WEIGHT:
                 i += 1
                 continue
         else:
@@ -834,8 +836,9 @@ def _places_before_comma(text, read, taken, fields, english) -> list[_Read]:
     for outer in list(read):
         if outer.field not in ("country", "region"):
             continue
-        head = re.search(r"((?:[^\W\d_][\w'’.-]*[ \t]+){0,3}[^\W\d_][\w'’.-]*)[ \t]*,[ \t]*$",
-                         text[max(0, outer.start - 80):outer.start])
+        head = re.search(
+            r"((?:[^\W\d_][\w'’.-]*[ \t]+){0,3}[^\W\d_][\w'’.-]*)[ \t]*,[ \t]*$",
+            text[max(0, outer.start - 80):outer.start])
         if head is None:
             continue
         offset = max(0, outer.start - 80) + head.start(1)
@@ -843,7 +846,8 @@ def _places_before_comma(text, read, taken, fields, english) -> list[_Read]:
         for k in range(len(words)):
             start, end = offset + words[k].start(), offset + words[-1].end()
             key = normalize_place_name(text[start:end])
-            inside = [m for m in names.get(key, ()) if m.kind != "country" and m.kind != outer.field
+            inside = [m for m in names.get(key, ())
+                      if m.kind != "country" and m.kind != outer.field
                       and (m.country if outer.field == "country" else m.region) == outer.value]
             if not inside or inside[0].kind in fields or any(
                     start < r.end and r.start < end for r in taken):
@@ -877,10 +881,12 @@ def _remaining(text: str, spans: list[_Read]) -> str:
     rest = re.sub(r"\s+([,;.!?])", r"\1", rest)
     rest = re.sub(r"([,;])(?:\s*[,;])+", r"\1", rest)
     words = rest.split()
-    while words and (words[-1].strip(",;:-–") == "" or words[-1].strip(",;:").casefold() in _DANGLING):
+    def dangling(word: str, allowed: frozenset[str]) -> bool:
+        return word.strip(",;:-–") == "" or word.strip(",;:").casefold() in allowed
+
+    while words and dangling(words[-1], _DANGLING):
         words.pop()
-    while words and (words[0].strip(",;:-–") == "" or words[0].strip(",;:").casefold()
-                     in _DANGLING - {"the"}):
+    while words and dangling(words[0], _DANGLING - {"the"}):  # "the beach" keeps its "the"
         words.pop(0)
     return " ".join(words).strip(" ,;:-–")
 
