@@ -161,7 +161,7 @@ class FaissIndex(VectorIndex):
             raise ValueError("not a valid part name")
         return str(part)
 
-    def write(self, version, keys, vectors, etags, part="0") -> int:
+    def write(self, version, keys, vectors, etags, part="0", info=None) -> int:
         vectors = check_rows(keys, vectors, etags)
         draft, _ = self._draft_meta(version)
         with atomic_file(draft / f"part-{self._part_name(part)}.npz") as f:
@@ -216,7 +216,8 @@ class FaissIndex(VectorIndex):
         shutil.rmtree(self._draft(version), ignore_errors=True)
 
     # --- built and published in one go (no parts on disk) --------------------------------------
-    def rebuild(self, model_id, keys, vectors, etags, extra=None, tuning_queries=None) -> dict:
+    def rebuild(self, model_id, keys, vectors, etags, extra=None, tuning_queries=None,
+                info=None) -> dict:
         """Ids follow the order given."""
         return self._build(model_id, keys, check_rows(keys, vectors, etags), etags, extra,
                            tuning_queries)
@@ -235,7 +236,7 @@ class FaissIndex(VectorIndex):
         return {"version": version, "count": len(keys)}
 
     def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
-               tuning_queries=None) -> dict | None:
+               tuning_queries=None, info=None) -> dict | None:
         """A new version: the current one minus `delete` and the keys given, plus the vectors
         given (new ids after the largest). None when there is no usable current version of
         this model (rebuild instead)."""

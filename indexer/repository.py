@@ -30,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from core.atomic import atomic_dir, write_atomic
 from core.hashing import sha256_file
+from indexer import photo_columns
 from indexer.index_policy import index_spec_of, ivf_or_none
+from indexer.photo_filter import active
 from indexer.vector_index import IndexLoadError, check_readback, empty_result, new_version_name
 
 __all__ = ["IndexLoadError", "IndexRepository", "IndexVersion", "VERSION_NAME"]
@@ -119,13 +121,24 @@ class IndexVersion:
         ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
         return self.index.reconstruct_batch(ids)  # one call, not one per key
 
-    def search(self, queries: np.ndarray, k: int, readback: int | None = None):
+    def info(self, keys: list[str]) -> list[dict | None]:
+        return [None] * len(keys)
+
+    def info_counts(self) -> dict[str, int]:
+        return photo_columns.info_counts([])
+
+    def facets(self, limit: int = 20) -> dict[str, list[list]]:
+        return photo_columns.facets([], limit)
+
+    def search(self, queries: np.ndarray, k: int, readback: int | None = None, where=None):
         """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count); readback: also
         component number `readback` of each hit's stored vector, per row (what Scoring reads
         the cosine back from; every backend returns the same)."""
         if readback is not None:
             readback = check_readback(readback, self.dim)
         k = min(k, self.count)
+        if active(where) is not None:  # no metadata stored yet: a filter matches nothing
+            k = 0
         if k <= 0:
             return empty_result(len(queries), readback)
         scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
