@@ -220,17 +220,22 @@ class PhotoInfoOut(BaseModel):
     taken_at_source: str | None = Field(None, description="exif | exif-no-offset | modified")
 
 
+# [value, how many photos have it] (a pair: the schema says list, OpenAPI tuples are not
+# understood everywhere)
+FacetValue = Annotated[list[str | int], Field(min_length=2, max_length=2)]
+
+
 class FacetsOut(BaseModel):
     """The most common values of each field, with how many photos hold them, most first."""
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
         "folder": [["photos/2023/beach", 412], ["photos/2024/Snow", 97]],
         "country": [["Portugal", 380], ["Norway", 97]], "city": [["Lisbon", 201]],
         "camera": [["iPhone 12", 455]], "year": [[2023, 412], [2024, 97]]}]})
-    folder: list[tuple[str, int]] = []
-    country: list[tuple[str, int]] = []
-    city: list[tuple[str, int]] = []
-    camera: list[tuple[str, int]] = []
-    year: list[tuple[int, int]] = []
+    folder: list[FacetValue] = []
+    country: list[FacetValue] = []
+    city: list[FacetValue] = []
+    camera: list[FacetValue] = []
+    year: list[FacetValue] = []
 
 
 class EmbeddingOut(BaseModel):
@@ -338,7 +343,7 @@ def bodies(limits: RequestLimits, dim: int | None = None,
 
     for model, name in ((TextBody, "TextIn"), (SearchBody, "SearchIn"),
                         (BatchSearchBody, "BatchSearchIn"), (ImageEmbeddingBody, "ImageEmbeddingIn"),
-                        (FilterBody, "PhotoFilter")):
+                        (FilterBody, "PhotoFilterIn")):
         model.__name__ = model.__qualname__ = name  # schema names as before
     return Bodies(TextBody, SearchBody, BatchSearchBody, {
         "top_k": dict(ge=1, le=top_k, description=f"number of results (1..{top_k})"),
