@@ -249,6 +249,16 @@ def test_hints_become_filters_and_the_rest_is_encoded(client, hints):
     assert _keys(body) == _keys(alone)
 
 
+def test_the_real_parser_reads_dates_and_places(client):
+    body = _ok(client.post(S, json={"text": "snow in Norway in January 2024", "top_k": 30}))
+    assert body["encoded_text"] == "snow" and set(_keys(body)) == SNOW
+    assert {h["field"] for h in body["hints"]} == {"country", "taken"}
+    assert body["filters"]["taken_after"].startswith("2024-01-01")
+    named = _ok(client.post(S, json={"text": "a dog named July", "top_k": 30}))
+    assert named["hints"] == [] and named["encoded_text"] == "a dog named July"
+    assert named["total"] == len(PHOTOS)
+
+
 def test_parse_hints_false_encodes_the_whole_text(client, hints):
     for body in (_ok(client.post(S, json={"text": "snow in Norway 2024", "top_k": 30,
                                           "parse_hints": False})),
