@@ -16,6 +16,7 @@ model encoded and each hit's metadata in brief (`HitInfo`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, \
@@ -107,14 +108,55 @@ PARSE_HINTS_DOC = ("read dates and places written in the query (\"beach in July 
                    "`encoded_text` what the model encoded; false: the whole text is encoded")
 
 
+def _json_bool(value, info: ValidationInfo):
+    """From JSON a boolean must be true or false (not "yes", 1 or "true")."""
+    if not isinstance(value, bool) and value is not None and info.context \
+            and info.context.get("json"):
+        raise PydanticCustomError("bool_type", "Input should be true or false")
+    return value
+
+
+class PhotoFilterIn(PhotoFilter):
+    """PhotoFilter as clients send it, typed as its schema says: dates are ISO 8601 text (not
+    unix numbers), and from JSON numbers are JSON numbers and booleans JSON booleans."""
+
+    @field_validator("taken_after", "taken_before", mode="before")
+    @classmethod
+    def _iso_text(cls, value):
+        if value is not None and not isinstance(value, (str, datetime)):
+            raise PydanticCustomError("datetime_type",
+                                      "Input should be an ISO 8601 date or date-time text")
+        return value
+
+    @field_validator("min_width", "min_height", mode="before")
+    @classmethod
+    def _numbers(cls, value, info: ValidationInfo):
+        return _json_number(value, info)
+
+    @field_validator("has_position", mode="before")
+    @classmethod
+    def _boolean(cls, value, info: ValidationInfo):
+        return _json_bool(value, info)
+
+    @field_validator("near", mode="before")
+    @classmethod
+    def _near_numbers(cls, value, info: ValidationInfo):
+        if isinstance(value, dict):
+            for part in ("lat", "lon", "km"):
+                if part in value:
+                    _json_number(value[part], info)
+        return value
+
+
 class FiltersIn(BaseModel):
     """The fields every search takes besides the query."""
     model_config = ConfigDict(extra="ignore")
-    filters: PhotoFilter | None = Field(None, description=FILTERS_DOC)
+    filters: PhotoFilterIn | None = Field(None, description=FILTERS_DOC)
 
 
 class TextFiltersIn(FiltersIn):
-    parse_hints: bool = Field(True, description=PARSE_HINTS_DOC)
+    parse_hints: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        True, description=PARSE_HINTS_DOC)
 
 
 class SearchIn(PageIn, TextIn, TextFiltersIn):
@@ -305,7 +347,7 @@ def bodies(limits: RequestLimits, dim: int | None = None,
     class TextBody(TextIn):
         text: str = text_field
 
-    class FilterBody(PhotoFilter):
+    class FilterBody(PhotoFilterIn):
         folders: list[Folder] | None = Field(
             None, max_length=limits.MAX_FILTER_FOLDERS,
             description=f"folders (key prefixes up to a '/'), any of them, subfolders "

@@ -99,7 +99,9 @@ def hit_info(stored: dict | None) -> dict | None:
         return None
     place = [stored.get("city") or stored.get("region"), stored.get("country")]
     make, model = stored.get("camera_make") or "", stored.get("camera_model") or ""
-    camera = model if make and model.casefold().startswith(make.casefold()) else \
+    # models often repeat the make ("Canon" / "Canon EOS R6", "NIKON CORPORATION" / "NIKON D750")
+    brand = make.split()[0].casefold() if make.split() else ""
+    camera = model if brand and model.casefold().startswith(brand) else \
         " ".join(p for p in (make, model) if p)
     return {"taken_at": iso_time(stored.get("taken_at")),
             "taken_at_source": stored.get("taken_at_source"),

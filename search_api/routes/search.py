@@ -13,10 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from core.settings import Settings
+from indexer.photo_filter import PhotoFilter
 from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep
 from search_api.errors import responses
 from search_api.images import FORMATS_DOC, ImageTooLarge
-from indexer.photo_filter import PhotoFilter
 from search_api.schemas import FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, EmbeddingOut, \
     SearchOut
 from search_api.search_service import Results
@@ -77,7 +77,7 @@ def _form_filters(model: type[PhotoFilter], raw: str | None) -> PhotoFilter | No
     if raw is None or not raw.strip():
         return None
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(raw, context={"json": True})
     except ValidationError as exc:
         raise RequestValidationError([
             {**e, "loc": ("body", "filters", *e.get("loc", ()))}
@@ -132,17 +132,17 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     async def search_images_by_text(request: Request, body: SearchBody):
         service = request.app.state.service
         given = body.image_embeddings
-        if given is not None:  # embeddings a client sent carry no metadata to filter on
-            if body.filters is not None and not body.filters.is_empty():
-                raise RequestValidationError([{
-                    "type": "filters_need_the_index", "loc": ("body", "filters"),
-                    "msg": "filters apply to the index's photos, not to given "
-                           "image_embeddings"}])
-            asked = TextQuery(body.text, body.text, PhotoFilter())
+        if given is not None:
+            # embeddings a client sent carry no metadata: like a version stored without it,
+            # they match no non-empty filter (hints are not read: nothing to apply them to)
+            filters = body.filters if body.filters is not None else PhotoFilter()
+            asked = TextQuery(body.text, body.text, filters)
             vec = await service.encoders.encode_texts([body.text])
             results = service.rank_given(vec[0], [e.filename for e in given],
                                          [e.embedding for e in given], body.top_k, body.offset,
                                          body.min_score, body.min_match)
+            if not filters.is_empty():
+                results = Results(None, 0, [])
             return _json(_out(request, body.text, service.model_id, results, urls=False,
                               asked=asked))
         service.ready()  # before encoding: 503 at once

@@ -71,11 +71,19 @@ async def get_facets(service: ServiceDep,
 async def get_image_info(key: str, service: ServiceDep):
     """The metadata stored with an indexed photo: when it was taken (and from where that date
     comes), camera, GPS position, place, size, orientation, bytes, content type, folder.
-    404 for a key the served index version does not hold. (Declared before /images/{key}:
+    404 for a key the served index version does not hold (or holds without metadata: an
+    index made before metadata existed). (Declared before /images/{key}:
     that route's path would take the "/info" too.)"""
+    try:
+        validate_key(key)
+    except InvalidKey:  # nothing can be stored (or indexed) there: the index is not asked
+        raise HTTPException(404, "no such image (invalid image key)") from None
+    if not is_image_key(key):
+        raise HTTPException(404, f"no indexed image {key[:200]!r} (not a photo's file name)")
     info = await service.photo_info(key)
     if info is None:
-        raise HTTPException(404, f"no indexed image {key[:200]!r}")
+        raise HTTPException(404, f"no metadata for {key[:200]!r}: not in the served index "
+                                 "version, or indexed without metadata")
     return _json({"key": key, **info})
 
 

@@ -199,13 +199,31 @@ def test_batch_filters_apply_to_every_query(client):
     assert [set(_keys(b)) for b in found] == [BEACH, BEACH]
 
 
-def test_given_embeddings_take_no_filters(client):
+def test_given_embeddings_match_no_filter(client):
+    """Embeddings a client sends carry no metadata: as a version stored without it, they
+    match no non-empty filter."""
     given = [{"filename": "a.jpg", "embedding": [1.0] * client.app.state.service.encoders.dim}]
-    r = client.post(S, json={"text": "x", "image_embeddings": given,
-                             "filters": {"country": "Norway"}})
-    assert ["filters"] in _error_locs(r)
-    ok = _ok(client.post(S, json={"text": "x", "image_embeddings": given, "filters": {}}))
-    assert ok["encoded_text"] == "x" and ok["results"][0]["info"] is None
+    body = _ok(client.post(S, json={"text": "x", "image_embeddings": given,
+                                    "filters": {"country": "Norway"}}))
+    assert (body["total"], body["results"], body["filters"]) == (0, [], {"country": "Norway"})
+    ok = _ok(client.post(S, json={"text": "in Norway", "image_embeddings": given,
+                                  "filters": {}}))
+    assert ok["encoded_text"] == "in Norway" and ok["hints"] == [] and ok["total"] == 1
+    assert ok["results"][0]["info"] is None
+
+
+@pytest.mark.parametrize("filters,field", [
+    ({"taken_before": -141501}, "taken_before"),
+    ({"min_width": "5"}, "min_width"),
+    ({"has_position": "true"}, "has_position"),
+    ({"has_position": 1}, "has_position"),
+    ({"near": {"lat": "38.7", "lon": -9.2, "km": 5}}, "near"),
+])
+def test_json_filters_are_typed_as_the_schema_says(client, filters, field):
+    locs = _error_locs(client.post(S, json={"text": "a photo", "filters": filters}))
+    assert any(loc[:2] == ["filters", field] for loc in locs), locs
+    r = client.post(S, json={"text": "a photo", "parse_hints": "no"})
+    assert r.status_code == 422 and "parse_hints" in r.text
 
 
 # --- query hints ------------------------------------------------------------------------------
@@ -338,7 +356,8 @@ def test_image_info_returns_the_stored_metadata(client):
     assert body["taken_at"] == "2024-01-12T12:00:00+00:00" and body["lat"] == 69.65
     assert body["folder"] == "2024/Snow" and body["content_type"] == "image/jpeg"
     for missing in ("/images/2024/Snow/nope.jpg/info", "/images/old/photo0.jpg/info",
-                    "/images/../../etc/passwd/info"):
+                    "/images/../../etc/passwd/info", "/images/2024/Snow/info",
+                    "/images/a%00b.jpg/info", "/images/" + "x/" * 500 + "y.jpg/info"):
         r = client.get(missing)
         assert r.status_code == 404 and "/tmp" not in r.text, r.text
     # the image route itself is not shadowed
@@ -397,3 +416,16 @@ def test_the_query_time_zone_is_a_setting():
         "Europe/Lisbon"
     with pytest.raises(ValueError):
         Settings(query_time_zone="Mars/Olympus", _env_file=None)
+
+
+def test_hit_info_names_the_camera_once():
+    from search_api.search_service import hit_info
+
+    def camera(make, model):
+        return hit_info({"camera_make": make, "camera_model": model})["camera"]
+
+    assert camera("NIKON CORPORATION", "NIKON D750") == "NIKON D750"
+    assert camera("Apple", "iPhone 12") == "Apple iPhone 12"
+    assert camera(None, "X100V") == "X100V" and camera("Canon", None) == "Canon"
+    assert hit_info({"taken_at": float("nan")})["taken_at"] is None
+    assert hit_info(None) is None and hit_info({}) is None
