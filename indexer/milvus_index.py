@@ -18,7 +18,10 @@ beyond the newest few.
 
 Fields: key VARCHAR (primary), etag VARCHAR, vector FLOAT_VECTOR (Scoring's index vectors as
 they are), tail FLOAT (the vector's last component, copied at write), metric IP: the score of a
-hit is the inner product FAISS reports for it. A search returns scores, keys and, when asked
+hit is the inner product FAISS reports for it. Beside them the photo's metadata as scalar fields
+with scalar indexes, and a PhotoFilter as a boolean expression of the search
+(indexer.milvus_photos). Collections made before those fields load and search as before; they
+hold no metadata (info() gives None, a filter matches nothing) until the next rebuild. A search returns scores, keys and, when asked
 (`readback`), each hit's tail: never vectors, which cost ~2.5 ms more per search at top 10 on
 this machine (BENCHMARKS.md §7).
 
@@ -43,10 +46,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from indexer import photo_columns
-from indexer.photo_filter import active
+from indexer import milvus_photos, photo_columns
+from indexer.photo_filter import PhotoFilter, active, unit_sphere
 from indexer.vector_index import (
     DraftGone,
+    FilterTooBroad,
     Indexed,
     IndexLoadError,
     IndexUnavailable,
@@ -74,6 +78,9 @@ INDEX_TYPES = {
     "FLAT": ({}, None),  # exact
 }
 NOT_FOUND_CODES = {100, 1600}  # collection not found, alias not found
+INFO_BATCH = 1000  # keys per metadata query
+FACETS_TTL_S = 60.0  # facets of a collection are counted again after this long
+NEAR_KEYS_MAX = 100_000  # keys an expression may name for `near` (servers without arithmetic)
 
 
 def _public(exc: BaseException) -> str:
@@ -132,22 +139,28 @@ class MilvusView:
         self.dim = dim
         self.count = count
 
-    def search(self, queries: np.ndarray, k: int, readback: int | None = None, where=None):
+    def search(self, queries: np.ndarray, k: int, readback: int | None = None,
+               where: PhotoFilter | None = None):
         """Top-k per query: (scores [Q, k'] padded with -inf, keys [[...]]) (+ per row, the
-        hits' stored component `readback`, as every backend gives it)."""
+        hits' stored component `readback`, as every backend gives it); `where`: the filter as
+        a boolean expression of the search (indexer.milvus_photos)."""
         if readback is not None:
             # the collection stores one component as a scalar field: the last, as `tail`
             if check_readback(readback, self.dim) != self.dim - 1:
                 raise ValueError("the Milvus backend reads back only the last component")
         k = min(k, self.count)
-        if active(where) is not None:  # no metadata stored yet: a filter matches nothing
-            k = 0
         queries = np.asarray(queries, np.float32)
+        where = active(where)
+        expression = ""
+        if where is not None:
+            expression = self.owner.filter_expression(self.collection, where)
+            if expression is None:  # stored without metadata: a filter matches nothing
+                k = 0
         if k <= 0:
             return empty_result(len(queries), readback)
         with self.owner.calls(searching=self.collection):
             rows = self.owner.client.search(
-                self.collection, data=queries.tolist(), limit=k,
+                self.collection, data=queries.tolist(), limit=k, filter=expression,
                 output_fields=["tail"] if readback is not None else [],
                 search_params=self.owner.search_params(k), consistency_level="Bounded",
                 timeout=self.owner.timeout_s)
@@ -163,13 +176,48 @@ class MilvusView:
                               for row in rows]
 
     def info(self, keys: list[str]) -> list[dict | None]:
-        return [None] * len(keys)
+        """Each key's stored metadata (one query per INFO_BATCH keys)."""
+        if not keys or not self.owner.has_photos(self.collection):
+            return [None] * len(keys)
+        found: dict[str, dict | None] = {}
+        wanted = list(dict.fromkeys(keys))
+        for s in range(0, len(wanted), INFO_BATCH):
+            with self.owner.calls(searching=self.collection):
+                rows = self.owner.client.query(
+                    self.collection, filter=_in(wanted[s:s + INFO_BATCH]),
+                    output_fields=["key", *milvus_photos.READ_FIELDS],
+                    consistency_level="Bounded", timeout=self.owner.timeout_s)
+            for r in rows:
+                found[r["key"]] = photo_columns.public_info(
+                    milvus_photos.from_fields(r, r["key"]))
+        return [found.get(k) for k in keys]
 
     def info_counts(self) -> dict[str, int]:
-        return photo_columns.info_counts([])
+        """Three counts on the server."""
+        if not self.owner.has_photos(self.collection):
+            return photo_columns.info_counts([])
+        known = milvus_photos.KNOWN_FLOAT_ABOVE
+        filters = {
+            "with_date": f"has_info == true and taken_at > {known} and taken_at_source != "
+                         f"{json.dumps(photo_columns.DATE_NOT_READ)}",
+            "with_position": f"has_info == true and lat > {known} and lon > {known}",
+            "with_place": "has_info == true and (city != \"\" or region != \"\" or "
+                          "country != \"\" or country_code != \"\")"}
+        out = {}
+        for name, expression in filters.items():
+            with self.owner.calls(searching=self.collection):
+                rows = self.owner.client.query(self.collection, filter=expression,
+                                               output_fields=["count(*)"],
+                                               consistency_level="Bounded",
+                                               timeout=self.owner.timeout_s)
+            out[name] = int(rows[0]["count(*)"])
+        return out
 
     def facets(self, limit: int = 20) -> dict[str, list[list]]:
-        return photo_columns.facets([], limit)
+        """Counted here over the rows' facet fields, read page by page (kept FACETS_TTL_S)."""
+        if not self.owner.has_photos(self.collection):
+            return photo_columns.facets([], limit)
+        return self.owner.facets(self.collection, limit)
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
         """The vectors held for these keys (one query; for checks, not the search path)."""
@@ -203,6 +251,9 @@ class MilvusIndex(VectorIndex):
         self._client = None
         self._client_lock = threading.Lock()
         self._loaded: set[str] = set()  # collections seen loaded by this client
+        self._photos: dict[str, bool] = {}  # collection -> has the metadata fields
+        self._arithmetic: bool | None = None  # the server evaluates arithmetic over fields
+        self._facets: dict[str, tuple[float, dict]] = {}  # collection -> when, ranked facets
 
     @classmethod
     def from_settings(cls, s) -> "MilvusIndex":
@@ -314,6 +365,94 @@ class MilvusIndex(VectorIndex):
         if knob == "nprobe":
             return {"metric_type": "IP", "params": {"nprobe": self.nprobe}}
         return {"metric_type": "IP", "params": {}}
+
+    # --- the photos' metadata ---------------------------------------------------------------
+    def has_photos(self, collection: str) -> bool:
+        """Whether the collection has the metadata fields (made since they exist)."""
+        if collection not in self._photos:
+            with self.calls():
+                info = self.client.describe_collection(collection, timeout=self.timeout_s)
+            self._photos[collection] = "has_info" in {f["name"] for f in info["fields"]}
+        return self._photos[collection]
+
+    def _evaluates_arithmetic(self, collection: str) -> bool:
+        """Whether the server takes `a * x + b * y >= c` over fields (milvus-lite and 2.4+ do;
+        2.3 parses it and refuses to run it). Asked once per client."""
+        if self._arithmetic is None:
+            from pymilvus.exceptions import MilvusException
+
+            self._ensure_loaded(collection)
+            try:
+                with self.calls():
+                    self.client.query(collection, limit=1, output_fields=["key"],
+                                      filter="near_x * 1.0 + near_y * 0.5 >= 2.0",
+                                      timeout=self.timeout_s)
+                self._arithmetic = True
+            except MilvusException:
+                self._arithmetic = False
+        return self._arithmetic
+
+    def filter_expression(self, collection: str, where: PhotoFilter) -> str | None:
+        """The filter as this server can evaluate it inside a search (None: the collection
+        has no metadata). `near` without arithmetic on the server: the keys inside the
+        circle, read from the rows in its bounding box (FilterTooBroad past NEAR_KEYS_MAX)."""
+        if not self.has_photos(collection):
+            return None
+        near = None
+        if where.near is not None and not self._evaluates_arithmetic(collection):
+            near = self._near_keys(collection, where)
+        return milvus_photos.expression(where, near)
+
+    def _near_keys(self, collection: str, where: PhotoFilter) -> str:
+        box = milvus_photos.near_box(where.near)
+        a, b, c = where.near.unit_vector()
+        inside, outside = [], []
+        for rows in self._scan(collection, f"has_info == true and {box}", ["lat", "lon"]):
+            lat = np.asarray([r["lat"] for r in rows])
+            lon = np.asarray([r["lon"] for r in rows])
+            x, y, z = unit_sphere(lat, lon)
+            within = x * a + y * b + z * c >= where.near.min_cosine()
+            for r, w in zip(rows, within):
+                (inside if w else outside).append(r["key"])
+            if min(len(inside), len(outside)) > NEAR_KEYS_MAX:
+                raise FilterTooBroad("near: too many photos around that point for this Milvus "
+                                     "server; choose a smaller radius")
+        if len(inside) <= len(outside):
+            return f"({_in(inside)})" if inside else "(key in [])"
+        return f"({box} and not ({_in(outside)}))" if outside else box
+
+    def _scan(self, collection: str, expression: str, fields: list[str]):
+        """The rows matching `expression`, page by page in key order (as keys_page reads)."""
+        self._ensure_loaded(collection)
+        last = None
+        while True:
+            page = expression if last is None else \
+                f"({expression}) and key > {json.dumps(last, ensure_ascii=False)}"
+            with self.calls(searching=collection):
+                rows = self.client.query(collection, filter=page, limit=PAGE,
+                                         output_fields=["key", *fields],
+                                         consistency_level="Bounded", iterator="True",
+                                         reduce_stop_for_best="False",
+                                         timeout=self.timeout_s * 6)
+            if not rows:
+                return
+            rows.sort(key=lambda r: r["key"])
+            yield rows
+            if len(rows) < PAGE:
+                return
+            last = rows[-1]["key"]
+
+    def facets(self, collection: str, limit: int) -> dict[str, list[list]]:
+        fields = ["folder", "country", "country_code", "city", "camera_model", "camera_make",
+                  "taken_at", "has_info"]
+        cached = self._facets.get(collection)
+        if cached is None or time.monotonic() - cached[0] > FACETS_TTL_S:
+            rows = (milvus_photos.from_fields(r, r["key"]) for page in
+                    self._scan(collection, "has_info == true", fields) for r in page)
+            # every value, ranked: a smaller limit is a prefix of each list
+            cached = self._facets[collection] = (time.monotonic(),
+                                                 photo_columns.facets(rows, limit=2 ** 62))
+        return {name: ranked[:max(0, int(limit))] for name, ranked in cached[1].items()}
 
     # --- reading -----------------------------------------------------------------------------
     def view(self, model_id: str, version: str | None = None) -> MilvusView:
@@ -428,28 +567,53 @@ class MilvusIndex(VectorIndex):
         schema.add_field("etag", DataType.VARCHAR, max_length=ETAG_MAX)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(dim))
         schema.add_field("tail", DataType.FLOAT)  # vector[-1]: searches return it, not vectors
+        milvus_photos.add_fields(schema)
         params, _ = INDEX_TYPES[self.index_type]
         if params is None:
             params = {"nlist": self.nlist}
-        index_params = MilvusClient.prepare_index_params()
-        index_params.add_index("vector", index_type=self.index_type, metric_type="IP",
-                               params=params)
-        with self.calls():
-            # the model id also as a property: milvus-lite keeps no collection description
-            self.client.create_collection(name, schema=schema, index_params=index_params,
-                                          consistency_level="Bounded",
-                                          properties={"model_id": model_id},
-                                          timeout=self.timeout_s * 6)
-        log.info("created collection %s (%s, dim %d)", name, self.index_type, dim)
+        from pymilvus.exceptions import MilvusException
+
+        # scalar indexes as the server has them: INVERTED (milvus-lite, 2.4+), else Trie and
+        # STL_SORT (2.3); a server refusing both gets none (filters still work, scanning)
+        for family in ("inverted", "legacy", "none"):
+            index_params = MilvusClient.prepare_index_params()
+            index_params.add_index("vector", index_type=self.index_type, metric_type="IP",
+                                   params=params)
+            milvus_photos.add_indexes(index_params, family)
+            try:
+                with self.calls():
+                    # the model id also as a property: milvus-lite keeps no collection
+                    # description
+                    self.client.create_collection(name, schema=schema,
+                                                  index_params=index_params,
+                                                  consistency_level="Bounded",
+                                                  properties={"model_id": model_id},
+                                                  timeout=self.timeout_s * 6)
+                break
+            except MilvusException as exc:
+                if family == "none" or "index" not in str(exc.message).lower():
+                    raise
+                with self.calls():  # created before its indexes failed: start again
+                    if self.client.has_collection(name, timeout=self.timeout_s):
+                        self.client.drop_collection(name, timeout=self.timeout_s)
+        self._photos[name] = True
+        log.info("created collection %s (%s, dim %d, scalar indexes: %s)", name,
+                 self.index_type, dim, family)
         return name
 
     def write(self, version, keys, vectors, etags, part="0", info=None) -> int:
-        """Upsert rows by object key: writing the same rows again leaves the same collection."""
+        """Upsert rows by object key, with their metadata: writing the same rows again leaves
+        the same collection. A collection made before metadata existed takes none."""
         vectors = check_rows(keys, vectors, etags)
+        infos = photo_columns.check_infos(info, len(keys)) or [None] * len(keys)
+        photos = self.has_photos(version)
         for s in range(0, len(keys), WRITE_BATCH):
-            rows = [{"key": k, "etag": e, "vector": v, "tail": v[-1]}
-                    for k, e, v in zip(keys[s:s + WRITE_BATCH], etags[s:s + WRITE_BATCH],
-                                       vectors[s:s + WRITE_BATCH].tolist())]
+            rows = [{"key": k, "etag": e, "vector": v, "tail": v[-1],
+                     **(milvus_photos.to_fields(photo_columns.clean_info(i, k)) if photos
+                        else {})}
+                    for k, e, v, i in zip(keys[s:s + WRITE_BATCH], etags[s:s + WRITE_BATCH],
+                                          vectors[s:s + WRITE_BATCH].tolist(),
+                                          infos[s:s + WRITE_BATCH])]
             with self.calls():
                 self.client.upsert(version, rows, timeout=self.timeout_s * 6)
         return len(keys)
@@ -521,7 +685,7 @@ class MilvusIndex(VectorIndex):
         vectors = check_rows(keys, vectors, etags)
         gone = [k for k in dict.fromkeys(delete) if k not in set(keys)]
         if len(keys):
-            self.write(collection, keys, vectors, etags)
+            self.write(collection, keys, vectors, etags, info=info)
         if gone:
             self.remove(collection, gone)
         return {"version": collection, "count": self._count(collection),

@@ -4,8 +4,9 @@ backend applies before storing a row, and what `info_counts` and `facets` count.
     INFO_COLUMNS        column -> "float" | "int" | "str", in PHOTO_INFO_FIELDS order
                         (indexer.photo_info); a backend stores exactly these
     clean_info(info, key)   the row a backend stores: known columns only, values of the
-                        column's type (None for a value that is not one), `folder` from the
-                        key when the row has none; None for no metadata at all
+                        column's type (None for a value that is not one, and for an empty
+                        string but the top folder ""), `folder` from the key when the row has
+                        none; None for no metadata at all
     info_counts(rows)   {"with_date", "with_position", "with_place"}: a date read from the
                         photo (not the object's last-modified), a GPS position, a place name
     facets(rows, limit) {"folder" | "country" | "city" | "camera" | "year": [[value, count]]},
@@ -72,6 +73,9 @@ def clean_info(info: dict | None, key: str | None = None) -> dict | None:
     if not isinstance(info, dict):
         raise ValueError(f"photo metadata must be a dict or None, not {type(info).__name__}")
     row = {name: _value(kind, info.get(name)) for name, kind in INFO_COLUMNS.items()}
+    for name, kind in INFO_COLUMNS.items():
+        if kind == "str" and row[name] == "" and name != "folder":
+            row[name] = None  # an empty name is no name ("" is the top folder)
     if row["folder"] is None and key is not None:
         row["folder"] = folder_of(key)
     return row

@@ -26,20 +26,33 @@ Validation errors name the field (pydantic's `loc`): unknown fields, impossible 
 from __future__ import annotations
 
 import math
+import unicodedata
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, \
-    field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, \
+    ValidationInfo, field_validator
 
 EARTH_RADIUS_KM = 6371.0088  # the mean radius (IUGG)
 HALF_CIRCUMFERENCE_KM = math.pi * EARTH_RADIUS_KM  # no two points are farther apart
 MAX_FOLDERS = 100
 MAX_TEXT = 200  # a camera, place or folder name longer than this is no name
 
+
+
+def _printable(value: str) -> str:
+    """No control characters: no name or folder holds one, and index engines' expression
+    parsers refuse some of them."""
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 # a name compared ignoring case: surrounding blanks dropped, never empty
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT)]
-Folder = Annotated[str, StringConstraints(strip_whitespace=True, max_length=1024)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT),
+                 AfterValidator(_printable)]
+Folder = Annotated[str, StringConstraints(strip_whitespace=True, max_length=1024),
+                   AfterValidator(_printable)]
 
 
 class Near(BaseModel):

@@ -111,6 +111,12 @@ class IndexLoadError(RuntimeError):
     never where on disk (they are shown by /health)."""
 
 
+class FilterTooBroad(ValueError):
+    """A filter this backend cannot apply exactly within its limits (e.g. `near` around a
+    point with too many photos, on a Milvus server without arithmetic in expressions): the
+    client's to narrow (a 422), not a server fault."""
+
+
 class DraftGone(LookupError):
     """An unpublished version cannot be published: it was discarded, a newer version made it
     obsolete, or a part it must hold is missing. A retry cannot fix it."""

@@ -46,6 +46,8 @@ def test_an_empty_filter_restricts_nothing():
     ({"min_width": -1}, "min_width"),
     ({"orientation": "diagonal"}, "orientation"),
     ({"camera": "   "}, "camera"),
+    ({"city": "Oslo\x00"}, "city"),
+    ({"folders": ["a\nb"]}, "folders.0"),
     ({"city": "x" * 500}, "city"),
     ({"folders": ["a"] * 101}, "folders"),
     ({"folders": "2023"}, "folders"),
@@ -100,8 +102,9 @@ def test_matches(fields, yes, no):
 
 def test_clean_info_keeps_known_columns_of_their_types():
     row = clean_info({"width": "12", "lat": float("nan"), "city": 3, "colour": "red",
-                      "orientation": 1.5, "taken_at": True}, "a/b/c.jpg")
+                      "orientation": 1.5, "taken_at": True, "country": ""}, "a/b/c.jpg")
     assert row["width"] == 12 and row["lat"] is None and row["city"] is None
+    assert row["country"] is None
     assert row["orientation"] is None and row["taken_at"] is None and "colour" not in row
     assert row["folder"] == "a/b" and clean_info({}, "top.jpg")["folder"] == ""
     assert clean_info(None, "x.jpg") is None

@@ -86,6 +86,8 @@ FILTERS = [
     {"city": "PORTO"},
     {"near": {"lat": 38.75, "lon": -9.14, "km": 20}},
     {"near": {"lat": 40.0, "lon": -9.0, "km": 250}},
+    {"near": {"lat": 41.22, "lon": -8.40, "km": 20}},  # most of its box: the box less a few
+    {"near": {"lat": 64.01, "lon": -20.98, "km": 1.3}},  # little of its box: a few keys
     {"has_position": True},
     {"has_position": False},
     {"min_width": 3500},
@@ -296,3 +298,87 @@ def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, k
     assert view.passing(where).ids is not None
     truth, _ = exact_filtered(vectors, keys, [{}] * n, queries, where, k=50)
     assert view.search(queries, 50, where=where)[1] == truth
+
+
+# --- Milvus: the expression, servers without arithmetic, collections made before -----------
+def test_milvus_near_box_holds_the_circle():
+    """The bounding box a server without arithmetic reads `near` from holds every point of
+    the circle: across the antimeridian and around a pole too."""
+    from indexer.milvus_photos import near_box
+
+    rng = np.random.default_rng(3)
+    for lat, lon, km in ((10, 179.9, 50), (-10, -179.95, 30), (89.5, 0, 100), (-89, 20, 500),
+                         (45, 7, 3000), (0, 0, 1)):
+        where = PhotoFilter(near={"lat": lat, "lon": lon, "km": km})
+        box = near_box(where.near)
+        for _ in range(300):  # points on the circle's edge and inside it
+            bearing, dist = rng.uniform(0, 2 * np.pi), km * np.sqrt(rng.uniform(0, 0.999))
+            d, p1, l1 = dist / 6371.0088, np.radians(lat), np.radians(lon)
+            p2 = np.arcsin(np.sin(p1) * np.cos(d) + np.cos(p1) * np.sin(d) * np.cos(bearing))
+            l2 = l1 + np.arctan2(np.sin(bearing) * np.sin(d) * np.cos(p1),
+                                 np.cos(d) - np.sin(p1) * np.sin(p2))
+            plat, plon = np.degrees(p2), (np.degrees(l2) + 540) % 360 - 180
+            assert where.matches({"lat": plat, "lon": plon})
+            expr = box.replace("lat", repr(float(plat))).replace("lon", repr(float(plon)))
+            assert eval(expr.replace("(", "( ").replace("==", "=="), {}), (lat, lon, km)
+
+
+def test_milvus_without_arithmetic_names_the_keys_in_the_circle(tmp_path, library):
+    """milvus-lite evaluates the linear test; told it cannot, the backend takes the path of a
+    Milvus 2.3 server: the keys inside the circle, or the box less the keys outside it."""
+    from indexer.milvus_index import MilvusIndex
+    from indexer.vector_index import FilterTooBroad
+
+    keys, vectors, etags, infos = library
+    index = MilvusIndex(str(tmp_path / "lite.db"), prefix="t_near")
+    try:
+        index.rebuild(MODEL, keys, vectors, etags, info=infos)
+        index._arithmetic = False
+        view = index.view(MODEL)
+        queries = unit_vectors(5, DIM, seed=4)
+        for near in ({"lat": 38.75, "lon": -9.14, "km": 20}, {"lat": 40, "lon": -9, "km": 250},
+                     {"lat": 41.22, "lon": -8.40, "km": 20},
+                     {"lat": 64.01, "lon": -20.98, "km": 1.3}):
+            where = PhotoFilter(near=near)
+            truth, matching = exact_filtered(vectors, keys, infos, queries, where)
+            _, found = view.search(queries, K, where=where)
+            assert [len(r) for r in found] == [min(K, matching)] * 5
+            assert np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]) >= 0.95
+        import indexer.milvus_index as milvus_index
+
+        milvus_index.NEAR_KEYS_MAX, before = 2, milvus_index.NEAR_KEYS_MAX
+        try:
+            with pytest.raises(FilterTooBroad, match="smaller radius"):
+                view.search(queries, K, where=PhotoFilter(near={"lat": 64.01, "lon": -20.98,
+                                                                "km": 1.3}))
+        finally:
+            milvus_index.NEAR_KEYS_MAX = before
+    finally:
+        index.close()
+
+
+def test_milvus_collections_made_before_metadata_still_search(tmp_path, monkeypatch):
+    from indexer import milvus_photos
+    from indexer.milvus_index import MilvusIndex
+
+    index = MilvusIndex(str(tmp_path / "lite.db"), prefix="t_old")
+    try:
+        with monkeypatch.context() as m:  # a collection as they were made before
+            m.setattr(milvus_photos, "add_fields", lambda schema: None)
+            m.setattr(milvus_photos, "add_indexes", lambda params, family: None)
+            version = index.begin(MODEL, DIM)
+        index._photos.clear()
+        keys = [f"old/{i}.jpg" for i in range(30)]
+        index.write(version, keys, unit_vectors(30, DIM), ["e"] * 30,
+                    info=[{"city": "Oslo"}] * 30)  # no fields to take it: dropped
+        index.publish(version)
+        view = index.view(MODEL)
+        assert view.info(keys[:2]) == [None, None] and view.info_counts()["with_place"] == 0
+        assert view.facets()["folder"] == []
+        assert view.search(unit_vectors(2, DIM), 5, where=PhotoFilter(city="oslo"))[1] == \
+            [[], []]
+        assert [len(r) for r in view.search(unit_vectors(2, DIM), 5)[1]] == [5, 5]
+        index.update(MODEL, keys[:1], unit_vectors(1, DIM), ["e2"], info=[{"city": "Oslo"}])
+        assert index.indexed(MODEL).etags[keys[0]] == "e2"
+    finally:
+        index.close()
