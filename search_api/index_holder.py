@@ -28,7 +28,8 @@ from typing import Callable
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
-from indexer.vector_index import IndexLoadError, IndexUnavailable, VectorIndex
+from indexer.vector_index import FilterTooBroad, IndexLoadError, IndexUnavailable, \
+    VectorIndex
 from search_api.batching import Batcher
 from search_api.redaction import public_error
 
@@ -70,7 +71,8 @@ def search_view(view, vectors: np.ndarray, k: int, readback: int | None, where=N
 
 def remote_search_batch(jobs: list[tuple]) -> list[tuple]:
     """Batcher fn for remote searches: jobs (view, query vector, k, readback, where), one query
-    each; one call per (view, k, readback, filter). Not one call at the largest k: a client
+    each; one call per (view, k, readback, filter); a filter the index refuses
+    (FilterTooBroad) is the answer of its own jobs only. Not one call at the largest k: a client
     asking for a deep page (k up to MAX_OFFSET + MAX_TOP_K) would make every neighbour's search
     that deep."""
     out: list = [None] * len(jobs)
@@ -79,7 +81,12 @@ def remote_search_batch(jobs: list[tuple]) -> list[tuple]:
         groups.setdefault((id(view), k, readback, filter_key(where)), []).append(i)
     for (_, k, readback, _), rows in groups.items():
         view, where = jobs[rows[0]][0], jobs[rows[0]][4]
-        found = search_view(view, np.stack([jobs[i][1] for i in rows]), k, readback, where)
+        try:
+            found = search_view(view, np.stack([jobs[i][1] for i in rows]), k, readback, where)
+        except FilterTooBroad as exc:  # this filter's requests fail, not their neighbours
+            for i in rows:
+                out[i] = exc
+            continue
         for r, i in enumerate(rows):
             out[i] = tuple(part[r] for part in found)
     return out
@@ -152,8 +159,12 @@ class IndexHolder:
             where = None
         try:
             if self._remote_searches is not None:
-                found = join_rows(await self._remote_searches(
-                    [(view, v, k, readback, where) for v in vectors]))
+                rows = await self._remote_searches(
+                    [(view, v, k, readback, where) for v in vectors])
+                for row in rows:
+                    if isinstance(row, FilterTooBroad):
+                        raise row
+                found = join_rows(rows)
             elif view.count > INLINE_SEARCH_MAX:
                 found = await run_in_threadpool(self._search_now, view, vectors, k, readback,
                                                 where)

@@ -78,6 +78,25 @@ def test_only_queries_with_the_same_filter_share_a_call(views):
             assert all(int(key.split("/")[1]) % 2 == 0 for key in got[1])
 
 
+def test_a_filter_the_index_refuses_fails_only_its_own_queries(views):
+    from indexer.photo_filter import Near, PhotoFilter
+    from indexer.vector_index import FilterTooBroad
+
+    a, _ = views
+
+    class Picky(ExactView):
+        def search(self, queries, k, readback=None, where=None):
+            if where is not None and where.near is not None:
+                raise FilterTooBroad("near: too many photos around that point")
+            return super().search(queries, k, readback, where)
+
+    picky = Picky(a.vectors, "a")
+    q = np.random.default_rng(5).standard_normal((2, 8)).astype(np.float32)
+    near = PhotoFilter(near=Near(lat=0, lon=0, km=10))
+    rows = remote_search_batch([(picky, q[0], 3, None, near), (picky, q[1], 3, None, None)])
+    assert isinstance(rows[0], FilterTooBroad) and rows[1][1] == picky.search(q[1:], 3)[1][0]
+
+
 def test_rows_join_back_into_search_shape(views):
     a, _ = views
     q = np.random.default_rng(2).standard_normal((3, 8)).astype(np.float32)
