@@ -1,11 +1,13 @@
 """Filters on every search route, the hints read from the query text, each hit's metadata,
 GET /images/{key}/info, GET /facets and the /health counts, on indexes the test makes with
-metadata: the NumPy test backend and FAISS (a flat index: exact, so a filtered page can be
-checked against the photos the filter matches)."""
+metadata: the NumPy test backend (also served as a remote index: searches batched), FAISS and a
+real Milvus standalone (small: searched exactly, so a filtered page can be checked against the
+photos the filter matches)."""
 from __future__ import annotations
 
 import io
 import json
+import uuid
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
@@ -64,21 +66,43 @@ BEACH = {k for k in PHOTOS if k.startswith("2023/beach/")}
 SNOW = {k for k in PHOTOS if k.startswith("2024/Snow/")}
 
 
-@pytest.fixture(scope="module", params=["numpy", "faiss"])
+class RemoteNumpyIndex(NumpyIndex):
+    """The NumPy backend served as a remote one: searches go through the service's batcher."""
+    remote = True
+
+
+def _index(kind: str, tmp, request):
+    if kind == "numpy":
+        return NumpyIndex(tmp / "index" / "numpy")
+    if kind == "numpy-remote":
+        return RemoteNumpyIndex(tmp / "index" / "numpy")
+    if kind == "faiss":
+        return FaissIndex(IndexRepository(tmp / "index"))
+    from indexer.milvus_index import MilvusIndex
+
+    server = request.getfixturevalue("milvus_server")
+    return MilvusIndex(server.uri, prefix=f"t_filters_{uuid.uuid4().hex[:8]}", timeout_s=5.0)
+
+
+@pytest.fixture(scope="module", params=["numpy", "numpy-remote", "faiss", "milvus"])
 def app(request, tmp_path_factory, encoder):
     tmp = tmp_path_factory.mktemp(f"filters-{request.param}")
     keys = list(PHOTOS)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(keys), encoder.dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    index = NumpyIndex(tmp / "index" / "numpy") if request.param == "numpy" else \
-        FaissIndex(IndexRepository(tmp / "index"))
+    index = _index(request.param, tmp, request)
     index.rebuild(encoder.model_id, keys, encoder.scoring.image_vectors(emb),
                   [f"etag{i}" for i in range(len(keys))], info=list(PHOTOS.values()))
-    settings = Settings(index_dir=str(tmp / "index"), reload_interval_s=0, _env_file=None)
+    settings = Settings(index_dir=str(tmp / "index"), reload_interval_s=0, milvus_refresh_s=60,
+                        _env_file=None)
     service = build_service(settings, encoder=encoder, index=index,
                             store=LocalStore(tmp / "store", "b"))
-    return create_app(settings, service)
+    yield create_app(settings, service)
+    if request.param == "milvus":
+        for name in index.versions():
+            index.client.drop_collection(name)
+        index.close()
 
 
 @pytest.fixture(scope="module")
