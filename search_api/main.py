@@ -3,11 +3,11 @@ backend publishes, the object store), then serves queries."""
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from core.settings import Settings, get_settings
 from search_api import errors, text_queries
@@ -70,18 +70,13 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     return service
 
 
-def warm_up_query_hints() -> threading.Thread:
-    """Load the query-hints parser's tables (seconds) in the background, so that neither the
-    start nor the first query waits for them."""
-    def run():
-        try:
-            text_queries.warm_up()
-        except Exception:  # the first query tries again (and answers the error)
-            log.exception("query hints: warm-up failed")
-
-    thread = threading.Thread(target=run, name="query-hints-warm-up", daemon=True)
-    thread.start()
-    return thread
+def warm_up_query_hints() -> None:
+    """Load the query-hints parser's tables (a few seconds, once per process) before serving,
+    so that no query waits for them."""
+    try:
+        text_queries.warm_up()
+    except Exception:  # the first query tries again (and answers the error)
+        log.exception("query hints: warm-up failed")
 
 
 def _openapi_security(app: FastAPI, settings: Settings) -> None:
@@ -117,7 +112,7 @@ def create_app(settings: Settings | None = None,
             app.state.service = build_service(settings)
         app.state.service.stages.sink = metrics.observe_stage
         app.state.service.start()
-        warm_up_query_hints()
+        await run_in_threadpool(warm_up_query_hints)
         yield
         app.state.service.stop()
 

@@ -8,8 +8,8 @@ and so are all hints when together with the request they would make an impossibl
 (after > before). A text made only of hints ("Norway", "2019") is encoded whole: the model
 still needs words to rank by.
 
-The parser's first use loads its tables (seconds): `warm_up()` does that at start-up, and
-the routes read queries in the thread pool, never on the event loop.
+The parser's first use loads its tables (seconds): the app's start calls `warm_up()` before
+serving, and the routes read queries in the thread pool, never on the event loop.
 """
 from __future__ import annotations
 
