@@ -116,9 +116,36 @@ def _json_bool(value, info: ValidationInfo):
     return value
 
 
+# an example of each filter field in the OpenAPI schema (together they still make one valid
+# filter: schema-driven clients and tests combine them)
+FILTER_FIELD_EXAMPLES = {
+    "folders": [["2023/beach", "2024/Snow"]],
+    "taken_after": ["2023-06-01T00:00:00Z", "2023-06-01T00:00:00+01:00"],
+    "taken_before": ["2023-09-01T00:00:00Z", "2023-09-01T00:00:00+01:00"],
+    "camera": ["iPhone 12", "Canon"],
+    "country": ["Portugal", "PT"],
+    "region": ["Lisbon"],
+    "city": ["Lisbon"],
+    "near": [{"lat": 38.72, "lon": -9.14, "km": 25}],
+    "has_position": [True],
+    "min_width": [1920],
+    "min_height": [1080],
+    "orientation": ["landscape"],
+}
+
+
+def _filter_schema(schema: dict) -> None:
+    """PhotoFilter's own examples, and one per field."""
+    schema["examples"] = PhotoFilter.model_config["json_schema_extra"]["examples"]
+    for name, examples in FILTER_FIELD_EXAMPLES.items():
+        if name in schema.get("properties", {}):
+            schema["properties"][name].setdefault("examples", examples)
+
+
 class PhotoFilterIn(PhotoFilter):
     """PhotoFilter as clients send it, typed as its schema says: dates are ISO 8601 text (not
     unix numbers), and from JSON numbers are JSON numbers and booleans JSON booleans."""
+    model_config = ConfigDict(json_schema_extra=_filter_schema)
 
     @field_validator("taken_after", "taken_before", mode="before")
     @classmethod

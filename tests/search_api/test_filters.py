@@ -428,6 +428,10 @@ def test_openapi_documents_the_filter_fields_with_examples(client):
                 "orientation"} == set(photo_filter["properties"])
         assert photo_filter["properties"]["folders"]["anyOf"][0]["maxItems"] == \
             RequestLimits.MAX_FILTER_FOLDERS
+        examples = {name: prop["examples"][0]
+                    for name, prop in photo_filter["properties"].items()}
+        assert set(examples) == set(photo_filter["properties"])  # one for every field
+        PhotoFilter.model_validate(examples)  # and together they make a valid filter
     upload = body_of(I)["properties"]["filters"]
     assert upload.get("examples") and "JSON" in upload["description"]
     out = components["SearchOut"]["properties"]
