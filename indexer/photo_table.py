@@ -152,10 +152,10 @@ class PhotoTable:
     def mask(self, where: PhotoFilter) -> np.ndarray:
         """Rows that pass the filter (PhotoFilter.matches, row for row)."""
         out = self.present.copy()  # a row without metadata passes no filter
-        if where.folders is not None:
-            folders = where.folders
-            out &= self._where_value("folder", lambda v: any(
-                not f or v == f or v.startswith(f + "/") for f in folders))
+        if where.folders is not None and all(where.folders):  # "" is every folder
+            wanted = set(where.folders)
+            out &= self._where_value("folder", lambda v: v in wanted or any(
+                a in wanted for a in _ancestors(v)))
         after, before = where.time_range()
         if after is not None or before is not None:
             taken = self.numbers("taken_at")
@@ -235,3 +235,11 @@ class PhotoTable:
         out["year"] = Counter({int(y): int(c) for y, c in zip(*np.unique(years,
                                                                          return_counts=True))})
         return {name: top(out[name], limit) for name in FACETS}
+
+
+def _ancestors(folder: str):
+    """"a/b/c" -> "a", "a/b" (the folders above it)."""
+    at = folder.find("/")
+    while at >= 0:
+        yield folder[:at]
+        at = folder.find("/", at + 1)

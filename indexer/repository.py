@@ -22,11 +22,15 @@ ids that pass, and the search runs over those ids only:
   - few ids (exact search over them costs no more than the IVF probe it replaces; at 1M vectors
     of dim 256 and k=10, up to ~20k ids, EXACT_MIN_ROWS at least): their stored vectors are
     gathered and scored exactly;
-  - otherwise FAISS searches with an IDSelectorBitmap in its SearchParameters (flat: an exact
-    scan that skips the rest; IVF: SearchParametersIVF, nprobe raised so that about
-    FILTER_CANDIDATES_PER_HIT * k passing vectors lie in the lists probed), and a query row
-    that still has fewer than k hits is searched again with 4x the lists, up to all of them.
-Either way a row holds k hits whenever k photos pass; never top-k then filter.
+  - otherwise FAISS searches with an IDSelectorBitmap in its SearchParameters: flat, an exact
+    scan that skips the rest; IVF, the lists probed are chosen for the filter: the lists
+    nearest the query that hold passing vectors (counted per list once per filter), as many
+    as hold FILTER_CANDIDATES_PER_HIT * k of them and at least the index's own nprobe, then
+    `search_preassigned` with the selector. Lists near the query without a passing photo are
+    skipped instead of probed for nothing: a filter of photos unlike the query (a folder of
+    another trip) still finds its best ones.
+Either way a row holds k hits whenever k photos pass (the lists probed hold at least k of
+them); never top-k then filter.
 """
 from __future__ import annotations
 
@@ -103,10 +107,11 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
 @dataclass
 class PassingIds:
     """The ids a filter lets through in one version: the ids when few (exact search), else a
-    bitmap over ids for FAISS's IDSelectorBitmap."""
+    bitmap over ids for FAISS's IDSelectorBitmap (and, IVF, how many pass in each list)."""
     count: int
     ids: np.ndarray | None
     bitmap: np.ndarray | None
+    list_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -188,24 +193,72 @@ class IndexVersion:
             hit = self._passing.get(key)
         if hit is not None:
             return hit
-        ids = self.ids[self.photos.mask(where)] if self.photos is not None else \
-            np.zeros(0, np.int64)
+        mask = self.photos.mask(where) if self.photos is not None else \
+            np.zeros(self.count, bool)
+        ids = self.ids[mask]
         if len(ids) <= self._exact_max_rows(len(ids)):
             out = PassingIds(len(ids), ids, None)
         else:
-            by_id = np.zeros(int(self.ids.max()) + 1, bool)
-            by_id[ids] = True
-            out = PassingIds(len(ids), None, np.packbits(by_id, bitorder="little"))
+            if self._ids_are_rows:
+                by_id = mask  # ids 0..n-1 in table order: the mask is the bitmap's bits
+            else:
+                by_id = np.zeros(int(self.ids.max()) + 1, bool)
+                by_id[ids] = True
+            counts = None
+            if ivf_or_none(self.index) is not None:
+                counts = np.bincount(self._list_of_id[ids], minlength=self._nlist)
+            out = PassingIds(len(ids), None, np.packbits(by_id, bitorder="little"), counts)
         with self._passing_lock:
             self._passing[key] = out
         return out
 
+    @cached_property
+    def _ids_are_rows(self) -> bool:
+        return bool(np.array_equal(self.ids, np.arange(len(self.ids))))
+
+    @cached_property
+    def _nlist(self) -> int:
+        return int(ivf_or_none(self.index).nlist)
+
+    @cached_property
+    def _list_of_id(self) -> np.ndarray:
+        """IVF: the list each id is in (by id)."""
+        ivf = ivf_or_none(self.index)
+        out = np.full(int(self.ids.max()) + 1 if len(self.ids) else 0, -1, np.int64)
+        for lst in range(ivf.nlist):
+            size = ivf.invlists.list_size(lst)
+            if size:
+                out[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
+        return out
+
     def _nprobe_for(self, passing: int, k: int) -> int:
-        """IVF lists to probe so that about FILTER_CANDIDATES_PER_HIT * k passing vectors lie
-        in them (never fewer than the version's own nprobe)."""
+        """About how many IVF lists hold FILTER_CANDIDATES_PER_HIT * k passing vectors, if
+        they were spread evenly (never fewer than the version's own nprobe): the cost model
+        of `_exact_max_rows`."""
         ivf = ivf_or_none(self.index)
         wanted = math.ceil(FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / max(1, passing))
         return int(min(ivf.nlist, max(ivf.nprobe, wanted)))
+
+    def _lists_for(self, queries: np.ndarray, k: int, passing: PassingIds):
+        """IVF, per query: the lists to probe (nearest first, padded with -1) and their
+        centroid scores: lists holding passing vectors, until they hold
+        FILTER_CANDIDATES_PER_HIT * k of them (all, when fewer pass), and at least nprobe."""
+        ivf = ivf_or_none(self.index)
+        centroid_scores, lists = ivf.quantizer.search(queries, ivf.nlist)  # every list, in order
+        counts = passing.list_counts[lists]
+        target = min(passing.count, FILTER_CANDIDATES_PER_HIT * k)
+        nonempty = counts > 0
+        reach = np.maximum((np.cumsum(counts, axis=1) < target).sum(axis=1) + 1,
+                           (np.cumsum(nonempty, axis=1) < min(ivf.nprobe, nonempty[0].sum()))
+                           .sum(axis=1) + 1)
+        chosen = nonempty & (np.arange(ivf.nlist)[None, :] < reach[:, None])
+        order = np.argsort(~chosen, axis=1, kind="stable")  # the chosen first, in order
+        width = int(chosen.sum(axis=1).max())
+        lists = np.take_along_axis(lists, order, 1)[:, :width]
+        centroid_scores = np.take_along_axis(centroid_scores, order, 1)[:, :width]
+        lists[np.arange(width)[None, :] >= chosen.sum(axis=1)[:, None]] = -1  # faiss skips -1
+        return np.ascontiguousarray(lists, np.int64), \
+            np.ascontiguousarray(centroid_scores, np.float32)
 
     def _exact_max_rows(self, passing: int, k: int = 10) -> int:
         """Up to how many passing ids an exact search over them is chosen: while it costs no
@@ -233,17 +286,14 @@ class IndexVersion:
         ivf = ivf_or_none(self.index)
         if ivf is None:  # flat: an exact scan that skips the ids not passing
             return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
-        nprobe = self._nprobe_for(passing.count, k)
-        scores, ids = self.index.search(
-            queries, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
-        short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
-        while len(short) and nprobe < ivf.nlist:  # too few passing in the lists probed
-            nprobe = min(int(ivf.nlist), nprobe * 4)
-            again = self.index.search(
-                np.ascontiguousarray(queries[short]), k,
-                params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
-            scores[short], ids[short] = again
-            short = short[(again[1] >= 0).sum(axis=1) < k]
+        lists, centroid_scores = self._lists_for(queries, k, passing)
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=lists.shape[1])
+        scores = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        # the C++ call: faiss's Python wrapper of search_preassigned takes no parameters
+        ivf.search_preassigned_c(len(queries), faiss.swig_ptr(queries), k,
+                                 faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
+                                 faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
         return scores, ids
 
     def search(self, queries: np.ndarray, k: int, readback: int | None = None,

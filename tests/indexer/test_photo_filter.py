@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from pydantic import ValidationError
 
-from indexer.photo_columns import clean_info, facets, info_counts
+from indexer.photo_columns import INFO_COLUMNS, clean_info, facets, info_counts
 from indexer.photo_filter import PhotoFilter, active
 
 LISBON = {"lat": 38.7223, "lon": -9.1393}
@@ -125,3 +125,8 @@ def test_counts_and_facets():
     assert got["country"] == [["PT", 1], ["Portugal", 1]]
     assert got["camera"] == [["Fujifilm", 1], ["X100", 1]]
     assert facets(rows, limit=1)["folder"] == [["2023", 2]]
+
+
+def test_the_stored_columns_are_the_photo_info_fields():
+    photo_info = pytest.importorskip("indexer.photo_info")
+    assert tuple(INFO_COLUMNS) == tuple(photo_info.PHOTO_INFO_FIELDS)
