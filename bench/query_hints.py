@@ -11,6 +11,11 @@ where nothing was read. Then the time per query, warm (every query, `--rounds` t
 phrases dateparser already parsed come from its cache, as in a running service), the first
 read of each query with the cache emptied, and a hostile text of MAX_QUERY_CHARS characters
 full of years, months and place cues.
+
+`--captions FILE` (default: Flickr8k.token.txt in FLICKR8K_SOURCE, when there) also reads every
+caption of a Flickr8k-style captions file: sentences people wrote about photos, with no hints
+meant, so every read is listed for a person to judge (a place the caption names is right, a dog
+breed read as a town is not).
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ def evaluate(cases_path: Path = CASES) -> dict:
                                                  right_total + len(right),
                                                  listed_total + len(listed))
         outcomes.append({"query": case["query"], "listed": listed, "read": read,
+                         "held_out": case.get("held_out"),
                          "text": got.text, "expected_text": case.get("text"),
                          "ok": read == listed and case.get("text", got.text) == got.text})
     negatives = [o for o in outcomes if not o["listed"]]
@@ -78,7 +84,18 @@ def evaluate(cases_path: Path = CASES) -> dict:
         "text_cases": len(with_text),
         "text_right": sum(1 for o in with_text if o["text"] == o["expected_text"]),
         "outcomes": outcomes,
+        "held_out": {batch: _scores([o for o in outcomes if o["held_out"] == batch])
+                     for batch in sorted({o["held_out"] for o in outcomes if o["held_out"]})},
     }
+
+
+def _scores(outcomes: list[dict]) -> dict:
+    read = sum(len(o["read"]) for o in outcomes)
+    listed = sum(len(o["listed"]) for o in outcomes)
+    right = sum(len(o["read"] & o["listed"]) for o in outcomes)
+    return {"cases": len(outcomes), "precision": right / read if read else 1.0,
+            "recall": right / listed if listed else 1.0, "right": right, "read": read,
+            "listed": listed}
 
 
 def _hostile_text(limit: int) -> str:
@@ -86,10 +103,21 @@ def _hostile_text(limit: int) -> str:
     return (unit * (limit // len(unit) + 1))[:limit]
 
 
+def _default_captions() -> Path | None:
+    try:
+        from core.settings import get_settings
+
+        return Path(get_settings().flickr8k_source) / "Flickr8k.token.txt"
+    except Exception:  # no settings here: no captions read
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=Path, default=CASES)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="a captions file (image#n<TAB>caption per line)")
     args = parser.parse_args()
 
     from core.settings import RequestLimits
@@ -109,6 +137,10 @@ def main() -> int:
           f"{result['recall']:.3f} ({result['items_right']}/{result['items_listed']}); "
           f"must-not cases clean {result['negatives_clean']}/{result['negatives']}; "
           f"remaining text right {result['text_right']}/{result['text_cases']}")
+    for batch, score in result["held_out"].items():
+        print(f"  held-out batch {batch} ({score['cases']} cases), as the rules are now: "
+              f"precision {score['precision']:.3f} ({score['right']}/{score['read']}), "
+              f"recall {score['recall']:.3f} ({score['right']}/{score['listed']})")
 
     spec = json.loads(Path(args.cases).read_text(encoding="utf-8"))
     now = datetime.fromisoformat(spec["now"])
@@ -133,6 +165,18 @@ def main() -> int:
         t = time.perf_counter()
         query_hints.read_hints(hostile, now)
         hostile_ms.append((time.perf_counter() - t) * 1000)
+    captions = args.captions or _default_captions()
+    if captions is not None and captions.is_file():
+        texts = [line.split("\t", 1)[1].strip()
+                 for line in captions.read_text(encoding="utf-8").splitlines() if "\t" in line]
+        started = time.perf_counter()
+        reads = [(text, query_hints.read_hints(text, now).hints) for text in texts]
+        per_caption_ms = (time.perf_counter() - started) * 1000 / max(1, len(texts))
+        reads = [(text, hints) for text, hints in reads if hints]
+        print(f"captions {captions.name}: {len(texts)} read, something read from {len(reads)} "
+              f"({per_caption_ms:.3f} ms a caption); judge each:")
+        for text, hints in reads:
+            print(f"  {text!r}: " + "; ".join(f"{h.field}={h.value} <- {h.text!r}" for h in hints))
     warm.sort()
     print(f"time per query: warm mean {statistics.mean(warm):.3f} ms, p50 "
           f"{warm[len(warm) // 2]:.3f} ms, p99 {warm[int(len(warm) * 0.99)]:.3f} ms; "

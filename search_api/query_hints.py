@@ -9,31 +9,34 @@ What is read (everything else stays in the text):
   dates    a year ("2019", "in 2019"; 1900..this year, not a count: "2000 balloons"), a month of
            a year ("July 2023", "juli 2023"; month names also in de/fr/es/it/pt/nl), a day
            ("12 March 2021", "2021-03-12", "on March 3rd"), a season of a year or the last/this
-           one ("summer 2019", "last winter"), "last/this week|month|year|weekend|July",
+           one ("summer 2019"; "last winter": the latest one that is over, "this winter" the
+           latest one that has begun), "last/this week|month|year|weekend|July",
            "yesterday", "3 weeks ago", "the past 2 years", a decade after a cue ("in the 90s"),
            year ranges ("2015-2018", "between 2015 and 2018"), and since/after/before/until
            in front of any of them (one bound only).
   places   a country, region or city of core.places.place_names(), longest name first, read
-           only after a cue ("in", "near", "from", "over", "trip to" ...), capitalised at the
-           end of the query ("Eiffel tower Paris"), or with the region or country it lies in
-           ("Lisbon, Portugal", "Austin texas"); never a name that is also an ordinary English
-           word unless written with a capital ("in Nice", not "in nice weather"), never one
-           followed by a word it may qualify ("Jordan shoes", "Paris Hilton"), never a month
-           ("in March" is not March, England). One country, region and city each.
+           only after a cue ("in", "near", "from", "over", "trip to" ...), closing a query of
+           keywords ("Eiffel tower Paris"; in a sentence an unmarked name is a thing: "a black
+           Labrador"), or with the region or country it lies in ("Lisbon, Portugal", "Austin
+           texas"); never a name made of ordinary English words unless written with a capital
+           ("in Nice", not "in nice weather" or "at the rapids"), never one followed by a word
+           it may qualify ("Jordan shoes", "Paris Hilton"), never a month ("in March" is not
+           March, England). One country, region and city each.
 Not read, on purpose: a month or season without a year or last/this ("snow in winter",
 "a dog named July"): it names every one of them and the filter has no "any July"; holidays
-("4th of July", "Christmas"). Seasons are the northern hemisphere's unless `tz` is a zone of
-the southern one. Day boundaries are midnights in `tz`.
+("4th of July"; "Christmas 2022" reads 2022 only). Seasons are the northern hemisphere's
+unless `tz` is a zone of the southern one. Day boundaries are midnights in `tz`.
 
 dateparser parses the phrases found (days, "N units ago"), restricted to English and run only
-on the few phrases the patterns here select (none on a text without a digit or a date word), so
-a query costs about 0.1 ms once warm; `warm_up()` loads the parsers, the place table and the word
-list up front (seconds) instead of on the first query.
+on the few phrases the patterns here select (none on a text without a digit or a date word),
+so a query costs about 0.1 ms once warm; `warm_up()` loads the parsers, the place table and
+the word list up front (seconds) instead of on the first query.
 """
 from __future__ import annotations
 
 import calendar
 import re
+import threading
 from dataclasses import dataclass, field as dataclass_field
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -102,14 +105,27 @@ here inside outside along""".split())
 DATE_CUES = {"in": "in", "during": "in", "from": "in", "of": "in", "on": "in", "around": "in",
              "circa": "in", "ca": "in", "since": "since", "after": "after", "before": "before",
              "until": "until", "till": "until", "up to": "until"}
+# ("outside" is no cue: "at an outside cafe")
 PLACE_CUES = frozenset({"in", "at", "near", "from", "around", "across", "through", "visiting",
-                        "inside", "outside", "throughout", "within", "over"})
+                        "throughout", "within", "over"})
 # "to" is a place cue only after a word of going somewhere ("trip to Lisbon", not "next to")
 MOTION_BEFORE_TO = frozenset({"trip", "travel", "travelled", "traveled", "travelling",
                               "traveling", "going", "went", "go", "flight", "flew", "drive",
                               "drove", "road", "journey", "holiday", "holidays", "vacation",
                               "visit", "moved", "move", "moving", "welcome", "back", "way",
                               "tour", "cruise", "ride", "excursion", "honeymoon"})
+# "at" after these is where one looks, not where one is ("looking at Santa")
+LOOKING_BEFORE_AT = frozenset("""
+look looks looking looked stare stares staring stared smile smiles smiling smiled point points
+pointing pointed wave waves waving waved laugh laughs laughing laughed bark barks barking
+glance glances glancing gaze gazes gazing aim aims aiming yell yells yelling shout shouts
+shouting throw throws throwing grin grins grinning peek peeks peeking peer peers peering
+growl growls growling swing swings swinging lunge lunges lunging snap snaps snapping""".split())
+# names the filter cannot hold (a continent is no country, region or city)
+NOT_PLACES = frozenset({"asia", "europe", "africa", "america", "americas", "north america",
+                        "south america", "latin america", "central america", "antarctica",
+                        "oceania", "australasia", "middle east", "caribbean", "scandinavia",
+                        "eurasia", "arctic"})
 # a name right after these names something else ("a dog named Paris")
 NAMING_WORDS = frozenset({"named", "called", "nicknamed", "dubbed", "titled", "brand", "model"})
 # the word after a bare year that says it is a year, not a count ("2019 photos")
@@ -157,12 +173,21 @@ def _place_names() -> dict:
 
 @lru_cache(maxsize=1)
 def _english_place_words() -> frozenset[str]:
-    """Place names that are also ordinary English words in lower case ("nice", "bath",
-    "china", "turkey", "jordan"): Webster's list from the english-words package."""
+    """Place names made only of ordinary English words in lower case, plurals and "the"
+    included ("nice", "bath", "china", "rapids", "rolling hills", "the entrance"): Webster's
+    list from the english-words package."""
     from english_words import get_english_words_set
 
     words = get_english_words_set(["web2"], lower=False, alpha=True)
-    return frozenset(name for name in _place_names() if name in words)
+
+    def english(word: str) -> bool:
+        if word in words or word in FUNCTION_WORDS:
+            return True
+        # a plural of a word, unless the list has it as a proper name ("Paris" is no "pari")
+        return word.endswith("s") and word.capitalize() not in words and (
+            word[:-1] in words or (word.endswith("es") and word[:-2] in words))
+
+    return frozenset(name for name in _place_names() if all(map(english, name.split())))
 
 
 @lru_cache(maxsize=1)
@@ -470,10 +495,17 @@ def _parse(clock: _Clock, phrase: str) -> tuple[datetime, str] | None:
     return _parse_cached(phrase, clock.now.replace(tzinfo=None, second=0, microsecond=0))
 
 
+_parser_lock = threading.Lock()  # dateparser's parsers keep state; the service has threads
+
+
 @lru_cache(maxsize=4096)
 def _parse_cached(phrase: str, base: datetime) -> tuple[datetime, str] | None:
     parser = _relative_parser(base)
-    data = parser.get_date_data(phrase)
+    try:
+        with _parser_lock:
+            data = parser.get_date_data(phrase)
+    except Exception:  # a phrase the parser cannot take is no date (it never fails a search)
+        return None
     if data.date_obj is None:
         return None
     return data.date_obj, data.period or "day"
@@ -585,7 +617,8 @@ def _find_dates(text: str, clock: _Clock) -> list[_Read]:
             break
         cue = _date_cue(text, start)
         cues_needed = _NEEDS_CUE.get(handler.__name__)
-        if cues_needed is not None and (cue is None or cue.group(1).casefold() not in cues_needed):
+        if cues_needed is not None and (cue is None
+                                        or cue.group(1).casefold() not in cues_needed):
             continue
         tried += 1
         span = handler(clock, m)
@@ -654,20 +687,23 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             if i + n >= len(words) or n >= MAX_PLACE_WORDS or gap(i + n - 1, i + n).strip():
                 break
             key, n = f"{key} {normalized[i + n]}", n + 1
-        if found is None or in_date(words[i].start()) or found[1] in _date_words():
+        if found is None or in_date(words[i].start()) or found[1] in _date_words() \
+                or found[1] in NOT_PLACES:
             i += 1
             continue
         n, key = found
         last = i + n - 1
         start, end = words[i].start(), words[last].end()
-        match = names[key][0]
+        match = _likeliest(names[key])
         # the word before: a cue ("in", "trip to", "in the"), a naming word, or a separator
         cue_at = None
         p = i - 1
         if p >= 0 and lowered[p] == "the" and not gap(p, i).strip():
             p -= 1
         if p >= 0 and not gap(p, p + 1).strip():
-            if lowered[p] in PLACE_CUES or (lowered[p] == "to" and p > 0 and lowered[p - 1] in MOTION_BEFORE_TO):
+            going_to = lowered[p] == "to" and p > 0 and lowered[p - 1] in MOTION_BEFORE_TO
+            looking_at = lowered[p] == "at" and p > 0 and lowered[p - 1] in LOOKING_BEFORE_AT
+            if (lowered[p] in PLACE_CUES and not looking_at) or going_to:
                 cue_at = p
         if i > 0 and lowered[i - 1] in NAMING_WORDS:
             i += 1
@@ -689,21 +725,26 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             if ambiguous and not capitalised(i):
                 i += 1
                 continue
-            if not capitalised(i) and match.kind == "city" and match.weight < MIN_LOWERCASE_CITY_WEIGHT:
+            if not capitalised(i) and match.kind == "city" \
+                    and match.weight < MIN_LOWERCASE_CITY_WEIGHT:
                 i += 1
                 continue
         else:
             before = gap(i - 1, i) if i > 0 else ""
             after_sep = last + 1 >= len(words) or bool(gap(last, last + 1).strip()) \
                 or in_date(words[last + 1].start())
+            # after a comma, or closing a query of keywords ("Eiffel tower Paris"): in a
+            # sentence an unmarked name is a thing ("a black Labrador", "a green Kawasaki")
+            keywords = not any(word in FUNCTION_WORDS for word in lowered)
             separated = i > 0 and ("," in before or (
-                not before.strip() and lowered[i - 1] not in FUNCTION_WORDS
-                and not capitalised(i - 1)))
-            plain_country = match.kind == "country" and not capitalised(i)
+                keywords and not before.strip() and not capitalised(i - 1)))
+            # in lower case: a country, or a name of several words that are not English
+            # ("beach portugal", "golden gate bridge san francisco")
+            plain_name = not capitalised(i) and (match.kind == "country" or n > 1)
             # a word that is also English only in a list after a comma ("Kyoto, Japan")
             listed = ambiguous and capitalised(i) and "," in before
             if (ambiguous and not listed) or not after_sep or not separated \
-                    or not (capitalised(i) or plain_country):
+                    or not (capitalised(i) or plain_name):
                 i += 1
                 continue
         field = match.kind
@@ -735,6 +776,18 @@ def _name_prefixes() -> frozenset[str]:
         for n in range(1, min(len(words), MAX_PLACE_WORDS) + 1):
             prefixes.add(" ".join(words[:n]))
     return frozenset(prefixes)
+
+
+def _likeliest(matches):
+    """What a name most likely means: a country if it names one, else the larger of its
+    region and its city ("Portland": the city in Oregon, not the parish in Jamaica)."""
+    if matches[0].kind == "country":
+        return matches[0]
+    region = next((m for m in matches if m.kind == "region"), None)
+    city = next((m for m in matches if m.kind == "city"), None)
+    if region is None or city is None:
+        return matches[0]
+    return region if region.weight >= city.weight else city
 
 
 def _place_value(match) -> str:
@@ -783,8 +836,9 @@ def _places_before_comma(text, read, taken, fields, english) -> list[_Read]:
     for outer in list(read):
         if outer.field not in ("country", "region"):
             continue
-        head = re.search(r"((?:[^\W\d_][\w'’.-]*[ \t]+){0,3}[^\W\d_][\w'’.-]*)[ \t]*,[ \t]*$",
-                         text[max(0, outer.start - 80):outer.start])
+        head = re.search(
+            r"((?:[^\W\d_][\w'’.-]*[ \t]+){0,3}[^\W\d_][\w'’.-]*)[ \t]*,[ \t]*$",
+            text[max(0, outer.start - 80):outer.start])
         if head is None:
             continue
         offset = max(0, outer.start - 80) + head.start(1)
@@ -792,7 +846,8 @@ def _places_before_comma(text, read, taken, fields, english) -> list[_Read]:
         for k in range(len(words)):
             start, end = offset + words[k].start(), offset + words[-1].end()
             key = normalize_place_name(text[start:end])
-            inside = [m for m in names.get(key, ()) if m.kind != "country" and m.kind != outer.field
+            inside = [m for m in names.get(key, ())
+                      if m.kind != "country" and m.kind != outer.field
                       and (m.country if outer.field == "country" else m.region) == outer.value]
             if not inside or inside[0].kind in fields or any(
                     start < r.end and r.start < end for r in taken):
@@ -826,10 +881,12 @@ def _remaining(text: str, spans: list[_Read]) -> str:
     rest = re.sub(r"\s+([,;.!?])", r"\1", rest)
     rest = re.sub(r"([,;])(?:\s*[,;])+", r"\1", rest)
     words = rest.split()
-    while words and (words[-1].strip(",;:-–") == "" or words[-1].strip(",;:").casefold() in _DANGLING):
+    def dangling(word: str, allowed: frozenset[str]) -> bool:
+        return word.strip(",;:-–") == "" or word.strip(",;:").casefold() in allowed
+
+    while words and dangling(words[-1], _DANGLING):
         words.pop()
-    while words and (words[0].strip(",;:-–") == "" or words[0].strip(",;:").casefold()
-                     in _DANGLING - {"the"}):
+    while words and dangling(words[0], _DANGLING - {"the"}):  # "the beach" keeps its "the"
         words.pop(0)
     return " ".join(words).strip(" ,;:-–")
 
