@@ -134,12 +134,29 @@ FILTER_FIELD_EXAMPLES = {
 }
 
 
+# what PhotoFilter accepts of a name or folder, said in the schema: no control characters
+# (Unicode category Cc), and a name is more than blanks
+NO_CONTROL = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+A_NAME = r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+
+
+def _string_branch(prop: dict) -> dict:
+    return next((b for b in prop.get("anyOf", [prop]) if b.get("type") in ("string", "array")),
+                prop)
+
+
 def _filter_schema(schema: dict) -> None:
-    """PhotoFilter's own examples, and one per field."""
+    """PhotoFilter's own examples, one per field, and the text its names may hold."""
     schema["examples"] = PhotoFilter.model_config["json_schema_extra"]["examples"]
+    props = schema.get("properties", {})
     for name, examples in FILTER_FIELD_EXAMPLES.items():
-        if name in schema.get("properties", {}):
-            schema["properties"][name].setdefault("examples", examples)
+        if name in props:
+            props[name].setdefault("examples", examples)
+    for name in ("camera", "country", "region", "city"):
+        if name in props:
+            _string_branch(props[name])["pattern"] = A_NAME
+    if "folders" in props:
+        _string_branch(props["folders"]).get("items", {})["pattern"] = NO_CONTROL
 
 
 class PhotoFilterIn(PhotoFilter):
