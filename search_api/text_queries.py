@@ -70,6 +70,8 @@ def _hint_out(hint) -> dict:
 
 def read_text_query(text: str, filters: PhotoFilter | None, parse_hints: bool, now: datetime,
                     tz: str) -> TextQuery:
+    """The text as searched: hints read (unless parse_hints is false) with the clock `now` in
+    zone `tz`, merged with the request's `filters`."""
     if not parse_hints:
         return TextQuery(text, text, filters or PhotoFilter())
     read = read_hints(text, now, tz)
