@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from encoder.preprocessing import BadImage
+from indexer.vector_index import FilterTooBroad
 from search_api.images import ImageTooLarge
 from search_api.index_holder import NoIndex
 from search_api.search_service import BadEmbeddings, NoMatchScale
@@ -74,6 +75,7 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
     (BadImage, 400, "not a usable image: "),
     (ImageTooLarge, 413, ""),
     (NoIndex, 503, ""),
+    (FilterTooBroad, 422, ""),
     (BadEmbeddings, 422, ""),
     (NoMatchScale, 422, ""),
     (ImageNotFound, 404, ""),

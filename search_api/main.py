@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from core.settings import Settings, get_settings
-from search_api import errors
+from search_api import errors, text_queries
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyGuardMiddleware, HeadAsGetMiddleware, \
     SecurityHeadersMiddleware
@@ -69,6 +70,15 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     return service
 
 
+def warm_up_query_hints() -> None:
+    """Load the query-hints parser's tables (a few seconds, once per process) before serving,
+    so that no query waits for them."""
+    try:
+        text_queries.warm_up()
+    except Exception:  # the first query tries again (and answers the error)
+        log.exception("query hints: warm-up failed")
+
+
 def _openapi_security(app: FastAPI, settings: Settings) -> None:
     """Without API_KEY nothing is guarded: do not advertise a key in the schema."""
     if settings.api_key:
@@ -102,6 +112,7 @@ def create_app(settings: Settings | None = None,
             app.state.service = build_service(settings)
         app.state.service.stages.sink = metrics.observe_stage
         app.state.service.start()
+        await run_in_threadpool(warm_up_query_hints)
         yield
         app.state.service.stop()
 

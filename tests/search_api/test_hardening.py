@@ -106,6 +106,36 @@ BAD_INPUTS = [
     ("batch-blank-item", "POST", B, _json({"queries": ["dog", "   "]}), 422),
     ("batch-not-a-list", "POST", B, _json({"queries": "dog"}), 422),
     ("batch-long-item", "POST", B, _json({"queries": ["dog", "y" * 5000]}), 422),
+    # --- filters ------------------------------------------------------------------------------
+    ("filters-not-an-object", "POST", S, _json({"query": "dog", "filters": ["Norway"]}), 422),
+    ("filters-unknown-field", "POST", S, _json({"query": "dog", "filters": {"album": "x"}}), 422),
+    ("filters-reversed-range", "POST", S, _json({"query": "dog", "filters": {
+        "taken_after": "2024-01-01", "taken_before": "2023-01-01"}}), 422),
+    ("filters-bad-date", "POST", S, _json({"query": "dog", "filters": {"taken_after": "July"}}),
+     422),
+    ("filters-unix-date", "POST", S, _json({"query": "dog", "filters": {"taken_after": 10**12}}),
+     422),
+    ("filters-year-0", "POST", S, _json({"query": "dog", "filters": {
+        "taken_after": "0000-01-01T00:00:00Z"}}), 422),
+    ("filters-near-NaN", "POST", S, _raw(b'{"query": "dog", "filters": {"near": '
+                                         b'{"lat": NaN, "lon": 0, "km": 1}}}'), 400),
+    ("filters-near-1e308-km", "POST", S, _json({"query": "dog", "filters": {
+        "near": {"lat": 0, "lon": 0, "km": 1e308}}}), 422),
+    ("filters-control-char-city", "POST", S, _json({"query": "dog", "filters": {
+        "city": "Lis\x00bon"}}), 422),
+    ("filters-10k-folders", "POST", S, _json({"query": "dog", "filters": {
+        "folders": ["f"] * 10_000}}), 422),
+    ("filters-deep-json", "POST", S, _raw(b'{"query": "dog", "filters": ' + b"[" * 100_000), 400),
+    ("filters-form-not-json", "POST", S, {"data": {"text": "dog", "filters": "{country"}}, 422),
+    ("filters-batch-bad", "POST", B, _json({"queries": ["dog"], "filters": {"min_width": -1}}),
+     422),
+    ("filters-upload-not-json", "POST", IMG, _upload(JPEG, filters="{"), 422),
+    ("filters-upload-unknown", "POST", IMG, _upload(JPEG, filters='{"colour": "red"}'), 422),
+    ("parse_hints-word", "POST", S, _json({"query": "dog", "parse_hints": "maybe"}), 422),
+    ("facets-limit-0", "GET", "/facets?limit=0", {}, 422),
+    ("facets-limit-huge", "GET", "/facets?limit=1000000", {}, 422),
+    ("info-dotdot", "GET", "/images/%2e%2e/%2e%2e/etc/passwd/info", {}, 404),
+    ("info-missing", "GET", "/images/flickr8k/images/missing.jpg/info", {}, 404),
     # --- image uploads ------------------------------------------------------------------------
     ("zero-byte-file", "POST", IMG, _upload(b""), 400),
     ("truncated-jpeg", "POST", IMG, _upload(JPEG[:300]), 400),
