@@ -243,9 +243,11 @@ function viewerUrl(key) {
 }
 
 let viewerKey = null;
-// whether the service knows photos' metadata (its /health counts them); an older one has no
-// /facets nor /images/{key}/info, and the page does not ask
+// whether the service knows photos' metadata (its /health counts them: an older one has no
+// /facets nor /images/{key}/info, and the page does not ask), and whether the version it
+// serves holds any (its facets offer something)
 let serviceHasMetadata = false;
+let indexHasMetadata = false;
 
 function openViewer(hit) {
   viewerKey = hit.key;
@@ -268,8 +270,10 @@ async function showStatus() {
   try {
     const h = await call("/health");
     const parts = [`${h.vector_count.toLocaleString()} images indexed`];
-    for (const [field, what] of [["with_date", "a date"], ["with_place", "a place"]]) {
-      if (typeof h[field] === "number") parts.push(`${h[field].toLocaleString()} with ${what}`);
+    if (h.with_date > 0) {
+      for (const [field, what] of [["with_date", "a date"], ["with_place", "a place"]]) {
+        if (typeof h[field] === "number") parts.push(`${h[field].toLocaleString()} with ${what}`);
+      }
     }
     if (h.status !== "ok") parts.push("service degraded: " + (h.store || "no index"));
     $("status").textContent = parts.join(" \u00b7 ");
@@ -395,7 +399,7 @@ function detailRows(key, info) {
 async function showDetails(key) {
   $("details").hidden = true;
   $("details-list").replaceChildren();
-  if (!serviceHasMetadata) return;
+  if (!indexHasMetadata) return;
   let body;
   try {
     body = await call(imageUrl(key) + "/info");
@@ -567,8 +571,8 @@ async function loadFacets() {
                             ["Cities", "city", cities]]);
   fillSelect($("f-folder"), [[null, null, folders]]);
   fillSelect($("f-camera"), [[null, null, cameras]]);
-  $("filter-box").hidden = ![years, countries, regions, cities, folders, cameras]
-    .some((l) => l.length);
+  indexHasMetadata = [years, countries, regions, cities, folders, cameras].some((l) => l.length);
+  $("filter-box").hidden = !indexHasMetadata;
   yearFromDates();
   // open where there is room, or when filters are set; on a phone it starts folded
   $("filter-box").open = !matchMedia("(max-width: 600px)").matches || !$("f-clear").hidden;
@@ -682,7 +686,7 @@ function showChips() {
 // The words of a removed chip go back to being words: the service reads no more hints and the
 // page sends the other chips' filters itself.
 function removeChip(i) {
-  if (busy || !current || current.kind !== "text") return;
+  if (!current || current.kind !== "text") return;
   current.chips.splice(i, 1);
   current.parseHints = false;
   showChips();
