@@ -10,8 +10,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (BaseSettings, DotEnvSettingsSource, EnvSettingsSource,
                                PydanticBaseSettingsSource, SettingsConfigDict)
 
@@ -57,6 +58,9 @@ class RequestLimits(BaseModel):
     MAX_FORM_FIELDS: ClassVar[int] = 100
     MAX_FORM_FILES: ClassVar[int] = 4
     MAX_THUMBNAIL_SIDE: ClassVar[int] = 1024  # GET /images/{key}?size=N
+    # a search's `filters.folders`: each folder is a prefix test over the whole index
+    MAX_FILTER_FOLDERS: ClassVar[int] = 20
+    MAX_FACET_VALUES: ClassVar[int] = 100  # GET /facets?limit=N, values per facet
     # multipart framing allowed around an upload of MAX_UPLOAD_BYTES (the whole-body cap)
     UPLOAD_BODY_SLACK: ClassVar[int] = 64 * 1024
 
@@ -191,6 +195,18 @@ class Settings(RequestLimits, BaseSettings):
     reload_interval_s: float = Field(10.0, ge=0)
     # seconds between attempts to reopen an object store that was down when the service started
     store_retry_s: float = Field(10.0, ge=0)
+    # the time zone query hints read dates in ("last summer", "July 2023"): an IANA name
+    query_time_zone: str = "UTC"
+
+    @field_validator("query_time_zone")
+    @classmethod
+    def known_time_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as Europe/Lisbon)") \
+                from None
+        return v
 
 
 @lru_cache

@@ -11,13 +11,20 @@ A version written in parts is a draft beside the versions, invisible to readers:
                                                   `base`: the version an update applies to
                                                   (none: a rebuild)
     versions/.draft-<version>/tuning.npy          the model's tuning queries (IVF nprobe)
-    versions/.draft-<version>/part-<part>.npz     a part's keys, etags and vectors (replaced
-                                                  whole when the part is written again)
+    versions/.draft-<version>/part-<part>.npz     a part's keys, etags, vectors and their
+                                                  metadata (a Parquet table as bytes; absent:
+                                                  none given), replaced whole when the part is
+                                                  written again
     versions/.draft-<version>/removed-<part>.json a part's deleted keys
 
 `publish` merges the parts (a key in several: the last part by name wins), orders them by key
 (the ids a single-process rebuild gives), builds the index and commits it under the draft's
 name: a rebuild as it is, an update applied to its base (which must still be published).
+
+The photos' metadata follows its rows: each version's `info.parquet` (indexer.repository) is
+assembled from the parts at publish, and an update keeps the rows it does not touch. A
+version is written with a table whenever any row of it has metadata; one without (made before,
+or by writers that gave none) stays without until an update brings some.
 """
 from __future__ import annotations
 
@@ -31,6 +38,8 @@ from typing import Iterable
 import numpy as np
 
 from core.atomic import atomic_dir, atomic_file, write_atomic
+from indexer.photo_columns import check_infos, clean_info
+from indexer.photo_table import PhotoTable
 from indexer.repository import VERSION_NAME, IndexRepository, IndexVersion
 from indexer.vector_index import (
     DraftGone,
@@ -161,12 +170,16 @@ class FaissIndex(VectorIndex):
             raise ValueError("not a valid part name")
         return str(part)
 
-    def write(self, version, keys, vectors, etags, part="0") -> int:
+    def write(self, version, keys, vectors, etags, part="0", info=None) -> int:
         vectors = check_rows(keys, vectors, etags)
+        photos = _photo_table(keys, info)
         draft, _ = self._draft_meta(version)
+        extra = {} if photos is None else \
+            {"info": np.frombuffer(photos.to_bytes(), dtype=np.uint8)}
         with atomic_file(draft / f"part-{self._part_name(part)}.npz") as f:
             np.savez(f, keys=np.asarray(keys, dtype=object).astype(str),
-                     etags=np.asarray(etags, dtype=object).astype(str), vectors=vectors)
+                     etags=np.asarray(etags, dtype=object).astype(str), vectors=vectors,
+                     **extra)
         return len(keys)
 
     def remove(self, version, keys, part="0") -> int:
@@ -183,21 +196,33 @@ class FaissIndex(VectorIndex):
             missing = [p for p in parts if not (draft / f"part-{p}.npz").is_file()]
             if missing:
                 raise DraftGone(f"part {missing[0]} of {len(parts)} is missing")
-        rows: dict[str, tuple[str, np.ndarray]] = {}
+        rows: dict[str, tuple[str, np.ndarray, int]] = {}  # key -> etag, vector, info row
+        tables: list[PhotoTable] = []  # each part's metadata, one after the other
+        with_info, first_row = False, 0
         for path in sorted(draft.glob("part-*.npz")):
             with np.load(path, allow_pickle=False) as z:
-                for k, e, v in zip(z["keys"].tolist(), z["etags"].tolist(), z["vectors"]):
-                    rows[k] = (e, v)
+                part_keys = z["keys"].tolist()
+                for n, (k, e, v) in enumerate(zip(part_keys, z["etags"].tolist(),
+                                                  z["vectors"])):
+                    rows[k] = (e, v, first_row + n)
+                if "info" in z:
+                    tables.append(PhotoTable.read(z["info"].tobytes(), rows=len(part_keys)))
+                    with_info = True
+                else:
+                    tables.append(PhotoTable.empty(len(part_keys)))
+                first_row += len(part_keys)
         removed = list(dict.fromkeys(k for path in sorted(draft.glob("removed-*.json"))
                                      for k in json.loads(path.read_text())))
         keys = sorted(rows)
         vectors = np.stack([rows[k][1] for k in keys]).astype(np.float32) if keys else \
             np.zeros((0, meta["dim"]), np.float32)
         etags = [rows[k][0] for k in keys]
+        photos = PhotoTable.concat(tables).take([rows[k][2] for k in keys]) if with_info \
+            else None
         tuning = np.load(draft / "tuning.npy") if (draft / "tuning.npy").is_file() else None
         if meta.get("base") is None:
             out = self._build(meta["model_id"], keys, vectors, etags, meta["extra"], tuning,
-                              version)
+                              version, photos)
         else:
             current = self._load()
             if current is None or current.version != meta["base"] or \
@@ -208,7 +233,7 @@ class FaissIndex(VectorIndex):
                 shutil.rmtree(draft, ignore_errors=True)
                 return {"version": current.version, "count": current.count, "changed": False}
             out = self._apply(current, keys, vectors, etags, removed, meta["extra"], tuning,
-                              version)
+                              version, photos)
         shutil.rmtree(draft, ignore_errors=True)
         return out
 
@@ -216,13 +241,14 @@ class FaissIndex(VectorIndex):
         shutil.rmtree(self._draft(version), ignore_errors=True)
 
     # --- built and published in one go (no parts on disk) --------------------------------------
-    def rebuild(self, model_id, keys, vectors, etags, extra=None, tuning_queries=None) -> dict:
+    def rebuild(self, model_id, keys, vectors, etags, extra=None, tuning_queries=None,
+                info=None) -> dict:
         """Ids follow the order given."""
         return self._build(model_id, keys, check_rows(keys, vectors, etags), etags, extra,
-                           tuning_queries)
+                           tuning_queries, photos=_photo_table(keys, info))
 
     def _build(self, model_id, keys, vectors, etags, extra, tuning_queries,
-               version: str | None = None) -> dict:
+               version: str | None = None, photos: PhotoTable | None = None) -> dict:
         from indexer.index_policy import build_index
 
         vectors = check_rows(keys, vectors, etags)
@@ -231,11 +257,11 @@ class FaissIndex(VectorIndex):
         index, params = build_index(vectors, ids, tuning_queries=tuning_queries)
         version = self.repo.commit_version(index, ids, list(keys), list(etags), model_id,
                                            extra={**(extra or {}), "index_params": params},
-                                           version=version)
+                                           version=version, photos=photos)
         return {"version": version, "count": len(keys)}
 
     def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
-               tuning_queries=None) -> dict | None:
+               tuning_queries=None, info=None) -> dict | None:
         """A new version: the current one minus `delete` and the keys given, plus the vectors
         given (new ids after the largest). None when there is no usable current version of
         this model (rebuild instead)."""
@@ -246,10 +272,12 @@ class FaissIndex(VectorIndex):
         if current is None or current.model_id != model_id:
             return None
         vectors = check_rows(keys, vectors, etags)
-        return self._apply(current, keys, vectors, etags, delete, extra, tuning_queries)
+        return self._apply(current, keys, vectors, etags, delete, extra, tuning_queries,
+                           photos=_photo_table(keys, info))
 
     def _apply(self, current: IndexVersion, keys, vectors, etags, delete, extra,
-               tuning_queries, version: str | None = None) -> dict:
+               tuning_queries, version: str | None = None,
+               photos: PhotoTable | None = None) -> dict:
         import faiss
 
         from indexer.index_policy import index_spec_of, needs_restructure, rebuild_structure
@@ -279,6 +307,21 @@ class FaissIndex(VectorIndex):
         else:
             extra["index_params"] = {**current.manifest.get("index_params", {}),
                                      **index_spec_of(index).to_dict()}
+        if photos is None and current.photos is None:
+            all_photos = None  # a version without metadata, and none given: it stays so
+        else:
+            all_photos = PhotoTable.concat([
+                current.photos.take(np.flatnonzero(keep)) if current.photos is not None
+                else PhotoTable.empty(int(keep.sum())),
+                photos if photos is not None else PhotoTable.empty(len(keys))])
         version = self.repo.commit_version(index, ids, all_keys, all_etags, current.model_id,
-                                           extra=extra, version=version)
+                                           extra=extra, version=version, photos=all_photos)
         return {"version": version, "count": len(ids), "changed": True, "removed": removed}
+
+
+def _photo_table(keys: list[str], info: list | None) -> PhotoTable | None:
+    """The metadata given with these rows as a table (None: none given)."""
+    info = check_infos(info, len(keys))
+    if info is None:
+        return None
+    return PhotoTable.from_rows([clean_info(i, k) for i, k in zip(info, keys)])

@@ -43,6 +43,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from indexer import photo_columns
+from indexer.photo_filter import active
 from indexer.vector_index import (
     DraftGone,
     Indexed,
@@ -130,7 +132,7 @@ class MilvusView:
         self.dim = dim
         self.count = count
 
-    def search(self, queries: np.ndarray, k: int, readback: int | None = None):
+    def search(self, queries: np.ndarray, k: int, readback: int | None = None, where=None):
         """Top-k per query: (scores [Q, k'] padded with -inf, keys [[...]]) (+ per row, the
         hits' stored component `readback`, as every backend gives it)."""
         if readback is not None:
@@ -138,6 +140,8 @@ class MilvusView:
             if check_readback(readback, self.dim) != self.dim - 1:
                 raise ValueError("the Milvus backend reads back only the last component")
         k = min(k, self.count)
+        if active(where) is not None:  # no metadata stored yet: a filter matches nothing
+            k = 0
         queries = np.asarray(queries, np.float32)
         if k <= 0:
             return empty_result(len(queries), readback)
@@ -157,6 +161,15 @@ class MilvusView:
             return scores, keys
         return scores, keys, [np.asarray([h["entity"]["tail"] for h in row], np.float32)
                               for row in rows]
+
+    def info(self, keys: list[str]) -> list[dict | None]:
+        return [None] * len(keys)
+
+    def info_counts(self) -> dict[str, int]:
+        return photo_columns.info_counts([])
+
+    def facets(self, limit: int = 20) -> dict[str, list[list]]:
+        return photo_columns.facets([], limit)
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
         """The vectors held for these keys (one query; for checks, not the search path)."""
@@ -430,7 +443,7 @@ class MilvusIndex(VectorIndex):
         log.info("created collection %s (%s, dim %d)", name, self.index_type, dim)
         return name
 
-    def write(self, version, keys, vectors, etags, part="0") -> int:
+    def write(self, version, keys, vectors, etags, part="0", info=None) -> int:
         """Upsert rows by object key: writing the same rows again leaves the same collection."""
         vectors = check_rows(keys, vectors, etags)
         for s in range(0, len(keys), WRITE_BATCH):
@@ -499,7 +512,7 @@ class MilvusIndex(VectorIndex):
             self.client.drop_collection(version, timeout=self.timeout_s)
 
     def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
-               tuning_queries=None) -> dict | None:
+               tuning_queries=None, info=None) -> dict | None:
         """Upsert and delete in the published collection (no new version). None when this model
         has none (rebuild instead)."""
         collection = self.published(model_id)

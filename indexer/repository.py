@@ -6,19 +6,36 @@ Layout under the index directory:
                                      IndexIDMap2(IndexFlatIP) while exact search is fast enough,
                                      IndexIVFFlat above that (index_policy; ids stay stable)
     versions/<version>/table.json    ids, object keys and content etags, in the same order
-    versions/<version>/manifest.json model id, dim, count, created, index type, checksums
+    versions/<version>/info.parquet  the photos' metadata, one row per vector in table order
+                                     (indexer.photo_table); versions made before it have none
+    versions/<version>/manifest.json model id, dim, count, created, index type, checksums (of
+                                     every file above)
     CURRENT                          the name of the published version
 
 A version is written under a temporary name and renamed into place, then CURRENT is replaced
 atomically (both fsync'd, core.atomic): readers see the old version or the new one, never a
 partial one. `IndexVersion` is a loaded, checked version: the FAISS backend's view.
+
+Filtered search (`IndexVersion.search(..., where=PhotoFilter)`): the filter is evaluated over
+the metadata table as one numpy mask (cached per filter, FILTER_CACHE_SIZE of them) giving the
+ids that pass, and the search runs over those ids only:
+  - few ids (exact search over them costs no more than the IVF probe it replaces; at 1M vectors
+    of dim 256 and k=10, up to ~20k ids, EXACT_MIN_ROWS at least): their stored vectors are
+    gathered and scored exactly;
+  - otherwise FAISS searches with an IDSelectorBitmap in its SearchParameters (flat: an exact
+    scan that skips the rest; IVF: SearchParametersIVF, nprobe raised so that about
+    FILTER_CANDIDATES_PER_HIT * k passing vectors lie in the lists probed), and a query row
+    that still has fewer than k hits is searched again with 4x the lists, up to all of them.
+Either way a row holds k hits whenever k photos pass; never top-k then filter.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -26,11 +43,15 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from core.atomic import atomic_dir, write_atomic
 from core.hashing import sha256_file
+from indexer import photo_columns
 from indexer.index_policy import index_spec_of, ivf_or_none
+from indexer.photo_filter import PhotoFilter, active
+from indexer.photo_table import PhotoTable
 from indexer.vector_index import IndexLoadError, check_readback, empty_result, new_version_name
 
 __all__ = ["IndexLoadError", "IndexRepository", "IndexVersion", "VERSION_NAME"]
@@ -42,6 +63,11 @@ VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _POINTER_MAX_BYTES = 256
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 REQUIRED_FILES = ("index.faiss", "table.json")
+INFO_FILE = "info.parquet"  # optional: versions made before metadata have none
+FILTER_CACHE_SIZE = 16  # filters whose passing ids a loaded version keeps (<= ~130 KB each)
+EXACT_MIN_ROWS = 2048  # this few passing ids are always searched exactly
+FILTER_CANDIDATES_PER_HIT = 40  # IVF: passing vectors in the probed lists per hit wanted
+GATHER_COST = 2.0  # scoring a gathered vector costs about this many scanned ones
 
 
 class Manifest(BaseModel):
@@ -75,6 +101,15 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
 
 
 @dataclass
+class PassingIds:
+    """The ids a filter lets through in one version: the ids when few (exact search), else a
+    bitmap over ids for FAISS's IDSelectorBitmap."""
+    count: int
+    ids: np.ndarray | None
+    bitmap: np.ndarray | None
+
+
+@dataclass
 class IndexVersion:
     version: str
     manifest: dict
@@ -82,10 +117,13 @@ class IndexVersion:
     ids: np.ndarray  # int64, aligned with keys
     keys: list[str]
     etags: list[str]
+    photos: PhotoTable | None = None  # metadata, aligned with keys; None: stored without
     _by_id: dict[int, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._by_id = {int(i): n for n, i in enumerate(self.ids)}
+        self._passing = LRUCache(FILTER_CACHE_SIZE)
+        self._passing_lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
@@ -119,17 +157,115 @@ class IndexVersion:
         ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
         return self.index.reconstruct_batch(ids)  # one call, not one per key
 
-    def search(self, queries: np.ndarray, k: int, readback: int | None = None):
-        """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count); readback: also
+    # --- the photos' metadata ---------------------------------------------------------------
+    @cached_property
+    def _position_of_key(self) -> dict[str, int]:
+        return {k: n for n, k in enumerate(self.keys)}
+
+    def info(self, keys: list[str]) -> list[dict | None]:
+        """Each key's stored metadata (None: not in this version, or none stored)."""
+        if self.photos is None:
+            return [None] * len(keys)
+        where = self._position_of_key
+        held = [where[k] for k in keys if k in where]
+        found = iter(self.photos.rows(held))
+        return [next(found) if k in where else None for k in keys]
+
+    def info_counts(self) -> dict[str, int]:
+        if self.photos is None:
+            return photo_columns.info_counts([])
+        return self.photos.info_counts()
+
+    def facets(self, limit: int = 20) -> dict[str, list[list]]:
+        if self.photos is None:
+            return photo_columns.facets([], limit)
+        return self.photos.facets(limit)
+
+    def passing(self, where: PhotoFilter) -> PassingIds:
+        """The ids this filter lets through (cached per filter)."""
+        key = where.model_dump_json()
+        with self._passing_lock:
+            hit = self._passing.get(key)
+        if hit is not None:
+            return hit
+        ids = self.ids[self.photos.mask(where)] if self.photos is not None else \
+            np.zeros(0, np.int64)
+        if len(ids) <= self._exact_max_rows(len(ids)):
+            out = PassingIds(len(ids), ids, None)
+        else:
+            by_id = np.zeros(int(self.ids.max()) + 1, bool)
+            by_id[ids] = True
+            out = PassingIds(len(ids), None, np.packbits(by_id, bitorder="little"))
+        with self._passing_lock:
+            self._passing[key] = out
+        return out
+
+    def _nprobe_for(self, passing: int, k: int) -> int:
+        """IVF lists to probe so that about FILTER_CANDIDATES_PER_HIT * k passing vectors lie
+        in them (never fewer than the version's own nprobe)."""
+        ivf = ivf_or_none(self.index)
+        wanted = math.ceil(FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / max(1, passing))
+        return int(min(ivf.nlist, max(ivf.nprobe, wanted)))
+
+    def _exact_max_rows(self, passing: int, k: int = 10) -> int:
+        """Up to how many passing ids an exact search over them is chosen: while it costs no
+        more than the search it replaces (a flat scan of every vector; IVF: the coarse
+        quantizer plus the lists `_nprobe_for` probes)."""
+        ivf = ivf_or_none(self.index)
+        if ivf is None:
+            scanned = self.count
+        else:
+            scanned = ivf.nlist + self._nprobe_for(passing, k) / ivf.nlist * self.count
+        return max(EXACT_MIN_ROWS, int(scanned / GATHER_COST))
+
+    def _search_passing(self, queries: np.ndarray, k: int, passing: PassingIds):
+        """(scores, ids) of the top k among the passing ids, -1 ids where a row has fewer."""
+        if passing.ids is not None:  # exact, over just these vectors
+            vectors = self.index.reconstruct_batch(passing.ids)
+            scores = queries @ vectors.T
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < len(passing.ids) \
+                else np.broadcast_to(np.arange(len(passing.ids)), (len(queries), k))
+            top_scores = np.take_along_axis(scores, top, 1)
+            order = np.argsort(-top_scores, axis=1, kind="stable")
+            return np.take_along_axis(top_scores, order, 1), \
+                passing.ids[np.take_along_axis(top, order, 1)]
+        selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
+        ivf = ivf_or_none(self.index)
+        if ivf is None:  # flat: an exact scan that skips the ids not passing
+            return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
+        nprobe = self._nprobe_for(passing.count, k)
+        scores, ids = self.index.search(
+            queries, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < k)
+        while len(short) and nprobe < ivf.nlist:  # too few passing in the lists probed
+            nprobe = min(int(ivf.nlist), nprobe * 4)
+            again = self.index.search(
+                np.ascontiguousarray(queries[short]), k,
+                params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
+            scores[short], ids[short] = again
+            short = short[(again[1] >= 0).sum(axis=1) < k]
+        return scores, ids
+
+    def search(self, queries: np.ndarray, k: int, readback: int | None = None,
+               where: PhotoFilter | None = None):
+        """Top-k per query: (scores [Q, k'], keys) with k' = min(k, count) (a filter: the
+        photos passing it, see the module doc; rows padded with -inf); readback: also
         component number `readback` of each hit's stored vector, per row (what Scoring reads
         the cosine back from; every backend returns the same)."""
         if readback is not None:
             readback = check_readback(readback, self.dim)
-        k = min(k, self.count)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        where = active(where)
+        passing = None if where is None else self.passing(where)
+        k = min(k, self.count if passing is None else passing.count)
         if k <= 0:
             return empty_result(len(queries), readback)
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        if passing is None:
+            scores, ids = self.index.search(queries, k)
+        else:
+            scores, ids = self._search_passing(queries, k, passing)
         keys = [[self.key_of(i) for i in row if i >= 0] for row in ids]
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         scores = scores[:, : max((len(r) for r in keys), default=0)]
         if readback is None:
             return scores, keys
@@ -297,6 +433,13 @@ class IndexRepository:
         if held is not None and not np.array_equal(np.sort(held), np.sort(ids)):
             raise IndexLoadError(f"index version {version}: table ids are not the ids the "
                                  "index holds")
+        photos = None
+        if INFO_FILE in manifest.checksums:
+            try:
+                photos = PhotoTable.read(vdir / INFO_FILE, rows=n)
+            except ValueError as exc:
+                raise IndexLoadError(f"index version {version}: {INFO_FILE} is unusable "
+                                     f"({str(exc)[:200]})") from None
         nprobe = (manifest.index_params or {}).get("nprobe")
         ivf = ivf_or_none(index)
         if ivf is not None and nprobe:
@@ -304,7 +447,7 @@ class IndexRepository:
                 raise IndexLoadError(f"index version {version}: index_params.nprobe is not a "
                                      "positive integer")
             ivf.nprobe = min(int(nprobe), int(ivf.nlist))
-        return IndexVersion(version, manifest.model_dump(), index, ids, keys, etags)
+        return IndexVersion(version, manifest.model_dump(), index, ids, keys, etags, photos)
 
     @staticmethod
     def _read_table(version: str, path: Path) -> tuple[np.ndarray, list[str], list[str]]:
@@ -331,11 +474,13 @@ class IndexRepository:
     # --- writing ---------------------------------------------------------------------------
     def commit_version(self, index: faiss.Index, ids: np.ndarray, keys: list[str],
                        etags: list[str], model_id: str, extra: dict | None = None,
-                       version: str | None = None) -> str:
-        """Write a complete new version (named `version`, default a new name), then point
-        CURRENT at it. Returns the version name."""
+                       version: str | None = None, photos: PhotoTable | None = None) -> str:
+        """Write a complete new version (named `version`, default a new name; `photos`: its
+        metadata, aligned with keys), then point CURRENT at it. Returns the version name."""
         if not (index.ntotal == len(ids) == len(keys) == len(etags)):
             raise ValueError("index, ids, keys and etags must have the same length")
+        if photos is not None and photos.num_rows != len(keys):
+            raise ValueError("the metadata table must have one row per key")
         version = version or new_version_name()
         if not VERSION_NAME.fullmatch(version):
             raise ValueError("not a valid index version name")
@@ -343,6 +488,10 @@ class IndexRepository:
             faiss.write_index(index, str(tmp / "index.faiss"))
             (tmp / "table.json").write_text(json.dumps(
                 {"ids": [int(i) for i in ids], "keys": list(keys), "etags": list(etags)}))
+            files = list(REQUIRED_FILES)
+            if photos is not None:
+                photos.write(tmp / INFO_FILE)
+                files.append(INFO_FILE)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "version": version,
@@ -352,7 +501,7 @@ class IndexRepository:
                 "created": datetime.now(timezone.utc).isoformat(),
                 "index_type": type(faiss.downcast_index(index.index)).__name__
                 if isinstance(index, faiss.IndexIDMap2) else type(index).__name__,
-                "checksums": {n: sha256_file(tmp / n) for n in ("index.faiss", "table.json")},
+                "checksums": {n: sha256_file(tmp / n) for n in files},
                 # what choose_index/build_index picked (kind, nlist, nprobe, tuned recall)
                 "index_params": index_spec_of(index).to_dict(),
                 **(extra or {}),

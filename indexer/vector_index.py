@@ -15,11 +15,14 @@ Reading (the search service, `status`):
 
     published(model_id) -> str | None          the version readers should search now (cheap)
     view(model_id, version=None)               a searchable view of it: .version .count .dim
-                                               .model_id, .search(queries, k, readback=None)
+                                               .model_id, .search(queries, k, readback=None,
+                                               where=None)
                                                -> (scores [Q, k'] padded with -inf, keys)
                                                (+ per row, the hits' stored vector component
                                                number `readback`: what Scoring reads the
                                                cosine back from; no vectors over the wire)
+                                               .info(keys) .info_counts() .facets(limit=20):
+                                               the photos' metadata (below)
     indexed(model_id) -> Indexed | None        the published version's keys -> etags, count
     status(model_id) -> dict                   backend, version, model_id, count (+ alias,
                                                collection)
@@ -32,8 +35,9 @@ Reading (the search service, `status`):
 
 Whole-model writes (what `python -m indexer rebuild|update|prune` does):
 
-    rebuild(model_id, keys, vectors, etags)    a new version with exactly these, published
-    update(model_id, keys, vectors, etags, delete=())
+    rebuild(model_id, keys, vectors, etags, info=None)
+                                               a new version with exactly these, published
+    update(model_id, keys, vectors, etags, delete=(), info=None)
                                                upsert these, delete those, in the published
                                                version (FAISS: a new version; Milvus: in place)
     versions() / prune(keep)                   every version held / drop old ones, never a
@@ -45,14 +49,36 @@ process or machine, and a part written twice is written once):
     version = begin(model_id, dim, base=None)  a draft nobody searches; base=<the published
                                                version>: an update of it (a backend that
                                                updates in place returns `base` itself)
-    write(version, keys, vectors, etags, part) upsert into it (a part rewritten replaces its
-                                               rows)
+    write(version, keys, vectors, etags, part, info=None)
+                                               upsert into it (a part rewritten replaces its
+                                               rows, their metadata with them)
     remove(version, keys, part)                delete keys its base holds (keys that no part
                                                writes)
     publish(version, parts=None)               complete -> switch readers to it atomically;
                                                parts: the part names it must hold
     discard(version)                           drop an unpublished draft
     close()                                    release clients and servers
+
+The photos' metadata (`info=`: one dict of indexer.photo_info's PHOTO_INFO_FIELDS, or None,
+per row; stored as indexer.photo_columns cleans it: known columns of their types, `folder`
+from the key when missing) travels with the vectors: a row written, upserted or removed takes
+its metadata with it (info=None writes rows without metadata). A view reads it back:
+
+    view.search(queries, k, where=PhotoFilter) the filter applied INSIDE the nearest-neighbour
+                                               search (never top-k then filter): a row is full
+                                               whenever k photos match; fewer matches, fewer
+                                               hits; none, an empty row; the same return shape.
+                                               An empty filter (or None) restricts nothing; a
+                                               version stored without metadata matches no
+                                               non-empty filter (indexer.photo_filter)
+    view.info(keys) -> [dict | None]           each key's stored metadata (its known values;
+                                               None: not in the version, or none stored)
+    view.info_counts() -> {"with_date", "with_position", "with_place"}
+    view.facets(limit=20) -> {"folder" | "country" | "city" | "camera" | "year":
+                               [[value, count], ...]}   most common first
+                                               (indexer.photo_columns says what each counts)
+
+Versions made before metadata existed still load and search; info() gives None, counts 0.
 
 Errors: `IndexUnavailable` when the index service cannot be reached (Milvus down: retry later);
 `IndexLoadError` when a version is unusable (missing, corrupt, another model's); `DraftGone`
@@ -122,6 +148,16 @@ def check_readback(readback: int, dim: int) -> int:
     return int(readback)
 
 
+def ragged_result(scores: list, keys: list[list[str]], readback: list | None = None):
+    """Rows of different lengths (a filter matched fewer than k) as one result: scores
+    [Q, longest row] padded with -inf, keys (+ readback values) per row as they are."""
+    width = max((len(r) for r in keys), default=0)
+    out = np.full((len(keys), width), -np.inf, np.float32)
+    for i, row in enumerate(scores):
+        out[i, :len(row)] = row[:width]
+    return (out, keys) if readback is None else (out, keys, readback)
+
+
 def empty_result(n_queries: int, readback: int | None):
     """What a search of an empty version returns."""
     empty = [[] for _ in range(n_queries)]
@@ -152,7 +188,8 @@ class VectorIndex:
               tuning_queries: np.ndarray | None = None,
               base: str | None = None) -> str: raise NotImplementedError
     def write(self, version: str, keys: list[str], vectors: np.ndarray, etags: list[str],
-              part: str = "0") -> int: raise NotImplementedError
+              part: str = "0", info: list[dict | None] | None = None) -> int:
+        raise NotImplementedError
     def remove(self, version: str, keys: Iterable[str], part: str = "0") -> int:
         raise NotImplementedError
     def publish(self, version: str, parts: Iterable[str] | None = None) -> dict:
@@ -165,7 +202,8 @@ class VectorIndex:
     # --- built on the above (a backend may do them faster) -----------------------------------
     def update(self, model_id: str, keys: list[str], vectors: np.ndarray, etags: list[str],
                delete: Iterable[str] = (), extra: dict | None = None,
-               tuning_queries: np.ndarray | None = None) -> dict | None:
+               tuning_queries: np.ndarray | None = None,
+               info: list[dict | None] | None = None) -> dict | None:
         """Upsert these, delete those, in the published version of `model_id` ->
         {"version", "count", "changed"}; None when this model has none (rebuild instead)."""
         try:
@@ -181,7 +219,7 @@ class VectorIndex:
         dim = vectors.shape[1] if len(keys) else self.view(model_id, current.version).dim
         version = self.begin(model_id, dim, extra, tuning_queries, base=current.version)
         try:
-            self.write(version, keys, vectors, etags)
+            self.write(version, keys, vectors, etags, info=info)
             self.remove(version, gone)
             out = self.publish(version)
         except BaseException:
@@ -191,12 +229,13 @@ class VectorIndex:
         return {**out, "changed": True}
 
     def rebuild(self, model_id: str, keys: list[str], vectors: np.ndarray, etags: list[str],
-                extra: dict | None = None, tuning_queries: np.ndarray | None = None) -> dict:
+                extra: dict | None = None, tuning_queries: np.ndarray | None = None,
+                info: list[dict | None] | None = None) -> dict:
         """A new version holding exactly these vectors, published. -> {"version", "count"}"""
         vectors = np.asarray(vectors, np.float32)
         version = self.begin(model_id, vectors.shape[1], extra, tuning_queries)
         try:
-            self.write(version, keys, vectors, etags)
+            self.write(version, keys, vectors, etags, info=info)
             return self.publish(version)
         except BaseException:
             self.discard(version)

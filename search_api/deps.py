@@ -56,7 +56,8 @@ ApiKeyDep = Depends(require_api_key)
 
 
 # --- JSON or form bodies ----------------------------------------------------------------------
-JSON_FIELDS = ("image_embeddings",)  # form clients send this as a JSON string
+# form clients send these as JSON text: field -> what it must hold
+JSON_FIELDS = {"image_embeddings": "a JSON list", "filters": "a JSON object"}
 LIST_FIELDS = ("queries",)  # repeated form fields (queries=a&queries=b) or one JSON list
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
@@ -106,7 +107,7 @@ def _json_field(k: str, v: str) -> Any:
     try:
         return _loads(v) if v.strip() else None
     except (ValueError, RecursionError):
-        raise HTTPException(422, f"form field {k!r} must be a JSON list") from None
+        raise HTTPException(422, f"form field {k!r} must be {JSON_FIELDS[k]}") from None
 
 
 async def _form_fields(request: Request, limits: RequestLimits) -> dict[str, Any]:

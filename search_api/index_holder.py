@@ -13,8 +13,10 @@ An index that does not answer (`IndexUnavailable`: Milvus down) makes searches a
 restart. A watcher thread reloads every `watch_s` seconds.
 
 Searches: on a remote index (searches are network calls) concurrent queries share one call
-(`Batcher`); on a local one a small index is searched on the event loop, a large one in the
-thread pool.
+(`Batcher`; only queries with the same filter); on a local one a small index is searched on the
+event loop, a large one in the thread pool. A filter (`PhotoFilter`) goes to the view's search,
+which applies it inside the nearest-neighbour search; an empty one is no filter. The metadata
+calls (`call`: info, info_counts, facets) run where searches of that view run.
 """
 from __future__ import annotations
 
@@ -53,17 +55,31 @@ class IndexDown(NoIndex):
         LookupError.__init__(self, message)
 
 
+def filter_key(where) -> str | None:
+    """A filter as a hashable key (None: no filter)."""
+    return None if where is None else where.model_dump_json(exclude_none=True)
+
+
+def search_view(view, vectors: np.ndarray, k: int, readback: int | None, where=None):
+    """view.search, with `where` only when there is a filter (a view that predates filters
+    still serves unfiltered searches)."""
+    if where is None:
+        return view.search(vectors, k, readback=readback)
+    return view.search(vectors, k, readback=readback, where=where)
+
+
 def remote_search_batch(jobs: list[tuple]) -> list[tuple]:
-    """Batcher fn for remote searches: jobs (view, query vector, k, readback), one query each;
-    one call per (view, k, readback). Not one call at the largest k: a client asking for a deep
-    page (k up to MAX_OFFSET + MAX_TOP_K) would make every neighbour's search that deep."""
+    """Batcher fn for remote searches: jobs (view, query vector, k, readback, where), one query
+    each; one call per (view, k, readback, filter). Not one call at the largest k: a client
+    asking for a deep page (k up to MAX_OFFSET + MAX_TOP_K) would make every neighbour's search
+    that deep."""
     out: list = [None] * len(jobs)
     groups: dict[tuple, list[int]] = {}
-    for i, (view, _, k, readback) in enumerate(jobs):
-        groups.setdefault((id(view), k, readback), []).append(i)
-    for (_, k, readback), rows in groups.items():
-        view = jobs[rows[0]][0]
-        found = view.search(np.stack([jobs[i][1] for i in rows]), k, readback=readback)
+    for i, (view, _, k, readback, where) in enumerate(jobs):
+        groups.setdefault((id(view), k, readback, filter_key(where)), []).append(i)
+    for (_, k, readback, _), rows in groups.items():
+        view, where = jobs[rows[0]][0], jobs[rows[0]][4]
+        found = search_view(view, np.stack([jobs[i][1] for i in rows]), k, readback, where)
         for r, i in enumerate(rows):
             out[i] = tuple(part[r] for part in found)
     return out
@@ -127,28 +143,46 @@ class IndexHolder:
         self.down = True
         self.last_error = public_error(str(exc))
 
-    async def search(self, view, vectors: np.ndarray, k: int, readback: int | None = None):
+    async def search(self, view, vectors: np.ndarray, k: int, readback: int | None = None,
+                     where=None):
         """(scores [Q, k'] padded with -inf, keys, values per row or None) of `view`; values:
-        each hit's stored component `readback` (None: not asked)."""
+        each hit's stored component `readback` (None: not asked); where: a PhotoFilter applied
+        inside the search (None or empty: none)."""
+        if where is not None and where.is_empty():
+            where = None
         try:
             if self._remote_searches is not None:
                 found = join_rows(await self._remote_searches(
-                    [(view, v, k, readback) for v in vectors]))
+                    [(view, v, k, readback, where) for v in vectors]))
             elif view.count > INLINE_SEARCH_MAX:
-                found = await run_in_threadpool(self._search_now, view, vectors, k, readback)
+                found = await run_in_threadpool(self._search_now, view, vectors, k, readback,
+                                                where)
             else:
-                found = self._search_now(view, vectors, k, readback)
+                found = self._search_now(view, vectors, k, readback, where)
         except IndexUnavailable as exc:  # 503 now, and for the next requests
             self.failed(exc)
             raise IndexDown(str(exc)) from None
         return found[0], found[1], (found[2] if readback is not None else None)
 
-    def _search_now(self, view, vectors: np.ndarray, k: int, readback: int | None):
+    def _search_now(self, view, vectors: np.ndarray, k: int, readback: int | None, where=None):
         t0 = time.perf_counter()
         try:
-            return view.search(vectors, k, readback=readback)
+            return search_view(view, vectors, k, readback, where)
         finally:
             self.observe("index_search", time.perf_counter() - t0)
+
+    async def call(self, view, method: str, *args, **kwargs):
+        """view.<method>(...) for the metadata (info, info_counts, facets): in the thread pool
+        where it may be a network call or a large table's read; IndexDown when the index does
+        not answer."""
+        fn = getattr(view, method)
+        try:
+            if self.vector_index.remote or view.count > INLINE_SEARCH_MAX:
+                return await run_in_threadpool(fn, *args, **kwargs)
+            return fn(*args, **kwargs)
+        except IndexUnavailable as exc:
+            self.failed(exc)
+            raise IndexDown(str(exc)) from None
 
     # --- reloading ---------------------------------------------------------------------------
     def _unavailable(self, exc: IndexUnavailable, served: str | None) -> dict:

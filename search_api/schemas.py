@@ -2,22 +2,28 @@
 
 The request models here carry no configured limits; `bodies(limits, dim)` derives the ones an
 app serves from the request limits (core.settings.RequestLimits: MAX_TOP_K, MAX_OFFSET,
-MAX_QUERY_CHARS, MAX_BATCH_QUERIES, the fixed sizes of given embeddings) and the model (its
-dimension; whether it has a match scale, without which `min_match` can only be null) as field
-constraints, so validation and the OpenAPI schema both come from them. The
+MAX_QUERY_CHARS, MAX_BATCH_QUERIES, MAX_FILTER_FOLDERS, the fixed sizes of given embeddings)
+and the model (its dimension; whether it has a match scale, without which `min_match` can only
+be null) as field constraints, so validation and the OpenAPI schema both come from them. The
 other limits (body bytes, image pixels, request heads) are enforced where the bytes arrive; the
 README's "Request limits" table lists each and where.
+
+Every search takes `filters` (indexer.photo_filter.PhotoFilter: its own validation names the
+field of an unknown name, an impossible range, a malformed date) and the text searches
+`parse_hints`; answers carry the filters applied, the hints read from the text, the text the
+model encoded and each hit's metadata in brief (`HitInfo`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, \
     StringConstraints, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from core.settings import RequestLimits
+from indexer.photo_filter import Folder, PhotoFilter
 
 
 def _unicode(v: str) -> str:
@@ -93,14 +99,33 @@ class ImageEmbeddingIn(BaseModel):
         return _unicode(v)  # echoed in the results
 
 
-class SearchIn(PageIn, TextIn):
+FILTERS_FORM_EXAMPLE = '{"folders": ["2023/beach"], "taken_after": "2023-06-01", "country": "PT"}'
+FILTERS_DOC = ("only photos matching all of these (applied inside the nearest-neighbour "
+               "search); see PhotoFilter. Form clients send it as a JSON string")
+PARSE_HINTS_DOC = ("read dates and places written in the query (\"beach in July 2023\", "
+                   "\"snow in Norway\") as filters: the answer's `hints` says which, "
+                   "`encoded_text` what the model encoded; false: the whole text is encoded")
+
+
+class FiltersIn(BaseModel):
+    """The fields every search takes besides the query."""
+    model_config = ConfigDict(extra="ignore")
+    filters: PhotoFilter | None = Field(None, description=FILTERS_DOC)
+
+
+class TextFiltersIn(FiltersIn):
+    parse_hints: bool = Field(True, description=PARSE_HINTS_DOC)
+
+
+class SearchIn(PageIn, TextIn, TextFiltersIn):
     image_embeddings: list[ImageEmbeddingIn] | None = Field(
         None, max_length=RequestLimits.MAX_GIVEN_EMBEDDINGS,
         description="rank exactly these embeddings (as /encode_image returned them, each with "
                     "a filename) instead of the index; form clients send it as a JSON string")
 
 
-class BatchSearchIn(BaseModel):
+class BatchSearchIn(TextFiltersIn):
+    """`filters` apply to every query; hints are read from each query on its own."""
     model_config = ConfigDict(extra="ignore")
     queries: list[str] = Field(min_length=1, description="1..MAX_BATCH_QUERIES query texts")
     top_k: Int = Field(5, ge=1)
@@ -111,6 +136,24 @@ class BatchSearchIn(BaseModel):
     @classmethod
     def not_blank(cls, v: list[str]) -> list[str]:
         return [_not_blank(q) for q in v]
+
+
+HIT_INFO_EXAMPLE = {"taken_at": "2023-07-14T09:30:00+00:00", "taken_at_source": "exif",
+                    "place": "Lisbon, Portugal", "camera": "Apple iPhone 12",
+                    "width": 4032, "height": 3024}
+
+
+class HitInfo(BaseModel):
+    taken_at: str | None = Field(None, description="when it was taken, ISO 8601 in UTC")
+    taken_at_source: str | None = Field(
+        None, description="exif (the camera's date and offset) | exif-no-offset (the camera's "
+                          "date read as UTC) | modified (the file's date)")
+    place: str | None = Field(None, description="city (or region), country")
+    camera: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    model_config = ConfigDict(json_schema_extra={"examples": [HIT_INFO_EXAMPLE]})
 
 
 class Hit(BaseModel):
@@ -124,19 +167,75 @@ class Hit(BaseModel):
     match: float | None = Field(None, ge=0.0, le=100.0, description=MATCH_DOC,
                                 examples=[87.5])
     url: str | None = None
+    info: HitInfo | None = Field(None, description="the photo's date, place, camera and size "
+                                                   "(null: the index holds no metadata for it)")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "rank": 1, "key": "flickr8k/images/1234_abcd.jpg", "filename": "1234_abcd.jpg",
+        "rank": 1, "key": "photos/2023/beach/IMG_0042.HEIC", "filename": "IMG_0042.HEIC",
         "score": -0.102, "similarity": 0.412, "match": 87.5,
-        "url": "/images/flickr8k/images/1234_abcd.jpg"}]})
+        "url": "/images/photos/2023/beach/IMG_0042.HEIC",
+        "info": HIT_INFO_EXAMPLE}]})
+
+
+class QueryHint(BaseModel):
+    """A filter read from the query's own words."""
+    field: str = Field(description="the filter field it sets (e.g. `taken`: taken_after and "
+                                   "taken_before; `country`, `city`)")
+    value: Any = Field(description="the value it set")
+    text: str = Field(description="the words of the query it was read from")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"field": "country", "value": "Portugal", "text": "in Portugal"}]})
 
 
 class SearchOut(BaseModel):
     query: str
     model_id: str
     index_version: str | None
-    total: int  # results available before offset/top_k were applied
+    total: int = Field(description="results available before offset/top_k were applied (with "
+                                   "filters: the photos they match)")
     results: list[Hit]
+    encoded_text: str | None = Field(
+        None, description="what the model encoded: the query less the words read as hints "
+                          "(null for a search by image)")
+    filters: PhotoFilter = Field(
+        default_factory=PhotoFilter,
+        description="the filters applied: the request's, with those read from the text")
+    hints: list[QueryHint] = Field(default_factory=list,
+                                   description="the filters read from the query text")
+
+
+class PhotoInfoOut(BaseModel):
+    """The metadata stored with a photo in the index (fields the index holds no value for are
+    null or absent)."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "key": "photos/2023/beach/IMG_0042.HEIC", "taken_at": "2023-07-14T09:30:00+00:00",
+        "taken_at_source": "exif", "camera_make": "Apple", "camera_model": "iPhone 12",
+        "lat": 38.6916, "lon": -9.2160, "city": "Lisbon", "region": "Lisbon",
+        "country": "Portugal", "country_code": "PT", "width": 4032, "height": 3024,
+        "orientation": 6, "bytes": 1843200, "content_type": "image/heic",
+        "folder": "photos/2023/beach"}]})
+    key: str
+    taken_at: str | None = Field(None, description="ISO 8601, UTC")
+    taken_at_source: str | None = Field(None, description="exif | exif-no-offset | modified")
+
+
+# [value, how many photos have it] (a pair: the schema says list, OpenAPI tuples are not
+# understood everywhere)
+FacetValue = Annotated[list[str | int], Field(min_length=2, max_length=2)]
+
+
+class FacetsOut(BaseModel):
+    """The most common values of each field, with how many photos hold them, most first."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "folder": [["photos/2023/beach", 412], ["photos/2024/Snow", 97]],
+        "country": [["Portugal", 380], ["Norway", 97]], "city": [["Lisbon", 201]],
+        "camera": [["iPhone 12", 455]], "year": [[2023, 412], [2024, 97]]}]})
+    folder: list[FacetValue] = []
+    country: list[FacetValue] = []
+    city: list[FacetValue] = []
+    camera: list[FacetValue] = []
+    year: list[FacetValue] = []
 
 
 class EmbeddingOut(BaseModel):
@@ -160,6 +259,10 @@ class HealthOut(BaseModel):
     index_backend: str = "faiss"
     index_alias: str | None = None
     index_collection: str | None = None
+    # photos of the served version with a date, a GPS position, a place name
+    with_date: int = 0
+    with_position: int = 0
+    with_place: int = 0
 
 
 class ReloadOut(BaseModel):
@@ -178,6 +281,7 @@ class Bodies:
     batch: type[BatchSearchIn]
     page_fields: dict  # Form(...) constraints of the upload route's paging fields
     min_match: object  # the type of min_match: float | None, or None for a model without a scale
+    filters: type[PhotoFilter]  # PhotoFilter within the request limits
 
 
 def bodies(limits: RequestLimits, dim: int | None = None,
@@ -201,14 +305,24 @@ def bodies(limits: RequestLimits, dim: int | None = None,
     class TextBody(TextIn):
         text: str = text_field
 
+    class FilterBody(PhotoFilter):
+        folders: list[Folder] | None = Field(
+            None, max_length=limits.MAX_FILTER_FOLDERS,
+            description=f"folders (key prefixes up to a '/'), any of them, subfolders "
+                        f"included; at most {limits.MAX_FILTER_FOLDERS}",
+            examples=[["2023/beach", "2024/Snow"]])
+
     emb_field = Field(min_length=dim or 1, max_length=dim or limits.MAX_EMBEDDING_NUMBERS,
                       description=f"the model's dimension: {dim} numbers" if dim else None)
 
     class ImageEmbeddingBody(ImageEmbeddingIn):
         embedding: list[float] = emb_field
 
+    filters_field = Field(None, description=FILTERS_DOC)
+
     class SearchBody(SearchIn):
         text: str = text_field
+        filters: FilterBody | None = filters_field
         top_k: Int = top_k_field
         offset: Int = offset_field
         min_match: MinMatch = min_match_field
@@ -225,9 +339,11 @@ def bodies(limits: RequestLimits, dim: int | None = None,
                                      description=f"1..{limits.max_batch_queries} query texts")
         top_k: Int = top_k_field
         min_match: MinMatch = min_match_field
+        filters: FilterBody | None = filters_field
 
     for model, name in ((TextBody, "TextIn"), (SearchBody, "SearchIn"),
-                        (BatchSearchBody, "BatchSearchIn"), (ImageEmbeddingBody, "ImageEmbeddingIn")):
+                        (BatchSearchBody, "BatchSearchIn"), (ImageEmbeddingBody, "ImageEmbeddingIn"),
+                        (FilterBody, "PhotoFilterIn")):
         model.__name__ = model.__qualname__ = name  # schema names as before
     return Bodies(TextBody, SearchBody, BatchSearchBody, {
         "top_k": dict(ge=1, le=top_k, description=f"number of results (1..{top_k})"),
@@ -235,4 +351,4 @@ def bodies(limits: RequestLimits, dim: int | None = None,
         "min_score": dict(ge=-1.0, le=1.0, description="drop results that score below this"),
         "min_match": dict(description=NO_MATCH_SCALE_DOC) if match_scale is False else
         dict(ge=0.0, le=100.0, description=MIN_MATCH_DOC)},
-        float | None if match_scale is not False else None)
+        float | None if match_scale is not False else None, FilterBody)

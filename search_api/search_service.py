@@ -7,17 +7,25 @@ searches (`Scoring`), searches one version for the whole request, reads each hit
 where the score is not the plain cosine (hubness correction), gives each hit its 0-100 match
 (the model's `MatchScale`, when its card has one) and pages the ranking; `rank_given()` ranks
 embeddings a client sent instead (the original clients' mode).
+
+Filters (`PhotoFilter`, one per query) are applied inside the index's search, so a filtered
+query gets a full page whenever that many photos match; queries with the same filter share one
+index call. Each hit carries its photo's metadata in brief (`hit_info`: date, place, camera,
+size), read from the same index version in one call per request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
 
 from encoder.match_scale import MatchScale
+from indexer.photo_filter import PhotoFilter
 from search_api.encoders import QueryEncoders
-from search_api.index_holder import IndexHolder
+from search_api.index_holder import IndexHolder, filter_key
 from search_api.stored_images import StoredImages
 
 
@@ -36,6 +44,7 @@ class Hit:
     score: float  # what the ranking is by
     similarity: float  # cosine of query and image
     match: float | None = None  # 0-100, monotonic with score (None: the model has no scale)
+    info: dict | None = None  # hit_info of the photo's metadata (None: the index has none)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,45 @@ class StageTimes:
 
 
 MATCH_DECIMALS = 1  # finer than a person reads, coarse enough to compare as shown
+
+
+def iso_time(seconds) -> str | None:
+    """Unix seconds as ISO 8601 in UTC (None for a missing or unusable value)."""
+    try:
+        return datetime.fromtimestamp(float(seconds), timezone.utc).isoformat(timespec="seconds")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def _finite(value):
+    """JSON has no NaN or Infinity: such a stored number reads as missing."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def photo_info(stored: dict) -> dict:
+    """A photo's stored metadata as the API returns it: the stored fields, `taken_at` as ISO
+    8601 (UTC), unusable numbers as null."""
+    out = {k: _finite(v) for k, v in stored.items()}
+    if "taken_at" in out:
+        out["taken_at"] = iso_time(out["taken_at"])
+    return out
+
+
+def hit_info(stored: dict | None) -> dict | None:
+    """What a result shows under its thumbnail: when (ISO 8601, UTC; `taken_at_source` says
+    whether it is the camera's date or the file's), where (city or region, country), which
+    camera, what size. None when the index holds no metadata for the photo."""
+    if not stored:
+        return None
+    place = [stored.get("city") or stored.get("region"), stored.get("country")]
+    make, model = stored.get("camera_make") or "", stored.get("camera_model") or ""
+    camera = model if make and model.casefold().startswith(make.casefold()) else \
+        " ".join(p for p in (make, model) if p)
+    return {"taken_at": iso_time(stored.get("taken_at")),
+            "taken_at_source": stored.get("taken_at_source"),
+            "place": ", ".join(p for p in place if p) or None,
+            "camera": camera or None,
+            "width": stored.get("width"), "height": stored.get("height")}
 
 
 def page(scores, keys, similarities, offset: int, top_k: int, min_score: float | None,
@@ -113,24 +161,79 @@ class SearchService:
         return self.index.require()
 
     async def search(self, query_embeddings: np.ndarray, top_k: int, offset: int = 0,
-                     min_score: float | None = None,
-                     min_match: float | None = None) -> list[Results]:
-        """One Results per query embedding [Q, dim], all from one index version."""
+                     min_score: float | None = None, min_match: float | None = None,
+                     where: PhotoFilter | list[PhotoFilter | None] | None = None
+                     ) -> list[Results]:
+        """One Results per query embedding [Q, dim], all from one index version. where: one
+        filter for every query, or one per query (None or empty: no filter). A filtered
+        query's total is the number of photos its filter matches."""
         self._matches([], False, min_match)  # refuse an unusable min_match before searching
         view = self.index.require()  # one reference for the whole request (a reload swaps it)
         scoring = self.encoders.scoring
         readback = scoring.readback_column
-        scores, keys, values = await self.index.search(
-            view, scoring.query_vectors(query_embeddings), offset + top_k, readback)
+        vectors = scoring.query_vectors(query_embeddings)
+        n, k = len(vectors), offset + top_k
+        wheres = list(where) if isinstance(where, list) else [where] * n
+        wheres = [None if w is None or w.is_empty() else w for w in wheres]
+        groups: dict[str | None, list[int]] = {}
+        for i, w in enumerate(wheres):
+            groups.setdefault(filter_key(w), []).append(i)
+        scores, keys, values = [None] * n, [None] * n, [None] * n
+        for rows in groups.values():  # one index call per distinct filter
+            found = await self.index.search(view, vectors[rows], k, readback, wheres[rows[0]])
+            for r, i in enumerate(rows):
+                scores[i], keys[i] = found[0][r], found[1][r]
+                values[i] = found[2][r] if readback is not None else None
         if readback is None:
             similarities = scores
         else:  # the score is not the cosine: read it back from each hit's stored component
             similarities = [scoring.cosine_from_readback(v, s[:len(v)])
                             for s, v in zip(scores, values)]
         matches = self._matches(scores, False, min_match)
-        return [Results(view.version, view.count,
-                        page(s, k, c, offset, top_k, min_score, m, min_match))
-                for s, k, c, m in zip(scores, keys, similarities, matches)]
+        pages = [page(s, ks, c, offset, top_k, min_score, m, min_match)
+                 for s, ks, c, m in zip(scores, keys, similarities, matches)]
+        totals = [view.count if w is None else await self._matching(view, w, len(ks), k)
+                  for w, ks in zip(wheres, keys)]
+        infos = await self._infos(view, [h.key for hits in pages for h in hits])
+        return [Results(view.version, total,
+                        [replace(h, info=hit_info(infos.get(h.key))) for h in hits])
+                for total, hits in zip(totals, pages)]
+
+    async def _matching(self, view, where: PhotoFilter, found: int, k: int) -> int:
+        """How many photos `where` matches: the hits found when fewer than asked (the search
+        returned every match), else the view's count of matches; a view that cannot count
+        them gives its size (at most that many match)."""
+        if found < k:
+            return found
+        if not hasattr(view, "count_matching"):
+            return view.count
+        return int(await self.index.call(view, "count_matching", where))
+
+    async def _infos(self, view, keys: list[str]) -> dict[str, dict | None]:
+        """key -> the photo's stored metadata (None where the version holds none)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        return dict(zip(unique, await self.index.call(view, "info", unique)))
+
+    async def photo_info(self, key: str) -> dict | None:
+        """The stored metadata of one indexed photo (photo_info), None when it is not in the
+        served version or the version holds no metadata for it."""
+        view = self.index.require()
+        [stored] = await self.index.call(view, "info", [key])
+        return None if stored is None else photo_info(stored)
+
+    async def info_counts(self) -> dict:
+        """Photos of the served version with a date, a position, a place (zeros without one)."""
+        view = self.index.current
+        if view is None or self.index.down:
+            return {"with_date": 0, "with_position": 0, "with_place": 0}
+        return await self.index.call(view, "info_counts")
+
+    async def facets(self, limit: int) -> dict:
+        """The most common values (with counts) of folder, country, city, camera, year."""
+        view = self.index.require()
+        return await self.index.call(view, "facets", limit=limit)
 
     def rank_given(self, query_embedding: np.ndarray, names: list[str], embeddings: list,
                    top_k: int, offset: int = 0, min_score: float | None = None,

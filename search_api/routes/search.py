@@ -3,17 +3,23 @@
 # no `from __future__ import annotations`: FastAPI reads the per-app body types defined in
 # build_router from the endpoints' signatures
 import json
+from datetime import datetime, timezone
 from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from core.settings import Settings
 from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep
 from search_api.errors import responses
 from search_api.images import FORMATS_DOC, ImageTooLarge
-from search_api.schemas import Bodies, EmbeddingOut, SearchOut
+from indexer.photo_filter import PhotoFilter
+from search_api.schemas import FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, EmbeddingOut, \
+    SearchOut
 from search_api.search_service import Results
+from search_api.text_queries import TextQuery, read_text_query
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
@@ -33,16 +39,45 @@ def _image_base(settings: Settings, request: Request) -> str:
     return request.scope.get("root_path", "").rstrip("/") + "/images/"
 
 
-def _out(request: Request, query: str, model_id: str, results: Results, urls: bool = True) -> dict:
+def _out(request: Request, query: str, model_id: str, results: Results, urls: bool = True,
+         asked: TextQuery | None = None, filters: PhotoFilter | None = None) -> dict:
     """SearchOut of one query's results; hit URLs point at the /images/{key} route
-    (system.get_image)."""
+    (system.get_image). asked: the text query as read (encoded text, filters, hints); filters:
+    those of a search by image."""
     base = _image_base(request.app.state.settings, request) if urls else None
+    if asked is not None:
+        filters = asked.filters
     return {"query": query, "model_id": model_id, "index_version": results.version,
             "total": results.total,
             "results": [{"rank": h.rank, "key": h.key, "filename": h.key.rsplit("/", 1)[-1],
                          "score": h.score, "similarity": h.similarity, "match": h.match,
-                         "url": base + quote(h.key, safe="/") if urls else None}
-                        for h in results.hits]}
+                         "url": base + quote(h.key, safe="/") if urls else None,
+                         "info": h.info}
+                        for h in results.hits],
+            "encoded_text": asked.encoded_text if asked is not None else None,
+            "filters": (filters or PhotoFilter()).model_dump(mode="json", exclude_none=True),
+            "hints": asked.hints if asked is not None else []}
+
+
+def _read_query(request: Request, text: str, filters: PhotoFilter | None,
+                parse_hints: bool) -> TextQuery:
+    """The text as the service searches it: hints read with the service's clock and zone."""
+    settings = request.app.state.settings
+    return read_text_query(text, filters, parse_hints, datetime.now(timezone.utc),
+                           settings.query_time_zone)
+
+
+def _form_filters(model: type[PhotoFilter], raw: str | None) -> PhotoFilter | None:
+    """The upload form's `filters` field: a JSON object of PhotoFilter's fields (422 naming the
+    field that is wrong)."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError([
+            {**e, "loc": ("body", "filters", *e.get("loc", ()))}
+            for e in exc.errors(include_url=False, include_context=False)]) from None
 
 
 def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
@@ -82,24 +117,36 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
 
     @text.post("/search_images_by_text", response_model=SearchOut, responses=TEXT_ERRORS,
                  description="Top-k images for a text. `offset` pages on; `min_score` (or "
-                             "`min_match`, 0..100) drops weak matches; `image_embeddings` ranks "
-                             "the given embeddings instead of the index. Each hit's `match` is "
-                             "the one number for people (0..100, null for a model without a "
-                             "match scale)." + FORM_NOTE)
+                             "`min_match`, 0..100) drops weak matches; `filters` keeps only "
+                             "photos matching them (date range, place, folder, camera, ...), "
+                             "inside the search; dates and places written in the text become "
+                             "filters too (`hints` in the answer; `parse_hints: false` turns "
+                             "that off); `image_embeddings` ranks the given embeddings instead "
+                             "of the index. Each hit's `match` is the one number for people "
+                             "(0..100, null for a model without a match scale), its `info` the "
+                             "photo's date, place, camera and size." + FORM_NOTE)
     async def search_images_by_text(request: Request, body: SearchBody):
         service = request.app.state.service
         given = body.image_embeddings
-        if given is None:
-            service.ready()  # before encoding: 503 at once
-        vec = await service.encoders.encode_texts([body.text])
-        if given is not None:
+        if given is not None:  # embeddings a client sent carry no metadata to filter on
+            if body.filters is not None and not body.filters.is_empty():
+                raise RequestValidationError([{
+                    "type": "filters_need_the_index", "loc": ("body", "filters"),
+                    "msg": "filters apply to the index's photos, not to given "
+                           "image_embeddings"}])
+            asked = TextQuery(body.text, body.text, PhotoFilter())
+            vec = await service.encoders.encode_texts([body.text])
             results = service.rank_given(vec[0], [e.filename for e in given],
                                          [e.embedding for e in given], body.top_k, body.offset,
                                          body.min_score, body.min_match)
-            return _json(_out(request, body.text, service.model_id, results, urls=False))
+            return _json(_out(request, body.text, service.model_id, results, urls=False,
+                              asked=asked))
+        service.ready()  # before encoding: 503 at once
+        asked = _read_query(request, body.text, body.filters, body.parse_hints)
+        vec = await service.encoders.encode_texts([asked.encoded_text])
         [results] = await service.search(vec, body.top_k, body.offset, body.min_score,
-                                         body.min_match)
-        return _json(_out(request, body.text, service.model_id, results))
+                                         body.min_match, asked.where)
+        return _json(_out(request, body.text, service.model_id, results, asked=asked))
 
     @router.post("/search_images_by_image", response_model=SearchOut, dependencies=[ApiKeyDep],
                  responses=UPLOAD_ERRORS)
@@ -108,27 +155,35 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             top_k: Annotated[int, Form(**page["top_k"])] = 5,
             offset: Annotated[int, Form(**page["offset"])] = 0,
             min_score: Annotated[float | None, Form(**page["min_score"])] = None,
-            min_match: Annotated[bodies.min_match, Form(**page["min_match"])] = None):
+            min_match: Annotated[bodies.min_match, Form(**page["min_match"])] = None,
+            filters: Annotated[str | None, Form(
+                description=FILTERS_DOC + " (here: a form field holding a JSON object)",
+                max_length=settings.limits.max_json_bytes,
+                examples=[FILTERS_FORM_EXAMPLE])] = None):
         """Images that look like the uploaded one (multipart `image`, optional `top_k`,
-        `offset`, `min_score`, `min_match`)."""
+        `offset`, `min_score`, `min_match`, `filters`)."""
+        where = _form_filters(bodies.filters, filters)  # a bad filter: 422 before decoding
         filename, data = await read_image(image)
         img = await service.images.decode_upload(data)
         service.ready()
         vec = await service.encoders.encode_images([img])
-        [results] = await service.search(vec, top_k, offset, min_score, min_match)
-        return _json(_out(request, filename, service.model_id, results))
+        [results] = await service.search(vec, top_k, offset, min_score, min_match, where)
+        return _json(_out(request, filename, service.model_id, results, filters=where))
 
     @text.post("/search_images_by_texts", response_model=list[SearchOut], responses=TEXT_ERRORS,
                  description="Several text queries in one call (one batched forward pass, one "
-                             "index search). As a form: repeated `queries` fields (or one "
-                             "holding a JSON list)." + FORM_NOTE)
+                             "index search per distinct filter). `filters` apply to every "
+                             "query; hints are read from each query. As a form: repeated "
+                             "`queries` fields (or one holding a JSON list)." + FORM_NOTE)
     async def search_images_by_texts(request: Request, body: BatchBody):
         service = request.app.state.service
         service.ready()
-        vecs = await service.encoders.encode_texts(body.queries)
-        found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match)
-        return _json([_out(request, query, service.model_id, results)
-                      for query, results in zip(body.queries, found)])
+        asked = [_read_query(request, q, body.filters, body.parse_hints) for q in body.queries]
+        vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
+        found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
+                                     [a.where for a in asked])
+        return _json([_out(request, query, service.model_id, results, asked=a)
+                      for query, a, results in zip(body.queries, asked, found)])
 
     router.include_router(text)
     return router

@@ -1,6 +1,8 @@
-"""Health, image bytes (and thumbnails), metrics, and admin routes."""
+"""Health, image bytes (and thumbnails), a photo's metadata, facets, metrics, and admin
+routes."""
 from __future__ import annotations
 
+import json
 import mimetypes
 from typing import Annotated
 
@@ -15,7 +17,14 @@ from objectstore import InvalidKey, validate_key
 from search_api.deps import ApiKeyDep, MetricsDep, ServiceDep, SettingsDep
 from search_api.errors import responses
 from search_api.images import ImageTooLarge
-from search_api.schemas import HealthOut, ReloadOut
+from search_api.index_holder import NoIndex
+from search_api.schemas import FacetsOut, HealthOut, PhotoInfoOut, ReloadOut
+
+INFO_COUNTS = ("with_date", "with_position", "with_place")
+
+
+def _json(data) -> Response:
+    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
 
 router = APIRouter()
 
@@ -30,6 +39,10 @@ async def health(service: ServiceDep, settings: SettingsDep):
     await run_in_threadpool(holder.check_now)
     described = await run_in_threadpool(holder.describe)  # Milvus: alias and collection
     view = holder.current
+    try:
+        counts = await service.info_counts()
+    except NoIndex:  # the index stopped answering just now: degraded, counted as nothing
+        counts = {}
     ok = view is not None and store == "ok" and not holder.down
     return HealthOut(status="ok" if ok else "degraded", model_id=service.model_id,
                      index_version=view.version if view else None,
@@ -39,7 +52,31 @@ async def health(service: ServiceDep, settings: SettingsDep):
                      api_key_required=bool(settings.api_key),
                      index_backend=holder.backend,
                      index_alias=described.get("alias"),
-                     index_collection=described.get("collection"))
+                     index_collection=described.get("collection"),
+                     **{k: int(counts.get(k, 0)) for k in INFO_COUNTS})
+
+
+@router.get("/facets", response_model=FacetsOut, responses=responses(422, 503))
+async def get_facets(service: ServiceDep,
+                     limit: Annotated[int, Query(
+                         ge=1, le=RequestLimits.MAX_FACET_VALUES,
+                         description="values per field, most common first")] = 20):
+    """What the served index holds, for a filter bar: the most common folders, countries,
+    cities, cameras and years, each with how many photos have it."""
+    return _json(await service.facets(limit))
+
+
+@router.get("/images/{key:path}/info", response_model=PhotoInfoOut,
+            responses=responses(404, 503))
+async def get_image_info(key: str, service: ServiceDep):
+    """The metadata stored with an indexed photo: when it was taken (and from where that date
+    comes), camera, GPS position, place, size, orientation, bytes, content type, folder.
+    404 for a key the served index version does not hold. (Declared before /images/{key}:
+    that route's path would take the "/info" too.)"""
+    info = await service.photo_info(key)
+    if info is None:
+        raise HTTPException(404, f"no indexed image {key[:200]!r}")
+    return _json({"key": key, **info})
 
 
 @router.get("/images/{key:path}", name="get_image",

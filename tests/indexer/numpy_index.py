@@ -4,6 +4,10 @@ It checks the seam: registered with one line (tests/indexer/conftest.py), it pas
 contract suite as FAISS and Milvus. Published versions are files (INDEX_DIR/numpy/<version>.npz,
 one `published.json` of model id -> version), so another process opening the same INDEX_DIR
 serves them; drafts live in the writing process.
+
+Metadata: one JSON text per row in the .npz (a version without it loads, with no metadata);
+filters are `PhotoFilter.matches` row by row, then exact search over the rows that pass: the
+plain definition the other backends' fast forms must agree with.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from core.atomic import atomic_file, write_atomic
+from indexer import photo_columns
+from indexer.photo_filter import PhotoFilter, active
 from indexer.vector_index import (
     DraftGone,
     Indexed,
@@ -23,6 +29,7 @@ from indexer.vector_index import (
     check_rows,
     empty_result,
     new_version_name,
+    ragged_result,
 )
 
 
@@ -33,6 +40,7 @@ class NumpyView:
     keys: list[str]
     etags: list[str]
     vectors: np.ndarray
+    infos: list[dict | None] | None = None  # per row; None: a version stored without metadata
 
     @property
     def count(self) -> int:
@@ -42,16 +50,35 @@ class NumpyView:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    def search(self, queries, k, readback=None):
+    def search(self, queries, k, readback=None, where: PhotoFilter | None = None):
         if readback is not None:
             readback = check_readback(readback, self.dim)
-        k = min(k, self.count)
+        rows = np.arange(self.count)
+        if active(where) is not None:
+            infos = self.infos or [None] * self.count
+            rows = np.asarray([i for i, info in enumerate(infos) if where.matches(info)], int)
+        k = min(k, len(rows))
         if k <= 0:
             return empty_result(len(queries), readback)
-        scores = np.asarray(queries, np.float32) @ self.vectors.T
+        scores = np.asarray(queries, np.float32) @ self.vectors[rows].T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        out = np.take_along_axis(scores, top, 1), [[self.keys[j] for j in row] for row in top]
-        return out if readback is None else out + ([self.vectors[row, readback] for row in top],)
+        found = rows[top]
+        out = ragged_result(np.take_along_axis(scores, top, 1),
+                            [[self.keys[j] for j in row] for row in found])
+        return out if readback is None else out + ([self.vectors[row, readback] for row in found],)
+
+    def info(self, keys):
+        if self.infos is None:
+            return [None] * len(keys)
+        row = {k: i for i, k in enumerate(self.keys)}
+        return [photo_columns.public_info(self.infos[row[k]]) if k in row else None
+                for k in keys]
+
+    def info_counts(self):
+        return photo_columns.info_counts(self.infos or [])
+
+    def facets(self, limit=20):
+        return photo_columns.facets(self.infos or [], limit)
 
     def stored_vectors(self, keys):
         row = {k: i for i, k in enumerate(self.keys)}
@@ -78,8 +105,9 @@ class NumpyIndex(VectorIndex):
         if not path.is_file():
             raise IndexLoadError(f"index version {version} does not exist")
         with np.load(path, allow_pickle=False) as z:
+            infos = [json.loads(t) for t in z["info"].tolist()] if "info" in z else None
             return NumpyView(version, str(z["model_id"]), z["keys"].tolist(), z["etags"].tolist(),
-                             z["vectors"])
+                             z["vectors"], infos)
 
     def published(self, model_id):
         return self._pointers().get(model_id)
@@ -135,9 +163,11 @@ class NumpyIndex(VectorIndex):
             raise DraftGone(f"no unpublished index version {version}")
         return self._drafts[version]
 
-    def write(self, version, keys, vectors, etags, part="0"):
+    def write(self, version, keys, vectors, etags, part="0", info=None):
         vectors = check_rows(keys, vectors, etags)
-        self._draft(version)["parts"][part] = (list(keys), list(etags), vectors.copy())
+        infos = photo_columns.check_infos(info, len(keys)) or [None] * len(keys)
+        infos = [photo_columns.clean_info(i, k) for i, k in zip(infos, keys)]
+        self._draft(version)["parts"][part] = (list(keys), list(etags), vectors.copy(), infos)
         return len(keys)
 
     def remove(self, version, keys, part="0"):
@@ -149,25 +179,26 @@ class NumpyIndex(VectorIndex):
         missing = [p for p in (parts or ()) if p not in draft["parts"]]
         if missing:
             raise DraftGone(f"part {missing[0]} of {len(parts)} is missing")
-        rows: dict[str, tuple[str, np.ndarray]] = {}
+        rows: dict[str, tuple[str, np.ndarray, dict | None]] = {}
         if draft["base"] is not None:
             if self.published(draft["model_id"]) != draft["base"]:
                 raise DraftGone(f"index version {draft['base']} is no longer published")
             base = self._load(draft["base"])
-            rows = {k: (e, v) for k, e, v in zip(base.keys, base.etags, base.vectors)}
+            rows = {k: (e, v, i) for k, e, v, i in zip(base.keys, base.etags, base.vectors,
+                                                       base.infos or [None] * base.count)}
         for part in sorted(draft["removed"]):
             for k in draft["removed"][part]:
                 rows.pop(k, None)
         for part in sorted(draft["parts"]):
-            keys, etags, vectors = draft["parts"][part]
-            rows.update({k: (e, v) for k, e, v in zip(keys, etags, vectors)})
+            rows.update({k: r for k, *r in zip(*draft["parts"][part])})
         keys = sorted(rows)
         vectors = np.stack([rows[k][1] for k in keys]) if keys else \
             np.zeros((0, draft["dim"]), np.float32)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.root / f"{version}.npz") as f:
             np.savez(f, keys=np.asarray(keys, str), etags=np.asarray([rows[k][0] for k in keys], str),
-                     vectors=vectors.astype(np.float32), model_id=np.asarray(draft["model_id"]))
+                     vectors=vectors.astype(np.float32), model_id=np.asarray(draft["model_id"]),
+                     info=np.asarray([json.dumps(rows[k][2]) for k in keys], str))
         write_atomic(self.root / "published.json",
                      json.dumps({**self._pointers(), draft["model_id"]: version}))
         del self._drafts[version]

@@ -1,4 +1,5 @@
-"""The service holds any index that speaks the interface (published / view / status / close):
+"""The service holds any index that speaks the interface (published / view / status / close;
+a view's search, info, info_counts, facets):
 here an exact NumPy index made in the test, local or "remote" (searches batched). It serves the
 same answers as FAISS, swaps versions, refuses another model's, and answers 503 while the index
 does not answer."""
@@ -25,6 +26,16 @@ class ExactView:
         top = np.argsort(-scores, axis=1, kind="stable")[:, :min(k, self.count)]
         out = (np.take_along_axis(scores, top, 1), [[self.keys[i] for i in row] for row in top])
         return out if readback is None else out + ([self.vectors[row, readback] for row in top],)
+
+    # a version without photo metadata
+    def info(self, keys):
+        return [None] * len(keys)
+
+    def info_counts(self):
+        return {"with_date": 0, "with_position": 0, "with_place": 0}
+
+    def facets(self, limit=20):
+        return {name: [] for name in ("folder", "country", "city", "camera", "year")}
 
 
 class ExactIndex:

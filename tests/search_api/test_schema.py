@@ -15,8 +15,10 @@ from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 OPERATIONS = [
+    "GET /facets",
     "GET /health",
     "GET /images/{key}",
+    "GET /images/{key}/info",
     "GET /metrics",
     "POST /admin/reload",
     "POST /encode_image",
@@ -25,8 +27,8 @@ OPERATIONS = [
     "POST /search_images_by_text",
     "POST /search_images_by_texts",
 ]
-# nothing to make schema-invalid in these (no parameters, no body)
-NO_NEGATIVE = {"GET /health", "GET /metrics"}
+# nothing to make schema-invalid in these (no parameters, no body; a key is any text)
+NO_NEGATIVE = {"GET /health", "GET /metrics", "GET /images/{key}/info"}
 # a schema cannot say "these bytes decode as an image": random bytes that fit `format: binary`
 # are rightly refused with 400 there, so "schema-valid data must be accepted" does not apply
 UPLOADS = {"POST /encode_image", "POST /search_images_by_image"}

@@ -1,0 +1,78 @@
+"""What a text query asks for: the words the model encodes and the filters it applies.
+
+`read_text_query(text, filters, parse_hints, now, tz)`: the dates and places written in the text
+("beach in July 2023", "snow in Norway last winter") become filters (query hints,
+`search_api.query_hints`) and the rest of the text is what the model encodes. The filters the
+request sends win over those read from the text: a hint whose field the request sets is dropped,
+and so are all hints when together with the request they would make an impossible filter
+(after > before). A text made only of hints ("Norway", "2019") is encoded whole: the model
+still needs words to rank by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import SimpleNamespace
+
+from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
+
+from indexer.photo_filter import PhotoFilter
+
+
+@dataclass(frozen=True)
+class TextQuery:
+    text: str  # as sent
+    encoded_text: str  # what the model encodes
+    filters: PhotoFilter  # the request's filters merged with the hints
+    hints: list[dict] = field(default_factory=list)  # {"field", "value", "text"} read from text
+
+    @property
+    def where(self) -> PhotoFilter | None:
+        """The filter to search with (None: no filter)."""
+        return None if self.filters.is_empty() else self.filters
+
+
+def read_hints(text: str, now: datetime, tz: str):
+    """The query-hints parser: .text (what is left for the model), .filters, .hints."""
+    return SimpleNamespace(text=text, filters=PhotoFilter(), hints=[])
+
+
+def _hint_fields(hint: dict) -> set[str]:
+    """The filter fields a hint sets ("taken" sets taken_after and taken_before)."""
+    name = hint["field"]
+    return {f for f in PhotoFilter.model_fields if f == name or f.startswith(name + "_")}
+
+
+def merge_filters(asked: PhotoFilter | None, hinted: PhotoFilter,
+                  hints: list[dict]) -> tuple[PhotoFilter, list[dict]]:
+    """The filter to apply and the hints that made it in (the request's fields win)."""
+    asked_fields = {} if asked is None else asked.model_dump(exclude_none=True)
+    kept = [h for h in hints if not _hint_fields(h) & set(asked_fields)]
+    kept_fields = set().union(*(_hint_fields(h) for h in kept)) if kept else set()
+    from_hints = {k: v for k, v in hinted.model_dump(exclude_none=True).items()
+                  if k in kept_fields}
+    if not from_hints:
+        return asked or PhotoFilter(), []
+    try:
+        return PhotoFilter.model_validate({**from_hints, **asked_fields}), kept
+    except ValidationError:  # e.g. a hinted date range against the request's: the request's
+        return asked or PhotoFilter(), []
+
+
+def _hint_out(hint) -> dict:
+    """A hint as the answer carries it (the parser's Hint or a dict)."""
+    if not isinstance(hint, dict):
+        hint = {"field": hint.field, "value": hint.value, "text": hint.text}
+    return {"field": hint["field"], "value": to_jsonable_python(hint.get("value")),
+            "text": hint.get("text")}
+
+
+def read_text_query(text: str, filters: PhotoFilter | None, parse_hints: bool, now: datetime,
+                    tz: str) -> TextQuery:
+    if not parse_hints:
+        return TextQuery(text, text, filters or PhotoFilter())
+    read = read_hints(text, now, tz)
+    merged, kept = merge_filters(filters, read.filters, [_hint_out(h) for h in read.hints])
+    encoded = " ".join(read.text.split()) if kept else text
+    return TextQuery(text, encoded or text, merged, kept)

@@ -1,0 +1,298 @@
+"""The photos' metadata in the vector-index contract, on every backend of
+tests/indexer/conftest.py: stored with the vectors (a rebuild, an update, a version written in
+parts), read back by `view.info`, counted (`info_counts`, `facets`), and filters applied inside
+the search: every field, a filter nobody matches, and a full page at 0.5 % selectivity."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from indexer.photo_columns import clean_info, facets, info_counts, public_info
+from indexer.photo_filter import PhotoFilter
+from indexer.vector_index import IndexLoadError
+
+from .helpers import unit_vectors
+
+MODEL = "test-model-1a2b3c"
+DIM = 32
+N = 2000
+K = 10
+DAY = 86400.0
+T2019 = 1546300800.0  # 2019-01-01T00:00:00Z
+CITIES = [("Lisbon", "Lisbon", "Portugal", "PT", 38.7223, -9.1393),
+          ("Porto", "Porto", "Portugal", "PT", 41.1579, -8.6291),
+          ("Oslo", "Oslo", "Norway", "NO", 59.9139, 10.7522),
+          ("Paris", "Île-de-France", "France", "FR", 48.8566, 2.3522)]
+CAMERAS = [("Canon", "Canon EOS R5"), ("Apple", "iPhone 14"), ("FUJIFILM", "X100V")]
+
+
+def sample_info(i: int) -> dict | None:
+    """A varied library: most photos with a date, a camera and a size; 80 % with a position
+    and a place; one in 200 (0.5 %) in the rare town; every 97th with no metadata at all."""
+    if i % 97 == 96:
+        return None
+    info = {"taken_at": T2019 + (i * 7919 % 2000) * DAY, "taken_at_source": "exif",
+            "width": 4000 if i % 3 else 3000, "height": 3000 if i % 3 else 4000,
+            "orientation": 1, "bytes": 1000 + i, "content_type": "image/jpeg"}
+    if i % 11 == 0:
+        info["width"] = info["height"] = 2000
+        info["taken_at_source"] = "modified"
+    if i % 5:
+        info["camera_make"], info["camera_model"] = CAMERAS[i % 3]
+    if i % 200 == 7:  # the rare town: 10 of 2000
+        info |= {"city": "Tiny Town", "region": "Nowhere", "country": "Iceland",
+                 "country_code": "IS", "lat": 64.0 + (i % 3) * 0.01, "lon": -21.0}
+    elif i % 5 != 4:
+        city, region, country, code, lat, lon = CITIES[i % 4]
+        info |= {"city": city, "region": region, "country": country, "country_code": code,
+                 "lat": lat + (i % 13) * 0.01, "lon": lon}
+    return info
+
+
+def sample_key(i: int) -> str:
+    return f"{2019 + i % 5}/{['beach', 'snow', 'city'][i % 3]}/{i:05d}.jpg"
+
+
+@pytest.fixture(scope="module")
+def library():
+    keys = [sample_key(i) for i in range(N)]
+    infos = [sample_info(i) for i in range(N)]
+    return keys, unit_vectors(N, DIM, seed=11), [f"e{i}" for i in range(N)], infos
+
+
+def exact_filtered(vectors, keys, infos, queries, where: PhotoFilter, k=K):
+    """The exact top k of the photos the filter passes (row-by-row definition)."""
+    rows = np.asarray([i for i, (key, info) in enumerate(zip(keys, infos))
+                       if where.matches(clean_info(info, key))], int)
+    if not len(rows):
+        return [[] for _ in queries], 0
+    scores = queries @ vectors[rows].T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[keys[j] for j in rows[row]] for row in top], len(rows)
+
+
+FILTERS = [
+    {"folders": ["2020"]},
+    {"folders": ["2021/snow", "2023/beach/"]},
+    {"taken_after": "2021-01-01", "taken_before": "2021-07-01"},
+    {"taken_before": "2019-03-01"},
+    {"camera": "canon eos r5"},
+    {"camera": "apple"},
+    {"country": "portugal"},
+    {"country": "no"},
+    {"region": "île-de-france"},
+    {"city": "PORTO"},
+    {"near": {"lat": 38.75, "lon": -9.14, "km": 20}},
+    {"near": {"lat": 40.0, "lon": -9.0, "km": 250}},
+    {"has_position": True},
+    {"has_position": False},
+    {"min_width": 3500},
+    {"min_height": 3500, "camera": "Canon"},
+    {"orientation": "landscape"},
+    {"orientation": "portrait", "country": "France"},
+    {"orientation": "square"},
+    {"city": "tiny town"},  # 0.5 %
+]
+
+
+def test_every_filter_field_inside_the_search(backend, library):
+    keys, vectors, etags, infos = library
+    backend.rebuild(MODEL, keys, vectors, etags, info=infos)
+    view = backend.view(MODEL)
+    queries = unit_vectors(20, DIM, seed=12)
+    for fields in FILTERS:
+        where = PhotoFilter.model_validate(fields)
+        truth, matching = exact_filtered(vectors, keys, infos, queries, where)
+        assert matching, fields
+        scores, found = view.search(queries, K, where=where)
+        # a full page whenever that many photos match, only photos that match
+        assert [len(r) for r in found] == [min(K, matching)] * len(queries), fields
+        assert scores.shape == (len(queries), min(K, matching))
+        passed = {k for k, i in zip(keys, infos) if where.matches(clean_info(i, k))}
+        assert all(k in passed for row in found for k in row), fields
+        hits = np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)])
+        assert hits >= 0.95, (fields, hits)
+        by_key = dict(zip(keys, vectors))
+        for row_scores, row_keys, q in zip(scores, found, queries):
+            np.testing.assert_allclose(row_scores, [by_key[k] @ q for k in row_keys], atol=1e-5)
+    # readback follows the filtered hits
+    where = PhotoFilter(city="Tiny Town")
+    _, found, tails = view.search(queries[:2], K, readback=DIM - 1, where=where)
+    by_key = dict(zip(keys, vectors))
+    for row_keys, row_tails in zip(found, tails):
+        np.testing.assert_array_equal(row_tails, [by_key[k][DIM - 1] for k in row_keys])
+
+
+def test_a_filter_nobody_matches_gives_empty_rows(backend, library):
+    keys, vectors, etags, infos = library
+    backend.rebuild(MODEL, keys, vectors, etags, info=infos)
+    view = backend.view(MODEL)
+    for fields in ({"city": "Atlantis"}, {"taken_after": "2100-01-01"},
+                   {"near": {"lat": -80, "lon": 0, "km": 10}}, {"folders": ["nowhere"]},
+                   {"country": "Portugal", "city": "Oslo"}, {"camera": "o'brien \"x\" %_\\"}):
+        scores, found = view.search(unit_vectors(3, DIM), K, where=PhotoFilter(**fields))
+        assert found == [[], [], []] and scores.shape == (3, 0), fields
+    # an empty filter restricts nothing
+    _, found = view.search(unit_vectors(2, DIM), K, where=PhotoFilter())
+    assert [len(r) for r in found] == [K, K]
+
+
+def test_metadata_round_trip_counts_and_facets(backend, library):
+    keys, vectors, etags, infos = library
+    backend.rebuild(MODEL, keys, vectors, etags, info=infos)
+    view = backend.view(MODEL)
+    rows = [clean_info(i, k) for k, i in zip(keys, infos)]
+    assert view.info(keys) == [public_info(r) for r in rows]
+    assert view.info(["not/indexed.jpg", keys[0]]) == [None, public_info(rows[0])]
+    assert view.info_counts() == info_counts(rows)
+    assert view.facets() == facets(rows) and view.facets(limit=2) == facets(rows, 2)
+    assert view.facets()["year"][0][0] in range(2019, 2025)
+
+
+def test_metadata_follows_updates_and_parts(backend, library):
+    keys, vectors, etags, infos = library
+    keys, vectors, etags, infos = keys[:300], vectors[:300], etags[:300], infos[:300]
+    base = backend.rebuild(MODEL, keys, vectors, etags, info=infos)["version"]
+    # an update: changed rows take their new metadata, deleted rows theirs with them
+    moved = {"city": "Oslo", "country": "Norway", "lat": 59.9, "lon": 10.7, "width": 10,
+             "height": 20}
+    fresh = ["2030/new/a.jpg", "2030/new/b.jpg"]
+    backend.update(MODEL, keys[:3] + fresh, vectors[:5], ["v2"] * 5,
+                   delete=keys[3:6], info=[moved] * 3 + [{"camera_model": "Z9"}, None])
+    view = backend.view(MODEL)
+    got = view.info(keys[:7] + fresh)
+    assert got[:3] == [public_info(clean_info(moved, k)) for k in keys[:3]]
+    assert got[3:6] == [None] * 3
+    assert got[6] == public_info(clean_info(infos[6], keys[6]))
+    assert got[7] == {"camera_model": "Z9", "folder": "2030/new"}
+    # a row written without metadata has none (its folder is not known from info either)
+    assert got[8] is None
+    where = PhotoFilter(city="oslo", orientation="portrait")
+    _, found = view.search(vectors[:1], 50, where=where)
+    assert set(found[0]) == {k for k in (keys[:3] + keys[6:]) if
+                             where.matches(clean_info(moved if k in keys[:3] else
+                                                      infos[keys.index(k)], k))}
+    assert set(keys[:3]) <= set(found[0])
+
+    # a version written in parts: each part's rows carry their metadata
+    version = backend.begin(MODEL, DIM)
+    backend.write(version, keys[:150], vectors[:150], etags[:150], part="p0", info=infos[:150])
+    backend.write(version, keys[150:], vectors[150:], etags[150:], part="p1", info=infos[150:])
+    backend.publish(version, parts=["p0", "p1"])
+    view = backend.view(MODEL)
+    assert view.version == version != base
+    assert view.info(keys) == [public_info(clean_info(i, k)) for k, i in zip(keys, infos)]
+    # an update in parts applies to the published version: untouched rows keep theirs
+    draft = backend.begin(MODEL, DIM, base=version)
+    backend.write(draft, keys[:2], vectors[:2], ["v3"] * 2, part="00000",
+                  info=[{"city": "Paris"}] * 2)
+    backend.remove(draft, keys[2:4], part="00001")
+    backend.write(draft, [], None, [], part="00001")
+    backend.publish(draft, parts=["00000", "00001"])
+    view = backend.view(MODEL)
+    assert view.info(keys[:5]) == [{"city": "Paris", "folder": folder} for folder in
+                                   (k.rsplit("/", 1)[0] for k in keys[:2])] + \
+        [None, None, public_info(clean_info(infos[4], keys[4]))]
+    _, found = view.search(vectors[:1], 200, where=PhotoFilter(city="paris"))
+    truth = {k for k, i in zip(keys[4:], infos[4:]) if i and i.get("city") == "Paris"}
+    assert set(found[0]) == truth | set(keys[:2])
+
+
+def test_a_version_written_without_metadata_matches_no_filter(backend, library):
+    keys, vectors, etags, _ = library
+    backend.rebuild(MODEL, keys[:100], vectors[:100], etags[:100])
+    view = backend.view(MODEL)
+    assert view.info(keys[:3]) == [None, None, None]
+    assert view.info_counts() == {"with_date": 0, "with_position": 0, "with_place": 0}
+    scores, found = view.search(vectors[:2], K, where=PhotoFilter(city="Lisbon"))
+    assert found == [[], []] and scores.shape == (2, 0)
+    _, found = view.search(vectors[:2], K, where=PhotoFilter())
+    assert [len(r) for r in found] == [K, K]
+
+
+# --- FAISS: the table in each version, and each way a filtered search runs -----------------
+def test_faiss_keeps_the_table_in_the_version_under_its_checksum(faiss_index, library):
+    from indexer.repository import INFO_FILE
+
+    keys, vectors, etags, infos = library
+    version = faiss_index.rebuild(MODEL, keys, vectors, etags, info=infos)["version"]
+    vdir = faiss_index.repo.versions_dir / version
+    manifest = faiss_index.repo.read_manifest(version)
+    assert INFO_FILE in manifest["checksums"] and (vdir / INFO_FILE).is_file()
+    # a damaged table fails the validation before anyone searches it
+    raw = bytearray((vdir / INFO_FILE).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (vdir / INFO_FILE).write_bytes(bytes(raw))
+    with pytest.raises(IndexLoadError, match="info.parquet is corrupt"):
+        faiss_index.view(MODEL)
+    # a table of another length than the version's, under a matching checksum, too
+    from core.hashing import sha256_file
+    from indexer.photo_table import PhotoTable
+
+    PhotoTable.from_rows([None] * 3).write(vdir / INFO_FILE)
+    manifest["checksums"][INFO_FILE] = sha256_file(vdir / INFO_FILE)
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="3 rows for 2000 vectors"):
+        faiss_index.view(MODEL)
+
+
+def test_faiss_versions_made_before_metadata_still_load(faiss_index):
+    from .helpers import publish_random
+
+    publish_random(faiss_index.repo, n=20, model_id=MODEL)  # no table, as versions before it
+    view = faiss_index.view(MODEL)
+    assert view.photos is None and view.info(view.keys[:2]) == [None, None]
+    _, found = view.search(unit_vectors(2, 8), 5, where=PhotoFilter(has_position=False))
+    assert found == [[], []]
+    assert [len(r) for r in view.search(unit_vectors(2, 8), 5)[1]] == [5, 5]
+    # an update without metadata keeps it so; one with metadata starts a table
+    faiss_index.update(MODEL, ["new/a.jpg"], unit_vectors(1, 8), ["e"])
+    assert faiss_index.view(MODEL).photos is None
+    faiss_index.update(MODEL, ["new/b.jpg"], unit_vectors(1, 8, seed=3), ["e"],
+                       info=[{"city": "Oslo"}])
+    view = faiss_index.view(MODEL)
+    assert view.info(["new/a.jpg", "new/b.jpg"]) == [None, {"city": "Oslo", "folder": "new"}]
+    assert view.search(unit_vectors(1, 8), 5, where=PhotoFilter(city="oslo"))[1] == \
+        [["new/b.jpg"]]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, kind):
+    """Selector search (flat; IVF with nprobe raised, and lists added for rows still short)
+    and exact search over few ids: a full page of the best passing photos, always."""
+    from indexer import index_policy, repository
+
+    monkeypatch.setattr(repository, "EXACT_MIN_ROWS", 0)
+    monkeypatch.setattr(repository, "GATHER_COST", 1e9)  # selector search whenever it can
+    if kind == "ivf":
+        monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    n = 6000
+    rng = np.random.default_rng(5)
+    centers = unit_vectors(20, DIM, seed=6)
+    cluster = rng.integers(0, 20, n)
+    vectors = centers[cluster] + 0.15 * rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [f"c{c:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
+    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=[{}] * n)
+    view = faiss_index.view(MODEL)
+    assert (view.manifest["index_params"]["kind"] == kind)
+    queries = centers[:5] + 0.05  # near clusters 0..4: the filter's photos are far away
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for folders in (["c17"], ["c18", "c19"], [f"c{c:02d}" for c in range(5, 20)]):
+        where = PhotoFilter(folders=folders)
+        passing = view.passing(where)
+        assert passing.ids is None and passing.bitmap is not None
+        truth, matching = exact_filtered(vectors, keys, [{}] * n, queries, where, k=50)
+        scores, found = view.search(queries, 50, where=where)
+        assert [len(r) for r in found] == [50] * 5
+        assert np.mean([len(set(f) & set(t)) / 50 for f, t in zip(found, truth)]) >= 0.95
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # few ids: exact search over just them
+    monkeypatch.setattr(repository, "GATHER_COST", 1.0)
+    view = faiss_index.view(MODEL)
+    where = PhotoFilter(folders=["c03"])
+    assert view.passing(where).ids is not None
+    truth, _ = exact_filtered(vectors, keys, [{}] * n, queries, where, k=50)
+    assert view.search(queries, 50, where=where)[1] == truth
