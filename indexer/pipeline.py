@@ -3,6 +3,10 @@
 Photos are listed by `indexer.listing` (what a photo is: `encoder.image_formats`). A file the
 decoders refuse is reported (`failed`, the log) and, given a `RefusalTable`, remembered by key
 and etag, so later runs skip it until it changes; it never stops a run.
+
+Each photo's metadata (`indexer.photo_info`: date, camera, position and place, size, folder) is
+read from the same fetched bytes while it is embedded, places looked up once per batch, and
+stored beside its vector.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from encoder import Encoder
 from encoder.image_formats import is_raw_key
 from encoder.preprocessing import BadImage, decode_image
 from indexer.listing import RefusalTable, list_images, warn_if_empty
+from indexer.photo_info import add_places, extract_photo_info
 from indexer.vector_index import IndexLoadError, VectorIndex
 from objectstore import ObjectInfo, ObjectStore
 
@@ -35,14 +40,18 @@ class EmbedResult:
     etags: list[str] = field(default_factory=list)
     vectors: np.ndarray | None = None
     failed: dict[str, str] = field(default_factory=dict)  # key -> why
+    infos: list[dict] = field(default_factory=list)  # each key's photo metadata, same order
 
 
 def _load(store: ObjectStore, encoder: Encoder, info: ObjectInfo):
+    """(listing, pixels, photo metadata without its place, None) or (listing, None, None, why)."""
     try:
-        image = decode_image(store.get(info.key), raw=is_raw_key(info.key))
-        return info, encoder.preprocess(image), None
+        data = store.get(info.key)
+        image = decode_image(data, raw=is_raw_key(info.key))
+        pixels = encoder.preprocess(image)
     except BadImage as exc:
-        return info, None, str(exc)
+        return info, None, None, str(exc)
+    return info, pixels, extract_photo_info(data, info, places=False), None
 
 
 def _remember(refusals: RefusalTable | None, objects: dict[str, ObjectInfo],
@@ -55,9 +64,10 @@ def _remember(refusals: RefusalTable | None, objects: dict[str, ObjectInfo],
 
 def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
                  batch_size: int, workers: int = 4, prefetch: int = 2
-                 ) -> Iterator[tuple[list, torch.Tensor | None, dict]]:
-    """Fetch+decode in threads, `prefetch` batches ahead of the forward pass (so fetching and
-    decoding overlap the model's compute); yields (infos, pixels, failures) in order."""
+                 ) -> Iterator[tuple[list, torch.Tensor | None, dict, list[dict]]]:
+    """Fetch+decode (and read each photo's metadata) in threads, `prefetch` batches ahead of
+    the forward pass (so fetching and decoding overlap the model's compute); yields (listings,
+    pixels, failures, photo metadata) in order, the places of a batch looked up at once."""
     chunks = [objects[s:s + batch_size] for s in range(0, len(objects), batch_size)]
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
@@ -74,10 +84,12 @@ def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo]
                 pending.append(submit(chunks[queued]))
                 queued += 1
             loaded = [f.result() for f in futures]
-            ok = [(i, t) for i, t, err in loaded if err is None]
-            failed = {i.key: err for i, _, err in loaded if err is not None}
-            pixels = torch.stack([t for _, t in ok]) if ok else None
-            yield [i for i, _ in ok], pixels, failed
+            ok = [(i, t, meta) for i, t, meta, err in loaded if err is None]
+            failed = {i.key: err for i, _, _, err in loaded if err is not None}
+            pixels = torch.stack([t for _, t, _ in ok]) if ok else None
+            photo_infos = [meta for _, _, meta in ok]
+            add_places(photo_infos)
+            yield [i for i, _, _ in ok], pixels, failed, photo_infos
 
 
 def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
@@ -85,15 +97,17 @@ def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo
     out = EmbedResult()
     chunks = []
     with tqdm(total=len(objects), desc="embed", unit="img", disable=not progress) as bar:
-        for infos, pixels, failed in iter_batches(store, encoder, objects, batch_size):
+        for listed, pixels, failed, photo_infos in iter_batches(store, encoder, objects,
+                                                                batch_size):
             out.failed.update(failed)
             for key, why in failed.items():
                 log.warning("skipping %s: %s", key, why)
             if pixels is not None:
                 chunks.append(encoder.scoring.image_vectors(encoder.encode_pixels(pixels)))
-                out.keys += [i.key for i in infos]
-                out.etags += [i.etag for i in infos]
-            bar.update(len(infos) + len(failed))
+                out.keys += [i.key for i in listed]
+                out.etags += [i.etag for i in listed]
+                out.infos += photo_infos
+            bar.update(len(listed) + len(failed))
     out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.scoring.index_dim), np.float32)
     return out
 
@@ -128,7 +142,7 @@ def rebuild(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: st
     _remember(refusals, listed, res.failed)
     out = index.rebuild(encoder.model_id, res.keys, res.vectors, res.etags,
                         extra={"source": store.describe(), "prefix": prefix},
-                        tuning_queries=encoder.scoring.tuning_queries())
+                        tuning_queries=encoder.scoring.tuning_queries(), info=res.infos)
     return IndexReport("rebuilt", out["version"], out["count"], added=len(res.keys),
                        failed=res.failed, refused_before=len(skip), warnings=warnings,
                        seconds=time.perf_counter() - t0)
@@ -174,7 +188,7 @@ def update(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str
                            seconds=time.perf_counter() - t0)
     out = index.update(encoder.model_id, res.keys, res.vectors, res.etags, delete=gone,
                        extra={"source": store.describe(), "prefix": prefix},
-                       tuning_queries=encoder.scoring.tuning_queries())
+                       tuning_queries=encoder.scoring.tuning_queries(), info=res.infos)
     return IndexReport("updated", out["version"], out["count"], added=len(res.keys),
                        removed=len(gone), failed=res.failed, refused_before=len(skip),
                        warnings=warnings, seconds=time.perf_counter() - t0)

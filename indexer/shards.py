@@ -220,7 +220,8 @@ def embed_shard(store: ObjectStore, encoder, index: VectorIndex, shard: Shard,
         refusals.update({k: (objects[k].etag, why) for k, why in res.failed.items()}, objects,
                         lambda k: k.startswith(shard.prefix) and shard.covers(k))
     try:
-        index.write(shard.draft, res.keys, res.vectors, res.etags, part=shard.part)
+        index.write(shard.draft, res.keys, res.vectors, res.etags, part=shard.part,
+                    info=res.infos)
         if shard.mode == "update":  # a changed key embedded again is upserted, not removed
             embedded = set(res.keys)
             index.remove(shard.draft, [k for k in gone if k not in embedded], part=shard.part)

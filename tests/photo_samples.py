@@ -122,3 +122,44 @@ def write_library(root: Path) -> dict[str, bytes]:
 
 
 BROKEN = "2024/Snow/broken.jpg"
+
+
+def photo_exif(taken: str | None = "2023:07:14 18:30:05", offset: str | None = "+02:00",
+               make: str | None = "Canon", model: str | None = "EOS R6",
+               position: tuple[float, float] | None = (38.7223, -9.1393),
+               orientation: int | None = None) -> Image.Exif:
+    """EXIF as a camera writes it: DateTimeOriginal and OffsetTimeOriginal in the Exif IFD,
+    Make/Model (and Orientation) in IFD0, the position as degrees/minutes/seconds rationals
+    with N/S and E/W references in the GPS IFD (0x8825). None leaves a field out."""
+    exif = Image.Exif()
+    if make is not None:
+        exif[0x010F] = make
+    if model is not None:
+        exif[0x0110] = model
+    if orientation is not None:
+        exif[0x0112] = orientation
+    if taken is not None or offset is not None:
+        sub = exif.get_ifd(0x8769)
+        if taken is not None:
+            sub[0x9003] = taken
+        if offset is not None:
+            sub[0x9011] = offset
+    if position is not None:
+        gps = exif.get_ifd(0x8825)
+        for ref_tag, tag, value, refs in ((1, 2, position[0], "NS"), (3, 4, position[1], "EW")):
+            magnitude = abs(value)
+            degrees = int(magnitude)
+            minutes = int((magnitude - degrees) * 60)
+            seconds = round(((magnitude - degrees) * 60 - minutes) * 60, 4)
+            gps[ref_tag] = refs[value < 0]
+            gps[tag] = (float(degrees), float(minutes), seconds)
+    return exif
+
+
+def photo_bytes(fmt: str, exif: Image.Exif | bytes | None, size=(64, 48),
+                color=RED) -> bytes:
+    """One image in Pillow format `fmt` (HEIF written by pillow-heif) carrying `exif`."""
+    buf = io.BytesIO()
+    extra = {} if exif is None else {"exif": exif if isinstance(exif, bytes) else exif.tobytes()}
+    Image.new("RGB", size, color).save(buf, fmt, **extra)
+    return buf.getvalue()

@@ -88,9 +88,10 @@ def test_prefetching_batches_keep_order(encoder, tiny_flickr, tmp_path):
     store.put("img/broken.jpg", b"not an image")
     objects = sorted(store.list("img/"), key=lambda o: o.key)
     seen, failed = [], {}
-    for infos, pixels, bad in iter_batches(store, encoder, objects, batch_size=5):
-        assert pixels is None or len(pixels) == len(infos)
-        seen += [i.key for i in infos]
+    for listed, pixels, bad, photo_infos in iter_batches(store, encoder, objects, batch_size=5):
+        assert pixels is None or len(pixels) == len(listed)
+        assert [i["folder"] for i in photo_infos] == ["img"] * len(listed)
+        seen += [i.key for i in listed]
         failed.update(bad)
     assert seen == [o.key for o in objects if o.key != "img/broken.jpg"]
     assert list(failed) == ["img/broken.jpg"]
