@@ -619,28 +619,21 @@ const HINT_GROUPS = {taken: TAKEN, date: TAKEN, taken_at: TAKEN, place: [...PLAC
                      folder: ["folders"]};
 
 function hintFields(hint) {
-  const fields = new Set(HINT_GROUPS[hint.field] || [String(hint.field)]);
-  if (hint.value && typeof hint.value === "object" && !Array.isArray(hint.value)) {
-    Object.keys(hint.value).forEach((k) => fields.add(k));
-  }
-  return fields;
+  return HINT_GROUPS[hint.field] || [String(hint.field)];
 }
 
 // One chip per piece of the query (a month gives both ends of a range: one chip), with the
-// filter values the service applied for it, so the page can send them itself later.
+// filter values the service applied for it (its `filters`, in PhotoFilter's own fields), so the
+// page can send them itself later.
 function chipsFrom(hints, applied) {
   const chips = new Map();
+  const known = applied && typeof applied === "object" ? applied : {};
   for (const hint of Array.isArray(hints) ? hints : []) {
     if (!hint || typeof hint !== "object") continue;
     const label = String(hint.text || hint.value || hint.field);
     const chip = chips.get(label) || {label: label, kind: "filter", filters: {}};
     for (const field of hintFields(hint)) {
-      let value = applied && applied[field] !== undefined && applied[field] !== null
-        ? applied[field] : undefined;
-      if (value === undefined && field === hint.field) value = hint.value;
-      if (value === undefined && hint.value && typeof hint.value === "object") {
-        value = hint.value[field];
-      }
+      const value = known[field];
       if (value === undefined || value === null) continue;
       chip.filters[field] = value;
       if (field.startsWith("taken_")) chip.kind = "date";
