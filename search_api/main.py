@@ -3,13 +3,14 @@ backend publishes, the object store), then serves queries."""
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 from importlib.metadata import version
 
 from fastapi import FastAPI
 
 from core.settings import Settings, get_settings
-from search_api import errors
+from search_api import errors, text_queries
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyGuardMiddleware, HeadAsGetMiddleware, \
     SecurityHeadersMiddleware
@@ -69,6 +70,20 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     return service
 
 
+def warm_up_query_hints() -> threading.Thread:
+    """Load the query-hints parser's tables (seconds) in the background, so that neither the
+    start nor the first query waits for them."""
+    def run():
+        try:
+            text_queries.warm_up()
+        except Exception:  # the first query tries again (and answers the error)
+            log.exception("query hints: warm-up failed")
+
+    thread = threading.Thread(target=run, name="query-hints-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
 def _openapi_security(app: FastAPI, settings: Settings) -> None:
     """Without API_KEY nothing is guarded: do not advertise a key in the schema."""
     if settings.api_key:
@@ -102,6 +117,7 @@ def create_app(settings: Settings | None = None,
             app.state.service = build_service(settings)
         app.state.service.stages.sink = metrics.observe_stage
         app.state.service.start()
+        warm_up_query_hints()
         yield
         app.state.service.stop()
 

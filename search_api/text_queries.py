@@ -7,17 +7,22 @@ request sends win over those read from the text: a hint whose field the request 
 and so are all hints when together with the request they would make an impossible filter
 (after > before). A text made only of hints ("Norway", "2019") is encoded whole: the model
 still needs words to rank by.
+
+The parser's first use loads its tables (seconds): `warm_up()` does that at start-up, and
+the routes read queries in the thread pool, never on the event loop.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import SimpleNamespace
 
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
 from indexer.photo_filter import PhotoFilter
+from search_api import query_hints
+from search_api.query_hints import read_hints
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,6 @@ class TextQuery:
     def where(self) -> PhotoFilter | None:
         """The filter to search with (None: no filter)."""
         return None if self.filters.is_empty() else self.filters
-
-
-def read_hints(text: str, now: datetime, tz: str):
-    """The query-hints parser: .text (what is left for the model), .filters, .hints."""
-    return SimpleNamespace(text=text, filters=PhotoFilter(), hints=[])
 
 
 def _hint_fields(hint: dict) -> set[str]:
@@ -76,3 +76,24 @@ def read_text_query(text: str, filters: PhotoFilter | None, parse_hints: bool, n
     merged, kept = merge_filters(filters, read.filters, [_hint_out(h) for h in read.hints])
     encoded = " ".join(read.text.split()) if kept else text
     return TextQuery(text, encoded or text, merged, kept)
+
+
+def read_text_queries(texts: list[str], filters: PhotoFilter | None, parse_hints: bool,
+                      now: datetime, tz: str) -> list[TextQuery]:
+    """read_text_query of each text (one call for a batch: one thread-pool hop)."""
+    if parse_hints and not _warm.is_set():
+        warm_up()
+    return [read_text_query(t, filters, parse_hints, now, tz) for t in texts]
+
+
+_warm = threading.Event()
+_warm_lock = threading.Lock()
+
+
+def warm_up() -> None:
+    """Load the hints parser's tables now rather than on the first query. Once, under a lock:
+    two threads loading them at once (start-up and a first query) race in their imports."""
+    with _warm_lock:
+        if not _warm.is_set():
+            query_hints.warm_up()
+            _warm.set()

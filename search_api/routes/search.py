@@ -8,6 +8,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -19,7 +20,7 @@ from indexer.photo_filter import PhotoFilter
 from search_api.schemas import FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, EmbeddingOut, \
     SearchOut
 from search_api.search_service import Results
-from search_api.text_queries import TextQuery, read_text_query
+from search_api.text_queries import TextQuery, read_text_queries
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
@@ -59,12 +60,15 @@ def _out(request: Request, query: str, model_id: str, results: Results, urls: bo
             "hints": asked.hints if asked is not None else []}
 
 
-def _read_query(request: Request, text: str, filters: PhotoFilter | None,
-                parse_hints: bool) -> TextQuery:
-    """The text as the service searches it: hints read with the service's clock and zone."""
+async def _read_queries(request: Request, texts: list[str], filters: PhotoFilter | None,
+                        parse_hints: bool) -> list[TextQuery]:
+    """The texts as the service searches them: hints read with the service's clock and zone,
+    in the thread pool (the parser's tables may still be loading)."""
     settings = request.app.state.settings
-    return read_text_query(text, filters, parse_hints, datetime.now(timezone.utc),
-                           settings.query_time_zone)
+    if not parse_hints:
+        return read_text_queries(texts, filters, False, None, None)
+    return await run_in_threadpool(read_text_queries, texts, filters, True,
+                                   datetime.now(timezone.utc), settings.query_time_zone)
 
 
 def _form_filters(model: type[PhotoFilter], raw: str | None) -> PhotoFilter | None:
@@ -142,7 +146,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             return _json(_out(request, body.text, service.model_id, results, urls=False,
                               asked=asked))
         service.ready()  # before encoding: 503 at once
-        asked = _read_query(request, body.text, body.filters, body.parse_hints)
+        [asked] = await _read_queries(request, [body.text], body.filters, body.parse_hints)
         vec = await service.encoders.encode_texts([asked.encoded_text])
         [results] = await service.search(vec, body.top_k, body.offset, body.min_score,
                                          body.min_match, asked.where)
@@ -178,7 +182,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     async def search_images_by_texts(request: Request, body: BatchBody):
         service = request.app.state.service
         service.ready()
-        asked = [_read_query(request, q, body.filters, body.parse_hints) for q in body.queries]
+        asked = await _read_queries(request, body.queries, body.filters, body.parse_hints)
         vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
         found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
                                      [a.where for a in asked])

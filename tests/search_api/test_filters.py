@@ -1,7 +1,7 @@
 """Filters on every search route, the hints read from the query text, each hit's metadata,
-GET /images/{key}/info, GET /facets and the /health counts, on an index the test makes with
-metadata (the NumPy test backend: exact, so a filtered page can be checked against the photos
-the filter matches)."""
+GET /images/{key}/info, GET /facets and the /health counts, on indexes the test makes with
+metadata: the NumPy test backend and FAISS (a flat index: exact, so a filtered page can be
+checked against the photos the filter matches)."""
 from __future__ import annotations
 
 import io
@@ -16,6 +16,8 @@ from PIL import Image
 
 from core.settings import RequestLimits, Settings
 from indexer.photo_filter import PhotoFilter
+from indexer.faiss_index import FaissIndex
+from indexer.repository import IndexRepository
 from objectstore import LocalStore
 from search_api import text_queries
 from search_api.main import build_service, create_app
@@ -62,14 +64,15 @@ BEACH = {k for k in PHOTOS if k.startswith("2023/beach/")}
 SNOW = {k for k in PHOTOS if k.startswith("2024/Snow/")}
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, encoder):
-    tmp = tmp_path_factory.mktemp("filters")
+@pytest.fixture(scope="module", params=["numpy", "faiss"])
+def app(request, tmp_path_factory, encoder):
+    tmp = tmp_path_factory.mktemp(f"filters-{request.param}")
     keys = list(PHOTOS)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(len(keys), encoder.dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    index = NumpyIndex(tmp / "index" / "numpy")
+    index = NumpyIndex(tmp / "index" / "numpy") if request.param == "numpy" else \
+        FaissIndex(IndexRepository(tmp / "index"))
     index.rebuild(encoder.model_id, keys, encoder.scoring.image_vectors(emb),
                   [f"etag{i}" for i in range(len(keys))], info=list(PHOTOS.values()))
     settings = Settings(index_dir=str(tmp / "index"), reload_interval_s=0, _env_file=None)
@@ -247,6 +250,16 @@ def test_hints_become_filters_and_the_rest_is_encoded(client, hints):
                                                  "taken_after": "2024-01-01",
                                                  "taken_before": "2025-01-01"}}))
     assert _keys(body) == _keys(alone)
+
+
+def test_the_real_parser_reads_dates_and_places(client):
+    body = _ok(client.post(S, json={"text": "snow in Norway in January 2024", "top_k": 30}))
+    assert body["encoded_text"] == "snow" and set(_keys(body)) == SNOW
+    assert {h["field"] for h in body["hints"]} == {"country", "taken"}
+    assert body["filters"]["taken_after"].startswith("2024-01-01")
+    named = _ok(client.post(S, json={"text": "a dog named July", "top_k": 30}))
+    assert named["hints"] == [] and named["encoded_text"] == "a dog named July"
+    assert named["total"] == len(PHOTOS)
 
 
 def test_parse_hints_false_encodes_the_whole_text(client, hints):
