@@ -2,7 +2,9 @@
 
 Type a query, see thumbnails that really load with each hit's match, page on, open the full
 image, then search by an uploaded image and by a dropped one (the service needs an API key for
-that: the page asks for it). Screenshots of the results land in test-artifacts/ (git-ignored).
+that: the page asks for it). The same at a desktop width and on a 390 x 844 touch screen: the
+header wraps there, nothing scrolls sideways, every control is on screen and can be tapped.
+Screenshots of the results land in test-artifacts/ (git-ignored).
 
 `make setup` installs Debian's chromium (playwright drives that binary; no browser download);
 without it these tests fail rather than skip.
