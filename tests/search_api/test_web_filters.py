@@ -119,6 +119,10 @@ def test_filter_bar_choices_come_from_the_facets(page, base_url):
     _open(page, base_url)
     assert page.is_visible("#filter-box") and page.is_visible("#f-folder")  # open on a desktop
     assert "with a date" in page.text_content("#status")
+    for name, control in [("Year", "f-year"), ("From", "f-after"), ("To", "f-before"),
+                          ("Place", "f-place"), ("Folder", "f-folder"), ("Camera", "f-camera")]:
+        # each control is named by its label (screen readers, get_by_label)
+        assert page.get_by_label(name, exact=True).get_attribute("id") == control
     assert {"photos/2023/beach (5)", "photos/2024/Snow (3)"} <= set(_options(page, "#f-folder"))
     places = _options(page, "#f-place")
     assert {"Portugal (5)", "Norway (3)", "Lisbon (5)", "Oslo (3)"} <= set(places)
