@@ -321,6 +321,22 @@ def test_phone_filters_and_details_fit(phone, base_url):
     _assert_in_viewport(box, ["#viewer-close"], min_height=44)
     page.tap("#viewer-close")
     assert page.is_hidden("#viewer")
+
+    # a chip fits and can be tapped away
+    page.tap("#f-clear")
+    page.evaluate("() => window.scrollTo(0, 0)")
+    page.fill("#q", "a red circle in Norway")
+    page.tap("#search-btn")
+    page.wait_for_selector("#chips .chip")
+    page.wait_for_function(SEARCHED)
+    assert sorted(h["key"] for h in _results(page)) == SNOW
+    _assert_no_sideways_scroll(page, PHONE["width"])
+    page.locator("#chips .remove").scroll_into_view_if_needed()
+    _assert_in_viewport(_layout(page, ["#chips .remove"]), ["#chips .remove"], min_height=44)
+    page.tap("#chips .remove")
+    page.wait_for_function(f"() => document.getElementById('summary').textContent"
+                           f".includes('of {len(LIBRARY)} ')")
+    assert page.is_hidden("#chips-row")
     assert not page.errors, page.errors
 
 
