@@ -120,11 +120,10 @@ def add_places(infos: Iterable[dict]) -> None:
 def _read_pillow(data: bytes, out: dict) -> None:
     with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as im:  # the header only
         width, height = im.size
-        exif = _exif_of(im)
         upright = _size_is_upright(im)
         # pillow-heif turns the image upright itself and resets the tag to 1
         camera_orientation = im.info.get("original_orientation") if im.format == "HEIF" else None
-    _read_exif(exif, out)
+        _read_exif(_exif_of(im), out)  # while open: a TIFF's sub-IFDs are read from its file
     if isinstance(camera_orientation, int) and 1 <= camera_orientation <= 8:
         out["orientation"] = camera_orientation
     if upright:

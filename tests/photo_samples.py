@@ -158,8 +158,19 @@ def photo_exif(taken: str | None = "2023:07:14 18:30:05", offset: str | None = "
 
 def photo_bytes(fmt: str, exif: Image.Exif | bytes | None, size=(64, 48),
                 color=RED) -> bytes:
-    """One image in Pillow format `fmt` (HEIF written by pillow-heif) carrying `exif`."""
+    """One image in Pillow format `fmt` (HEIF written by pillow-heif) carrying `exif` (TIFF:
+    in its own IFD0, with the Exif and GPS IFDs as sub-IFDs, as cameras and scanners write it)."""
     buf = io.BytesIO()
-    extra = {} if exif is None else {"exif": exif if isinstance(exif, bytes) else exif.tobytes()}
+    if exif is None:
+        extra = {}
+    elif fmt == "TIFF" and isinstance(exif, Image.Exif):
+        tags = dict(exif.items())
+        for pointer in (0x8769, 0x8825):
+            sub_ifd = dict(exif.get_ifd(pointer))
+            if sub_ifd:
+                tags[pointer] = sub_ifd
+        extra = {"tiffinfo": tags}
+    else:
+        extra = {"exif": exif if isinstance(exif, bytes) else exif.tobytes()}
     Image.new("RGB", size, color).save(buf, fmt, **extra)
     return buf.getvalue()

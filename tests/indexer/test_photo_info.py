@@ -32,6 +32,7 @@ def info_of(key: str, data: bytes, last_modified: float | None = MODIFIED, **kw)
     ("AVIF", "avif", "image/avif"),
     ("WEBP", "webp", "image/webp"),
     ("PNG", "png", "image/png"),
+    ("TIFF", "TIF", "image/tiff"),
 ])
 def test_exif_date_camera_position_and_place(fmt, suffix, mime):
     data = photo_bytes(fmt, photo_exif(), size=(80, 60))
@@ -131,9 +132,10 @@ def test_size_is_as_displayed(fmt, orientation):
 
 
 def test_tiff_camera_and_orientation():
-    data = photo_bytes("TIFF", photo_exif(orientation=6, taken=None, position=None))
+    data = photo_bytes("TIFF", photo_exif(orientation=6, position=None))
     info = info_of("scans/a.TIFF", data)
     assert (info["camera_make"], info["camera_model"]) == ("Canon", "EOS R6")
+    assert info["taken_at"] == pytest.approx(JULY_14_2023_1830_PLUS2)
     assert (info["width"], info["height"], info["orientation"]) == (48, 64, 6)
     assert info["content_type"] == "image/tiff" and info["folder"] == "scans"
 
@@ -287,13 +289,24 @@ def _library_store(root):
     return store
 
 
-def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_path):
-    from indexer import pipeline
+def _index(kind, root):
+    if kind == "faiss":
+        from indexer.faiss_index import FaissIndex
+
+        return FaissIndex(root)
     from tests.indexer.numpy_index import NumpyIndex
 
-    store, index = _library_store(tmp_path / "store"), NumpyIndex(tmp_path / "index")
+    return NumpyIndex(root)
+
+
+@pytest.mark.parametrize("kind", ["faiss", "numpy"])
+def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_path, kind):
+    from indexer import pipeline
+
+    store, index = _library_store(tmp_path / "store"), _index(kind, tmp_path / "index")
     assert pipeline.rebuild(store, encoder, index, "lib/", progress=False).count == 3
-    store.put("lib/2024/d.jpg", photo_bytes("JPEG", photo_exif(position=(-33.8688, 151.2093))))
+    store.put("lib/2024/d.jpg", photo_bytes("JPEG", photo_exif(
+        taken="2024:01:05 10:00:00", offset="+11:00", position=(-33.8688, 151.2093))))
     assert pipeline.update(store, encoder, index, "lib/", progress=False).added == 1
 
     view = index.view(encoder.model_id)
@@ -305,12 +318,31 @@ def test_rebuild_and_update_store_the_metadata_beside_the_vectors(encoder, tmp_p
     assert d["country_code"] == "AU" and missing is None
     assert view.info_counts() == {"with_date": 3, "with_position": 3, "with_place": 3}
 
+    # what was read from the photos is what a filter inside the search sees
+    from datetime import datetime as dt
 
-def test_shards_write_the_metadata_into_their_parts(encoder, tmp_path):
+    import numpy as np
+
+    from indexer.photo_filter import PhotoFilter
+
+    query = np.ones((1, encoder.scoring.index_dim), np.float32)
+    for where, expected in [
+        (PhotoFilter(country="portugal"), ["lib/2023/beach/a.jpg"]),
+        (PhotoFilter(city="Paris"), ["lib/2024/b.heic"]),
+        (PhotoFilter(folders=["lib/2024"]), ["lib/2024/b.heic", "lib/2024/d.jpg"]),
+        (PhotoFilter(camera="eos r6", taken_after=dt(2023, 7, 14, 16, 30, 5),
+                     taken_before=dt(2023, 7, 14, 16, 30, 6)), ["lib/2023/beach/a.jpg"]),
+        (PhotoFilter(near={"lat": -33.87, "lon": 151.21, "km": 20}), ["lib/2024/d.jpg"]),
+    ]:
+        _, found = view.search(query, 10, where=where)
+        assert sorted(found[0]) == expected, where
+
+
+@pytest.mark.parametrize("kind", ["faiss", "numpy"])
+def test_shards_write_the_metadata_into_their_parts(encoder, tmp_path, kind):
     from indexer import shards
-    from tests.indexer.numpy_index import NumpyIndex
 
-    store, index = _library_store(tmp_path / "store"), NumpyIndex(tmp_path / "index")
+    store, index = _library_store(tmp_path / "store"), _index(kind, tmp_path / "index")
     facts = lambda: (encoder.scoring.index_dim, encoder.scoring.tuning_queries())  # noqa: E731
     plan = shards.plan(store, index, "lib/", encoder.model_id, 2, 8, facts)
     assert len(plan) == 2
