@@ -14,24 +14,26 @@ What is read (everything else stays in the text):
            year ranges ("2015-2018", "between 2015 and 2018"), and since/after/before/until
            in front of any of them (one bound only).
   places   a country, region or city of core.places.place_names(), longest name first, read
-           only after a cue ("in", "near", "from", "trip to" ...) or, capitalised, at the end
-           of the query; never a name that is also an ordinary English word unless written
-           with a capital ("in Nice", not "in nice weather"), never one followed by a word it
-           may qualify ("Jordan shoes", "Paris Hilton").
+           only after a cue ("in", "near", "from", "over", "trip to" ...), capitalised at the
+           end of the query ("Eiffel tower Paris"), or with the region or country it lies in
+           ("Lisbon, Portugal", "Austin texas"); never a name that is also an ordinary English
+           word unless written with a capital ("in Nice", not "in nice weather"), never one
+           followed by a word it may qualify ("Jordan shoes", "Paris Hilton"), never a month
+           ("in March" is not March, England). One country, region and city each.
 Not read, on purpose: a month or season without a year or last/this ("snow in winter",
 "a dog named July"): it names every one of them and the filter has no "any July"; holidays
 ("4th of July", "Christmas"). Seasons are the northern hemisphere's unless `tz` is a zone of
 the southern one. Day boundaries are midnights in `tz`.
 
-dateparser parses the phrases found (days, "N units ago"), restricted to English and
-run only on the few phrases the patterns here select, so a query costs well under a millisecond
-once warm (`warm_up()` loads the parser, the place table and the word list up front).
+dateparser parses the phrases found (days, "N units ago"), restricted to English and run only
+on the few phrases the patterns here select (none on a text without a digit or a date word), so
+a query costs about 0.1 ms once warm; `warm_up()` loads the parsers, the place table and the word
+list up front (seconds) instead of on the first query.
 """
 from __future__ import annotations
 
 import calendar
 import re
-import threading
 from dataclasses import dataclass, field as dataclass_field
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -42,7 +44,7 @@ from indexer.photo_filter import PhotoFilter
 
 # Longer texts are not read (the service refuses them well before: MAX_QUERY_CHARS).
 MAX_HINT_TEXT_CHARS = 2000
-MAX_DATE_PHRASES = 4  # at most this many dateparser calls per query
+MAX_DATE_PHRASES = 4  # read at most this many, trying at most 4x as many candidates
 MAX_PLACE_WORDS = 6  # "saint vincent and the grenadines"
 FIRST_PHOTO_YEAR = 1900
 # A city written in lower case after a cue is read only if it is at least this much of a place
@@ -101,7 +103,7 @@ DATE_CUES = {"in": "in", "during": "in", "from": "in", "of": "in", "on": "in", "
              "circa": "in", "ca": "in", "since": "since", "after": "after", "before": "before",
              "until": "until", "till": "until", "up to": "until"}
 PLACE_CUES = frozenset({"in", "at", "near", "from", "around", "across", "through", "visiting",
-                        "inside", "outside", "around", "throughout", "within"})
+                        "inside", "outside", "throughout", "within", "over"})
 # "to" is a place cue only after a word of going somewhere ("trip to Lisbon", not "next to")
 MOTION_BEFORE_TO = frozenset({"trip", "travel", "travelled", "traveled", "travelling",
                               "traveling", "going", "went", "go", "flight", "flew", "drive",
@@ -117,18 +119,17 @@ YEAR_NOUNS = frozenset({"photos", "pictures", "pics", "images", "shots", "snaps"
 UNITS = frozenset({"km", "m", "ft", "mi", "kg", "lb", "lbs", "px", "mm", "cm", "cc", "hp", "ml",
                    "mph", "kmh", "rpm", "x", "mp", "k", "pm", "am", "miles", "meters",
                    "metres", "feet", "dollars", "euros", "pounds", "points", "calories"})
-# a bare year after these is a number, not a date ("room 2019", "model 2000")
+# a bare year after these is a number or a writing, not a date ("room 2019", "sign that says
+# 2020")
 NUMBER_NOUNS = frozenset({"room", "number", "no", "nr", "route", "bus", "flight", "gate",
                           "platform", "model", "page", "track", "highway", "road", "street",
                           "apartment", "suite", "code", "size", "over", "under", "about",
-                          "top", "score", "named", "called", "jersey", "mile", "seat"})
+                          "top", "score", "named", "called", "jersey", "mile", "seat",
+                          "says", "saying", "reads", "reading", "written", "spelling"})
 
 
 # ---------------------------------------------------------------------------------------------
-# lazily built resources (shared by every query; built once under a lock)
-
-_lock = threading.Lock()
-
+# lazily built resources, shared by every query (core.places builds its table under a lock)
 
 @lru_cache(maxsize=1)
 def _other_month_names() -> dict[str, int]:
@@ -172,9 +173,12 @@ def _patterns() -> list[tuple[re.Pattern, Callable]]:
 def warm_up() -> None:
     """Load the date parser, the place table and the word list now rather than on the first
     query (a service calls this at start-up)."""
-    _parse_cached("12 March 2021", datetime(2000, 1, 1))
+    for phrase in ("12 March 2021", "3 weeks ago"):  # absolute and relative parsers
+        _parse_cached(phrase, datetime(2000, 1, 1))
     _patterns()
+    _date_trigger()
     _english_place_words()
+    _name_prefixes()
     _zone_latitudes()
 
 
@@ -306,7 +310,7 @@ def _plausible_year(clock, year: int) -> bool:
 
 YEAR = r"(?:19|20)\d\d"
 # a 4-digit year standing alone: not part of a longer number, a time, a price or a size
-Y = rf"(?<![\w$€£#@/.:,-])({YEAR})(?![\w%°'’]|[.,:/-]\d)"
+LONE_YEAR = rf"(?<![\w$€£#@/.:,-])(?P<y>{YEAR})(?![\w%°'’]|[.,:/-]\d)"
 ORD = r"(?:st|nd|rd|th)?"
 
 
@@ -455,7 +459,7 @@ def _build_patterns() -> list[tuple[re.Pattern, Callable]]:
         (rf"\b(?P<d>(?P<n>\d{{1,2}}){ORD}(?:\s+of)?\s+(?P<m>{en}))\b(?!\.?,?\s*\d)",
          day_no_year),
         (r"(?<![\w'’])(?:(?P<c>(?:19|20)\d)0s|['’]?(?P<t>\d)0s)\b", decade),
-        (Y.replace("(" + YEAR + ")", f"(?P<y>{YEAR})", 1), bare_year),
+        (LONE_YEAR, bare_year),
     ]
     return [(re.compile(p, flags), f) for p, f in specs]
 
@@ -542,6 +546,13 @@ class _Read:
     before: datetime | None = None
 
 
+@lru_cache(maxsize=1)
+def _date_trigger() -> re.Pattern:
+    words = [*MONTHS, *_other_month_names(), *SEASONS, "yesterday", "today", "last", "this",
+             "past", "ago"]
+    return re.compile(rf"\d|\b(?:{_month_alternation(words)})\b", re.IGNORECASE)
+
+
 _DATE_CUE = re.compile(r"\b(in|during|from|of|on|around|circa|ca\.?|since|after|before|until|"
                        r"till|up to)\s+(?:the\s+)?$", re.IGNORECASE)
 # a day without a year or a decade counts as a date only after one of these ("on March 3rd",
@@ -555,6 +566,8 @@ def _date_cue(text: str, start: int) -> re.Match | None:
 
 
 def _find_dates(text: str, clock: _Clock) -> list[_Read]:
+    if not _date_trigger().search(text):  # no digit nor date word: nothing to look for
+        return []
     candidates = []
     for order, (pattern, handler) in enumerate(_patterns()):
         for m in pattern.finditer(text):
@@ -616,6 +629,8 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
     english = _english_place_words()
     words = list(_WORD.finditer(text))
     lowered = [w.group(0).rstrip(".").casefold() for w in words]
+    normalized = [normalize_place_name(w.group(0)) for w in words]
+    prefixes = _name_prefixes()
     caps_mean_something = any(w.group(0)[0].islower() for w in words)
 
     def capitalised(i: int) -> bool:
@@ -630,16 +645,15 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
     read: list[_Read] = []
     fields: set[str] = set()
     i = 0
-    while i < len(words):
-        run = 1
-        while i + run < len(words) and run < MAX_PLACE_WORDS and not gap(i + run - 1, i + run).strip():
-            run += 1
-        found = None
-        for n in range(run, 0, -1):
-            key = normalize_place_name(text[words[i].start():words[i + n - 1].end()])
+    while i < len(words) and len(fields) < 3:
+        # the longest name starting here: extend while the words begin some name
+        found, key, n = None, normalized[i], 1
+        while key in prefixes:
             if key in names:
                 found = n, key
+            if i + n >= len(words) or n >= MAX_PLACE_WORDS or gap(i + n - 1, i + n).strip():
                 break
+            key, n = f"{key} {normalized[i + n]}", n + 1
         if found is None or in_date(words[i].start()) or found[1] in _date_words():
             i += 1
             continue
@@ -658,13 +672,18 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
         if i > 0 and lowered[i - 1] in NAMING_WORDS:
             i += 1
             continue
-        # the word after: the end, a separator, a date or a function word; not a word the
-        # name would qualify ("Jordan shoes") or the rest of a longer name ("Paris Hilton")
+        # the word after: the end, a separator, a date, a function word or the region or
+        # country the place lies in ("Austin texas"); not a word the name would qualify
+        # ("Jordan shoes") or the rest of a longer name ("Paris Hilton")
+        container = None
         if last + 1 < len(words) and not gap(last, last + 1).strip() \
                 and not in_date(words[last + 1].start()) \
                 and lowered[last + 1] not in FUNCTION_WORDS:
-            i += 1
-            continue
+            container = _container_after(text, words, normalized, last + 1, key)
+            if container is None:
+                i += 1
+                continue
+            match = container[0]
         ambiguous = key in english
         if cue_at is not None:
             if ambiguous and not capitalised(i):
@@ -692,12 +711,58 @@ def _find_places(text: str, taken: list[_Read]) -> list[_Read]:
             i += 1
             continue
         fields.add(field)
-        value = {"country": match.country, "region": match.region, "city": match.city}[field]
         begin = words[cue_at].start() if cue_at is not None else start
-        read.append(_Read(begin, end, text[begin:end], field, value))
+        read.append(_Read(begin, end, text[begin:end], field, _place_value(match)))
         i = last + 1
+        if container is not None:
+            outer, outer_end = container[1], words[container[2]].end()
+            if outer.kind not in fields:
+                fields.add(outer.kind)
+                read.append(_Read(words[last + 1].start(), outer_end,
+                                  text[words[last + 1].start():outer_end], outer.kind,
+                                  _place_value(outer)))
+            i = container[2] + 1
     read.extend(_places_before_comma(text, read, taken + read, fields, english))
     return read
+
+
+@lru_cache(maxsize=1)
+def _name_prefixes() -> frozenset[str]:
+    """Every name of the table and each of its leading words ("new", "new york", ...)."""
+    prefixes = set()
+    for name in _place_names():
+        words = name.split()
+        for n in range(1, min(len(words), MAX_PLACE_WORDS) + 1):
+            prefixes.add(" ".join(words[:n]))
+    return frozenset(prefixes)
+
+
+def _place_value(match) -> str:
+    return {"country": match.country, "region": match.region, "city": match.city}[match.kind]
+
+
+def _container_after(text, words, normalized, first: int, key: str):
+    """(the place `key` names inside it, the region or country the words from `first` name,
+    the index of the last of those words), or None when they name none that holds it."""
+    names, prefixes = _place_names(), _name_prefixes()
+    candidates, outer_key, n = [], normalized[first], 1
+    while outer_key in prefixes:
+        if outer_key in names:
+            candidates.append((n, outer_key))
+        if first + n >= len(words) or n >= MAX_PLACE_WORDS \
+                or text[words[first + n - 1].end():words[first + n].start()].strip():
+            break
+        outer_key, n = f"{outer_key} {normalized[first + n]}", n + 1
+    for n, outer_key in reversed(candidates):
+        for outer in names[outer_key]:
+            if outer.kind == "city" or outer_key in _date_words():
+                continue
+            for inner in names[key]:
+                if inner.kind != outer.kind and inner.kind != "country" and (
+                        inner.region == outer.region if outer.kind == "region"
+                        else inner.country == outer.country):
+                    return inner, outer, first + n - 1
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -716,11 +781,11 @@ def _places_before_comma(text, read, taken, fields, english) -> list[_Read]:
     names = _place_names()
     found = []
     for outer in list(read):
-        if outer.field not in ("country", "region") or outer.start != outer.end - len(outer.text):
+        if outer.field not in ("country", "region"):
             continue
         head = re.search(r"((?:[^\W\d_][\w'’.-]*[ \t]+){0,3}[^\W\d_][\w'’.-]*)[ \t]*,[ \t]*$",
                          text[max(0, outer.start - 80):outer.start])
-        if head is None or outer.text.split()[0].casefold() in PLACE_CUES:
+        if head is None:
             continue
         offset = max(0, outer.start - 80) + head.start(1)
         words = list(_WORD.finditer(head.group(1)))
@@ -778,7 +843,7 @@ def read_hints(text: str, now: datetime, tz: str = "UTC") -> QueryHints:
     clock = _clock(now, tz)
     dates = _find_dates(text, clock)
     places = _find_places(text, dates)
-    hints: list[Hint] = []
+    hints: list[tuple[int, Hint]] = []
     values: dict[str, Any] = {}
     if dates:
         after, before = _combine_dates(dates)
@@ -786,19 +851,22 @@ def read_hints(text: str, now: datetime, tz: str = "UTC") -> QueryHints:
             dates = []  # contradictory bounds: leave the words to the model
         else:
             words = ", ".join(r.text for r in dates)
+            at = min(r.start for r in dates)
             if after is not None and before is not None:
-                hints.append(Hint("taken", {"after": after.isoformat(),
-                                            "before": before.isoformat()}, words))
+                hints.append((at, Hint("taken", {"after": after.isoformat(),
+                                                 "before": before.isoformat()}, words)))
             elif after is not None:
-                hints.append(Hint("taken_after", after.isoformat(), words))
+                hints.append((at, Hint("taken_after", after.isoformat(), words)))
             else:
-                hints.append(Hint("taken_before", before.isoformat(), words))
+                hints.append((at, Hint("taken_before", before.isoformat(), words)))
             values.update(taken_after=after, taken_before=before)
     for place in places:
-        hints.append(Hint(place.field, place.value, place.text))
+        hints.append((place.start, Hint(place.field, place.value, place.text)))
         values[place.field] = place.value
     read = dates + places
     if not read:
         return QueryHints(text, PhotoFilter(), [])
-    return QueryHints(_remaining(text, read), PhotoFilter(**{k: v for k, v in values.items()
-                                                               if v is not None}), hints)
+    hints.sort(key=lambda pair: pair[0])
+    return QueryHints(_remaining(text, read),
+                      PhotoFilter(**{k: v for k, v in values.items() if v is not None}),
+                      [hint for _, hint in hints])
