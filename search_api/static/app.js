@@ -619,7 +619,7 @@ const HINT_GROUPS = {taken: TAKEN, date: TAKEN, taken_at: TAKEN, place: [...PLAC
                      folder: ["folders"]};
 
 function hintFields(hint) {
-  return HINT_GROUPS[hint.field] || [String(hint.field)];
+  return Object.hasOwn(HINT_GROUPS, hint.field) ? HINT_GROUPS[hint.field] : [String(hint.field)];
 }
 
 // One chip per piece of the query (a month gives both ends of a range: one chip), with the
@@ -633,7 +633,7 @@ function chipsFrom(hints, applied) {
     const label = String(hint.text || hint.value || hint.field);
     const chip = chips.get(label) || {label: label, kind: "filter", filters: {}};
     for (const field of hintFields(hint)) {
-      const value = known[field];
+      const value = Object.hasOwn(known, field) ? known[field] : null;
       if (value === undefined || value === null) continue;
       chip.filters[field] = value;
       if (field.startsWith("taken_")) chip.kind = "date";
