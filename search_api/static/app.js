@@ -1,5 +1,8 @@
-// The search page: text search, search by an uploaded or dropped image, paging, a full-size viewer.
-// Plain DOM, no framework, no build step; every server string goes through textContent.
+// The search page: text search, search by an uploaded or dropped image, paging, a full-size viewer
+// with the photo's details, a filter bar (date, place, folder, camera; its choices and counts from
+// GET /facets) and the filters the service read from the words of the query shown as removable
+// chips. Plain DOM, no framework, no build step; every server string goes through textContent.
+// Against a service without metadata (no /facets, no `info`, no `hints`) the extras stay hidden.
 "use strict";
 
 const params = new URLSearchParams(location.search);
@@ -9,7 +12,10 @@ const THUMB = 256;
 const MIN_MATCH = params.has("min_match") ? Number(params.get("min_match")) : null;
 const $ = (id) => document.getElementById(id);
 
-let current = null; // {kind: "text", query} | {kind: "image", file}
+// {kind: "text", query, parseHints, chips} | {kind: "image", file}; `chips`: the filters read
+// from the query, [{label, kind, filters}]; once one is removed the service reads nothing more
+// (parseHints false) and the page sends the remaining ones itself
+let current = null;
 let offset = 0;
 let busy = false;
 
@@ -114,21 +120,35 @@ function addResult(hit) {
   cap.append(rank, name, score);
 
   li.append(btn, cap);
+  const meta = infoLine(hit.info);
+  if (meta) li.append(meta);
   $("results").append(li);
 }
 
+// a new first page asked for while a search runs: run it when that one is back, and drop its answer
+let pending = false;
+
 async function runSearch(append) {
-  if (busy || !current) return;
+  if (!current) return;
+  if (busy) {
+    if (!append) pending = true;
+    return;
+  }
   setBusy(true);
   showError(null);
   try {
     let data;
+    // filters and parse_hints only when they say something: an older service knows neither
+    const filters = requestFilters();
+    const filtered = Object.keys(filters).length > 0;
     if (current.kind === "text") {
       data = await call("/search_images_by_text", {
         method: "POST",
         headers: {"Content-Type": "application/json"},
         body: JSON.stringify({query: current.query, top_k: PAGE, offset: offset,
-                              ...(MIN_MATCH === null ? {} : {min_match: MIN_MATCH})}),
+                              ...(MIN_MATCH === null ? {} : {min_match: MIN_MATCH}),
+                              ...(filtered ? {filters: filters} : {}),
+                              ...(current.parseHints ? {} : {parse_hints: false})}),
       });
     } else {
       const form = new FormData();
@@ -136,21 +156,32 @@ async function runSearch(append) {
       form.append("top_k", String(PAGE));
       form.append("offset", String(offset));
       if (MIN_MATCH !== null) form.append("min_match", String(MIN_MATCH));
+      if (filtered) form.append("filters", JSON.stringify(filters));
       const headers = {};
       const key = $("api-key").value.trim();
       if (key) headers["X-API-Key"] = key;
       data = await call("/search_images_by_image", {method: "POST", body: form, headers: headers});
     }
+    if (pending) return;
     if (!append) $("results").replaceChildren();
+    if (!append && current.kind === "text" && current.parseHints) {
+      current.chips = chipsFrom(data.hints, data.filters);
+      showChips();
+    }
     data.results.forEach(addResult);
     offset += data.results.length;
     const shown = $("results").children.length;
     $("more").hidden = !(data.results.length === PAGE && offset < data.total);
+    // what the model was given, when the service took words out of the query
+    const encoded = data.encoded_text && current.kind === "text" && data.encoded_text !== current.query
+      ? ` for \u201c${data.encoded_text}\u201d` : "";
     $("summary").textContent = shown
-      ? `Showing ${shown} of ${data.total} images, best match first.`
-      : "No images found.";
+      ? `Showing ${shown} of ${data.total} images${encoded}, best match first.`
+      : (filtered || (current.chips || []).length
+        ? "No images match these filters." : "No images found.");
     $("empty-hint").hidden = true;
   } catch (e) {
+    if (pending) return;
     if (e.status === 401) {
       $("key-box").hidden = false;
       $("key-box").open = true;
@@ -160,18 +191,30 @@ async function runSearch(append) {
     }
   } finally {
     setBusy(false);
+    if (pending) {
+      pending = false;
+      offset = 0;
+      runSearch(false);
+    }
   }
 }
 
-function searchText(query) {
+function searchText(query, parseHints = true) {
   query = query.trim();
   if (!query) return;
-  current = {kind: "text", query: query};
+  current = {kind: "text", query: query, parseHints: parseHints, chips: []};
+  showChips();
   offset = 0;
   $("query-image").hidden = true;
-  const url = new URL(location.href);
-  url.searchParams.set("q", query);
-  history.replaceState(null, "", url);
+  syncUrl();
+  runSearch(false);
+}
+
+// the current search again from its first page (a filter changed)
+function rerun() {
+  syncUrl();
+  if (!current) return;
+  offset = 0;
   runSearch(false);
 }
 
@@ -182,6 +225,7 @@ function searchImage(file) {
     return;
   }
   current = {kind: "image", file: file};
+  showChips();
   offset = 0;
   const thumb = $("query-thumb");
   if (thumb.src.startsWith("blob:")) URL.revokeObjectURL(thumb.src);
@@ -198,7 +242,16 @@ function viewerUrl(key) {
   return BROWSER_SHOWS.test(key) ? imageUrl(key) : imageUrl(key, VIEWER_SIZE);
 }
 
+let viewerKey = null;
+// whether the service knows photos' metadata (its /health counts them: an older one has no
+// /facets nor /images/{key}/info, and the page does not ask), and whether the version it
+// serves holds any (its facets offer something)
+let serviceHasMetadata = false;
+let indexHasMetadata = false;
+
 function openViewer(hit) {
+  viewerKey = hit.key;
+  showDetails(hit.key);
   $("viewer-img").src = viewerUrl(hit.key);
   $("viewer-img").alt = hit.filename;
   $("viewer-caption").textContent = `#${hit.rank}  ${hit.filename}  ${scoreText(hit)} (${rawScores(hit)})`;
@@ -208,6 +261,7 @@ function openViewer(hit) {
 }
 
 function closeViewer() {
+  viewerKey = null;
   $("viewer").hidden = true;
   $("viewer-img").removeAttribute("src");
 }
@@ -216,15 +270,426 @@ async function showStatus() {
   try {
     const h = await call("/health");
     const parts = [`${h.vector_count.toLocaleString()} images indexed`];
+    if (h.with_date > 0) {
+      for (const [field, what] of [["with_date", "a date"], ["with_place", "a place"]]) {
+        if (typeof h[field] === "number") parts.push(`${h[field].toLocaleString()} with ${what}`);
+      }
+    }
     if (h.status !== "ok") parts.push("service degraded: " + (h.store || "no index"));
     $("status").textContent = parts.join(" \u00b7 ");
     if (h.api_key_required) $("key-box").hidden = false;
+    serviceHasMetadata = typeof h.with_date === "number";
   } catch (e) {
     $("status").textContent = "The search service is not answering.";
   }
 }
 
-function init() {
+// ---- the photo's metadata, as text --------------------------------------------------------
+
+// taken_at: unix seconds, or an ISO date-time (without a zone it is UTC, as the service says)
+function takenDate(info) {
+  const t = info && info.taken_at;
+  let d = null;
+  if (typeof t === "number") d = new Date(t * 1000);
+  else if (typeof t === "string" && t) {
+    d = new Date(/(z|[+-]\d\d:?\d\d)$/i.test(t) || t.length <= 10 ? t : t + "Z");
+  }
+  return d && !isNaN(d) ? d : null;
+}
+
+// Dates are shown in UTC, the clock the date filters use, so a photo shown as 31 July is kept
+// by a filter that ends on 31 July.
+function dateText(d) {
+  return d.toLocaleDateString(undefined, {year: "numeric", month: "short", day: "numeric",
+                                          timeZone: "UTC"});
+}
+
+function dateTimeText(d, source) {
+  const text = d.toLocaleString(undefined, {year: "numeric", month: "long", day: "numeric",
+                                            hour: "2-digit", minute: "2-digit", timeZone: "UTC"});
+  if (source === "exif-no-offset") return text + " (the camera's clock, no time zone)";
+  if (source === "modified") return text + " UTC (when the file was last changed)";
+  return text + " UTC";
+}
+
+function words(value) {
+  return typeof value === "string" && value.trim() ? value.trim() : null;
+}
+
+function placeText(info, withRegion) {
+  if (!info) return null;
+  if (words(info.place)) return words(info.place);
+  const parts = [];
+  for (const part of [info.city, withRegion ? info.region : null, info.country]) {
+    const w = words(part);
+    if (w && !parts.includes(w)) parts.push(w);
+  }
+  return parts.length ? parts.join(", ") : null;
+}
+
+function cameraText(info) {
+  if (!info) return null;
+  if (words(info.camera)) return words(info.camera);
+  const make = words(info.camera_make), model = words(info.camera_model);
+  if (make && model) {
+    return model.toLowerCase().startsWith(make.toLowerCase()) ? model : make + " " + model;
+  }
+  return make || model;
+}
+
+// the date and place under a thumbnail (the camera in its title); null when there is neither
+function infoLine(info) {
+  if (!info || typeof info !== "object") return null;
+  const taken = takenDate(info), place = placeText(info, false), camera = cameraText(info);
+  if (!taken && !place) return null;
+  const p = document.createElement("p");
+  p.className = "meta";
+  if (taken) {
+    const time = document.createElement("time");
+    time.className = "taken";
+    time.dateTime = taken.toISOString().slice(0, 10);
+    time.textContent = dateText(taken);
+    p.append(time);
+  }
+  if (place) {
+    const span = document.createElement("span");
+    span.className = "place";
+    span.textContent = place;
+    p.append(span);
+  }
+  if (camera) p.title = camera;
+  return p;
+}
+
+function sizeText(bytes) {
+  const units = ["bytes", "KB", "MB", "GB"];
+  let n = bytes, i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+
+// [label, text, field] rows of the details panel, for what the metadata has
+function detailRows(key, info) {
+  const rows = [["Name", key, "key"]];
+  const taken = takenDate(info);
+  if (taken) rows.push(["Taken", dateTimeText(taken, info.taken_at_source), "taken_at"]);
+  const place = placeText(info, true);
+  if (place) rows.push(["Place", place, "place"]);
+  if (Number.isFinite(info.lat) && Number.isFinite(info.lon)) {
+    rows.push(["Position", `${info.lat.toFixed(5)}, ${info.lon.toFixed(5)}`, "position"]);
+  }
+  const camera = cameraText(info);
+  if (camera) rows.push(["Camera", camera, "camera"]);
+  if (Number.isInteger(info.width) && Number.isInteger(info.height)) {
+    const shape = info.width > info.height ? "landscape"
+      : info.width < info.height ? "portrait" : "square";
+    rows.push(["Size", `${info.width} \u00d7 ${info.height} pixels, ${shape}`, "size"]);
+  }
+  const file = [];
+  if (Number.isInteger(info.bytes)) file.push(sizeText(info.bytes));
+  if (words(info.content_type)) file.push(info.content_type);
+  if (file.length) rows.push(["File", file.join(", "), "file"]);
+  if (typeof info.folder === "string") {
+    rows.push(["Folder", info.folder || "(top level)", "folder"]);
+  }
+  return rows;
+}
+
+// the details panel of the viewer, from GET /images/{key}/info; hidden when the service has none
+async function showDetails(key) {
+  $("details").hidden = true;
+  $("details-list").replaceChildren();
+  if (!indexHasMetadata) return;
+  let body;
+  try {
+    body = await call(imageUrl(key) + "/info");
+  } catch (e) {
+    return;  // an older service, or a key it does not have
+  }
+  if (viewerKey !== key || !body || typeof body !== "object") return;
+  const info = body.info && typeof body.info === "object" ? body.info : body;
+  const rows = detailRows(key, info);
+  if (rows.length < 2) return;  // nothing stored but the name
+  for (const [label, text, field] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = label;
+    const dd = document.createElement("dd");
+    dd.dataset.field = field;
+    dd.textContent = text;
+    $("details-list").append(dt, dd);
+  }
+  $("details").hidden = false;
+}
+
+// ---- the filter bar -------------------------------------------------------------------------
+
+// the page's address names filters as GET /search does; `before` is the day after the last one
+const FILTER_PARAMS = ["folder", "after", "before", "camera", "country", "region", "city"];
+const PLACE_FIELDS = ["country", "region", "city"];
+
+function shiftDay(day, by) {
+  const d = new Date(day + "T00:00:00Z");
+  if (isNaN(d)) return null;
+  d.setUTCDate(d.getUTCDate() + by);
+  return d.toISOString().slice(0, 10);
+}
+
+// a <select>'s option for `value`, added when the facets did not list it (an address, a chip)
+function ensureOption(select, value, text) {
+  let option = Array.from(select.options).find((o) => o.value === value);
+  if (!option) {
+    option = new Option(text, value);
+    select.append(option);
+  }
+  return option;
+}
+
+function setPlace(field, value) {
+  const select = $("f-place");
+  if (!value) { select.value = ""; return; }
+  ensureOption(select, field + ":" + value, value).selected = true;
+}
+
+// The bar's choices as a PhotoFilter (only the fields that are set); nothing while it is hidden.
+function barFilters() {
+  const f = {};
+  if ($("filter-box").hidden) return f;
+  if ($("f-after").value) f.taken_after = $("f-after").value + "T00:00:00";
+  const before = $("f-before").value && shiftDay($("f-before").value, 1);
+  if (before) f.taken_before = before + "T00:00:00";
+  const place = $("f-place").value;
+  if (place) {
+    const i = place.indexOf(":");
+    f[place.slice(0, i)] = place.slice(i + 1);
+  }
+  if ($("f-folder").value) f.folders = [$("f-folder").value];
+  if ($("f-camera").value) f.camera = $("f-camera").value;
+  return f;
+}
+
+// what a search sends: the bar, plus the chips the page keeps once the service reads no more
+function requestFilters() {
+  const f = barFilters();
+  if (current && current.kind === "text" && !current.parseHints) {
+    for (const chip of current.chips) {
+      for (const [field, value] of Object.entries(chip.filters)) {
+        if (!(field in f)) f[field] = value;
+      }
+    }
+  }
+  return f;
+}
+
+function filterParams(f) {
+  const out = {};
+  if (f.taken_after) out.after = String(f.taken_after).slice(0, 10);
+  if (f.taken_before) out.before = String(f.taken_before).slice(0, 10);
+  if (Array.isArray(f.folders) && f.folders.length) out.folder = f.folders[0];
+  for (const field of ["camera", ...PLACE_FIELDS]) if (f[field]) out[field] = f[field];
+  return out;
+}
+
+// the address says what is searched, so a search can be shared and reloaded as it is
+function syncUrl() {
+  const url = new URL(location.href);
+  for (const name of [...FILTER_PARAMS, "parse_hints"]) url.searchParams.delete(name);
+  if (current && current.kind === "text") {
+    url.searchParams.set("q", current.query);
+    if (!current.parseHints) url.searchParams.set("parse_hints", "false");
+  }
+  for (const [name, value] of Object.entries(filterParams(requestFilters()))) {
+    url.searchParams.set(name, value);
+  }
+  history.replaceState(null, "", url);
+}
+
+function filtersFromAddress() {
+  const day = (v) => (/^\d{4}-\d{2}-\d{2}$/.test(v || "") ? v : "");
+  $("f-after").value = day(params.get("after"));
+  const before = day(params.get("before"));
+  $("f-before").value = before ? shiftDay(before, -1) : "";
+  const folder = params.get("folder");
+  if (folder) ensureOption($("f-folder"), folder, folder).selected = true;
+  const camera = params.get("camera");
+  if (camera) ensureOption($("f-camera"), camera, camera).selected = true;
+  const field = PLACE_FIELDS.find((name) => params.get(name));
+  if (field) setPlace(field, params.get(field));
+  yearFromDates();
+}
+
+// the year menu follows the dates: a whole year shows as that year, other dates as "Custom"
+function yearFromDates() {
+  const after = $("f-after").value, to = $("f-before").value;
+  const year = after.slice(0, 4);
+  if (!after && !to) $("f-year").value = "";
+  else if (after === year + "-01-01" && to === year + "-12-31") {
+    ensureOption($("f-year"), year, year).selected = true;
+  } else ensureOption($("f-year"), "custom", "Custom dates").selected = true;
+  const set = Object.keys(barFilters())  // a date range counts once
+    .filter((field) => field !== "taken_before" || !$("f-after").value).length;
+  $("f-clear").hidden = set === 0;
+  $("filter-count").textContent = set ? `(${set} set)` : "";
+}
+
+function fillSelect(select, groups) {
+  const chosen = select.value;
+  const first = select.options[0];
+  select.replaceChildren(first);
+  for (const [label, field, counts] of groups) {
+    if (!counts.length) continue;
+    const parent = label ? document.createElement("optgroup") : select;
+    if (label) parent.label = label;
+    for (const [value, count] of counts) {
+      parent.append(new Option(`${value} (${Number(count).toLocaleString()})`,
+                               field ? field + ":" + value : value));
+    }
+    if (label) select.append(parent);
+  }
+  if (chosen) {
+    const i = chosen.indexOf(":");
+    const text = select.id === "f-place" ? chosen.slice(i + 1) : chosen;
+    ensureOption(select, chosen, text).selected = true;
+  }
+}
+
+// GET /facets: the bar's choices with how many photos have each; the bar stays hidden when the
+// service has no facets (an index made before photos had metadata) or nothing to offer
+async function loadFacets() {
+  let facets;
+  try {
+    facets = await call("/facets");
+  } catch (e) {
+    return;
+  }
+  const list = (name) => (facets && Array.isArray(facets[name]) ? facets[name] : [])
+    .filter((pair) => Array.isArray(pair) && pair[0] !== null && String(pair[0]) !== "")
+    .map(([value, count]) => [String(value), count]);  // years are numbers
+  const years = list("year"), countries = list("country"), regions = list("region");
+  const cities = list("city"), folders = list("folder"), cameras = list("camera");
+  fillSelect($("f-year"), [[null, null, years]]);
+  fillSelect($("f-place"), [["Countries", "country", countries], ["Regions", "region", regions],
+                            ["Cities", "city", cities]]);
+  fillSelect($("f-folder"), [[null, null, folders]]);
+  fillSelect($("f-camera"), [[null, null, cameras]]);
+  indexHasMetadata = [years, countries, regions, cities, folders, cameras].some((l) => l.length);
+  $("filter-box").hidden = !indexHasMetadata;
+  yearFromDates();
+  // open where there is room, or when filters are set; on a phone it starts folded
+  $("filter-box").open = !matchMedia("(max-width: 600px)").matches || !$("f-clear").hidden;
+}
+
+function initFilterBar() {
+  filtersFromAddress();
+  $("f-year").addEventListener("change", () => {
+    const year = $("f-year").value;
+    if (year === "custom") return;
+    $("f-after").value = year ? year + "-01-01" : "";
+    $("f-before").value = year ? year + "-12-31" : "";
+    yearFromDates();
+    rerun();
+  });
+  for (const id of ["f-after", "f-before"]) {
+    $(id).addEventListener("change", () => {
+      // the pickers offer no end before the start
+      $("f-before").min = $("f-after").value;
+      $("f-after").max = $("f-before").value;
+      yearFromDates();
+      rerun();
+    });
+  }
+  for (const id of ["f-place", "f-folder", "f-camera"]) {
+    $(id).addEventListener("change", () => { yearFromDates(); rerun(); });
+  }
+  $("f-clear").addEventListener("click", () => {
+    for (const id of ["f-year", "f-after", "f-before", "f-place", "f-folder", "f-camera"]) {
+      $(id).value = "";
+    }
+    yearFromDates();
+    $("q").focus();
+    rerun();
+  });
+  $("filter-bar").addEventListener("submit", (e) => e.preventDefault());
+}
+
+// ---- filters read from the query, as chips ---------------------------------------------------
+
+// the PhotoFilter fields a hint stands for (its field may name a group: a date, a place)
+const TAKEN = ["taken_after", "taken_before"];
+const HINT_GROUPS = {taken: TAKEN, date: TAKEN, taken_at: TAKEN, place: [...PLACE_FIELDS, "near"],
+                     folder: ["folders"]};
+
+function hintFields(hint) {
+  return Object.hasOwn(HINT_GROUPS, hint.field) ? HINT_GROUPS[hint.field] : [String(hint.field)];
+}
+
+// One chip per piece of the query (a month gives both ends of a range: one chip), with the
+// filter values the service applied for it (its `filters`, in PhotoFilter's own fields), so the
+// page can send them itself later.
+function chipsFrom(hints, applied) {
+  const chips = new Map();
+  const known = applied && typeof applied === "object" ? applied : {};
+  for (const hint of Array.isArray(hints) ? hints : []) {
+    if (!hint || typeof hint !== "object") continue;
+    const label = String(hint.text || hint.value || hint.field);
+    const chip = chips.get(label) || {label: label, kind: "filter", filters: {}};
+    for (const field of hintFields(hint)) {
+      const value = Object.hasOwn(known, field) ? known[field] : null;
+      if (value === undefined || value === null) continue;
+      chip.filters[field] = value;
+      if (field.startsWith("taken_")) chip.kind = "date";
+      else if (PLACE_FIELDS.includes(field) || field === "near") chip.kind = "place";
+    }
+    chips.set(label, chip);
+  }
+  return [...chips.values()];
+}
+
+function chipTitle(chip) {
+  return Object.entries(chip.filters)
+    .map(([field, value]) => `${field} = ${typeof value === "object" ? JSON.stringify(value) : value}`)
+    .join(", ");
+}
+
+function showChips() {
+  const chips = current && current.kind === "text" ? current.chips : [];
+  $("chips").replaceChildren();
+  chips.forEach((chip, i) => {
+    const li = document.createElement("li");
+    li.className = "chip";
+    li.dataset.kind = chip.kind;
+    li.title = chipTitle(chip);
+    const kind = document.createElement("span");
+    kind.className = "kind";
+    kind.textContent = chip.kind + ":";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = chip.label;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "\u00d7";
+    remove.setAttribute("aria-label", `Remove the ${chip.kind} filter \u201c${chip.label}\u201d`);
+    remove.addEventListener("click", () => removeChip(i));
+    li.append(kind, label, remove);
+    $("chips").append(li);
+  });
+  $("chips-row").hidden = chips.length === 0;
+}
+
+// The words of a removed chip go back to being words: the service reads no more hints and the
+// page sends the other chips' filters itself.
+function removeChip(i) {
+  if (!current || current.kind !== "text") return;
+  current.chips.splice(i, 1);
+  current.parseHints = false;
+  showChips();
+  // the keyboard stays among the chips (or goes back to the query when none is left)
+  const left = $("chips").querySelectorAll(".remove");
+  (left[Math.min(i, left.length - 1)] || $("q")).focus();
+  rerun();
+}
+
+async function init() {
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
     searchText($("q").value);
@@ -268,11 +733,14 @@ function init() {
     if (item) searchImage(item.getAsFile());
   });
 
-  showStatus();
+  initFilterBar();
+  await showStatus();
+  // before the first search: the bar may carry filters from the address
+  if (serviceHasMetadata) await loadFacets();
   const q = params.get("q");
   if (q) {
     $("q").value = q;
-    searchText(q);
+    searchText(q, params.get("parse_hints") !== "false");
   }
 }
 
