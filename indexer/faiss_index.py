@@ -48,6 +48,8 @@ from indexer.vector_index import (
     VectorIndex,
     check_rows,
     new_version_name,
+    pairs_above,
+    probe_vectors,
 )
 
 DRAFT_PREFIX = ".draft-"  # versions/.draft-<version>/ holds an unpublished version's parts
@@ -126,6 +128,23 @@ class FaissIndex(VectorIndex):
         shutil.rmtree(self.repo.root / LEGACY_STAGING, ignore_errors=True)
         return {"removed": removed, "versions": len(self.repo.list_versions()),
                 "current": self.repo.current_version()}
+
+    def near_pairs(self, view: IndexVersion, threshold, columns=None, batch=1024,
+                   progress=None):
+        """FAISS's own range search around each stored vector, `batch` at a time (on IVF over
+        the lists the version's nprobe probes: a pair in lists that far apart is missed)."""
+        position = {int(i): n for n, i in enumerate(view.ids)}
+        for start in range(0, view.count, batch):
+            ids = view.ids[start:start + batch]
+            queries = probe_vectors(view.index.reconstruct_batch(ids), columns)
+            limits, scores, found = view.index.range_search(queries, float(threshold))
+            keys_a = [view.keys[start + n] for n in range(len(ids))]
+            keys_b = [[view.keys[position[int(i)]] for i in found[limits[n]:limits[n + 1]]]
+                      for n in range(len(ids))]
+            yield pairs_above(keys_a, keys_b, [scores[limits[n]:limits[n + 1]]
+                                               for n in range(len(ids))], threshold)
+            if progress is not None:
+                progress(len(ids))
 
     # --- a version in parts ------------------------------------------------------------------
     def _draft(self, version: str) -> Path:

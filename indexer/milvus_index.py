@@ -51,6 +51,7 @@ from cachetools import TTLCache
 from indexer import milvus_photos, photo_columns
 from indexer.photo_filter import PhotoFilter, active, unit_sphere
 from indexer.vector_index import (
+    NEAR_NEIGHBOURS_MAX,
     DraftGone,
     FilterTooBroad,
     Indexed,
@@ -61,6 +62,8 @@ from indexer.vector_index import (
     check_rows,
     empty_result,
     new_version_name,
+    pairs_above,
+    probe_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ NOT_FOUND_CODES = {100, 1600}  # collection not found, alias not found
 INFO_BATCH = 1000  # keys per metadata query
 FACETS_TTL_S = 60.0  # facets of a collection are counted again after this long
 NEAR_KEYS_MAX = 100_000  # keys an expression may name for `near` (servers without arithmetic)
+RANGE_FILTER_MAX = 1e6  # a range search's upper score bound: none (scores are cosines, <= 1)
 NEAR_CACHE_S = 30.0  # such a key list is reused this long (in-place updates show after it)
 
 
@@ -520,6 +524,42 @@ class MilvusIndex(VectorIndex):
                                      iterator="True", reduce_stop_for_best="False",
                                      timeout=self.timeout_s * 6)
         return sorted((r["key"], r["etag"]) for r in rows)
+
+    def near_pairs(self, view: MilvusView, threshold, columns=None, batch=256,
+                   progress=None):
+        """Milvus's range search (`radius`: scores above the threshold) around each stored
+        vector, read page by page in key order; at most NEAR_NEIGHBOURS_MAX near copies per
+        photo (a search's limit), more join its group through them."""
+        collection = view.collection
+        self._ensure_loaded(collection)
+        params = self.search_params(NEAR_NEIGHBOURS_MAX + 1)
+        params = {**params, "params": {**params["params"], "radius": float(threshold),
+                                       "range_filter": RANGE_FILTER_MAX}}
+        last = None
+        while True:
+            with self.calls(searching=collection):
+                rows = self.client.query(
+                    collection, limit=max(1, min(int(batch), PAGE)),
+                    filter="" if last is None else
+                    f"key > {json.dumps(last, ensure_ascii=False)}",
+                    output_fields=["key", "vector"], consistency_level="Bounded",
+                    iterator="True", reduce_stop_for_best="False", timeout=self.timeout_s * 6)
+            if not rows:
+                return
+            rows.sort(key=lambda r: r["key"])
+            keys = [r["key"] for r in rows]
+            queries = probe_vectors(np.asarray([r["vector"] for r in rows], np.float32),
+                                    columns)
+            with self.calls(searching=collection):
+                found = self.client.search(collection, data=queries.tolist(),
+                                           limit=NEAR_NEIGHBOURS_MAX + 1, search_params=params,
+                                           consistency_level="Bounded",
+                                           timeout=self.timeout_s * 6)
+            yield pairs_above(keys, [[h.id for h in row] for row in found],
+                              [[h["distance"] for h in row] for row in found], threshold)
+            if progress is not None:
+                progress(len(keys))
+            last = keys[-1]
 
     def status(self, model_id: str | None = None) -> dict:
         out = {"backend": self.backend, "version": None, "model_id": None, "count": 0,

@@ -33,6 +33,18 @@ Reading (the search service, `status`):
                                                table could hold one twice; Milvus cannot:
                                                an upsert replaces the row of its key)
 
+Near duplicates (what `python -m indexer duplicates` reads, indexer.duplicates):
+
+    near_pairs(view, threshold, columns=None, batch=1024, progress=None)
+                                               every pair of the version's photos whose
+                                               vectors' inner product over the first `columns`
+                                               components is above `threshold`, once each, in
+                                               batches of (keys_a, keys_b, similarities).
+                                               Default: keys_page + view.stored_vectors +
+                                               view.search (the NEAR_NEIGHBOURS_MAX nearest);
+                                               FAISS: its range_search; Milvus: its range
+                                               search (radius)
+
 Whole-model writes (what `python -m indexer rebuild|update|prune` does):
 
     rebuild(model_id, keys, vectors, etags, info=None)
@@ -92,7 +104,7 @@ import importlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -131,6 +143,36 @@ class Indexed:
     model_id: str
     count: int
     etags: dict[str, str]  # object key -> etag
+
+
+# the nearest photos the default near_pairs asks of a search per photo: a photo with more near
+# copies than this still joins their group through them (groups are connected components)
+NEAR_NEIGHBOURS_MAX = 64
+
+NearPairs = Iterator[tuple[list[str], list[str], np.ndarray]]
+
+
+def probe_vectors(vectors: np.ndarray, columns: int | None) -> np.ndarray:
+    """Stored vectors as queries that score only their first `columns` components (None: all):
+    the embedding, without a stored correction column, so a score is the embeddings' cosine."""
+    queries = np.array(vectors, dtype=np.float32, copy=True, order="C")
+    if columns is not None:
+        queries[:, columns:] = 0.0
+    return queries
+
+
+def pairs_above(keys_a: list[str], keys_b: list[list[str]], scores: np.ndarray,
+                threshold: float) -> tuple[list[str], list[str], np.ndarray]:
+    """Search hits (row i: keys_b[i], scores[i]) as pairs scoring above `threshold`, each pair
+    once (the first key sorts before the second; a photo is no pair with itself)."""
+    out_a, out_b, out_s = [], [], []
+    for a, row, row_scores in zip(keys_a, keys_b, scores):
+        for b, s in zip(row, row_scores):
+            if s > threshold and a < b:
+                out_a.append(a)
+                out_b.append(b)
+                out_s.append(float(s))
+    return out_a, out_b, np.asarray(out_s, np.float32)
 
 
 def new_version_name() -> str:
@@ -206,6 +248,23 @@ class VectorIndex:
 
     def close(self) -> None:
         """Release clients and servers (nothing to release by default)."""
+
+    def near_pairs(self, view, threshold: float, columns: int | None = None, batch: int = 1024,
+                   progress: Callable[[int], None] | None = None) -> NearPairs:
+        """Pairs of the view's photos scoring above `threshold` (see the module doc), each once.
+        Built on the interface: the version's keys page by page, their stored vectors read
+        back and searched for their NEAR_NEIGHBOURS_MAX nearest. `progress(n)`: n more photos
+        done."""
+        k = min(NEAR_NEIGHBOURS_MAX + 1, view.count)  # +1: a photo finds itself first
+        after = None
+        while k > 0 and (rows := self.keys_page(view.version, after, batch)):
+            keys = [key for key, _ in rows]
+            queries = probe_vectors(view.stored_vectors(keys), columns)
+            scores, found = view.search(queries, k)[:2]
+            yield pairs_above(keys, found, scores, threshold)
+            if progress is not None:
+                progress(len(keys))
+            after = keys[-1]
 
     # --- built on the above (a backend may do them faster) -----------------------------------
     def update(self, model_id: str, keys: list[str], vectors: np.ndarray, etags: list[str],

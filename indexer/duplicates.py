@@ -1,0 +1,151 @@
+"""Near-duplicate photos over a whole published version (`python -m indexer duplicates`): the
+same shot re-encoded, resized, cropped, slightly rotated, brightened or framed as a screenshot.
+
+Every pair of photos whose embeddings' cosine is above the threshold (`VectorIndex.near_pairs`:
+FAISS's range search, Milvus's range search, or any backend's searches) joins one graph; its
+connected components are the groups, largest first. The report names the version and model it
+describes and the threshold, and is written atomically beside the index (INDEX_DIR/
+duplicates.json): the API serves it (`GET /duplicates`) while that version is served. Nothing
+is deleted: which copy to keep is the person's decision.
+
+The default threshold comes from bench/duplicates.py (BENCHMARKS.md §13): edits of a Flickr8k
+photo against different photos, consecutive shots of one photographer among them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from core.atomic import write_atomic
+
+# cosine of two photos' embeddings above which they are duplicates (BENCHMARKS.md §13)
+DEFAULT_THRESHOLD = 0.90
+REPORT_FORMAT = "flickr-search-duplicates/1"
+REPORT_FILE = "duplicates.json"
+
+
+@dataclass
+class DuplicateGroup:
+    keys: list[str]  # sorted
+    similarity: float  # the lowest cosine among the pairs that joined the group
+
+
+@dataclass
+class DuplicateReport:
+    version: str
+    model_id: str
+    backend: str
+    threshold: float
+    photos: int  # photos the pass compared
+    groups: list[DuplicateGroup]  # largest first, then by first key
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
+        timespec="seconds"))
+    seconds: float = 0.0
+
+    @property
+    def duplicated_photos(self) -> int:
+        return sum(len(g.keys) for g in self.groups)
+
+    def to_dict(self) -> dict:
+        return {"format": REPORT_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw) -> "DuplicateReport":
+        """ValueError when it is not a report of this format."""
+        if not isinstance(raw, dict) or raw.get("format") != REPORT_FORMAT:
+            raise ValueError("not a duplicates report")
+        try:
+            groups = [DuplicateGroup([str(k) for k in g["keys"]], float(g["similarity"]))
+                      for g in raw["groups"]]
+            return cls(str(raw["version"]), str(raw["model_id"]), str(raw["backend"]),
+                       float(raw["threshold"]), int(raw["photos"]), groups,
+                       str(raw["created"]), float(raw.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("a damaged duplicates report") from None
+
+
+def check_threshold(threshold: float) -> float:
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+            and 0.0 < threshold < 1.0):
+        raise ValueError("the duplicate threshold is a cosine between 0 and 1 (exclusive)")
+    return float(threshold)
+
+
+def group_pairs(keys_a: list[str], keys_b: list[str], scores) -> list[DuplicateGroup]:
+    """Pairs (a, b, cosine) -> their connected components, largest first."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    names = sorted(set(keys_a) | set(keys_b))
+    if not names:
+        return []
+    number = {k: n for n, k in enumerate(names)}
+    a = np.fromiter((number[k] for k in keys_a), np.int64, len(keys_a))
+    b = np.fromiter((number[k] for k in keys_b), np.int64, len(keys_b))
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(len(names), len(names)))
+    _, label = connected_components(graph, directed=False)
+    scores = np.asarray(scores, np.float64)
+    lowest = np.full(label.max() + 1, np.inf)
+    np.minimum.at(lowest, label[a], scores)
+    members: dict[int, list[str]] = {}
+    for name, group in zip(names, label):
+        members.setdefault(int(group), []).append(name)
+    groups = [DuplicateGroup(keys, round(float(lowest[g]), 4)) for g, keys in members.items()]
+    return sorted(groups, key=lambda g: (-len(g.keys), g.keys[0]))
+
+
+def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
+                    columns: int | None = None, progress: bool = False,
+                    on_progress: Callable[[int], None] | None = None) -> DuplicateReport:
+    """The groups of near duplicates in the version `index` publishes for `model_id`.
+    columns: how many leading components of a stored vector are the embedding (a model with a
+    hubness correction stores one more; `Scoring.dim`), None: all. progress: a progress bar."""
+    import time
+
+    from tqdm import tqdm
+
+    threshold = check_threshold(threshold)
+    view = index.view(model_id)
+    t0 = time.perf_counter()
+    keys_a: list[str] = []
+    keys_b: list[str] = []
+    scores: list[np.ndarray] = []
+    with tqdm(total=view.count, desc="duplicates", unit="photo", disable=not progress) as bar:
+        def done(n: int) -> None:
+            bar.update(n)
+            if on_progress is not None:
+                on_progress(n)
+
+        for a, b, s in index.near_pairs(view, threshold, columns=columns, progress=done):
+            keys_a += a
+            keys_b += b
+            scores.append(np.asarray(s, np.float32))
+    groups = group_pairs(keys_a, keys_b, np.concatenate(scores) if scores else [])
+    return DuplicateReport(view.version, view.model_id, index.backend, threshold, view.count,
+                           groups, seconds=round(time.perf_counter() - t0, 3))
+
+
+def report_path(index_dir: str | Path) -> Path:
+    return Path(index_dir) / REPORT_FILE
+
+
+def write_report(report: DuplicateReport, path: str | Path) -> None:
+    write_atomic(path, json.dumps(report.to_dict(), ensure_ascii=False) + "\n", durable=True)
+
+
+def read_report(path: str | Path) -> DuplicateReport | None:
+    """The report at `path` (None: none written); ValueError when it is damaged."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return DuplicateReport.from_dict(json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("a damaged duplicates report (not JSON)") from None
