@@ -1,9 +1,10 @@
-"""`python -m indexer {ingest,add,rebuild,update,status,verify,prune}` — one command, one stage
-each.
+"""`python -m indexer {ingest,add,rebuild,update,status,verify,prune,duplicates}` — one command,
+one stage each.
 
 `add PATH` puts a folder of your own photos into the store (any depth, every format of
 `encoder.image_formats`) and updates the index; `status` names the files the decoders refused;
-`verify` checks that the published version holds exactly the store's images.
+`verify` checks that the published version holds exactly the store's images; `duplicates`
+finds groups of near-duplicate photos in it and writes the report the API serves.
 """
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                      help="as a run that listed the store at TIME (epoch seconds or ISO 8601, "
                           "UTC unless it says): uploads and changes dated after it are "
                           "reported as changed during the run, not as missing or stale")
+    dup = sub.add_parser("duplicates", help="groups of near-duplicate photos in the published "
+                                            "version; the report is written beside the index "
+                                            "(GET /duplicates serves it)")
+    dup.add_argument("--threshold", type=float, default=None,
+                     help="cosine of two photos' embeddings above which they are duplicates "
+                          "(default: indexer.duplicates.DEFAULT_THRESHOLD)")
+    dup.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    dup.add_argument("--show", type=int, default=10, help="groups listed (largest first)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     setup_logging()
@@ -69,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "prune":
             print(json.dumps(jobs.prune_versions(args.keep, s)))
             return 0
+        if args.cmd == "duplicates":
+            return _duplicates(s, index, args)
         store = open_store(s)
         if args.cmd == "ingest":  # the source resolved and checked as the DAG's first task does
             src = open_resolved(jobs.fetch_archives(args.source, args.text_source, settings=s))
@@ -135,6 +146,31 @@ def _verify(s, store, index, args) -> int:
                     refused=RefusalTable.in_dir(s.index_dir).etags(), since=args.since)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0 if result.ok else 1
+
+
+def _duplicates(s, index, args) -> int:
+    """Find the groups, write the report beside the index, print a summary (or the report)."""
+    from encoder.loading import read_card, read_scoring
+    from indexer.duplicates import DEFAULT_THRESHOLD, find_duplicates, report_path, \
+        write_report
+
+    model_id = read_card(s.model_path)["model_id"]
+    # the embedding's components only: a stored hubness-correction column is not the photo
+    columns = read_scoring(s.model_path).dim
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    report = find_duplicates(index, model_id, threshold, columns=columns,
+                             progress=not args.quiet)
+    write_report(report, report_path(s.index_dir))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print(f"version {report.version}: {len(report.groups)} groups of near duplicates "
+          f"({report.duplicated_photos} of {report.photos} photos; cosine above "
+          f"{report.threshold}) in {report.seconds:.1f} s; report: {report_path(s.index_dir)}")
+    for group in report.groups[:max(0, args.show)]:
+        print(f"  {len(group.keys)} photos (cosine >= {group.similarity}): "
+              + ", ".join(group.keys[:5]) + (" ..." if len(group.keys) > 5 else ""))
+    return 0
 
 
 def _point_in_time(text: str) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 from core.atomic import write_atomic
 
 # cosine of two photos' embeddings above which they are duplicates (BENCHMARKS.md §13)
-DEFAULT_THRESHOLD = 0.90
+DEFAULT_THRESHOLD = 0.85
 REPORT_FORMAT = "flickr-search-duplicates/1"
 REPORT_FILE = "duplicates.json"
 

@@ -14,7 +14,7 @@ from search_api import errors, text_queries
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyGuardMiddleware, HeadAsGetMiddleware, \
     SecurityHeadersMiddleware
-from search_api.routes import search, system, web
+from search_api.routes import duplicates, search, system, web
 from search_api.schemas import bodies
 from search_api.search_service import SearchService
 
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None,
 
     app.include_router(web.router)
     app.include_router(system.router)
+    app.include_router(duplicates.router)
     # known when the service is built before the app
     dim = service.encoders.dim if service is not None else None
     has_scale = service.match_scale is not None if service is not None else None
