@@ -5,5 +5,6 @@ photo's metadata read from the same bytes (photo_info: date, camera, position an
 folder), and kept in a vector index behind one interface (vector_index; backends faiss_index
 and milvus_index) with each photo's metadata beside its vector (photo_columns, photo_table) and
 searched inside a PhotoFilter (photo_filter), by hand (`python -m indexer`, cli) or fanned out
-as the DAGs' tasks (jobs, shards), and checked against the store (verify: the published version
-holds exactly the store's images)."""
+as the DAGs' tasks (jobs, shards), checked against the store (verify: the published version
+holds exactly the store's images), and searched for groups of near-duplicate photos
+(duplicates: a range search around each vector, `python -m indexer duplicates`)."""

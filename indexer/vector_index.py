@@ -86,6 +86,8 @@ its metadata with it (info=None writes rows without metadata). A view reads it b
     view.info(keys) -> [dict | None]           each key's stored metadata (its known values;
                                                None: not in the version, or none stored)
     view.info_counts() -> {"with_date", "with_position", "with_place"}
+    view.stored_vectors(keys) -> [len(keys), dim] the vectors held for these keys (checks, and
+                                               the default near_pairs)
     view.facets(limit=20) -> {"folder" | "country" | "city" | "camera" | "year":
                                [[value, count], ...]}   most common first
                                                (indexer.photo_columns says what each counts)

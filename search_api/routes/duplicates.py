@@ -87,10 +87,13 @@ def _int_or_none(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+OTHER_VERSION = {409: {"model": ErrorOut,
+                       "description": "the report describes another index version than the one "
+                                      "served"}}
+
+
 @router.get("/duplicates", response_model=DuplicatesOut,
-            responses={**responses(404, 422, 503),
-                       409: {"model": ErrorOut, "description": "the report describes another "
-                                                               "index version than the one served"}})
+            responses={**responses(404, 422, 503), **OTHER_VERSION})
 async def get_duplicates(
         request: Request, service: ServiceDep, settings: SettingsDep,
         offset: Annotated[int, Query(ge=0, description="groups skipped")] = 0,
