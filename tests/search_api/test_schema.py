@@ -17,6 +17,7 @@ from schemathesis.generation.modes import GenerationMode  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 OPERATIONS = [
+    "GET /duplicates",
     "GET /facets",
     "GET /health",
     "GET /images/{key}",
