@@ -45,28 +45,32 @@ def _library(dim: int = 32, correction: bool = False):
     return keys, vectors
 
 
-@pytest.fixture(params=["faiss", "numpy", "milvus-lite"])
-def cheap_backend(request, tmp_path):
+@pytest.fixture(params=["faiss", "numpy", "milvus-lite", "milvus"])
+def every_backend(request, tmp_path):
+    """Every backend of the contract suite ("milvus": the shared standalone server)."""
     from indexer.vector_index import open_index
 
     index = open_index(backend_settings(request.param, request, tmp_path))
     yield index
+    if request.param == "milvus":  # leave the shared server clean
+        for name in index.versions():
+            index.client.drop_collection(name)
     index.close()
 
 
 @pytest.mark.parametrize("correction", [False, True])
-def test_near_copies_group_on_every_backend(cheap_backend, correction):
+def test_near_copies_group_on_every_backend(every_backend, correction):
     keys, vectors = _library(correction=correction)
-    cheap_backend.rebuild("m-1", keys, vectors, ["e"] * len(keys))
+    every_backend.rebuild("m-1", keys, vectors, ["e"] * len(keys))
     columns = vectors.shape[1] - 1 if correction else None
-    report = find_duplicates(cheap_backend, "m-1", 0.9, columns=columns)
+    report = find_duplicates(every_backend, "m-1", 0.9, columns=columns)
     assert [g.keys for g in report.groups] == [
         [f"{PREFIX}00-q50.jpg", f"{PREFIX}00-small.jpg", f"{PREFIX}00.jpg"],
         [f"{PREFIX}07-crop.jpg", f"{PREFIX}07.jpg"]]
     assert all(0.9 < g.similarity <= 1.0001 for g in report.groups)
     assert (report.version, report.model_id, report.photos, report.threshold) == \
-        (cheap_backend.published("m-1"), "m-1", len(keys), 0.9)
-    assert report.backend == cheap_backend.backend
+        (every_backend.published("m-1"), "m-1", len(keys), 0.9)
+    assert report.backend == every_backend.backend
 
 
 def test_the_default_pass_built_on_the_interface_matches_faiss_range_search(tmp_path):
@@ -155,7 +159,7 @@ def _pixel_embedding(img: Image.Image) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def test_reencodes_and_resizes_of_a_photo_group_and_different_photos_do_not(cheap_backend):
+def test_reencodes_and_resizes_of_a_photo_group_and_different_photos_do_not(every_backend):
     names, images = [], []
     for n in range(8):
         scene = _reencoded(_scene(n), 95)  # photos are JPEGs already
@@ -167,8 +171,8 @@ def test_reencodes_and_resizes_of_a_photo_group_and_different_photos_do_not(chea
                 names.append(f"{PREFIX}scene{n}-{tag}.jpg")
                 images.append(copy)
     vectors = np.stack([_pixel_embedding(im) for im in images])
-    cheap_backend.rebuild("m-1", names, vectors, ["e"] * len(names))
-    report = find_duplicates(cheap_backend, "m-1", 0.95)
+    every_backend.rebuild("m-1", names, vectors, ["e"] * len(names))
+    report = find_duplicates(every_backend, "m-1", 0.95)
     assert [g.keys for g in report.groups] == [
         sorted(k for k in names if k.startswith(f"{PREFIX}scene{n}")) for n in (0, 1)]
 
