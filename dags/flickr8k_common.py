@@ -1,6 +1,7 @@
 """What both Flickr8k DAGs share: retry policy, the permanent-error rule, the index writers'
 pool, how a run tells that another index run is active (`other_index_runs`), and the fanned-out
-tail embed_shard x N -> publish_index -> verify_index -> prune_versions (no DAG here).
+tail embed_shard x N -> publish_index -> verify_index -> prune_versions, with find_duplicates
+beside prune_versions (no DAG here).
 
 The task ids are those of earlier runs (Airflow keys task history, logs and XComs by them);
 each task here calls the `indexer.jobs` function of the same name.
@@ -93,7 +94,19 @@ def prune_versions(verified: dict) -> dict:
     return jobs.prune_versions()
 
 
+@task(execution_timeout=timedelta(hours=2))
+@fail_fast
+def find_duplicates(verified: dict) -> dict:
+    """The groups of near-duplicate photos in the version just published, written beside the
+    index for `GET /duplicates` (`python -m indexer duplicates`)."""
+    from indexer import jobs
+
+    return jobs.find_duplicates()
+
+
 def embed_publish_prune(plan):
     """Inside a DAG: `embed_shard` mapped over the plan's shards, `publish_index` once all
-    succeeded, `verify_index`, then `prune_versions`."""
-    return prune_versions(verify_index(publish_index(plan, embed_shard.expand(shard=plan))))
+    succeeded, `verify_index`, then `prune_versions` and `find_duplicates`."""
+    verified = verify_index(publish_index(plan, embed_shard.expand(shard=plan)))
+    find_duplicates(verified)
+    return prune_versions(verified)

@@ -1,7 +1,8 @@
 """`flickr8k_data_ingestion`: Flickr8k (URL, zip or folder) -> object store -> a new index version.
 
     fetch_archives -> verify_and_unpack -> upload_to_store -> plan_shards (short-circuit)
-        -> embed_shard x N (mapped) -> publish_index -> verify_index -> prune_versions
+        -> embed_shard x N (mapped) -> publish_index -> verify_index
+        -> prune_versions, find_duplicates
 
 Each task is an idempotent transaction done by `indexer.jobs` (this file only wires them):
 downloads resume and are checked (size / sha256 / zip CRC) before use, uploads are skipped when

@@ -1,7 +1,7 @@
 """`flickr8k_reindex`: on a schedule, bring the index in line with the bucket.
 
     plan_shards (short-circuit) -> embed_shard x N (mapped) -> publish_index -> verify_index
-        -> prune_versions
+        -> prune_versions, find_duplicates
 
 While another index run is active (an ingestion embedding an upload), `plan_shards` plans
 nothing and the run stops there: that run indexes what there is. Otherwise `plan_shards` compares the bucket's images with the current index version (new or changed

@@ -178,6 +178,24 @@ def prune_versions(keep: int | None = None, settings: Settings | None = None) ->
         return with_retries(open_index(s).prune, keep, retry_on=TRANSIENT_ERRORS)
 
 
+def find_duplicates(threshold: float | None = None, settings: Settings | None = None) -> dict:
+    """After a publish: the groups of near duplicates in the published version of MODEL_PATH's
+    model, written beside the index for the API (`python -m indexer duplicates`). Returns the
+    report's summary."""
+    from encoder import read_scoring
+    from indexer.duplicates import DEFAULT_THRESHOLD, report_path, write_report
+    from indexer.duplicates import find_duplicates as find
+
+    s = _settings(settings)
+    report = with_retries(find, open_index(s), _model_id(s.model_path),
+                          DEFAULT_THRESHOLD if threshold is None else threshold,
+                          columns=read_scoring(s.model_path).dim, retry_on=TRANSIENT_ERRORS)
+    write_report(report, report_path(s.index_dir))
+    return {"version": report.version, "groups": len(report.groups),
+            "photos": report.duplicated_photos, "threshold": report.threshold,
+            "seconds": report.seconds}
+
+
 # --- fanned-out embedding: plan_shards -> embed_shard (mapped, one per shard) -> publish_index
 # (indexer.shards; the DAGs map `embed_shard` over the plan with Airflow dynamic task mapping)
 def plan_shards(force_rebuild: bool = False, settings: Settings | None = None,

@@ -107,7 +107,8 @@ print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()},
     ing, rei = out["dags"]["flickr8k_data_ingestion"], out["dags"]["flickr8k_reindex"]
     fan_out = {"plan_shards": [], "embed_shard": ["plan_shards"],
                "publish_index": ["embed_shard", "plan_shards"],
-               "verify_index": ["publish_index"], "prune_versions": ["verify_index"]}
+               "verify_index": ["publish_index"], "prune_versions": ["verify_index"],
+               "find_duplicates": ["verify_index"]}
     assert ing["upstream"] == {"fetch_archives": [], "verify_and_unpack": ["fetch_archives"],
                                "upload_to_store": ["verify_and_unpack"],
                                **fan_out, "plan_shards": ["upload_to_store"]}

@@ -203,3 +203,20 @@ def test_the_command_writes_the_report_beside_the_index(tmp_path, monkeypatch, s
     assert report.version == version and report.threshold == 0.9
     assert len(report.groups) == 2
     assert 0 < DEFAULT_THRESHOLD < 1
+
+
+def test_the_job_after_a_publish_writes_the_report(tmp_path, small_checkpoint):
+    from core.settings import Settings
+    from encoder.loading import read_card
+    from indexer import jobs
+    from indexer.faiss_index import FaissIndex
+
+    model_id = read_card(small_checkpoint)["model_id"]
+    keys, vectors = _library(dim=64)
+    version = FaissIndex(tmp_path / "index").rebuild(model_id, keys, vectors,
+                                                      ["e"] * len(keys))["version"]
+    s = Settings(_env_file=None, index_dir=str(tmp_path / "index"),
+                 model_path=str(small_checkpoint))
+    out = jobs.find_duplicates(0.9, settings=s)
+    assert (out["version"], out["groups"], out["photos"]) == (version, 2, 5)
+    assert read_report(report_path(tmp_path / "index")).version == version
