@@ -6,7 +6,9 @@ FAISS's range search, Milvus's range search, or any backend's searches) joins on
 connected components are the groups, largest first. The report names the version and model it
 describes and the threshold, and is written atomically beside the index (INDEX_DIR/
 duplicates.json): the API serves it (`GET /duplicates`) while that version is served. Nothing
-is deleted: which copy to keep is the person's decision.
+is deleted: which copy to keep is the person's decision. (On Milvus an update writes into the
+published collection, whose name stays: a report of it lags behind such updates until the next
+pass, which the DAGs run after every publish.)
 
 The default threshold comes from bench/duplicates.py (BENCHMARKS.md §13): edits of a Flickr8k
 photo against different photos, consecutive shots of one photographer among them.
