@@ -61,6 +61,9 @@ class RequestLimits(BaseModel):
     # a search's `filters.folders`: each folder is a prefix test over the whole index
     MAX_FILTER_FOLDERS: ClassVar[int] = 20
     MAX_FACET_VALUES: ClassVar[int] = 100  # GET /facets?limit=N, values per facet
+    # terms of one query (texts and stored photos, positive and negative): each is encoded
+    # or read from the index
+    MAX_QUERY_TERMS: ClassVar[int] = 16
     # multipart framing allowed around an upload of MAX_UPLOAD_BYTES (the whole-body cap)
     UPLOAD_BODY_SLACK: ClassVar[int] = 64 * 1024
 
