@@ -214,7 +214,9 @@ PARSE_TERMS_DOC = ("read `+`, `-`, `weight:` and `key:` in `text` as a query of 
                    "(false: the whole text is one query, as typed)")
 Weight = Annotated[float, Field(gt=0.0, le=MAX_WEIGHT, allow_inf_nan=False),
                    BeforeValidator(_json_number)]
-ONE_OF_TEXT_KEY = {"anyOf": [{"required": ["text"]}, {"required": ["key"]}],
+ONE_OF_TEXT_KEY = {"oneOf": [
+    {"required": ["text"], "properties": {"text": {"type": "string"}}},
+    {"required": ["key"], "properties": {"key": {"type": "string"}}}],
                    "examples": [{"text": "sunset", "weight": 2},
                                 {"key": "holidays/img_01.jpg"}]}
 
@@ -292,7 +294,10 @@ class TermsOut(BaseModel):
     negative: list[TermOut] = []
 
 
-TEXT_OR_TERMS = {"oneOf": [{"required": ["text"]}, {"required": ["terms"]}]}
+# exactly one of them, not null
+TEXT_OR_TERMS = {"oneOf": [
+    {"required": ["text"], "properties": {"text": {"type": "string"}}},
+    {"required": ["terms"], "properties": {"terms": {"type": "object"}}}]}
 
 
 class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn):
