@@ -302,9 +302,9 @@ TEXT_OR_TERMS = {"oneOf": [
 
 class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn):
     model_config = ConfigDict(json_schema_extra=TEXT_OR_TERMS)
-    text: str | None = Field(None, validation_alias=AliasChoices("text", "query"),
-                             description="the query text (`query` accepted too); or `terms`",
-                             json_schema_extra={"minLength": 1, "pattern": r"\S"})
+    text: str = Field(None, validation_alias=AliasChoices("text", "query"),
+                      description="the query text (`query` accepted too); or `terms`",
+                      json_schema_extra={"minLength": 1, "pattern": r"\S"})
 
     @field_validator("text")
     @classmethod
@@ -535,10 +535,11 @@ def bodies(limits: RequestLimits, dim: int | None = None,
                                          max_length=limits.MAX_QUERY_TERMS)
 
     class SearchBody(SearchIn):
-        text: str | None = Field(None, validation_alias=AliasChoices("text", "query"),
-                                 min_length=1, max_length=chars, pattern=r"\S",
-                                 description=f"the query text, at most {chars} characters "
-                                             "(`query` accepted too); or `terms`")
+        # a string when given (absent with `terms`): the schema keeps its limits in one place
+        text: str = Field(None, validation_alias=AliasChoices("text", "query"),
+                          min_length=1, max_length=chars, pattern=r"\S",
+                          description=f"the query text, at most {chars} characters "
+                                      "(`query` accepted too); or `terms`")
         terms: TermsBody | None = Field(None, description=TERMS_DOC)
         filters: FilterBody | None = filters_field
         top_k: Int = top_k_field

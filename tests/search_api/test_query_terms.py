@@ -305,3 +305,20 @@ def test_form_clients_send_terms_as_json_text(served):
     assert _keys(got) == _keys(want)
     by_form = _ok(client.post(K, data={"keys": "dup/a.jpg", "top_k": "2"}))
     assert _keys(by_form)[0] == "dup/a_copy.jpg"
+
+
+def test_scoring_combine():
+    from encoder.scoring import Scoring
+
+    scoring = Scoring(3)
+    a, b = np.array([3.0, 0, 0]), np.array([0, 1.0, 0])
+    assert scoring.combine(a[None], [2.0]) == pytest.approx([1, 0, 0])
+    # each term counts by its weight, whatever its length
+    assert scoring.combine(np.stack([a, b]), [1, -1]) == pytest.approx(
+        np.array([1, -1, 0]) / np.sqrt(2), abs=1e-6)
+    # huge weights do not overflow
+    assert scoring.combine(np.stack([a, b]), [1e300, 1e300]) == pytest.approx(
+        np.array([1, 1, 0]) / np.sqrt(2), abs=1e-6)
+    for weights in ([1, -1], [np.inf, 1], [np.nan, 1]):
+        with pytest.raises(ValueError):
+            scoring.combine(np.stack([a, a]), weights)
