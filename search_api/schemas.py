@@ -2,7 +2,8 @@
 
 The request models here carry no configured limits; `bodies(limits, dim)` derives the ones an
 app serves from the request limits (core.settings.RequestLimits: MAX_TOP_K, MAX_OFFSET,
-MAX_QUERY_CHARS, MAX_BATCH_QUERIES, MAX_FILTER_FOLDERS, the fixed sizes of given embeddings)
+MAX_QUERY_CHARS, MAX_BATCH_QUERIES, MAX_FILTER_FOLDERS, MAX_QUERY_TERMS, the fixed sizes of given
+embeddings)
 and the model (its dimension; whether it has a match scale, without which `min_match` can only
 be null) as field constraints, so validation and the OpenAPI schema both come from them. The
 other limits (body bytes, image pixels, request heads) are enforced where the bytes arrive; the
@@ -11,7 +12,9 @@ README's "Request limits" table lists each and where.
 Every search takes `filters` (indexer.photo_filter.PhotoFilter: its own validation names the
 field of an unknown name, an impossible range, a malformed date) and the text searches
 `parse_hints`; answers carry the filters applied, the hints read from the text, the text the
-model encoded and each hit's metadata in brief (`HitInfo`).
+model encoded and each hit's metadata in brief (`HitInfo`). The text search takes `text` or
+`terms` (a query of several terms, `TermsIn`); `SearchByKeyIn` searches from indexed photos;
+answers echo the terms as read (`TermsOut`).
 """
 from __future__ import annotations
 
@@ -324,8 +327,13 @@ class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn):
 
 
 class BatchSearchIn(TextFiltersIn):
-    """`filters` apply to every query; hints are read from each query on its own."""
+    """`filters` apply to every query; hints are read from each query on its own, and so are
+    terms (`dog - grass`)."""
     model_config = ConfigDict(extra="ignore")
+    include_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        False, description=INCLUDE_TERMS_DOC)
+    parse_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        True, description=PARSE_TERMS_DOC)
     queries: list[str] = Field(min_length=1, description="1..MAX_BATCH_QUERIES query texts")
     top_k: Int = Field(5, ge=1)
     min_score: Score | None = None

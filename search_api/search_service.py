@@ -6,7 +6,10 @@ store, decode gate, thumbnails). `search()` turns query embeddings into the vect
 searches (`Scoring`), searches one version for the whole request, reads each hit's cosine back
 where the score is not the plain cosine (hubness correction), gives each hit its 0-100 match
 (the model's `MatchScale`, when its card has one) and pages the ranking; `rank_given()` ranks
-embeddings a client sent instead (the original clients' mode).
+embeddings a client sent instead (the original clients' mode). `search_terms()` searches a
+query of several terms (search_api.query_terms): texts encoded in one batch, stored photos'
+vectors read from the same version, combined by `Scoring.combine`, searched once, the positive
+term photos left out of their own results unless asked.
 
 Filters (`PhotoFilter`, one per query) are applied inside the index's search, so a filtered
 query gets a full page whenever that many photos match; queries with the same filter share one

@@ -8,6 +8,9 @@ and so are all hints when together with the request they would make an impossibl
 (after > before). A text made only of hints ("Norway", "2019") is encoded whole: the model
 still needs words to rank by.
 
+`read_term_texts(query, ...)`: the same for a query of several terms (search_api.query_terms):
+hints are read from its positive texts, one after another; negative texts are encoded as written.
+
 The parser's first use loads its tables (seconds): the app's start calls `warm_up()` before
 serving, and the routes read queries in the thread pool, never on the event loop.
 """

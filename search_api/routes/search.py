@@ -1,5 +1,8 @@
 """Encoding and search routes. The text routes take JSON or the original clients' form fields
-(`deps.json_or_form`); the upload routes take multipart forms with a file field `image`."""
+(`deps.json_or_form`); the upload routes take multipart forms with a file field `image`.
+The text search also takes queries of several terms (typed with `+`/`-`, or `terms`), and
+`/search_images_by_key` searches from indexed photos (search_api.query_terms); every answer's
+`terms` says how the query was read."""
 # no `from __future__ import annotations`: FastAPI reads the per-app body types defined in
 # build_router from the endpoints' signatures
 import json
@@ -221,12 +224,27 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     async def search_images_by_texts(request: Request, body: BatchBody):
         service = request.app.state.service
         service.ready()
-        asked = await _read_queries(request, body.queries, body.filters, body.parse_hints)
-        vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
-        found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
-                                     [a.where for a in asked])
-        return _json([_out(request, query, service.model_id, results, asked=a)
-                      for query, a, results in zip(body.queries, asked, found)])
+        terms = [parse_typed(q, ("queries", i)) if body.parse_terms else None
+                 for i, q in enumerate(body.queries)]
+        plain_rows = [i for i, t in enumerate(terms) if t is None]
+        out: list = [None] * len(terms)
+        if plain_rows:  # the plain texts: one forward pass, one search per distinct filter
+            texts = [body.queries[i] for i in plain_rows]
+            asked = await _read_queries(request, texts, body.filters, body.parse_hints)
+            vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
+            found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
+                                         [a.where for a in asked])
+            for i, query, a, results in zip(plain_rows, texts, asked, found):
+                out[i] = _out(request, query, service.model_id, results, asked=a)
+        for i, query in enumerate(terms):  # queries of several terms: one search each
+            if query is not None:
+                query, a = await _read_terms(request, query, body.filters, body.parse_hints)
+                results = await service.search_terms(query, body.top_k, 0, body.min_score,
+                                                     body.min_match, a.where,
+                                                     body.include_terms)
+                out[i] = _out(request, a.text, service.model_id, results,
+                              asked=replace(a, encoded_text=None), terms=query)
+        return _json(out)
 
     ByKeyBody = bodies.by_key
 

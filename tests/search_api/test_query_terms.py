@@ -322,3 +322,31 @@ def test_scoring_combine():
     for weights in ([1, -1], [np.inf, 1], [np.nan, 1]):
         with pytest.raises(ValueError):
             scoring.combine(np.stack([a, a]), weights)
+
+
+def test_given_embeddings_are_ranked_by_the_combined_query(served):
+    client, enc, photos = served
+    dog, grass = enc.encode_texts(["dog", "grass"])
+    given = [{"filename": k, "embedding": photos[k][:enc.dim].tolist()}
+             for k in ("dogs/dog0.jpg", "dogs/dog_grass0.jpg", "grass/grass0.jpg")]
+    body = _ok(client.post(S, json={"text": "dog - grass", "image_embeddings": given,
+                                    "top_k": 3}))
+    q = enc.scoring.combine(np.stack([dog, grass]), [1, -1])
+    want = sorted(given, key=lambda g: -float(np.dot(q, g["embedding"])))
+    assert _keys(body) == [g["filename"] for g in want]
+    assert body["terms"]["negative"] == [{"text": "grass", "weight": 1.0}]
+
+
+def test_the_batch_route_reads_terms_in_each_query(served):
+    client, _, _ = served
+    batch = _ok(client.post("/search_images_by_texts",
+                            json={"queries": ["dog", "dog - grass", "key:dup/a.jpg"],
+                                  "top_k": 4}))
+    for query, got in zip(["dog", "dog - grass"], batch):
+        assert _keys(got) == _keys(_ok(client.post(S, json={"text": query, "top_k": 4})))
+    assert _keys(batch[2]) == _keys(_ok(client.post(K, json={"keys": ["dup/a.jpg"],
+                                                             "top_k": 4})))
+    assert batch[1]["terms"]["negative"] == [{"text": "grass", "weight": 1.0}]
+    [error] = _detail(client.post("/search_images_by_texts",
+                                  json={"queries": ["dog", "- cat"]}))
+    assert error["loc"] == ["queries", "1"]

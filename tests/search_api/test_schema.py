@@ -101,14 +101,17 @@ def _indexed_terms(case, indexed: list[str]) -> bool:
                   if isinstance(i, dict)} for side in ("positive", "negative")]
         if texts[0] & texts[1]:
             return False
-    text = body.get("text", body.get("query"))
-    if isinstance(text, str) and body.get("parse_terms", True) is not False:
-        try:
-            read = parse_typed(text)
-        except TermError:
-            return False
-        if read is not None and (read.keys or any(t.negative for t in read.terms)):
-            return False
+    texts = [body.get("text", body.get("query"))]
+    if isinstance(body.get("queries"), list):
+        texts += body["queries"]
+    for text in texts:
+        if isinstance(text, str) and body.get("parse_terms", True) is not False:
+            try:
+                read = parse_typed(text)
+            except TermError:
+                return False
+            if read is not None and (read.keys or any(t.negative for t in read.terms)):
+                return False
     return True
 
 
