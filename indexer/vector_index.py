@@ -21,8 +21,9 @@ Reading (the search service, `status`):
                                                (+ per row, the hits' stored vector component
                                                number `readback`: what Scoring reads the
                                                cosine back from; no vectors over the wire)
-                                               .info(keys) .info_counts() .facets(limit=20):
-                                               the photos' metadata (below)
+                                               .info(keys) .info_counts() .facets(limit=20)
+                                               .count_matching(where): the photos' metadata
+                                               (below)
     indexed(model_id) -> Indexed | None        the published version's keys -> etags, count
     status(model_id) -> dict                   backend, version, model_id, count (+ alias,
                                                collection)
@@ -74,6 +75,8 @@ its metadata with it (info=None writes rows without metadata). A view reads it b
     view.info(keys) -> [dict | None]           each key's stored metadata (its known values;
                                                None: not in the version, or none stored)
     view.info_counts() -> {"with_date", "with_position", "with_place"}
+    view.count_matching(where) -> int          how many photos the filter lets through (the
+                                               `total` of a filtered page)
     view.facets(limit=20) -> {"folder" | "country" | "city" | "camera" | "year":
                                [[value, count], ...]}   most common first
                                                (indexer.photo_columns says what each counts)

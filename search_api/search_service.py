@@ -266,12 +266,9 @@ class SearchService:
 
     async def _matching(self, view, where: PhotoFilter, found: int, k: int) -> int:
         """How many photos `where` matches: the hits found when fewer than asked (the search
-        returned every match), else the view's count of matches; a view that cannot count
-        them gives its size (at most that many match)."""
+        returned every match), else the view's count of matches."""
         if found < k:
             return found
-        if not hasattr(view, "count_matching"):
-            return view.count
         return int(await self.index.call(view, "count_matching", where))
 
     async def _infos(self, view, keys: list[str]) -> dict[str, dict | None]:
