@@ -64,6 +64,9 @@ class RequestLimits(BaseModel):
     # GET /duplicates: groups per page, and photos listed per group (a group's size is given)
     MAX_DUPLICATE_GROUPS: ClassVar[int] = 100
     MAX_DUPLICATE_GROUP_PHOTOS: ClassVar[int] = 50
+    # terms of one query (texts and stored photos, positive and negative): each is encoded
+    # or read from the index
+    MAX_QUERY_TERMS: ClassVar[int] = 16
     # multipart framing allowed around an upload of MAX_UPLOAD_BYTES (the whole-body cap)
     UPLOAD_BODY_SLACK: ClassVar[int] = 64 * 1024
 

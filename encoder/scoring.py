@@ -113,6 +113,26 @@ class Scoring:
         return torch.cat([query_emb, torch.ones(len(query_emb), 1, dtype=query_emb.dtype,
                                                 device=query_emb.device)], 1)
 
+    def combine(self, embeddings: np.ndarray, weights) -> np.ndarray:
+        """One query embedding [dim] from several terms' embeddings [T, dim] (texts', or stored
+        images' as `embeddings` gives them) and signed weights (negative: away from it): each
+        made unit length, weighted sum, made unit length again; query_vectors then shapes it as
+        any query, so the score keeps its meaning (the cosine with this direction, less the
+        image's hubness bias). ValueError when the weights are not finite or the terms cancel
+        out (nothing left to search for)."""
+        emb = np.asarray(embeddings, np.float64)
+        w = np.asarray(weights, np.float64).reshape(-1)
+        if not len(w) or len(w) != len(emb) or not np.isfinite(w).all() or \
+                not np.isfinite(emb).all():
+            raise ValueError("the terms' weights must be finite numbers, one per term")
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        w = w / np.abs(w).max()  # scaled first: large weights cannot overflow
+        combined = w @ emb
+        norm = np.linalg.norm(combined)
+        if norm <= 1e-4 * np.abs(w).sum():
+            raise ValueError("the terms cancel out: nothing is left to search for")
+        return (combined / norm).astype(np.float32)
+
     def scores(self, query_emb: Array, image_emb: Array) -> Array:
         """Score matrix [Q, N] as a search ranks it (for evaluation and plots)."""
         return self.query_vectors(query_emb) @ self.image_vectors(image_emb).T

@@ -182,6 +182,22 @@ class MilvusView:
         return scores, keys, [np.asarray([h["entity"]["tail"] for h in row], np.float32)
                               for row in rows]
 
+    def count_matching(self, where: PhotoFilter) -> int:
+        """How many photos the filter lets through: a count query with the search's
+        expression."""
+        where = active(where)
+        if where is None:
+            return self.count
+        expression = self.owner.filter_expression(self.collection, where)
+        if expression is None:  # stored without metadata: a filter matches nothing
+            return 0
+        with self.owner.calls(searching=self.collection):
+            rows = self.owner.client.query(self.collection, filter=expression,
+                                           output_fields=["count(*)"],
+                                           consistency_level="Bounded",
+                                           timeout=self.owner.timeout_s)
+        return int(rows[0]["count(*)"])
+
     def info(self, keys: list[str]) -> list[dict | None]:
         """Each key's stored metadata (one query per INFO_BATCH keys)."""
         if not keys or not self.owner.has_photos(self.collection):

@@ -192,6 +192,10 @@ class IndexVersion:
             return photo_columns.facets([], limit)
         return self.photos.facets(limit)
 
+    def count_matching(self, where: PhotoFilter) -> int:
+        """How many photos of this version the filter lets through."""
+        return self.passing(where).count if active(where) is not None else self.count
+
     def passing(self, where: PhotoFilter) -> PassingIds:
         """The ids this filter lets through (cached per filter)."""
         key = where.model_dump_json()

@@ -21,8 +21,9 @@ Reading (the search service, `status`):
                                                (+ per row, the hits' stored vector component
                                                number `readback`: what Scoring reads the
                                                cosine back from; no vectors over the wire)
-                                               .info(keys) .info_counts() .facets(limit=20):
-                                               the photos' metadata (below)
+                                               .info(keys) .info_counts() .facets(limit=20)
+                                               .count_matching(where): the photos' metadata
+                                               (below)
     indexed(model_id) -> Indexed | None        the published version's keys -> etags, count
     status(model_id) -> dict                   backend, version, model_id, count (+ alias,
                                                collection)
@@ -88,6 +89,8 @@ its metadata with it (info=None writes rows without metadata). A view reads it b
     view.info_counts() -> {"with_date", "with_position", "with_place"}
     view.stored_vectors(keys) -> [len(keys), dim] the vectors held for these keys (checks, and
                                                the default near_pairs)
+    view.count_matching(where) -> int          how many photos the filter lets through (the
+                                               `total` of a filtered page)
     view.facets(limit=20) -> {"folder" | "country" | "city" | "camera" | "year":
                                [[value, count], ...]}   most common first
                                                (indexer.photo_columns says what each counts)

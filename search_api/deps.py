@@ -57,8 +57,9 @@ ApiKeyDep = Depends(require_api_key)
 
 # --- JSON or form bodies ----------------------------------------------------------------------
 # form clients send these as JSON text: field -> what it must hold
-JSON_FIELDS = {"image_embeddings": "a JSON list", "filters": "a JSON object"}
-LIST_FIELDS = ("queries",)  # repeated form fields (queries=a&queries=b) or one JSON list
+JSON_FIELDS = {"image_embeddings": "a JSON list", "filters": "a JSON object",
+               "terms": "a JSON object"}
+LIST_FIELDS = ("queries", "keys", "negative_keys")  # repeated form fields (queries=a&queries=b) or one JSON list
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 

@@ -19,6 +19,7 @@ from encoder.preprocessing import BadImage
 from indexer.vector_index import FilterTooBroad
 from search_api.images import ImageTooLarge
 from search_api.index_holder import NoIndex
+from search_api.query_terms import TermError
 from search_api.search_service import BadEmbeddings, NoMatchScale
 from search_api.stored_images import ImageNotFound, StoreUnavailable
 
@@ -93,6 +94,13 @@ def install(app: FastAPI) -> None:
     async def client_gone(request: Request, exc: ClientDisconnect):
         # the client closed the connection mid-body: nobody reads this answer; no 500, no trace
         return JSONResponse({"detail": "client disconnected"}, status_code=400)
+
+    @app.exception_handler(TermError)
+    async def term_error(request: Request, exc: TermError):
+        # shaped as a body validation error: `loc` says where the term is, `input` how it was written
+        return JSONResponse({"detail": clean_errors([{
+            "type": "query_term", "loc": exc.loc, "msg": exc.message,
+            "input": exc.term}])}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -2,7 +2,8 @@
 
 The request models here carry no configured limits; `bodies(limits, dim)` derives the ones an
 app serves from the request limits (core.settings.RequestLimits: MAX_TOP_K, MAX_OFFSET,
-MAX_QUERY_CHARS, MAX_BATCH_QUERIES, MAX_FILTER_FOLDERS, the fixed sizes of given embeddings)
+MAX_QUERY_CHARS, MAX_BATCH_QUERIES, MAX_FILTER_FOLDERS, MAX_QUERY_TERMS, the fixed sizes of given
+embeddings)
 and the model (its dimension; whether it has a match scale, without which `min_match` can only
 be null) as field constraints, so validation and the OpenAPI schema both come from them. The
 other limits (body bytes, image pixels, request heads) are enforced where the bytes arrive; the
@@ -11,7 +12,9 @@ README's "Request limits" table lists each and where.
 Every search takes `filters` (indexer.photo_filter.PhotoFilter: its own validation names the
 field of an unknown name, an impossible range, a malformed date) and the text searches
 `parse_hints`; answers carry the filters applied, the hints read from the text, the text the
-model encoded and each hit's metadata in brief (`HitInfo`).
+model encoded and each hit's metadata in brief (`HitInfo`). The text search takes `text` or
+`terms` (a query of several terms, `TermsIn`); `SearchByKeyIn` searches from indexed photos;
+answers echo the terms as read (`TermsOut`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, \
-    StringConstraints, ValidationInfo, field_validator
+    StringConstraints, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from core.settings import RequestLimits
 from indexer.photo_filter import Folder, PhotoFilter
+from search_api.query_terms import MAX_WEIGHT
 
 
 def _unicode(v: str) -> str:
@@ -203,7 +207,119 @@ class TextFiltersIn(FiltersIn):
         True, description=PARSE_HINTS_DOC)
 
 
-class SearchIn(PageIn, TextIn, TextFiltersIn):
+# --- queries of several terms (search_api.query_terms) -----------------------------------------
+TERMS_DOC = ("a query of several terms instead of `text`: texts and stored photos (by key), "
+             "each with a weight (default 1); the negative ones steer away. Combined in the "
+             "model's embedding space and searched once. Typed into `text` the same reads "
+             "`dog + 2:beach - people + key:holidays/img_01.jpg`")
+INCLUDE_TERMS_DOC = "keep the photos used as positive terms in their own results"
+PARSE_TERMS_DOC = ("read `+`, `-`, `weight:` and `key:` in `text` as a query of several terms "
+                   "(false: the whole text is one query, as typed)")
+Weight = Annotated[float, Field(gt=0.0, le=MAX_WEIGHT, allow_inf_nan=False),
+                   BeforeValidator(_json_number)]
+ONE_OF_TEXT_KEY = {"oneOf": [
+    {"required": ["text"], "properties": {"text": {"type": "string"}}},
+    {"required": ["key"], "properties": {"key": {"type": "string"}}}],
+                   "examples": [{"text": "sunset", "weight": 2},
+                                {"key": "holidays/img_01.jpg"}]}
+
+
+class TermIn(BaseModel):
+    """One term: a text or an indexed photo's key."""
+    model_config = ConfigDict(extra="ignore", json_schema_extra=ONE_OF_TEXT_KEY)
+    text: str | None = Field(None, min_length=1, pattern=r"\S")
+    key: str | None = Field(None, min_length=1, pattern=r"\S")
+    weight: Weight = 1.0
+
+    @field_validator("text", "key")
+    @classmethod
+    def _text(cls, v):
+        return v if v is None else _unicode(v)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.text is None) == (self.key is None):
+            raise ValueError("a term is a `text` or a `key` (one of them)")
+        return self
+
+
+class TermsIn(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"positive": [{"text": "dog"}, {"text": "beach", "weight": 2}],
+         "negative": [{"text": "people"}]}]})
+    positive: list[TermIn] = Field(min_length=1, max_length=RequestLimits.MAX_QUERY_TERMS)
+    negative: list[TermIn] = Field(default_factory=list,
+                                   max_length=RequestLimits.MAX_QUERY_TERMS)
+
+
+class TermFieldsIn(BaseModel):
+    """What the text search takes besides `text` for a query of several terms."""
+    model_config = ConfigDict(extra="ignore")
+    terms: TermsIn | None = Field(None, description=TERMS_DOC)
+    include_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        False, description=INCLUDE_TERMS_DOC)
+    parse_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        True, description=PARSE_TERMS_DOC)
+
+
+class SearchByKeyIn(PageIn, FiltersIn):
+    """More like these photos (and less like those): stored photos as the query, no upload."""
+    model_config = ConfigDict(extra="ignore")
+    keys: list[str] = Field(min_length=1, max_length=RequestLimits.MAX_QUERY_TERMS,
+                            description="indexed photos' keys to search like")
+    negative_keys: list[str] = Field(default_factory=list,
+                                     max_length=RequestLimits.MAX_QUERY_TERMS,
+                                     description="indexed photos' keys to steer away from")
+    include_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        False, description=INCLUDE_TERMS_DOC)
+
+    @field_validator("keys", "negative_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            _unicode(key)
+            if not key.strip():
+                raise ValueError("a key must not be empty")
+        return v
+
+
+class TermOut(BaseModel):
+    text: str | None = None
+    key: str | None = None
+    weight: float = 1.0
+    encoded_text: str | None = Field(None, description="what the model encoded of the text "
+                                                       "(when hints were read from it)")
+
+
+class TermsOut(BaseModel):
+    """How the query was read: it is a valid `terms` to send again."""
+    positive: list[TermOut] = []
+    negative: list[TermOut] = []
+
+
+# exactly one of them, not null
+TEXT_OR_TERMS = {"oneOf": [
+    {"required": ["text"], "properties": {"text": {"type": "string"}}},
+    {"required": ["terms"], "properties": {"terms": {"type": "object"}}}]}
+
+
+class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn):
+    model_config = ConfigDict(json_schema_extra=TEXT_OR_TERMS)
+    text: str = Field(None, validation_alias=AliasChoices("text", "query"),
+                      description="the query text (`query` accepted too); or `terms`",
+                      json_schema_extra={"minLength": 1, "pattern": r"\S"})
+
+    @field_validator("text")
+    @classmethod
+    def not_blank(cls, v: str | None) -> str | None:
+        return v if v is None else _not_blank(v)
+
+    @model_validator(mode="after")
+    def _text_or_terms(self):
+        if (self.text is None) == (self.terms is None):
+            raise ValueError("give `text` or `terms` (one of them)")
+        return self
+
     image_embeddings: list[ImageEmbeddingIn] | None = Field(
         None, max_length=RequestLimits.MAX_GIVEN_EMBEDDINGS,
         description="rank exactly these embeddings (as /encode_image returned them, each with "
@@ -211,8 +327,13 @@ class SearchIn(PageIn, TextIn, TextFiltersIn):
 
 
 class BatchSearchIn(TextFiltersIn):
-    """`filters` apply to every query; hints are read from each query on its own."""
+    """`filters` apply to every query; hints are read from each query on its own, and so are
+    terms (`dog - grass`)."""
     model_config = ConfigDict(extra="ignore")
+    include_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        False, description=INCLUDE_TERMS_DOC)
+    parse_terms: Annotated[bool, BeforeValidator(_json_bool)] = Field(
+        True, description=PARSE_TERMS_DOC)
     queries: list[str] = Field(min_length=1, description="1..MAX_BATCH_QUERIES query texts")
     top_k: Int = Field(5, ge=1)
     min_score: Score | None = None
@@ -289,6 +410,8 @@ class SearchOut(BaseModel):
         description="the filters applied: the request's, with those read from the text")
     hints: list[QueryHint] = Field(default_factory=list,
                                    description="the filters read from the query text")
+    terms: TermsOut | None = Field(None, description="how the query was read, term by term "
+                                                     "(null for a search by upload)")
 
 
 class PhotoInfoOut(BaseModel):
@@ -368,6 +491,7 @@ class Bodies:
     page_fields: dict  # Form(...) constraints of the upload route's paging fields
     min_match: object  # the type of min_match: float | None, or None for a model without a scale
     filters: type[PhotoFilter]  # PhotoFilter within the request limits
+    by_key: type[SearchByKeyIn] | None = None  # POST /search_images_by_key
 
 
 def bodies(limits: RequestLimits, dim: int | None = None,
@@ -406,8 +530,25 @@ def bodies(limits: RequestLimits, dim: int | None = None,
 
     filters_field = Field(None, description=FILTERS_DOC)
 
+    term_text = Annotated[str | None, Field(None, min_length=1, max_length=chars,
+                                            pattern=r"\S")]
+
+    class TermBody(TermIn):
+        text: term_text = None
+        key: term_text = None
+
+    class TermsBody(TermsIn):
+        positive: list[TermBody] = Field(min_length=1, max_length=limits.MAX_QUERY_TERMS)
+        negative: list[TermBody] = Field(default_factory=list,
+                                         max_length=limits.MAX_QUERY_TERMS)
+
     class SearchBody(SearchIn):
-        text: str = text_field
+        # a string when given (absent with `terms`): the schema keeps its limits in one place
+        text: str = Field(None, validation_alias=AliasChoices("text", "query"),
+                          min_length=1, max_length=chars, pattern=r"\S",
+                          description=f"the query text, at most {chars} characters "
+                                      "(`query` accepted too); or `terms`")
+        terms: TermsBody | None = Field(None, description=TERMS_DOC)
         filters: FilterBody | None = filters_field
         top_k: Int = top_k_field
         offset: Int = offset_field
@@ -427,6 +568,24 @@ def bodies(limits: RequestLimits, dim: int | None = None,
         min_match: MinMatch = min_match_field
         filters: FilterBody | None = filters_field
 
+    key_text = Annotated[str, StringConstraints(min_length=1, max_length=chars, pattern=r"\S")]
+
+    class SearchByKeyBody(SearchByKeyIn):
+        keys: list[key_text] = Field(min_length=1, max_length=limits.MAX_QUERY_TERMS,
+                                     description="indexed photos' keys to search like "
+                                                 f"(1..{limits.MAX_QUERY_TERMS})")
+        negative_keys: list[key_text] = Field(default_factory=list,
+                                              max_length=limits.MAX_QUERY_TERMS,
+                                              description="indexed photos' keys to steer "
+                                                          "away from")
+        filters: FilterBody | None = filters_field
+        top_k: Int = top_k_field
+        offset: Int = offset_field
+        min_match: MinMatch = min_match_field
+
+    for model, name in ((TermBody, "TermIn"), (TermsBody, "TermsIn"),
+                        (SearchByKeyBody, "SearchByKeyIn")):
+        model.__name__ = model.__qualname__ = name
     for model, name in ((TextBody, "TextIn"), (SearchBody, "SearchIn"),
                         (BatchSearchBody, "BatchSearchIn"), (ImageEmbeddingBody, "ImageEmbeddingIn"),
                         (FilterBody, "PhotoFilterIn")):
@@ -437,4 +596,4 @@ def bodies(limits: RequestLimits, dim: int | None = None,
         "min_score": dict(ge=-1.0, le=1.0, description="drop results that score below this"),
         "min_match": dict(description=NO_MATCH_SCALE_DOC) if match_scale is False else
         dict(ge=0.0, le=100.0, description=MIN_MATCH_DOC)},
-        float | None if match_scale is not False else None, FilterBody)
+        float | None if match_scale is not False else None, FilterBody, SearchByKeyBody)

@@ -6,7 +6,10 @@ store, decode gate, thumbnails). `search()` turns query embeddings into the vect
 searches (`Scoring`), searches one version for the whole request, reads each hit's cosine back
 where the score is not the plain cosine (hubness correction), gives each hit its 0-100 match
 (the model's `MatchScale`, when its card has one) and pages the ranking; `rank_given()` ranks
-embeddings a client sent instead (the original clients' mode).
+embeddings a client sent instead (the original clients' mode). `search_terms()` searches a
+query of several terms (search_api.query_terms): texts encoded in one batch, stored photos'
+vectors read from the same version, combined by `Scoring.combine`, searched once, the positive
+term photos left out of their own results unless asked.
 
 Filters (`PhotoFilter`, one per query) are applied inside the index's search, so a filtered
 query gets a full page whenever that many photos match; queries with the same filter share one
@@ -26,6 +29,7 @@ from encoder.match_scale import MatchScale
 from indexer.photo_filter import PhotoFilter
 from search_api.encoders import QueryEncoders
 from search_api.index_holder import IndexHolder, filter_key
+from search_api.query_terms import TermError, TermQuery
 from search_api.stored_images import StoredImages
 
 
@@ -164,17 +168,19 @@ class SearchService:
 
     async def search(self, query_embeddings: np.ndarray, top_k: int, offset: int = 0,
                      min_score: float | None = None, min_match: float | None = None,
-                     where: PhotoFilter | list[PhotoFilter | None] | None = None
-                     ) -> list[Results]:
-        """One Results per query embedding [Q, dim], all from one index version. where: one
-        filter for every query, or one per query (None or empty: no filter). A filtered
-        query's total is the number of photos its filter matches."""
+                     where: PhotoFilter | list[PhotoFilter | None] | None = None,
+                     exclude: frozenset[str] = frozenset(), view=None) -> list[Results]:
+        """One Results per query embedding [Q, dim], all from one index version (`view`: the
+        one the request already read from). where: one filter for every query, or one per
+        query (None or empty: no filter). A filtered query's total is the number of photos its
+        filter matches. exclude: indexed keys left out of every ranking (and its total)."""
         self._matches([], False, min_match)  # refuse an unusable min_match before searching
-        view = self.index.require()  # one reference for the whole request (a reload swaps it)
+        # one reference for the whole request (a reload swaps it)
+        view = view if view is not None else self.index.require()
         scoring = self.encoders.scoring
         readback = scoring.readback_column
         vectors = scoring.query_vectors(query_embeddings)
-        n, k = len(vectors), offset + top_k
+        n, k = len(vectors), offset + top_k + len(exclude)
         wheres = list(where) if isinstance(where, list) else [where] * n
         wheres = [None if w is None or w.is_empty() else w for w in wheres]
         groups: dict[str | None, list[int]] = {}
@@ -186,6 +192,16 @@ class SearchService:
             for r, i in enumerate(rows):
                 scores[i], keys[i] = found[0][r], found[1][r]
                 values[i] = found[2][r] if readback is not None else None
+        found_counts = [len(ks) for ks in keys]
+        removed = [0] * n
+        if exclude:
+            for i in range(n):
+                kept = [j for j, key in enumerate(keys[i]) if key not in exclude]
+                removed[i] = len(keys[i]) - len(kept)
+                scores[i] = np.asarray(scores[i][:len(keys[i])])[kept]
+                keys[i] = [keys[i][j] for j in kept]
+                if values[i] is not None:
+                    values[i] = np.asarray(values[i])[kept]
         if readback is None:
             similarities = scores
         else:  # the score is not the cosine: read it back from each hit's stored component
@@ -194,21 +210,65 @@ class SearchService:
         matches = self._matches(scores, False, min_match)
         pages = [page(s, ks, c, offset, top_k, min_score, m, min_match)
                  for s, ks, c, m in zip(scores, keys, similarities, matches)]
-        totals = [view.count if w is None else await self._matching(view, w, len(ks), k)
-                  for w, ks in zip(wheres, keys)]
+        totals = [view.count - len(exclude) if w is None else
+                  await self._matching(view, w, found, k) - gone
+                  for w, found, gone in zip(wheres, found_counts, removed)]
         infos = await self._infos(view, [h.key for hits in pages for h in hits])
         return [Results(view.version, total,
                         [replace(h, info=hit_info(infos.get(h.key))) for h in hits])
                 for total, hits in zip(totals, pages)]
 
+    async def search_terms(self, query: TermQuery, top_k: int, offset: int = 0,
+                           min_score: float | None = None, min_match: float | None = None,
+                           where: PhotoFilter | None = None,
+                           include_terms: bool = False) -> Results:
+        """A query of several terms (search_api.query_terms): the texts encoded in one batched
+        pass, the stored photos' vectors read from the served version (no upload), combined
+        by `Scoring.combine` and searched once. The photos used as positive terms are left out
+        of their own results unless include_terms. TermError (a 422) naming a key the version
+        does not hold, or the terms when they cancel out."""
+        self._matches([], False, min_match)
+        view = self.index.require()
+        combined = await self.term_embedding(query, view)
+        exclude = frozenset() if include_terms else frozenset(query.positive_keys)
+        [results] = await self.search(combined[None], top_k, offset, min_score, min_match,
+                                      where, exclude=exclude, view=view)
+        return results
+
+    async def term_embedding(self, query: TermQuery, view=None) -> np.ndarray:
+        """The query embedding [dim] of a query of several terms (see search_terms); view: the
+        version whose stored photos the keys name (default: the served one)."""
+        view = view if view is not None else self.index.require()
+        scoring = self.encoders.scoring
+        texts = [t for t in query.terms if t.key is None]
+        keyed = [t for t in query.terms if t.key is not None]
+        by_term: dict[int, np.ndarray] = {}
+        if keyed:  # first: a wrong key is refused before any encoding
+            keys = list(dict.fromkeys(t.key for t in keyed))
+            try:
+                stored = await self.index.call(view, "stored_vectors", keys)
+            except KeyError as exc:
+                missing = exc.args[0] if exc.args else None
+                term = next((t for t in keyed if t.key == missing), keyed[0])
+                raise TermError(term.loc, term.typed(),
+                                "no photo with this key is in the index") from None
+            row = dict(zip(keys, scoring.embeddings(np.asarray(stored, np.float32))))
+            by_term.update({id(t): row[t.key] for t in keyed})
+        if texts:
+            encoded = await self.encoders.encode_texts([t.encoded_text or t.text for t in texts])
+            by_term.update({id(t): e for t, e in zip(texts, np.asarray(encoded))})
+        try:
+            return scoring.combine(np.stack([by_term[id(t)] for t in query.terms]),
+                                   [t.signed_weight for t in query.terms])
+        except ValueError as exc:
+            raise TermError(query.terms[0].loc[:-2] or query.terms[0].loc, query.typed(),
+                            str(exc)) from None
+
     async def _matching(self, view, where: PhotoFilter, found: int, k: int) -> int:
         """How many photos `where` matches: the hits found when fewer than asked (the search
-        returned every match), else the view's count of matches; a view that cannot count
-        them gives its size (at most that many match)."""
+        returned every match), else the view's count of matches."""
         if found < k:
             return found
-        if not hasattr(view, "count_matching"):
-            return view.count
         return int(await self.index.call(view, "count_matching", where))
 
     async def _infos(self, view, keys: list[str]) -> dict[str, dict | None]:

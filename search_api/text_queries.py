@@ -8,6 +8,9 @@ and so are all hints when together with the request they would make an impossibl
 (after > before). A text made only of hints ("Norway", "2019") is encoded whole: the model
 still needs words to rank by.
 
+`read_term_texts(query, ...)`: the same for a query of several terms (search_api.query_terms):
+hints are read from its positive texts, one after another; negative texts are encoded as written.
+
 The parser's first use loads its tables (seconds): the app's start calls `warm_up()` before
 serving, and the routes read queries in the thread pool, never on the event loop.
 """
@@ -23,6 +26,7 @@ from pydantic_core import to_jsonable_python
 from indexer.photo_filter import PhotoFilter
 from search_api import query_hints
 from search_api.query_hints import read_hints
+from search_api.query_terms import TermQuery
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,26 @@ def read_text_queries(texts: list[str], filters: PhotoFilter | None, parse_hints
     if parse_hints and not _warm.is_set():
         warm_up()
     return [read_text_query(t, filters, parse_hints, now, tz) for t in texts]
+
+
+def read_term_texts(query: TermQuery, filters: PhotoFilter | None, parse_hints: bool,
+                    now: datetime, tz: str) -> tuple[TermQuery, TextQuery]:
+    """A query of several terms as searched: hints read from its positive texts, each merged
+    into the filter in turn (the request's fields, then earlier terms', win); negative texts
+    are encoded as written (a hint there would filter the wrong way). -> (the query with each
+    text's encoded_text, the TextQuery of its filters and hints)."""
+    merged, hints, encoded = filters or PhotoFilter(), [], []
+    if parse_hints and not _warm.is_set():
+        warm_up()
+    for term in query.terms:
+        if term.text is None or term.negative or not parse_hints:
+            encoded.append(term.text)
+            continue
+        read = read_text_query(term.text, merged, True, now, tz)
+        merged, hints = read.filters, hints + read.hints
+        encoded.append(read.encoded_text)
+    read_query = query.with_encoded(encoded)
+    return read_query, TextQuery(read_query.typed(), read_query.typed(), merged, hints)
 
 
 _warm = threading.Event()

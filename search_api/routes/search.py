@@ -1,8 +1,12 @@
 """Encoding and search routes. The text routes take JSON or the original clients' form fields
-(`deps.json_or_form`); the upload routes take multipart forms with a file field `image`."""
+(`deps.json_or_form`); the upload routes take multipart forms with a file field `image`.
+The text search also takes queries of several terms (typed with `+`/`-`, or `terms`), and
+`/search_images_by_key` searches from indexed photos (search_api.query_terms); every answer's
+`terms` says how the query was read."""
 # no `from __future__ import annotations`: FastAPI reads the per-app body types defined in
 # build_router from the endpoints' signatures
 import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Annotated
 from urllib.parse import quote
@@ -19,8 +23,9 @@ from search_api.errors import responses
 from search_api.images import FORMATS_DOC, ImageTooLarge
 from search_api.schemas import FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, EmbeddingOut, \
     SearchOut
+from search_api.query_terms import Term, TermQuery, check, from_structured, parse_typed, plain
 from search_api.search_service import Results
-from search_api.text_queries import TextQuery, read_text_queries
+from search_api.text_queries import TextQuery, read_term_texts, read_text_queries
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
@@ -41,10 +46,14 @@ def _image_base(settings: Settings, request: Request) -> str:
 
 
 def _out(request: Request, query: str, model_id: str, results: Results, urls: bool = True,
-         asked: TextQuery | None = None, filters: PhotoFilter | None = None) -> dict:
+         asked: TextQuery | None = None, filters: PhotoFilter | None = None,
+         terms: TermQuery | None = None) -> dict:
     """SearchOut of one query's results; hit URLs point at the /images/{key} route
     (system.get_image). asked: the text query as read (encoded text, filters, hints); filters:
-    those of a search by image."""
+    those of a search by image; terms: the query as read term by term (a plain text: its one
+    text)."""
+    if terms is None and asked is not None:
+        terms = plain(asked.text, asked.encoded_text)
     base = _image_base(request.app.state.settings, request) if urls else None
     if asked is not None:
         filters = asked.filters
@@ -57,7 +66,28 @@ def _out(request: Request, query: str, model_id: str, results: Results, urls: bo
                         for h in results.hits],
             "encoded_text": asked.encoded_text if asked is not None else None,
             "filters": (filters or PhotoFilter()).model_dump(mode="json", exclude_none=True),
-            "hints": asked.hints if asked is not None else []}
+            "hints": asked.hints if asked is not None else [],
+            "terms": terms.echo() if terms is not None else None}
+
+
+def _term_query(body) -> TermQuery | None:
+    """The text search's body as a query of several terms (`terms`, or `text` when it is
+    typed with operators), None for a plain text; TermError (422) naming a bad term."""
+    if body.terms is not None:
+        return from_structured(body.terms.model_dump(), ("terms",))
+    if body.parse_terms:
+        return parse_typed(body.text, ("text",))
+    return None
+
+
+async def _read_terms(request: Request, query: TermQuery, filters: PhotoFilter | None,
+                      parse_hints: bool) -> tuple[TermQuery, TextQuery]:
+    """read_term_texts with the service's clock and zone (in the thread pool with hints)."""
+    if not parse_hints:
+        return read_term_texts(query, filters, False, None, None)
+    return await run_in_threadpool(read_term_texts, query, filters, True,
+                                   datetime.now(timezone.utc),
+                                   request.app.state.settings.query_time_zone)
 
 
 async def _read_queries(request: Request, texts: list[str], filters: PhotoFilter | None,
@@ -131,21 +161,33 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                              "photo's date, place, camera and size." + FORM_NOTE)
     async def search_images_by_text(request: Request, body: SearchBody):
         service = request.app.state.service
+        terms = _term_query(body)
         given = body.image_embeddings
         if given is not None:
             # embeddings a client sent carry no metadata: like a version stored without it,
             # they match no non-empty filter (hints are not read: nothing to apply them to)
             filters = body.filters if body.filters is not None else PhotoFilter()
-            asked = TextQuery(body.text, body.text, filters)
-            vec = await service.encoders.encode_texts([body.text])
-            results = service.rank_given(vec[0], [e.filename for e in given],
+            if terms is None:
+                asked = TextQuery(body.text, body.text, filters)
+                vec = (await service.encoders.encode_texts([body.text]))[0]
+            else:
+                asked = TextQuery(terms.typed(), None, filters)
+                vec = await service.term_embedding(terms)
+            results = service.rank_given(vec, [e.filename for e in given],
                                          [e.embedding for e in given], body.top_k, body.offset,
                                          body.min_score, body.min_match)
             if not filters.is_empty():
                 results = Results(None, 0, [])
-            return _json(_out(request, body.text, service.model_id, results, urls=False,
-                              asked=asked))
+            return _json(_out(request, asked.text, service.model_id, results, urls=False,
+                              asked=asked, terms=terms))
         service.ready()  # before encoding: 503 at once
+        if terms is not None:
+            terms, asked = await _read_terms(request, terms, body.filters, body.parse_hints)
+            results = await service.search_terms(terms, body.top_k, body.offset,
+                                                 body.min_score, body.min_match, asked.where,
+                                                 body.include_terms)
+            return _json(_out(request, asked.text, service.model_id, results,
+                              asked=replace(asked, encoded_text=None), terms=terms))
         [asked] = await _read_queries(request, [body.text], body.filters, body.parse_hints)
         vec = await service.encoders.encode_texts([asked.encoded_text])
         [results] = await service.search(vec, body.top_k, body.offset, body.min_score,
@@ -182,12 +224,47 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     async def search_images_by_texts(request: Request, body: BatchBody):
         service = request.app.state.service
         service.ready()
-        asked = await _read_queries(request, body.queries, body.filters, body.parse_hints)
-        vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
-        found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
-                                     [a.where for a in asked])
-        return _json([_out(request, query, service.model_id, results, asked=a)
-                      for query, a, results in zip(body.queries, asked, found)])
+        terms = [parse_typed(q, ("queries", i)) if body.parse_terms else None
+                 for i, q in enumerate(body.queries)]
+        plain_rows = [i for i, t in enumerate(terms) if t is None]
+        out: list = [None] * len(terms)
+        if plain_rows:  # the plain texts: one forward pass, one search per distinct filter
+            texts = [body.queries[i] for i in plain_rows]
+            asked = await _read_queries(request, texts, body.filters, body.parse_hints)
+            vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
+            found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
+                                         [a.where for a in asked])
+            for i, query, a, results in zip(plain_rows, texts, asked, found):
+                out[i] = _out(request, query, service.model_id, results, asked=a)
+        for i, query in enumerate(terms):  # queries of several terms: one search each
+            if query is not None:
+                query, a = await _read_terms(request, query, body.filters, body.parse_hints)
+                results = await service.search_terms(query, body.top_k, 0, body.min_score,
+                                                     body.min_match, a.where,
+                                                     body.include_terms)
+                out[i] = _out(request, a.text, service.model_id, results,
+                              asked=replace(a, encoded_text=None), terms=query)
+        return _json(out)
+
+    ByKeyBody = bodies.by_key
+
+    @text.post("/search_images_by_key", response_model=SearchOut, responses=TEXT_ERRORS,
+               description="More like these indexed photos (`keys`), less like those "
+                           "(`negative_keys`): their stored vectors are the query, nothing is "
+                           "uploaded. The photos in `keys` are left out of the results unless "
+                           "`include_terms`. `filters` and the paging fields as on every "
+                           "search; a key that is not indexed is a 422 naming it." + FORM_NOTE)
+    async def search_images_by_key(request: Request, body: ByKeyBody):
+        service = request.app.state.service
+        service.ready()
+        query = check(TermQuery(
+            [Term(False, key=k, loc=("keys", i)) for i, k in enumerate(body.keys)] +
+            [Term(True, key=k, loc=("negative_keys", i))
+             for i, k in enumerate(body.negative_keys)]), ("keys",))
+        results = await service.search_terms(query, body.top_k, body.offset, body.min_score,
+                                             body.min_match, body.filters, body.include_terms)
+        return _json(_out(request, query.typed(), service.model_id, results,
+                          filters=body.filters, terms=query))
 
     router.include_router(text)
     return router

@@ -67,6 +67,11 @@ class NumpyView:
                             [[self.keys[j] for j in row] for row in found])
         return out if readback is None else out + ([self.vectors[row, readback] for row in found],)
 
+    def count_matching(self, where):
+        if active(where) is None:
+            return self.count
+        return sum(where.matches(info) for info in (self.infos or []))
+
     def info(self, keys):
         if self.infos is None:
             return [None] * len(keys)

@@ -108,6 +108,7 @@ def test_every_filter_field_inside_the_search(backend, library):
         where = PhotoFilter.model_validate(fields)
         truth, matching = exact_filtered(vectors, keys, infos, queries, where)
         assert matching, fields
+        assert view.count_matching(where) == matching, fields
         scores, found = view.search(queries, K, where=where)
         # a full page whenever that many photos match, only photos that match
         assert [len(r) for r in found] == [min(K, matching)] * len(queries), fields
@@ -136,7 +137,9 @@ def test_a_filter_nobody_matches_gives_empty_rows(backend, library):
                    {"country": "Portugal", "city": "Oslo"}, {"camera": "o'brien \"x\" %_\\"}):
         scores, found = view.search(unit_vectors(3, DIM), K, where=PhotoFilter(**fields))
         assert found == [[], [], []] and scores.shape == (3, 0), fields
+        assert view.count_matching(PhotoFilter(**fields)) == 0, fields
     # an empty filter restricts nothing
+    assert view.count_matching(PhotoFilter()) == view.count
     _, found = view.search(unit_vectors(2, DIM), K, where=PhotoFilter())
     assert [len(r) for r in found] == [K, K]
 

@@ -31,6 +31,9 @@ class ExactView:
     def info(self, keys):
         return [None] * len(keys)
 
+    def count_matching(self, where):
+        return self.count if where is None or where.is_empty() else 0
+
     def info_counts(self):
         return {"with_date": 0, "with_position": 0, "with_place": 0}
 

@@ -156,6 +156,7 @@ def test_a_filter_keeps_exactly_the_matching_photos(client, filters, expected):
     page = _ok(client.post(S, json={"text": "a photo", "top_k": 3, "filters": filters}))
     assert len(page["results"]) == 3 and set(_keys(page)) <= expected
     assert _keys(page) == _keys(body)[:3]
+    assert page["total"] == len(expected)  # counted by the index, not the version's size
 
 
 def test_a_filter_nobody_matches_is_an_empty_page(client):

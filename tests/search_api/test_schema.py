@@ -27,6 +27,7 @@ OPERATIONS = [
     "POST /encode_image",
     "POST /encode_text",
     "POST /search_images_by_image",
+    "POST /search_images_by_key",
     "POST /search_images_by_text",
     "POST /search_images_by_texts",
 ]
@@ -74,14 +75,56 @@ def _impossible_range(case) -> bool:
     return aware[0] >= aware[1]
 
 
+def _indexed_terms(case, indexed: list[str]) -> bool:
+    """What a schema cannot say of a query of several terms: which keys are indexed, and
+    which terms cancel out. Keys are replaced by indexed ones (a different one each); False when
+    the terms would still be refused (cancelling texts, a typed text the parser refuses)."""
+    from search_api.query_terms import TermError, parse_typed
+
+    from core.settings import RequestLimits
+
+    body = case.body if isinstance(case.body, dict) else {}
+    names = iter(indexed * 4)
+    if isinstance(body.get("keys"), list):
+        body["keys"] = [next(names) for _ in body["keys"]]
+        body["negative_keys"] = [next(names) for _ in body.get("negative_keys") or []]
+        if len(body["keys"]) + len(body["negative_keys"]) > RequestLimits.MAX_QUERY_TERMS:
+            return False  # each list is within the limit, both together are not
+    terms = body.get("terms")
+    if isinstance(terms, dict):
+        both = (terms.get("positive") or []) + (terms.get("negative") or [])
+        if len(both) > RequestLimits.MAX_QUERY_TERMS:
+            return False
+        for item in (terms.get("positive") or []) + (terms.get("negative") or []):
+            if isinstance(item, dict) and isinstance(item.get("key"), str):
+                item["key"] = next(names)
+        texts = [{(i.get("text") or "").strip() for i in terms.get(side) or []
+                  if isinstance(i, dict)} for side in ("positive", "negative")]
+        if texts[0] & texts[1]:
+            return False
+    texts = [body.get("text", body.get("query"))]
+    if isinstance(body.get("queries"), list):
+        texts += body["queries"]
+    for text in texts:
+        if isinstance(text, str) and body.get("parse_terms", True) is not False:
+            try:
+                read = parse_typed(text)
+            except TermError:
+                return False
+            if read is not None and (read.keys or any(t.negative for t in read.terms)):
+                return False
+    return True
+
+
 CASES = [(label, mode) for label in OPERATIONS
          for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
          if not (mode is GenerationMode.NEGATIVE and label in NO_NEGATIVE)]
 
 
 @pytest.mark.parametrize("label,mode", CASES)
-def test_openapi_contract(api_schema, label, mode):
+def test_openapi_contract(api_schema, svc, label, mode):
     operation = _operations(api_schema)[label]
+    indexed = sorted(svc.service.index.current.keys)
     excluded = [positive_data_acceptance] if label in UPLOADS else []
 
     @given(case=operation.as_strategy(generation_mode=mode))
@@ -90,6 +133,7 @@ def test_openapi_contract(api_schema, label, mode):
     def check(case):
         if mode is GenerationMode.POSITIVE:
             assume(not _impossible_range(case))
+            assume(_indexed_terms(case, indexed))
         # every built-in check: not_a_server_error, status code / content type / response
         # schema conformance, schema-violating input refused (negative mode), and that the
         # guarded routes refuse requests without the key or with a wrong one
