@@ -9,7 +9,8 @@ people's tests) can run side by side; that includes the embedded etcd, which oth
 the fixed ports 2379/2380 whatever the wheel's etcd_port says (its own config file, passed as
 ETCD_CONFIG_PATH, names the ports). Stopping goes through the wheel's API (SIGTERM, then
 SIGKILL of its own pid after a second: it may take 25 s to stop on SIGTERM alone); data stays
-in DIR, so `start` again serves the same collections and aliases.
+in DIR, so `start` again serves the same collections and aliases. Run as a program, SIGTERM or
+SIGHUP stops the server too before the helper exits (`deploy.foreground`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from deploy.foreground import stopped_on_exit
 from deploy.ports import free_port
 
 _ENV_LOCK = threading.Lock()  # the wheel copies os.environ when it starts the server
@@ -116,9 +118,9 @@ if __name__ == "__main__":
     p.add_argument("--dir", default="data/milvus")
     p.add_argument("--port", type=int, default=19530)
     a = p.parse_args()
-    m = LocalMilvus(a.dir, a.port).start()
-    print(f"Milvus standalone on {m.uri} (pid {m.pid}); Ctrl-C stops it", flush=True)
-    try:
+    m = LocalMilvus(a.dir, a.port)
+    with stopped_on_exit(m.stop):  # also a SIGTERM that comes while it starts
+        m.start()
+        print(f"Milvus standalone on {m.uri} (pid {m.pid}); Ctrl-C or SIGTERM stops it",
+              flush=True)
         m.server.wait()
-    except KeyboardInterrupt:
-        m.stop()
