@@ -15,11 +15,18 @@ from tests.faults.conftest import photo_key
 
 
 def _served(index_run) -> tuple[str, list[str]]:
-    """What a reader loads now (IndexRepository, as the API's index holder does): a version and
-    its keys; it must load without an error and search."""
+    """What a reader loads now: the API's index holder (a fresh one, as a replica starting now)
+    and the repository itself agree on a version and its keys, loaded without an error."""
+    from indexer.faiss_index import FaissIndex
+    from search_api.index_holder import IndexHolder
+
     version = IndexRepository(index_run.index_dir).load()
     scores, keys = version.search(np.ones((1, version.dim), np.float32), 3)
     assert len(keys[0]) == min(3, version.count)
+    holder = IndexHolder(FaissIndex(index_run.index_dir), version.model_id, version.dim)
+    report = holder.reload()
+    assert holder.last_error is None and holder.reload_counts["error"] == 0, report
+    assert holder.require().version == version.version
     return version.version, sorted(version.keys)
 
 
