@@ -28,14 +28,15 @@ class IndexRun:
     """Steps of `indexer.jobs` on this test's store and INDEX_DIR: in this process (`plan`,
     `shard`, `publish`), or as a process of their own that a fault point stops (`kill_*`)."""
 
-    def __init__(self, tmp_path: Path, model_path: Path, store_dir: Path | None = None):
+    def __init__(self, tmp_path: Path, model_path: Path, store_dir: Path | None = None,
+                 **settings):
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.dir = tmp_path
         self.index_dir = tmp_path / "index"
         values = {"index_dir": str(self.index_dir), "model_path": str(model_path),
                   "store_backend": "local", "local_store_dir": str(store_dir or tmp_path / "store"),
                   "minio_bucket": "photos", "embed_shard_size": SHARD_SIZE,
-                  "embed_max_shards": 8, "image_runtime": "torch"}
+                  "embed_max_shards": 8, "image_runtime": "torch", **settings}
         self.settings = Settings(_env_file=None, **values)
         self.env = {**os.environ, **{k.upper(): str(v) for k, v in values.items()},
                     "PYTHONPATH": os.pathsep.join(filter(None, [
@@ -120,11 +121,18 @@ class IndexRun:
     def top_hit(self, encoder, key: str) -> str:
         """The published version's best match for the photo stored under `key`."""
         from indexer.pipeline import embed_objects
-        from indexer.repository import IndexRepository
-
         vectors = embed_objects(self.store, encoder, [self.store.stat(key)], progress=False).vectors
-        _, keys = IndexRepository(self.index_dir).load().search(np.asarray(vectors), 1)
+        index = self.open_index()
+        try:
+            _, keys = index.view(encoder.model_id).search(np.asarray(vectors), 1)
+        finally:
+            index.close()
         return keys[0][0]
+
+    def open_index(self):
+        from indexer.vector_index import open_index
+
+        return open_index(self.settings)
 
     def leftovers(self) -> list[str]:
         """What a killed step may leave in INDEX_DIR/versions: drafts and temp folders."""

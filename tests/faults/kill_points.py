@@ -9,6 +9,9 @@ waits for the marker and SIGKILLs the process. The product code has no fault swi
                     manifest yet)
     before_current  the new version complete on disk, CURRENT not yet moved
     after_current   CURRENT moved to the new version, the draft not yet removed
+    milvus_loaded   Milvus: the new collection loaded, the alias not yet switched
+    after_alias     Milvus: the alias switched to the new collection, the step not finished
+    milvus_upserted Milvus: a shard's first batch of upserts sent, the rest not
 """
 from __future__ import annotations
 
@@ -79,6 +82,29 @@ def _install(point):
             _stop_here()
 
         IndexRepository._point_current = point_current
+    elif point == "milvus_upserted":
+        import indexer.milvus_index
+        from pymilvus import MilvusClient
+        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several upserts
+        real = MilvusClient.upsert
+
+        def upsert(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            _stop_here()
+            return out
+
+        MilvusClient.upsert = upsert
+    elif point in ("milvus_loaded", "after_alias"):
+        from pymilvus import MilvusClient
+        name = "load_collection" if point == "milvus_loaded" else "alter_alias"
+        real = getattr(MilvusClient, name)
+
+        def call_then_stop(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            _stop_here()
+            return out
+
+        setattr(MilvusClient, name, call_then_stop)
     else:
         raise SystemExit(f"unknown FAULT_POINT {point}")
 
