@@ -1,7 +1,8 @@
 """Start a real Milvus standalone server (the PyPI `milvus` wheel, 2.3.5) on loopback.
 
 Used by the tests and benchmarks of the Milvus backend; docker-compose's `scale` profile runs
-the official image instead. `python -m deploy.local_milvus --dir DIR --port 19530` runs it in
+the official image instead. `python -m deploy.local_milvus --dir DIR --port 19530` (or
+`python deploy/local_milvus.py ...`) runs it in
 the foreground.
 
 Every component listens on 127.0.0.1 on ports chosen here, so several servers (and other
@@ -17,12 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
-from deploy.foreground import stopped_on_exit
-from deploy.ports import free_port
+if not __package__:  # run as `python deploy/<this file>.py`: import the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.foreground import stopped_on_exit  # noqa: E402
+from deploy.ports import free_port  # noqa: E402
 
 _ENV_LOCK = threading.Lock()  # the wheel copies os.environ when it starts the server
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",

@@ -16,8 +16,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deploy.foreground import stopped_on_exit
-from deploy.ports import free_port
+if not __package__:  # run as `python deploy/<this file>.py`: import the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.foreground import stopped_on_exit  # noqa: E402
+from deploy.ports import free_port  # noqa: E402
 
 
 def weed_binary() -> str:

@@ -1,4 +1,5 @@
-"""The helpers that start real servers stop them when they themselves are stopped with SIGTERM
+"""The helpers that start real servers, run as a new user would (`python deploy/<helper>.py`),
+stop them when they themselves are stopped with SIGTERM
 (as `kill`, a supervisor or a CI runner does), not only on Ctrl-C: the helper exits within a
 bounded time, and the server it started is gone and its port free (Milvus ignores SIGTERM for
 half a minute; the helper escalates to SIGKILL)."""
@@ -38,9 +39,7 @@ def _alive(pid: int) -> bool:
 
 def _start_helper(args: list[str], ready: str, timeout: float) -> tuple[subprocess.Popen, int]:
     """Start the helper; wait for its ready line; return it and the server pid it printed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                      os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     seen = []
@@ -80,7 +79,7 @@ def _sigterm_stops_everything(proc: subprocess.Popen, server_pid: int, port: int
 @pytest.mark.s3
 def test_local_s3_helper_stops_its_server_on_sigterm(tmp_path):
     port = free_port()
-    proc, pid = _start_helper(["-m", "deploy.local_s3", "--dir", str(tmp_path / "s3"),
+    proc, pid = _start_helper(["deploy/local_s3.py", "--dir", str(tmp_path / "s3"),
                                "--port", str(port)], "SeaweedFS S3 on", 60)
     _sigterm_stops_everything(proc, pid, port)
 
@@ -88,6 +87,6 @@ def test_local_s3_helper_stops_its_server_on_sigterm(tmp_path):
 def test_local_milvus_helper_stops_its_server_on_sigterm(tmp_path):
     pytest.importorskip("milvus")
     port = free_port()
-    proc, pid = _start_helper(["-m", "deploy.local_milvus", "--dir", str(tmp_path / "milvus"),
+    proc, pid = _start_helper(["deploy/local_milvus.py", "--dir", str(tmp_path / "milvus"),
                                "--port", str(port)], "Milvus standalone on", 180)
     _sigterm_stops_everything(proc, pid, port)
