@@ -2,8 +2,7 @@
 
 Used by the tests and benchmarks of the Milvus backend; docker-compose's `scale` profile runs
 the official image instead. `python -m deploy.local_milvus --dir DIR --port 19530` (or
-`python deploy/local_milvus.py ...`) runs it in
-the foreground.
+`python deploy/local_milvus.py ...`) runs it in the foreground.
 
 Every component listens on 127.0.0.1 on ports chosen here, so several servers (and other
 people's tests) can run side by side; that includes the embedded etcd, which otherwise takes
