@@ -20,6 +20,10 @@ A version written in parts is a draft beside the versions, invisible to readers:
 `publish` merges the parts (a key in several: the last part by name wins), orders them by key
 (the ids a single-process rebuild gives), builds the index and commits it under the draft's
 name: a rebuild as it is, an update applied to its base (which must still be published).
+A publish killed part-way leaves CURRENT on the old version or the new one: retried, it writes
+again a version folder it had finished but not yet pointed CURRENT at, or finds its draft already
+published. `prune` removes the drafts that can never publish (already committed, or updates of
+a version no longer published) and, after DRAFT_ABANDONED_S, any other.
 
 The photos' metadata follows its rows: each version's `info.parquet` (indexer.repository) is
 assembled from the parts at publish, and an update keeps the rows it does not touch. A
