@@ -1,26 +1,32 @@
 """Start a real Milvus standalone server (the PyPI `milvus` wheel, 2.3.5) on loopback.
 
 Used by the tests and benchmarks of the Milvus backend; docker-compose's `scale` profile runs
-the official image instead. `python -m deploy.local_milvus --dir DIR --port 19530` runs it in
-the foreground.
+the official image instead. `python -m deploy.local_milvus --dir DIR --port 19530` (or
+`python deploy/local_milvus.py ...`) runs it in the foreground.
 
 Every component listens on 127.0.0.1 on ports chosen here, so several servers (and other
 people's tests) can run side by side; that includes the embedded etcd, which otherwise takes
 the fixed ports 2379/2380 whatever the wheel's etcd_port says (its own config file, passed as
 ETCD_CONFIG_PATH, names the ports). Stopping goes through the wheel's API (SIGTERM, then
 SIGKILL of its own pid after a second: it may take 25 s to stop on SIGTERM alone); data stays
-in DIR, so `start` again serves the same collections and aliases.
+in DIR, so `start` again serves the same collections and aliases. Run as a program, SIGTERM or
+SIGHUP stops the server too before the helper exits (`deploy.foreground`).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
-from deploy.ports import free_port
+if not __package__:  # run as `python deploy/<this file>.py`: import the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.foreground import stopped_on_exit  # noqa: E402
+from deploy.ports import free_port  # noqa: E402
 
 _ENV_LOCK = threading.Lock()  # the wheel copies os.environ when it starts the server
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",
@@ -116,9 +122,9 @@ if __name__ == "__main__":
     p.add_argument("--dir", default="data/milvus")
     p.add_argument("--port", type=int, default=19530)
     a = p.parse_args()
-    m = LocalMilvus(a.dir, a.port).start()
-    print(f"Milvus standalone on {m.uri} (pid {m.pid}); Ctrl-C stops it", flush=True)
-    try:
+    m = LocalMilvus(a.dir, a.port)
+    with stopped_on_exit(m.stop):  # also a SIGTERM that comes while it starts
+        m.start()
+        print(f"Milvus standalone on {m.uri} (pid {m.pid}); Ctrl-C or SIGTERM stops it",
+              flush=True)
         m.server.wait()
-    except KeyboardInterrupt:
-        m.stop()

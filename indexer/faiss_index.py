@@ -20,6 +20,10 @@ A version written in parts is a draft beside the versions, invisible to readers:
 `publish` merges the parts (a key in several: the last part by name wins), orders them by key
 (the ids a single-process rebuild gives), builds the index and commits it under the draft's
 name: a rebuild as it is, an update applied to its base (which must still be published).
+A publish killed part-way leaves CURRENT on the old version or the new one: retried, it writes
+again a version folder it had finished but not yet pointed CURRENT at, or finds its draft already
+published. `prune` removes the drafts that can never publish (already committed, or updates of
+a version no longer published) and, after DRAFT_ABANDONED_S, any other.
 
 The photos' metadata follows its rows: each version's `info.parquet` (indexer.repository) is
 assembled from the parts at publish, and an update keeps the rows it does not touch. A
@@ -118,11 +122,17 @@ class FaissIndex(VectorIndex):
 
     def prune(self, keep: int) -> dict:
         removed = self.repo.prune(keep)
-        # drafts of runs that died (a failed DAG run, a killed rebuild): older than any run
-        # still writing one could be
+        current = self.repo.current_version()
+        committed = set(self.repo.list_versions())
+        # drafts that can never publish: one already committed (a publish killed after it
+        # moved CURRENT), an update of a version no longer published (a run killed, then
+        # overtaken); and drafts of runs that died (a failed DAG run, a killed rebuild) older
+        # than any run still writing one could be
         cutoff = time.time() - DRAFT_ABANDONED_S
         for draft in self.repo.versions_dir.glob(DRAFT_PREFIX + "*"):
-            if draft.is_dir() and draft.stat().st_mtime < cutoff:
+            if draft.is_dir() and (draft.name[len(DRAFT_PREFIX):] in committed or
+                                   self._draft_base(draft) not in (None, current) or
+                                   draft.stat().st_mtime < cutoff):
                 shutil.rmtree(draft, ignore_errors=True)
                 removed.append(draft.name)
         shutil.rmtree(self.repo.root / LEGACY_STAGING, ignore_errors=True)
@@ -173,15 +183,19 @@ class FaissIndex(VectorIndex):
                 np.save(tmp / "tuning.npy", np.asarray(tuning_queries, np.float32))
         return version
 
+    @staticmethod
+    def _draft_base(draft: Path) -> str | None:
+        """The version a draft updates (None: a rebuild); "" when its draft.json is unreadable
+        (a draft that can never publish)."""
+        try:
+            return json.loads((draft / DRAFT_FILE).read_text()).get("base")
+        except (OSError, ValueError, AttributeError):
+            return ""
+
     def _drop_drafts_not_on(self, base: str) -> None:
         """Update drafts of another base can never publish (that version was replaced)."""
         for draft in self.repo.versions_dir.glob(DRAFT_PREFIX + "*"):
-            try:
-                stale = json.loads((draft / DRAFT_FILE).read_text()).get("base") not in \
-                    (None, base)
-            except (OSError, ValueError):
-                stale = True
-            if stale:
+            if self._draft_base(draft) not in (None, base):
                 shutil.rmtree(draft, ignore_errors=True)
 
     def _part_name(self, part) -> str:

@@ -561,7 +561,12 @@ class IndexRepository:
         version = version or new_version_name()
         if not VERSION_NAME.fullmatch(version):
             raise ValueError("not a valid index version name")
-        with atomic_dir(self.versions_dir / version, durable=True) as tmp:
+        # a folder of this name that CURRENT does not name was left by a publish of the same
+        # draft killed before it moved CURRENT: never served, so written again
+        leftover = (self.versions_dir / version).exists()
+        if leftover and self.current_version() == version:
+            raise ValueError(f"index version {version} is already published")
+        with atomic_dir(self.versions_dir / version, durable=True, replace=leftover) as tmp:
             faiss.write_index(index, str(tmp / "index.faiss"))
             (tmp / "table.json").write_text(json.dumps(
                 {"ids": [int(i) for i in ids], "keys": list(keys), "etags": list(etags)}))

@@ -1,0 +1,150 @@
+"""Stopping points inside the index code, for the fault tests: a `sitecustomize` (written next
+to a test, put first on the PYTHONPATH of the process under test) that, when FAULT_POINT names
+one, wraps the function there so that the process writes FAULT_MARKER and then waits; the test
+waits for the marker and SIGKILLs the process. The product code has no fault switch.
+
+    part_write      a shard writing its part: half the part's bytes are on disk (the temp file)
+    merge           the publish reading the draft's second part
+    version_write   the publish writing the new version's folder (index file written, no
+                    manifest yet)
+    before_current  the new version complete on disk, CURRENT not yet moved
+    after_current   CURRENT moved to the new version, the draft not yet removed
+    milvus_loaded   Milvus: the new collection loaded, the alias not yet switched
+    after_alias     Milvus: the alias switched to the new collection, the step not finished
+    milvus_upserted Milvus: a shard's first batch of upserts sent, the rest not
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+SITECUSTOMIZE = r'''
+import os
+
+
+def _stop_here():
+    with open(os.environ["FAULT_MARKER"], "w") as f:
+        f.write(str(os.getpid()))
+    import time
+    time.sleep(600)  # the test SIGKILLs this process now
+
+
+def _install(point):
+    if point == "part_write":
+        import io
+        import numpy
+        real = numpy.savez
+
+        def savez(file, *args, **kwargs):
+            if ".part-" not in str(getattr(file, "name", "")):
+                return real(file, *args, **kwargs)
+            buf = io.BytesIO()
+            real(buf, *args, **kwargs)
+            data = buf.getvalue()
+            file.write(data[: len(data) // 2])
+            file.flush()
+            _stop_here()
+
+        numpy.savez = savez
+    elif point == "merge":
+        import numpy
+        real = numpy.load
+        seen = []
+
+        def load(file, *args, **kwargs):
+            if os.path.basename(str(file)).startswith("part-"):
+                seen.append(file)
+                if len(seen) == 2:
+                    _stop_here()
+            return real(file, *args, **kwargs)
+
+        numpy.load = load
+    elif point == "version_write":
+        import faiss
+        real = faiss.write_index
+
+        def write_index(index, path, *args):
+            real(index, path, *args)
+            _stop_here()
+
+        faiss.write_index = write_index
+    elif point in ("before_current", "after_current"):
+        from indexer.repository import IndexRepository
+        real = IndexRepository._point_current
+
+        def point_current(self, version):
+            if point == "before_current":
+                _stop_here()
+            real(self, version)
+            _stop_here()
+
+        IndexRepository._point_current = point_current
+    elif point == "milvus_upserted":
+        import indexer.milvus_index
+        from pymilvus import MilvusClient
+        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several upserts
+        real = MilvusClient.upsert
+
+        def upsert(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            _stop_here()
+            return out
+
+        MilvusClient.upsert = upsert
+    elif point in ("milvus_loaded", "after_alias"):
+        from pymilvus import MilvusClient
+        name = "load_collection" if point == "milvus_loaded" else "alter_alias"
+        real = getattr(MilvusClient, name)
+
+        def call_then_stop(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            _stop_here()
+            return out
+
+        setattr(MilvusClient, name, call_then_stop)
+    else:
+        raise SystemExit(f"unknown FAULT_POINT {point}")
+
+
+if os.environ.get("FAULT_POINT"):
+    _install(os.environ["FAULT_POINT"])
+'''
+
+
+def hook_dir(tmp_path: Path) -> Path:
+    """A folder holding the sitecustomize above (first on the PYTHONPATH of a killed step)."""
+    hooks = tmp_path / "fault-hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return hooks
+
+
+def kill_at(cmd: list[str], env: dict, point: str, marker: Path, cwd: Path,
+            timeout: float = 180.0, while_stopped=None) -> None:
+    """Run `cmd` until it reaches `point`, call `while_stopped()` (if given) there, then SIGKILL
+    it. Fails when the process ends or times out before reaching the point."""
+    marker.unlink(missing_ok=True)
+    log = marker.with_suffix(".log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env={**env, "FAULT_POINT": point,
+                                          "FAULT_MARKER": str(marker)},
+                                cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"{point}: the step ended ({proc.returncode}) before "
+                                     f"reaching it:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{point}: not reached in {timeout} s")
+            time.sleep(0.05)
+        if while_stopped is not None:
+            while_stopped()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
