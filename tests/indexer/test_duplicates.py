@@ -18,7 +18,6 @@ from indexer.duplicates import (
     report_path,
     write_report,
 )
-from tests.indexer.conftest import backend_settings
 from tests.indexer.helpers import PREFIX, unit_vectors
 
 
@@ -45,32 +44,19 @@ def _library(dim: int = 32, correction: bool = False):
     return keys, vectors
 
 
-@pytest.fixture(params=["faiss", "numpy", "milvus-lite", "milvus"])
-def every_backend(request, tmp_path):
-    """Every backend of the contract suite ("milvus": the shared standalone server)."""
-    from indexer.vector_index import open_index
-
-    index = open_index(backend_settings(request.param, request, tmp_path))
-    yield index
-    if request.param == "milvus":  # leave the shared server clean
-        for name in index.versions():
-            index.client.drop_collection(name)
-    index.close()
-
-
 @pytest.mark.parametrize("correction", [False, True])
-def test_near_copies_group_on_every_backend(every_backend, correction):
+def test_near_copies_group_on_every_backend(backend, correction):
     keys, vectors = _library(correction=correction)
-    every_backend.rebuild("m-1", keys, vectors, ["e"] * len(keys))
+    backend.rebuild("m-1", keys, vectors, ["e"] * len(keys))
     columns = vectors.shape[1] - 1 if correction else None
-    report = find_duplicates(every_backend, "m-1", 0.9, columns=columns)
+    report = find_duplicates(backend, "m-1", 0.9, columns=columns)
     assert [g.keys for g in report.groups] == [
         [f"{PREFIX}00-q50.jpg", f"{PREFIX}00-small.jpg", f"{PREFIX}00.jpg"],
         [f"{PREFIX}07-crop.jpg", f"{PREFIX}07.jpg"]]
     assert all(0.9 < g.similarity <= 1.0001 for g in report.groups)
     assert (report.version, report.model_id, report.photos, report.threshold) == \
-        (every_backend.published("m-1"), "m-1", len(keys), 0.9)
-    assert report.backend == every_backend.backend
+        (backend.published("m-1"), "m-1", len(keys), 0.9)
+    assert report.backend == backend.backend
 
 
 def test_the_default_pass_built_on_the_interface_matches_faiss_range_search(tmp_path):
@@ -159,7 +145,7 @@ def _pixel_embedding(img: Image.Image) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def test_reencodes_and_resizes_of_a_photo_group_and_different_photos_do_not(every_backend):
+def test_reencodes_and_resizes_of_a_photo_group_and_different_photos_do_not(backend):
     names, images = [], []
     for n in range(8):
         scene = _reencoded(_scene(n), 95)  # photos are JPEGs already
@@ -171,8 +157,8 @@ def test_reencodes_and_resizes_of_a_photo_group_and_different_photos_do_not(ever
                 names.append(f"{PREFIX}scene{n}-{tag}.jpg")
                 images.append(copy)
     vectors = np.stack([_pixel_embedding(im) for im in images])
-    every_backend.rebuild("m-1", names, vectors, ["e"] * len(names))
-    report = find_duplicates(every_backend, "m-1", 0.95)
+    backend.rebuild("m-1", names, vectors, ["e"] * len(names))
+    report = find_duplicates(backend, "m-1", 0.95)
     assert [g.keys for g in report.groups] == [
         sorted(k for k in names if k.startswith(f"{PREFIX}scene{n}")) for n in (0, 1)]
 
