@@ -1,7 +1,9 @@
 // The search page: text search, search by an uploaded or dropped image, paging, a full-size viewer
 // with the photo's details, a filter bar (date, place, folder, camera; its choices and counts from
 // GET /facets) and the filters the service read from the words of the query shown as removable
-// chips. Plain DOM, no framework, no build step; every server string goes through textContent.
+// chips; "more like this" / "less like this" on each result add the photo to the query as a
+// positive or negative term (the query's terms shown as removable chips) and search again.
+// Plain DOM, no framework, no build step; every server string goes through textContent.
 // Against a service without metadata (no /facets, no `info`, no `hints`) the extras stay hidden.
 "use strict";
 
@@ -14,7 +16,9 @@ const $ = (id) => document.getElementById(id);
 
 // {kind: "text", query, parseHints, chips} | {kind: "image", file}; `chips`: the filters read
 // from the query, [{label, kind, filters}]; once one is removed the service reads nothing more
-// (parseHints false) and the page sends the remaining ones itself
+// (parseHints false) and the page sends the remaining ones itself. A text search also has
+// `read` (the answer's `terms`: how the service read the query) and, once a photo was added or a
+// term removed, `terms` ({positive, negative}: [{text} | {key}, weight]), sent instead of the text.
 let current = null;
 let offset = 0;
 let busy = false;
@@ -122,6 +126,7 @@ function addResult(hit) {
   li.append(btn, cap);
   const meta = infoLine(hit.info);
   if (meta) li.append(meta);
+  li.append(feedbackButtons(hit));
   $("results").append(li);
 }
 
@@ -136,6 +141,7 @@ async function runSearch(append) {
   }
   setBusy(true);
   showError(null);
+  const asked = current;  // the search was cleared meanwhile: its answer is dropped
   try {
     let data;
     // filters and parse_hints only when they say something: an older service knows neither
@@ -145,7 +151,8 @@ async function runSearch(append) {
       data = await call("/search_images_by_text", {
         method: "POST",
         headers: {"Content-Type": "application/json"},
-        body: JSON.stringify({query: current.query, top_k: PAGE, offset: offset,
+        body: JSON.stringify({...(current.terms ? {terms: current.terms} : {query: current.query}),
+                              top_k: PAGE, offset: offset,
                               ...(MIN_MATCH === null ? {} : {min_match: MIN_MATCH}),
                               ...(filtered ? {filters: filters} : {}),
                               ...(current.parseHints ? {} : {parse_hints: false})}),
@@ -162,11 +169,15 @@ async function runSearch(append) {
       if (key) headers["X-API-Key"] = key;
       data = await call("/search_images_by_image", {method: "POST", body: form, headers: headers});
     }
-    if (pending) return;
+    if (pending || current !== asked) return;
     if (!append) $("results").replaceChildren();
     if (!append && current.kind === "text" && current.parseHints) {
       current.chips = chipsFrom(data.hints, data.filters);
       showChips();
+    }
+    if (!append && current.kind === "text" && !current.terms) {
+      current.read = data.terms && Array.isArray(data.terms.positive) ? data.terms : null;
+      showTerms();
     }
     data.results.forEach(addResult);
     offset += data.results.length;
@@ -181,7 +192,7 @@ async function runSearch(append) {
         ? "No images match these filters." : "No images found.");
     $("empty-hint").hidden = true;
   } catch (e) {
-    if (pending) return;
+    if (pending || current !== asked) return;
     if (e.status === 401) {
       $("key-box").hidden = false;
       $("key-box").open = true;
@@ -202,8 +213,10 @@ async function runSearch(append) {
 function searchText(query, parseHints = true) {
   query = query.trim();
   if (!query) return;
-  current = {kind: "text", query: query, parseHints: parseHints, chips: []};
+  current = {kind: "text", query: query, parseHints: parseHints, chips: [], read: null,
+             terms: null};
   showChips();
+  showTerms();
   offset = 0;
   $("query-image").hidden = true;
   syncUrl();
@@ -226,6 +239,7 @@ function searchImage(file) {
   }
   current = {kind: "image", file: file};
   showChips();
+  showTerms();
   offset = 0;
   const thumb = $("query-thumb");
   if (thumb.src.startsWith("blob:")) URL.revokeObjectURL(thumb.src);
@@ -243,6 +257,7 @@ function viewerUrl(key) {
 }
 
 let viewerKey = null;
+let viewerHit = null;
 // whether the service knows photos' metadata (its /health counts them: an older one has no
 // /facets nor /images/{key}/info, and the page does not ask), and whether the version it
 // serves holds any (its facets offer something)
@@ -251,6 +266,8 @@ let indexHasMetadata = false;
 
 function openViewer(hit) {
   viewerKey = hit.key;
+  viewerHit = hit;
+  $("viewer-less").hidden = !canSubtract();
   showDetails(hit.key);
   $("viewer-img").src = viewerUrl(hit.key);
   $("viewer-img").alt = hit.filename;
@@ -262,6 +279,7 @@ function openViewer(hit) {
 
 function closeViewer() {
   viewerKey = null;
+  viewerHit = null;
   $("viewer").hidden = true;
   $("viewer-img").removeAttribute("src");
 }
@@ -493,7 +511,11 @@ function filterParams(f) {
 function syncUrl() {
   const url = new URL(location.href);
   for (const name of [...FILTER_PARAMS, "parse_hints"]) url.searchParams.delete(name);
-  if (current && current.kind === "text") {
+  url.searchParams.delete("q");
+  // photo terms stay out of the address; the text stays while it is still searched
+  const text = current && current.kind === "text" && current.query &&
+    (!current.terms || current.terms.positive.some((t) => t.text === current.query));
+  if (text) {
     url.searchParams.set("q", current.query);
     if (!current.parseHints) url.searchParams.set("parse_hints", "false");
   }
@@ -689,6 +711,145 @@ function removeChip(i) {
   rerun();
 }
 
+// ---- the query's terms: more like this, less like this -------------------------------------
+
+// a negative term needs a positive one beside it: an uploaded image is no term, so a search by
+// image offers only "more like this" (which starts a search from that photo)
+function canSubtract() {
+  return Boolean(current && current.kind === "text");
+}
+
+function feedbackButtons(hit) {
+  const row = document.createElement("div");
+  row.className = "feedback";
+  const buttons = [["more", false, "More like this", "Search again, more like"],
+                   ["less", true, "Less like this", "Search again, less like"]];
+  for (const [cls, negative, text, what] of buttons) {
+    if (negative && !canSubtract()) continue;
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "secondary " + cls;
+    b.textContent = text;
+    b.setAttribute("aria-label", `${what} ${hit.filename}`);
+    b.title = `${what} this photo`;
+    b.addEventListener("click", () => addPhotoTerm(hit.key, negative));
+    row.append(b);
+  }
+  return row;
+}
+
+// the terms searched now: those the page sends, else those the service read from the text
+function currentTerms() {
+  if (!current || current.kind !== "text") return null;
+  return current.terms || current.read;
+}
+
+function copyTerms(terms) {
+  const term = (t) => (t.key !== undefined && t.key !== null
+    ? {key: String(t.key), weight: t.weight ?? 1} : {text: String(t.text), weight: t.weight ?? 1});
+  return {positive: (terms.positive || []).map(term), negative: (terms.negative || []).map(term)};
+}
+
+// The photo as a positive (more like it) or negative (less like it) term of the query; the
+// same photo on the other side moves over. Rocchio-style: the service sums the terms.
+function addPhotoTerm(key, negative) {
+  let terms;
+  if (current && current.kind === "text") {
+    terms = copyTerms(currentTerms() || {positive: current.query ? [{text: current.query}] : []});
+  } else {  // from an uploaded image's results, or nothing: a search from this photo
+    if (negative) return;
+    current = {kind: "text", query: "", parseHints: true, chips: [], read: null, terms: null};
+    $("query-image").hidden = true;
+    terms = {positive: [], negative: []};
+    showChips();
+  }
+  const other = (t) => t.key !== key;
+  terms.positive = terms.positive.filter(other);
+  terms.negative = terms.negative.filter(other);
+  (negative ? terms.negative : terms.positive).push({key: key, weight: 1});
+  current.terms = terms;
+  showTerms();
+  rerun();
+}
+
+function termLabel(term) {
+  return term.key !== undefined ? term.key.split("/").pop() : term.text;
+}
+
+// The terms as chips, + or -, each removable; shown when there is more than one typed text.
+function showTerms() {
+  const terms = currentTerms();
+  const list = terms ? [...terms.positive.map((t) => [t, false]),
+                        ...terms.negative.map((t) => [t, true])] : [];
+  const shown = list.length > 1 || list.some(([t]) => t.key !== undefined);
+  $("terms").replaceChildren();
+  if (shown) list.forEach(([term, negative], i) => {
+    const photo = term.key !== undefined && term.key !== null;
+    const li = document.createElement("li");
+    li.className = "chip term";
+    li.dataset.sign = negative ? "negative" : "positive";
+    li.dataset.kind = photo ? "photo" : "text";
+    if (photo) li.dataset.key = term.key;
+    li.title = (negative ? "less like " : "like ") + (photo ? term.key : `\u201c${term.text}\u201d`) +
+      (term.weight && term.weight !== 1 ? ` (weight ${term.weight})` : "");
+    const sign = document.createElement("span");
+    sign.className = "sign";
+    sign.textContent = negative ? "\u2212" : "+";
+    sign.setAttribute("aria-label", negative ? "less like" : "like");
+    li.append(sign);
+    if (photo) {
+      const img = document.createElement("img");
+      img.alt = "";
+      img.src = imageUrl(term.key, THUMB);
+      li.append(img);
+    }
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = termLabel(term);
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "\u00d7";
+    remove.setAttribute("aria-label", `Remove \u201c${termLabel(term)}\u201d from the search`);
+    remove.addEventListener("click", () => removeTerm(i));
+    li.append(label, remove);
+    $("terms").append(li);
+  });
+  $("terms-row").hidden = !shown;
+}
+
+// Without the term the search runs again; with no positive term left there is nothing to search.
+function removeTerm(i) {
+  const terms = currentTerms();
+  if (!terms) return;
+  const next = copyTerms(terms);
+  const positives = next.positive.length;
+  if (i < positives) next.positive.splice(i, 1);
+  else next.negative.splice(i - positives, 1);
+  if (!next.positive.length) {
+    clearSearch();
+    $("q").focus();
+    return;
+  }
+  current.terms = next;
+  showTerms();
+  const left = $("terms").querySelectorAll(".remove");
+  (left[Math.min(i, left.length - 1)] || $("q")).focus();
+  rerun();
+}
+
+function clearSearch() {
+  current = null;
+  offset = 0;
+  showChips();
+  showTerms();
+  $("results").replaceChildren();
+  $("more").hidden = true;
+  $("summary").textContent = "";
+  $("empty-hint").hidden = false;
+  syncUrl();
+}
+
 async function init() {
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -700,6 +861,13 @@ async function init() {
   });
   $("more").addEventListener("click", () => runSearch(true));
   $("viewer-close").addEventListener("click", closeViewer);
+  for (const [id, negative] of [["viewer-more", false], ["viewer-less", true]]) {
+    $(id).addEventListener("click", () => {
+      const hit = viewerHit;
+      closeViewer();
+      if (hit) addPhotoTerm(hit.key, negative);
+    });
+  }
   $("viewer").addEventListener("click", (e) => { if (e.target === $("viewer")) closeViewer(); });
   document.addEventListener("keydown", (e) => { if (e.key === "Escape") closeViewer(); });
 
