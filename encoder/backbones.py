@@ -151,8 +151,41 @@ class TextBackbone(nn.Module):
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean of the last hidden states over the attention mask (the ONNX graph exports this)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+        return mean_over_mask(hidden, attention_mask)
+
+    # --- the split between frozen and fine-tuned transformer layers ---------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The transformer layers, bottom first (BERT-family encoders such as MiniLM)."""
+        encoder = getattr(self.model, "encoder", None)
+        if encoder is None or not hasattr(encoder, "layer") or not hasattr(self.model, "embeddings"):
+            raise ValueError(f"{self.name}: fine-tuning single layers needs a BERT-style encoder "
+                             "(embeddings + encoder.layer)")
+        return encoder.layer
+
+    def hidden_below(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     layer: int) -> torch.Tensor:
+        """Hidden states entering transformer layer `layer` (0: the token embeddings)."""
+        hidden = self.model.embeddings(input_ids=input_ids)
+        return self._run_layers(hidden, attention_mask, 0, layer)
+
+    def forward_from(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                     layer: int) -> torch.Tensor:
+        """The pooled output from `hidden_below(..., layer)`: layers[layer:] then mean pooling."""
+        return mean_over_mask(self._run_layers(hidden, attention_mask, layer, None),
+                              attention_mask)
+
+    def _run_layers(self, hidden, attention_mask, start: int, stop: int | None):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        layers = self.layers[start:stop]
+        if not len(layers):
+            return hidden
+        mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
+        for layer in layers:
+            hidden = layer(hidden, mask)
+        return hidden
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenize(texts)
@@ -162,6 +195,11 @@ class TextBackbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def mean_over_mask(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
 
 def _minilm(name: str, path: str | None) -> TextBackbone:

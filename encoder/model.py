@@ -28,6 +28,8 @@ class ModelConfig:
     image_pool: str = "avg"  # avg | attention (learned pooling over the feature map)
     # top image stages that are fine-tuned; their weights are saved in the checkpoint
     image_tail_stages: int = 0
+    # top transformer layers of the text tower that are fine-tuned (saved like the image tail)
+    text_tail_layers: int = 0
     image_weights: str | None = None
     text_weights: str | None = None
     # hubness correction: a bank of training-caption embeddings (see encoder/scoring.py)
@@ -40,7 +42,10 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["text_tail_layers"]:  # configs written before the field keep their model ids
+            del d["text_tail_layers"]
+        return d
 
 
 class Projection(nn.Module):
@@ -119,12 +124,29 @@ class DualEncoder(nn.Module):
         n = len(self.image_backbone.stages)
         return n - self.config.image_tail_stages
 
+    @property
+    def text_split(self) -> int:
+        """Index of the first fine-tuned text layer (== number of layers when all frozen)."""
+        if not self.config.text_tail_layers:
+            return int(self.text_backbone.model.config.num_hidden_layers)
+        n = len(self.text_backbone.layers)
+        if not 0 < self.config.text_tail_layers <= n:
+            raise ValueError(f"text_tail_layers={self.config.text_tail_layers}: the text tower "
+                             f"has {n} layers")
+        return n - self.config.text_tail_layers
+
     def trainable_state_keys(self) -> list[str]:
+        """The weights a checkpoint stores: heads, scale, bank, and the fine-tuned tails."""
         keys = [k for k in self.state_dict() if not k.startswith(("image_backbone.", "text_backbone."))]
         split = self.image_split
+        text_prefix = "text_backbone.model.encoder.layer."
+        text_split = self.text_split if self.config.text_tail_layers else None
         for k in self.state_dict():
             if k.startswith("image_backbone.stages."):
                 if int(k.split(".")[2]) >= split:
+                    keys.append(k)
+            elif text_split is not None and k.startswith(text_prefix):
+                if int(k[len(text_prefix):].split(".")[0]) >= text_split:
                     keys.append(k)
         return keys
 

@@ -55,6 +55,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-pool", default="avg", choices=["avg", "attention"])
     p.add_argument("--unfreeze-image-stages", type=int, default=0,
                    help="fine-tune this many top stages of the image tower")
+    p.add_argument("--unfreeze-text-layers", type=int, default=0,
+                   help="fine-tune this many top layers of the text tower (over cached lower "
+                        "layers; the image tower is locked, see --image-side); with --resume "
+                        "it applies to the resumed model")
+    p.add_argument("--image-side", default="locked", choices=["locked", "head"],
+                   help="with --unfreeze-text-layers: the image head stays as it is, or trains")
+    p.add_argument("--caption-variants", type=int, default=0,
+                   help="with --unfreeze-text-layers: augmented copies of each caption cached "
+                        "beside it (meaning kept: articles, adjectives, synonyms, case, typos)")
+    p.add_argument("--augment-p", type=float, default=0.5,
+                   help="probability that a step uses one of a caption's augmented copies")
     p.add_argument("--position-dropout", type=float, default=0.0)
     p.add_argument("--query-bank", type=int, default=1000,
                    help="training captions kept for hubness correction at search time (0: off)")
@@ -102,7 +113,8 @@ def make_trainer(args, out: Path):
                       cache_dir=args.cache_dir, workers=args.workers, eval_every=args.eval_every,
                       position_dropout=args.position_dropout, query_bank=args.query_bank,
                       loss=args.loss, negatives_queue=args.negatives_queue,
-                      keep_best=args.keep_best,
+                      keep_best=args.keep_best, image_side=args.image_side,
+                      caption_variants=args.caption_variants, augment_p=args.augment_p,
                       log_path=str(out.with_suffix(".log.jsonl")))
     eval_sets = [load_set_from_folder(f) for f in args.eval_set]
     if args.model:  # a pretrained open_clip model, end to end
@@ -116,9 +128,15 @@ def make_trainer(args, out: Path):
     config = ModelConfig(image_backbone=args.image_backbone, text_backbone=args.text_backbone,
                          embed_dim=args.embed_dim, head=args.head, image_pool=args.image_pool,
                          image_tail_stages=args.unfreeze_image_stages,
+                         text_tail_layers=args.unfreeze_text_layers,
                          image_weights=args.image_weights, text_weights=args.text_weights)
-    return DualEncoderTrainer(build_model(config, args.resume), train, dev, cfg,
-                              eval_sets), data_desc
+    model = build_model(config, args.resume)
+    if args.unfreeze_text_layers:
+        model.config.text_tail_layers = args.unfreeze_text_layers
+        from training.text_tower import TextTowerTrainer
+
+        return TextTowerTrainer(model, train, dev, cfg, eval_sets), data_desc
+    return DualEncoderTrainer(model, train, dev, cfg, eval_sets), data_desc
 
 
 def train(args, out: Path):

@@ -58,6 +58,11 @@ class TrainConfig:
     loss: str = "one-caption"
     negatives_queue: int = 0  # recent image/text embeddings kept as extra negatives (0: none)
     keep_best: bool = False  # restore the epoch with the best selection score at the end
+    # text-tower training (training/text_tower.py): the image side "locked" or its "head" trained;
+    # augmented copies of each caption, one drawn instead of the caption with probability augment_p
+    image_side: str = "locked"
+    caption_variants: int = 0
+    augment_p: float = 0.5
     log_path: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -497,6 +502,7 @@ def describe_model(model: DualEncoder) -> dict:
         "backbones": {"image": model.config.image_backbone, "text": model.config.text_backbone},
         "embedding_dim": model.config.embed_dim,
         "fine_tuned_image_stages": model.config.image_tail_stages,
+        "fine_tuned_text_layers": model.config.text_tail_layers,
         "preprocessing": {"image_size": spec.input_size, "resize": "squash to square",
                           "mean": spec.mean, "std": spec.std, "text_max_tokens":
                           model.text_backbone.max_length, "text_pooling": "mean over mask"},
