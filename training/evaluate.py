@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def query_style_metrics(model, split: Flickr8kSplit, img: torch.Tensor, device: str = "cpu",
+def query_style_metrics(model, split: Flickr8kSplit, img: torch.Tensor,
                         styles: tuple[str, ...] = QUERY_STYLES, seed: int = 0) -> dict:
     """Text->image figures per query style, under the scoring the service uses, over the
     split's images embedded once (`img`)."""
+    model.eval()
     texts, owner = split.flat_captions()
     scoring = Scoring.of(model)
     images = scoring.image_vectors(img) if scoring.corrected else img
@@ -66,7 +67,7 @@ def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/featur
     result = {"model_id": loaded.model_id, "split": split.name, "images": len(split),
               "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
     if query_styles:
-        result["query_styles"] = query_style_metrics(model, split, img, device)
+        result["query_styles"] = query_style_metrics(model, split, img)
     return result
 
 
