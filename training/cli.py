@@ -192,6 +192,8 @@ def ship_command(argv: list[str]) -> int:
                                                 "models/flickr8k-dual-encoder.pt")
     p.add_argument("--train-out", help="the trained checkpoint before export (default: "
                                        "runs/dual-encoder-<UTC time>.pt)")
+    p.add_argument("--query-styles", action="store_true",
+                   help="also evaluate text->image per query style (see training.evaluate)")
     add_export_args(p)
     args = p.parse_args(argv)
     if args.model and args.int8_backbone:
@@ -204,7 +206,8 @@ def ship_command(argv: list[str]) -> int:
     model_id = export_checkpoint(trained, out, args.int8_backbone)
     sets = [trainer.dev_split, *trainer.eval_sets]
     results = evaluate_sets(str(out), sets, trainer.cfg.cache_dir, trainer.device,
-                            use_cache=trainer.cfg.cache, plots=not args.no_plots)
+                            use_cache=trainer.cfg.cache, plots=not args.no_plots,
+                            query_styles=args.query_styles)
     record_evaluations(str(out), results)
     # what a score means to a person (the match the API and the page show), fitted on dev
     calibrate(str(out), trainer.dev_split, trainer.cfg.cache_dir, trainer.device,

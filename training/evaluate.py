@@ -2,7 +2,8 @@
 `python -m training.evaluate`): Recall@1/5/10 both directions and median rank (the standard
 Flickr8k protocol) on a Flickr8k split and on any Flickr8k-style folder, each reported under its
 own name and written into the checkpoint's model card by default (`metrics` = dev,
-`evaluations` = every set evaluated)."""
+`evaluations` = every set evaluated). `--query-styles` adds text->image figures for queries as
+people type them (training.query_styles), derived from each set's captions."""
 from __future__ import annotations
 
 import argparse
@@ -10,18 +11,46 @@ import json
 import logging
 from datetime import datetime, timezone
 
+import torch
+
 from core.logs import setup_logging
 from core.settings import get_settings
 from encoder.loading import load_checkpoint, read_card, update_card
+from encoder.scoring import Scoring
 from encoder.spec import OpenClipSpec, parse_model_spec
 from training.data import Flickr8kSplit, add_data_args, load_set_from_folder, load_splits
+from training.query_styles import QUERY_STYLES, styled_queries
+from training.recall import retrieval_metrics
 from training.train import corrected_metrics, embed_split, git_commit, resolve_device
 
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def query_style_metrics(model, split: Flickr8kSplit, img: torch.Tensor,
+                        styles: tuple[str, ...] = QUERY_STYLES, seed: int = 0) -> dict:
+    """Text->image figures per query style, under the scoring the service uses, over the
+    split's images embedded once (`img`)."""
+    model.eval()
+    texts, owner = split.flat_captions()
+    scoring = Scoring.of(model)
+    images = scoring.image_vectors(img) if scoring.corrected else img
+    out = {}
+    for style in styles:
+        queries = styled_queries(texts, style, seed)
+        # the text tower itself, not the feature cache: a fine-tuned tower changes its output
+        emb = torch.cat([model.encode_texts(queries[i:i + 256]).float().cpu()
+                         for i in range(0, len(queries), 256)])
+        if scoring.corrected:
+            emb = scoring.query_vectors(emb)
+        t2i = retrieval_metrics(images, emb, owner)["text_to_image"]
+        out[style] = {k: t2i[k] for k in ("R@1", "R@5", "R@10", "median_rank")}
+    return out
+
+
 def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/features",
-                        device: str = "cpu", use_cache: bool = True, plots: bool = False) -> dict:
+                        device: str = "cpu", use_cache: bool = True, plots: bool = False,
+                        query_styles: bool = False) -> dict:
     loaded = load_checkpoint(path)
     model = loaded.model.to(device)
     img, txt, owner = embed_split(model, split, cache_dir, device, use_cache=use_cache)
@@ -35,18 +64,23 @@ def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/featur
         history = loaded.card.get("training_history") or loaded.card.get("training", {}).get("history")
         if history:
             plot_history(history, out.with_suffix(".curve.png"))
-    return {"model_id": loaded.model_id, "split": split.name, "images": len(split),
-            "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
+    result = {"model_id": loaded.model_id, "split": split.name, "images": len(split),
+              "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
+    if query_styles:
+        result["query_styles"] = query_style_metrics(model, split, img)
+    return result
 
 
 def evaluate_sets(path: str, sets: list[Flickr8kSplit], cache_dir: str | None = ".cache/features",
-                  device: str = "cpu", use_cache: bool = True, plots: bool = False) -> dict:
+                  device: str = "cpu", use_cache: bool = True, plots: bool = False,
+                  query_styles: bool = False) -> dict:
     """Each set's figures under its name, stamped with the date and commit; `plots` draws the
-    first set's examples (dev when it is evaluated) and the card's training curve."""
+    first set's examples (dev when it is evaluated) and the card's training curve;
+    `query_styles` adds each set's text->image figures per query style."""
     results = {}
     for n, split in enumerate(sets):
         result = evaluate_checkpoint(path, split, cache_dir, device, use_cache=use_cache,
-                                     plots=plots and n == 0)
+                                     plots=plots and n == 0, query_styles=query_styles)
         result["evaluated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         result["commit"] = git_commit()
         results[split.name] = result
@@ -80,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", action="store_true",
                    help="write <checkpoint>.examples.png of the first set evaluated (and "
                         ".curve.png from the card's history)")
+    p.add_argument("--query-styles", action="store_true",
+                   help="also text->image per query style (keywords, short, photos-of, question, "
+                        "typos) derived from each set's captions")
     args = p.parse_args(argv)
     setup_logging()
 
@@ -93,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         sets = [s.subset(args.limit) for s in sets]
     device = resolve_device(args.device)
     results = evaluate_sets(args.checkpoint, sets, args.cache_dir, device,
-                            use_cache=not args.no_cache, plots=args.plots)
+                            use_cache=not args.no_cache, plots=args.plots,
+                            query_styles=args.query_styles)
     if isinstance(parse_model_spec(args.checkpoint), OpenClipSpec):  # zero-shot: a spec has no card file to write
         log.info("%s is an open_clip spec: results printed, no model card written",
                  args.checkpoint)
