@@ -230,7 +230,7 @@ def main() -> int:
     emb = np.stack([embeddings[n] for n in names])
     index.rebuild(enc.model_id, keys, enc.scoring.image_vectors(emb), ["e"] * len(keys))
     latency = {}
-    for cache_items, label in [(0, "uncached"), (256, "cached")]:
+    for cache_items, label in [(0, "uncached"), (64, "cached")]:
         settings = Settings(index_dir=str(tmp / "index"), reload_interval_s=0,
                             explain_cache_items=cache_items, _env_file=None)
         service = build_service(settings, encoder=enc, index=index, store=store)

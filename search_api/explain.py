@@ -60,14 +60,18 @@ class Explanation:
     box: tuple[float, float, float, float]  # the part of the photo the map covers (fractions)
     similarity: float  # cos(query, photo) of the stored embedding
     terms: list[dict]
-    image: Image.Image  # the photo at the asked size
+    # the photo at the asked size as a JPEG until the overlay is drawn, then only the overlay:
+    # a cached entry holds one compressed picture
+    photo: bytes | None = field(default=None, repr=False)
     _png: bytes | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def png(self) -> bytes:
         with self._lock:
             if self._png is None:
-                self._png = overlay_png(self.image, self.cells, self.box)
+                with Image.open(io.BytesIO(self.photo)) as image:
+                    self._png = overlay_png(image, self.cells, self.box)
+                self.photo = None
             return self._png
 
     def to_json(self) -> dict:
@@ -150,6 +154,13 @@ def overlay_png(image: Image.Image, cells: np.ndarray, box) -> bytes:
     return buf.getvalue()
 
 
+def _jpeg(image: Image.Image, size: int) -> bytes:
+    image.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _decode(data: bytes, size: int, max_pixels: int, raw: bool) -> Image.Image:
     return decode_image(data, max_pixels, min_side=max(size, DECODE_MIN_SIDE), raw=raw)
 
@@ -157,7 +168,7 @@ def _decode(data: bytes, size: int, max_pixels: int, raw: bool) -> Image.Image:
 class Explainer:
     """Explanations of one service's matches (see the module doc)."""
 
-    def __init__(self, service: SearchService, cache_items: int = 256):
+    def __init__(self, service: SearchService, cache_items: int = 64):
         self.service = service
         self._cache = LRUCache(cache_items) if cache_items > 0 else None
         self._lock = threading.Lock()
@@ -212,9 +223,9 @@ class Explainer:
         pixels = await run_in_threadpool(encoders.encoder.preprocess, decoded)
         cells = await encoders.explain_map(pixels, combined)
         box = map_box(encoders.image_spec, *decoded.size)
-        decoded.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        photo = await run_in_threadpool(_jpeg, decoded, size)
         explanation = Explanation(key, service.model_id, view.version, query,
-                                  np.asarray(cells, np.float32), box, similarity, terms, decoded)
+                                  np.asarray(cells, np.float32), box, similarity, terms, photo)
         self.misses += 1
         if self._cache is not None:
             with self._lock:

@@ -137,7 +137,7 @@ def page(scores, keys, similarities, offset: int, top_k: int, min_score: float |
 
 class SearchService:
     def __init__(self, encoders: QueryEncoders, index: IndexHolder, images: StoredImages,
-                 stages: StageTimes | None = None, explain_cache_items: int = 256):
+                 stages: StageTimes | None = None, explain_cache_items: int = 64):
         self.encoders = encoders
         self.index = index
         self.images = images
