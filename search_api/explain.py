@@ -31,7 +31,6 @@ from cachetools import LRUCache
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
-from encoder.errors import NoSpatialMap  # noqa: F401 (what explain_map raises: a 422)
 from encoder.image_formats import is_raw_key
 from encoder.preprocessing import DECODE_MIN_SIDE, decode_image
 from search_api.images import decode_gated
