@@ -195,6 +195,8 @@ class Settings(RequestLimits, BaseSettings):
     text_batch_max: int = Field(64, ge=1)
     # thumbnails kept in memory for the web page (`GET /images/{key}?size=N`)
     thumbnail_cache_items: int = Field(1024, ge=0)
+    # explanations (`GET /explain`: a photo's heat map for a query) kept in memory
+    explain_cache_items: int = Field(64, ge=0)
     # the serving bundle's image tower: opened at start (True) or on the first image request
     image_tower_at_start: bool = False
     # seconds between checks for a newly published index version (0: only /admin/reload)

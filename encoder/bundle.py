@@ -7,6 +7,8 @@
     <bundle>/text.onnx        the text tower (ids + mask -> L2-normalised embedding), fp32
     <bundle>/text.int8.onnx   the text tower, dynamic int8 (TEXT_RUNTIME=onnx-int8)
     <bundle>/image.int8.onnx  the calibrated int8 image tower, when one was built
+    <bundle>/image.cells.onnx pixels -> the tower's spatial cells' embeddings (`explain_map`),
+                              when the family has a spatial map
     <bundle>/tokenizer.json   the model's tokenizer (`tokenizers` library)
     <bundle>/bank.npy         the query bank (hubness correction; absent for plain cosine):
                               the image side's b(v) needs it, the query side only [q, 1]
@@ -46,10 +48,11 @@ from encoder.tokens import TextTokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = "flickr-search-serving-bundle/1"
+# /2: explanations' cells graph; a /1 bundle is rewritten once where torch is installed
+FORMAT = "flickr-search-serving-bundle/2"
 MANIFEST = "bundle.json"
 COMMAND = "python -m encoder bundle"
-GRAPHS = ("image", "text", "text.int8", "image.int8")
+GRAPHS = ("image", "text", "text.int8", "image.int8", "image.cells")
 # texts the written tokenizer must tokenize exactly as the model's own `tokenize`
 PROBE_TEXTS = ["two dogs playing in the snow", "A man rides a bicycle down a city street.",
                "", "  lots   of\twhitespace\n", "Two “smart-quoted” dogs &amp; a cat!!",
@@ -185,7 +188,7 @@ class ServingBundle:
         return ImageSpec.from_dict(self.manifest["image_spec"])
 
     def graph(self, name: str) -> Path | None:
-        """The file of graph `name` ("image", "text", "text.int8", "image.int8"), if present."""
+        """The file of graph `name` (one of GRAPHS), if present."""
         file = self.manifest["graphs"].get(name)
         return self.dir / file if file else None
 
@@ -349,6 +352,7 @@ def write_bundle(model_path, out: str | os.PathLike | None = None,
     import torch
 
     from core.atomic import atomic_dir
+    from encoder.errors import NoSpatialMap
     from encoder.loading import load_checkpoint
     from encoder.runtime_onnx import OnnxTowers
 
@@ -357,12 +361,16 @@ def write_bundle(model_path, out: str | os.PathLike | None = None,
     folder = Path(out) if out else bundle_dir(model_path, cache_dir)
     towers = OnnxTowers(model, loaded.model_id, cache_dir or default_cache_dir())
     built = {"image": towers.export_image, "text": towers.export_text,
-             "text.int8": towers.quantize_text}
+             "text.int8": towers.quantize_text, "image.cells": towers.export_cells}
     graphs = {}
     for name in GRAPHS:
         path = towers.dir / f"{name}.onnx"
         if not path.is_file() and name in built:
-            path = built[name]()
+            try:
+                path = built[name]()
+            except NoSpatialMap as exc:  # the bundle serves without explanations
+                log.info("%s: no %s graph (%s)", loaded.model_id, name, exc)
+                continue
         if path.is_file():
             graphs[name] = path
     scoring = Scoring.of(model)

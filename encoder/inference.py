@@ -38,6 +38,7 @@ class Encoder:
         self.dim = loaded.model.config.embed_dim
         # how embeddings become index and query vectors (the one owner of that convention)
         self.scoring = Scoring.of(loaded.model)
+        self.image_spec = self.model.image_spec
         self.transform = eval_transform(self.model.image_spec)
         self.normalize = PixelNormalizer(self.model.image_spec)  # the torch-free twin
         onnx_ok = self.device.type == "cpu"
@@ -47,6 +48,7 @@ class Encoder:
         self.text_runtime = text_runtime if onnx_ok else "torch"
         self.onnx = OnnxTowers(self.model, self.model_id, onnx_cache_dir, threads) \
             if "onnx" in self.image_runtime + self.text_runtime else None
+        self._cells_eager = False  # the cells graph could not be built: explain eagerly
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu", image_runtime: str = "torch",
@@ -92,6 +94,23 @@ class Encoder:
             except (OnnxUnavailable, ImportError) as exc:
                 self._fallback("image", exc)
         return self.model.encode_images(pixels.to(self.device)).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def explain_map(self, pixels, query: np.ndarray) -> np.ndarray:
+        """[h, w]: the query embedding's cosine with each spatial cell of the image tower
+        (pixels: one preprocessed image [3, S, S]); encoder.errors.NoSpatialMap when the model
+        has no spatial map."""
+        from encoder.serving import cell_map
+
+        x = torch.as_tensor(np.asarray(pixels, np.float32))[None]
+        if self.image_runtime != "torch" and not self._cells_eager:
+            try:
+                return cell_map(self.onnx.cell_embeddings(x.numpy())[0], query)
+            except (OnnxUnavailable, ImportError) as exc:
+                log.warning("cells graph: %s; explaining with eager PyTorch", exc)
+                self._cells_eager = True
+        cells = self.model.cell_embeddings(x.to(self.device)).float().cpu().numpy()[0]
+        return cell_map(cells, query)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """The eval transform. An RGB image already at the input size (Flickr8k copies are)

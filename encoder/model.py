@@ -180,6 +180,13 @@ class DualEncoder(nn.Module):
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return F.normalize(self.text_head(self.text_backbone(texts)), dim=-1)
 
+    def cell_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, dim]: each cell of the last feature map through the projection head,
+        L2-normalised; a query's cosine with each says where in the photo it matches (the
+        pooled embedding is the head over the cells' average)."""
+        fmap = self.image_backbone(pixels).permute(0, 2, 3, 1)  # [B, h, w, C]
+        return F.normalize(self.image_head.proj(fmap), dim=-1)
+
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                            ) -> torch.Tensor:
         """The text tower over token ids: what `encode_texts` runs after tokenizing."""

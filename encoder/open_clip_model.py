@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoder.backbones import BackboneUnavailable, ImageSpec
+from encoder.errors import NoSpatialMap
 from encoder.model import ModelConfig
 from encoder.protocol import LoadedModel
 from encoder.spec import HF_HUB, LOCAL_DIR, OPEN_CLIP_PREFIX, OpenClipSpec
@@ -280,6 +281,30 @@ class OpenClipEncoder(nn.Module):
             with _no_mha_fastpath():
                 return F.normalize(self.clip.encode_image(pixels), dim=-1)
         return F.normalize(self.clip.encode_image(pixels), dim=-1)
+
+    def cell_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, g, g, dim]: a ViT's patch tokens through its final norm and projection,
+        L2-normalised. NoSpatialMap for other towers (ResNets, timm models, attention
+        pooling), whose output is not a per-patch projection."""
+        visual = self.clip.visual
+        from open_clip.transformer import VisionTransformer
+
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None \
+                or visual.proj is None or visual.pool_type not in ("tok", "avg"):
+            raise NoSpatialMap(f"explanations need a model with a spatial feature map "
+                               f"({type(visual).__name__} has none this service can read)")
+        if _exporting():
+            with _no_mha_fastpath():
+                return self._cells(visual, pixels)
+        return self._cells(visual, pixels)
+
+    @staticmethod
+    def _cells(visual, pixels: torch.Tensor) -> torch.Tensor:
+        x = visual.transformer(visual._embeds(pixels))
+        tokens = visual.ln_post(x[:, 1:])  # a LayerNorm is per token: before or after pooling
+        gh, gw = visual.grid_size
+        cells = F.normalize(tokens @ visual.proj, dim=-1)
+        return cells.reshape(-1, gh, gw, cells.shape[-1])
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                            ) -> torch.Tensor:

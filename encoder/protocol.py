@@ -40,6 +40,11 @@ class EmbeddingModel(Protocol):
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
 
+    def cell_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, h, w, dim] L2-normalised embeddings of the image tower's spatial cells (what
+        explains a match: the query's cosine with each); encoder.errors.NoSpatialMap when the
+        tower has none."""
+
     def encode_text_tokens(self, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor) -> torch.Tensor:
         """What `encode_texts` runs after `tokenize` (the exported ONNX text graph)."""

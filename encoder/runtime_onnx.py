@@ -9,6 +9,9 @@ embedding) is exported once per model id into a cache folder and run by ONNX Run
     <cache_dir>/<model_id>/image.int8.onnx   static int8 (QDQ, per channel), calibrated on
                                              real images: build it with `quantize_image`
                                              or `python -m encoder.runtime_onnx int8-image`
+    <cache_dir>/<model_id>/image.cells.onnx  pixels -> [B, h, w, dim] L2-normalised embeddings
+                                             of the tower's spatial cells (explanations;
+                                             absent for a family without a spatial map)
 
 Why: on a small CPU the fp32 ONNX graph runs the image tower several times faster than eager
 PyTorch and a single text query in a few ms (BENCHMARKS.md has the figures and the commands).
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.atomic import atomic_path, write_atomic
+from encoder.errors import NoSpatialMap
 from encoder.onnx_sessions import OnnxUnavailable, new_session, session_options  # noqa: F401
 from encoder.protocol import EmbeddingModel
 
@@ -64,6 +68,15 @@ class _ImageGraph(nn.Module):
         return self.m.encode_images(pixels)
 
 
+class _CellsGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, pixels):
+        return self.m.cell_embeddings(pixels)
+
+
 class _TextGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -74,11 +87,11 @@ class _TextGraph(nn.Module):
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str],
-            dynamic_axes: dict) -> None:
+            dynamic_axes: dict, output: str = "embedding") -> None:
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names,
-                          output_names=["embedding"], dynamic_axes=dynamic_axes,
+                          output_names=[output], dynamic_axes=dynamic_axes,
                           opset_version=OPSET, dynamo=False)
 
 
@@ -179,6 +192,26 @@ class OnnxTowers:
         self._record("image", {"min_cosine_vs_torch": cos, "torch": torch.__version__})
         return path
 
+    def export_cells(self) -> Path:
+        """The cells graph (see the module doc); NoSpatialMap when the family has none."""
+        path = self.path("image.cells")
+        size = self.model.image_spec.input_size
+        x = _probe_pixels(size, 2)
+        with torch.inference_mode():
+            ref = self.model.cell_embeddings(x).float().numpy()  # NoSpatialMap: nothing written
+        _export(_CellsGraph(self.model), (x,), path, ["pixels"],
+                {"pixels": {0: "batch"}, "cells": {0: "batch"}}, output="cells")
+        out = self._new_session(path).run(None, {"pixels": x.numpy()})[0]
+        cos = _cosine_min(ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])) \
+            if out.shape == ref.shape else -1.0
+        if cos < EXPORT_MIN_COSINE:
+            path.unlink(missing_ok=True)
+            raise OnnxUnavailable(f"{path.name}: exported graph differs from eager PyTorch "
+                                  f"(min cosine {cos:.5f} < {EXPORT_MIN_COSINE})")
+        self._record("image.cells", {"min_cosine_vs_torch": cos, "torch": torch.__version__,
+                                     "grid": list(ref.shape[1:3])})
+        return path
+
     def export_text(self) -> Path:
         path = self.path("text")
         tok = self.model.tokenize(PROBE_TEXTS[:2])
@@ -265,12 +298,14 @@ class OnnxTowers:
                 if not path.is_file():
                     if tower == "image":
                         self.export_image()
+                    elif tower == "image.cells":
+                        self.export_cells()
                     elif int8:
                         self.quantize_text()
                     else:
                         self.export_text()
                 sess = self._new_session(path)
-            except OnnxUnavailable:
+            except (OnnxUnavailable, NoSpatialMap):
                 raise
             except Exception as exc:  # exporter / quantizer / loader errors of many types
                 raise OnnxUnavailable(f"cannot build {path.name}: {type(exc).__name__}: "
@@ -290,6 +325,10 @@ class OnnxTowers:
     def encode_pixels(self, pixels: np.ndarray, int8: bool = False) -> np.ndarray:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         return self.session("image", int8).run(None, {"pixels": pixels})[0]
+
+    def cell_embeddings(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        return self.session("image.cells").run(None, {"pixels": pixels})[0]
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from encoder.bundle import ServingBundle, ensure_bundle
+from encoder.errors import NoSpatialMap
 from encoder.onnx_sessions import new_session
 from encoder.pixels import PixelNormalizer
 from encoder.preprocessing import release_memory
@@ -42,7 +43,8 @@ class ServingEncoder:
         self.normalize = PixelNormalizer(self.image_spec)
         self.threads = threads
         self.graphs = {"text": "text.int8" if text_int8 else "text",
-                       "image": "image.int8" if image_int8 else "image"}
+                       "image": "image.int8" if image_int8 else "image",
+                       "image.cells": "image.cells"}
         if image_int8 and bundle.graph("image.int8") is None:
             log.warning("no calibrated int8 image graph in the bundle %s; running the fp32 "
                         "graph", bundle.dir)
@@ -95,6 +97,23 @@ class ServingEncoder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         return self.encode_pixels(self.normalize.batch(images))
+
+    def explain_map(self, pixels: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """[h, w]: the query embedding's cosine with each spatial cell of the image tower
+        (pixels: one preprocessed image [3, S, S]). NoSpatialMap when the bundle has no cells
+        graph (a family without a spatial map)."""
+        if self.bundle.graph("image.cells") is None:
+            raise NoSpatialMap()
+        pixels = np.ascontiguousarray(np.asarray(pixels, np.float32)[None], dtype=np.float32)
+        cells = self.session("image.cells").run(None, {"pixels": pixels})[0][0]
+        return cell_map(cells, query)
+
+
+def cell_map(cells: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """[h, w] cosines of unit cell embeddings [h, w, dim] with a query embedding [dim]."""
+    q = np.asarray(query, np.float32).reshape(-1)
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    return (np.asarray(cells, np.float32) @ q).astype(np.float32)
 
 
 def uses_bundle(settings) -> bool:

@@ -3,7 +3,7 @@
 
 The encoder is the serving bundle's torch-free `encoder.serving.ServingEncoder` (what the
 service builds by default) or the eager `encoder.inference.Encoder`: both give `model_id`, `dim`,
-`scoring`, `encode_texts` and `encode_images`."""
+`scoring`, `encode_texts`, `encode_images` and `explain_map` (one worker thread too)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
@@ -32,6 +32,9 @@ class QueryEncoders:
                              observe=lambda s, n: observe("text_encode", s))
         self.images = Batcher(encoder.encode_images, "image", max_batch=IMAGE_BATCH_MAX,
                               observe=lambda s, n: observe("image_encode", s))
+        self.image_spec = encoder.image_spec
+        self.maps = Batcher(lambda jobs: [encoder.explain_map(p, q) for p, q in jobs],
+                            "explain", max_batch=1, observe=lambda s, n: observe("explain_map", s))
 
     async def encode_texts(self, texts: list[str]):
         """[N, dim] float32 embeddings."""
@@ -40,7 +43,13 @@ class QueryEncoders:
     async def encode_images(self, images: list):
         return await self.images(images)
 
+    async def explain_map(self, pixels, query):
+        """[h, w]: the query embedding's cosine with each spatial cell of the photo (pixels:
+        one preprocessed image); encoder.errors.NoSpatialMap for a model without cells."""
+        return (await self.maps([(pixels, query)]))[0]
+
     def close(self) -> None:
         """Stop the worker threads (they restart on the next use)."""
         self.texts.close()
         self.images.close()
+        self.maps.close()

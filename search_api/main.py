@@ -14,7 +14,7 @@ from search_api import errors, text_queries
 from search_api.metrics import Metrics, MetricsMiddleware
 from search_api.middleware import BodyGuardMiddleware, HeadAsGetMiddleware, \
     SecurityHeadersMiddleware
-from search_api.routes import duplicates, search, system, web
+from search_api.routes import duplicates, explain, search, system, web
 from search_api.schemas import bodies
 from search_api.search_service import SearchService
 
@@ -62,7 +62,7 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     holder = IndexHolder(index, encoder.model_id, encoder.scoring.index_dim, watch_s=watch_s,
                          observe=stages, on_swap=images.clear_thumbnails)
     service = SearchService(QueryEncoders(encoder, settings.text_batch_max, observe=stages),
-                            holder, images, stages)
+                            holder, images, stages, settings.explain_cache_items)
     if images.get_store() is None:  # search still works without the store; /health says degraded
         log.error("object store not reachable at start (retrying every %.0f s): %s",
                   settings.store_retry_s, images.store_error)
@@ -141,6 +141,7 @@ def create_app(settings: Settings | None = None,
     app.include_router(web.router)
     app.include_router(system.router)
     app.include_router(duplicates.router)
+    app.include_router(explain.build_router(settings))
     # known when the service is built before the app
     dim = service.encoders.dim if service is not None else None
     has_scale = service.match_scale is not None if service is not None else None

@@ -19,9 +19,10 @@ from prometheus_client.core import (
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # index_search: one search of the served index, whatever the backend (a remote one: one
-# batched call); index_load: opening a newly published version
+# batched call); index_load: opening a newly published version; explain_map: the image
+# tower's cells for GET /explain
 STAGES = ("text_encode", "image_decode", "image_encode", "index_search", "image_fetch",
-          "thumbnail", "index_load")
+          "thumbnail", "index_load", "explain_map")
 
 
 class IndexCollector:

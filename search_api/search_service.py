@@ -28,6 +28,7 @@ import numpy as np
 from encoder.match_scale import MatchScale
 from indexer.photo_filter import PhotoFilter
 from search_api.encoders import QueryEncoders
+from search_api.explain import Explainer
 from search_api.index_holder import IndexHolder, filter_key
 from search_api.query_terms import TermError, TermQuery
 from search_api.stored_images import StoredImages
@@ -136,11 +137,13 @@ def page(scores, keys, similarities, offset: int, top_k: int, min_score: float |
 
 class SearchService:
     def __init__(self, encoders: QueryEncoders, index: IndexHolder, images: StoredImages,
-                 stages: StageTimes | None = None):
+                 stages: StageTimes | None = None, explain_cache_items: int = 64):
         self.encoders = encoders
         self.index = index
         self.images = images
         self.stages = stages or StageTimes()
+        # why a photo matched (search_api.explain): maps over stored photos, cached
+        self.explainer = Explainer(self, explain_cache_items)
 
     @property
     def model_id(self) -> str:
@@ -238,6 +241,11 @@ class SearchService:
     async def term_embedding(self, query: TermQuery, view=None) -> np.ndarray:
         """The query embedding [dim] of a query of several terms (see search_terms); view: the
         version whose stored photos the keys name (default: the served one)."""
+        return self.combine(query, await self.term_embeddings(query, view))
+
+    async def term_embeddings(self, query: TermQuery, view=None) -> np.ndarray:
+        """Each term's own embedding [T, dim], in the query's order: texts encoded in one
+        batch, stored photos' read from `view` (TermError naming a key it does not hold)."""
         view = view if view is not None else self.index.require()
         scoring = self.encoders.scoring
         texts = [t for t in query.terms if t.key is None]
@@ -257,9 +265,13 @@ class SearchService:
         if texts:
             encoded = await self.encoders.encode_texts([t.encoded_text or t.text for t in texts])
             by_term.update({id(t): e for t, e in zip(texts, np.asarray(encoded))})
+        return np.stack([by_term[id(t)] for t in query.terms])
+
+    def combine(self, query: TermQuery, embeddings: np.ndarray) -> np.ndarray:
+        """`Scoring.combine` of the terms' embeddings; TermError when they cancel out."""
         try:
-            return scoring.combine(np.stack([by_term[id(t)] for t in query.terms]),
-                                   [t.signed_weight for t in query.terms])
+            return self.encoders.scoring.combine(embeddings,
+                                                 [t.signed_weight for t in query.terms])
         except ValueError as exc:
             raise TermError(query.terms[0].loc[:-2] or query.terms[0].loc, query.typed(),
                             str(exc)) from None

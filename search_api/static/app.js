@@ -3,6 +3,8 @@
 // GET /facets) and the filters the service read from the words of the query shown as removable
 // chips; "more like this" / "less like this" on each result add the photo to the query as a
 // positive or negative term (the query's terms shown as removable chips) and search again.
+// In the viewer, "Why this photo?" lays the heat map of GET /explain (where in the photo the query
+// matches) over the photo: while the pointer is on the button (a mouse), or until tapped again.
 // Plain DOM, no framework, no build step; every server string goes through textContent.
 // Against a service without metadata (no /facets, no `info`, no `hints`) the extras stay hidden.
 "use strict";
@@ -264,9 +266,99 @@ let viewerHit = null;
 let serviceHasMetadata = false;
 let indexHasMetadata = false;
 
+// --- "Why this photo?": the /explain overlay for the current text query --------------------
+const HEAT_SIZE = 768;
+let whyPinned = false;
+
+// a term as the typed query language writes it (search_api/query_terms.py)
+function typedTerm(t) {
+  const weight = t.weight && t.weight !== 1 ? `${t.weight}:` : "";
+  if (t.key !== undefined && t.key !== null) return `${weight}key:"${String(t.key).replace(/"/g, "")}"`;
+  const text = String(t.text);
+  const plain = text === text.trim() && !/[+\-"]/.test(text) && !/^key:/.test(text) &&
+    !/^(\d+(\.\d*)?|\.\d+):/.test(text);
+  return weight + (plain ? text : `"${text.replace(/"/g, "")}"`);
+}
+
+// the current search's query as /explain reads it (null: nothing to explain, e.g. an upload)
+function explainQuery() {
+  if (!current || current.kind !== "text") return null;
+  if (!current.terms) return current.query;
+  const pos = (current.terms.positive || []).map(typedTerm);
+  const neg = (current.terms.negative || []).map(typedTerm);
+  if (!pos.length) return null;
+  return pos.join(" + ") + neg.map((t) => " - " + t).join("");
+}
+
+function explainUrl(key) {
+  const q = explainQuery();
+  if (!q) return null;
+  const url = new URLSearchParams({key: key, q: q, size: String(HEAT_SIZE)});
+  if (!current.parseHints) url.set("parse_hints", "false");
+  return "/explain?" + url.toString();
+}
+
+function resetWhy() {
+  whyPinned = false;
+  $("viewer-why").setAttribute("aria-pressed", "false");
+  $("viewer-heat").hidden = true;
+  $("viewer-heat").removeAttribute("src");
+  $("why-note").textContent = "";
+  $("viewer-why").hidden = !explainQuery();
+}
+
+function showWhy(on) {
+  const heat = $("viewer-heat");
+  if (!on) {
+    heat.hidden = true;
+    $("why-note").textContent = "";
+    return;
+  }
+  const url = viewerKey && explainUrl(viewerKey);
+  if (!url) return;
+  if (heat.getAttribute("src") !== url) {
+    $("why-note").textContent = "Finding where it matches\u2026";
+    heat.src = url;
+  } else if (heat.complete && heat.naturalWidth > 0) {
+    $("why-note").textContent = "Warmer: where the photo matches the query best.";
+  }
+  heat.hidden = false;
+}
+
+async function whyFailed() {
+  const heat = $("viewer-heat");
+  heat.hidden = true;
+  const url = heat.getAttribute("src");
+  heat.removeAttribute("src");
+  let message = "No explanation for this photo.";
+  try {  // the service says why (e.g. a model without a spatial map)
+    await call(url.replace("/explain?", "/explain?format=json&"));
+  } catch (e) {
+    message = "No explanation: " + e.message;
+  }
+  $("why-note").textContent = message;
+}
+
+function initWhy() {
+  const button = $("viewer-why");
+  // a mouse shows the map while it is on the button; a tap (or a click) pins it
+  button.addEventListener("pointerenter", (e) => { if (e.pointerType === "mouse" && !whyPinned) showWhy(true); });
+  button.addEventListener("pointerleave", (e) => { if (e.pointerType === "mouse" && !whyPinned) showWhy(false); });
+  button.addEventListener("click", () => {
+    whyPinned = !whyPinned;
+    button.setAttribute("aria-pressed", String(whyPinned));
+    showWhy(whyPinned);
+  });
+  $("viewer-heat").addEventListener("load", () => {
+    if (!$("viewer-heat").hidden) $("why-note").textContent = "Warmer: where the photo matches the query best.";
+  });
+  $("viewer-heat").addEventListener("error", () => { if ($("viewer-heat").getAttribute("src")) whyFailed(); });
+}
+
 function openViewer(hit) {
   viewerKey = hit.key;
   viewerHit = hit;
+  resetWhy();
   $("viewer-less").hidden = !canSubtract();
   showDetails(hit.key);
   $("viewer-img").src = viewerUrl(hit.key);
@@ -282,6 +374,7 @@ function closeViewer() {
   viewerHit = null;
   $("viewer").hidden = true;
   $("viewer-img").removeAttribute("src");
+  resetWhy();
 }
 
 async function showStatus() {
@@ -861,6 +954,7 @@ async function init() {
   });
   $("more").addEventListener("click", () => runSearch(true));
   $("viewer-close").addEventListener("click", closeViewer);
+  initWhy();
   for (const [id, negative] of [["viewer-more", false], ["viewer-less", true]]) {
     $(id).addEventListener("click", () => {
       const hit = viewerHit;

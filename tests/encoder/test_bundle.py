@@ -3,6 +3,7 @@ scoring and ranks as the torch path, for our dual encoder and an open_clip model
 does not match its checkpoint is refused, naming the command that rewrites it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -78,20 +79,42 @@ def _assert_serves_like(encoder: Encoder, serving: ServingEncoder) -> None:
         (theirs.index_dim, theirs.readback_column, theirs.temperature)
     emb = encoder.encode_images(images)
     np.testing.assert_array_equal(mine.image_vectors(emb), theirs.image_vectors(emb))
+    # the explanation map: the bundle's cells graph, as eager PyTorch computes it
+    q = encoder.encode_texts(TEXTS[:1])[0]
+    want = encoder.explain_map(encoder.preprocess(images[0]), q)
+    assert np.allclose(serving.explain_map(serving.preprocess(images[0]), q), want, atol=2e-3)
 
 
 def test_dual_encoder_bundle_serves_like_the_checkpoint(banked, tmp_path):
     folder = write_bundle(banked, cache_dir=tmp_path / "onnx")
     assert folder == banked.parent / "banked.bundle"
     assert {p.name for p in folder.iterdir()} >= {"bundle.json", "image.onnx", "text.onnx",
-                                                  "text.int8.onnx", "tokenizer.json", "bank.npy"}
+                                                  "text.int8.onnx", "tokenizer.json", "bank.npy",
+                                                  "image.cells.onnx"}
     serving = ServingEncoder(read_bundle(banked))
     assert serving.scoring.corrected
     assert serving.loaded_towers == []  # each tower on first use
     serving.warmup()
     assert serving.loaded_towers == ["text"]
     _assert_serves_like(Encoder.from_checkpoint(str(banked)), serving)
-    assert serving.loaded_towers == ["image", "text"]
+    assert serving.loaded_towers == ["image", "image.cells", "text"]
+
+
+def test_a_family_without_a_spatial_map_bundles_without_the_cells_graph(weights_file, tmp_path,
+                                                                      monkeypatch):
+    from encoder.errors import NoSpatialMap
+    from encoder.open_clip_model import OpenClipEncoder
+
+    def no_map(self, pixels):
+        raise NoSpatialMap()
+
+    monkeypatch.setattr(OpenClipEncoder, "cell_embeddings", no_map)
+    spec = f"open_clip:test-tiny-vit:{weights_file}"
+    write_bundle(spec, cache_dir=tmp_path)
+    bundle = read_bundle(spec, cache_dir=tmp_path)
+    assert bundle.graph("image.cells") is None and bundle.graph("image") is not None
+    with pytest.raises(NoSpatialMap, match="spatial feature map"):
+        ServingEncoder(bundle).explain_map(np.zeros((3, 64, 64), np.float32), np.ones(32))
 
 
 def test_open_clip_bundle_serves_like_the_spec(weights_file, tmp_path):
@@ -134,6 +157,14 @@ def test_ensure_bundle_writes_a_missing_one_once_with_the_command(banked, tmp_pa
     assert bundle.dir == tmp_path / "m.bundle"
     assert bundle.model_id == read_card(path)["model_id"]
     assert ensure_bundle(path, cache_dir=tmp_path / "onnx").manifest == bundle.manifest
+    # a bundle written before the cells graph (format /1) is rewritten once, with it
+    manifest = json.loads((bundle.dir / "bundle.json").read_text())
+    old = {**manifest, "format": "flickr-search-serving-bundle/1",
+           "graphs": {k: v for k, v in manifest["graphs"].items() if k != "image.cells"}}
+    (bundle.dir / "bundle.json").write_text(json.dumps(old))
+    with pytest.raises(StaleBundle, match="unknown format"):
+        read_bundle(path)
+    assert ensure_bundle(path, cache_dir=tmp_path / "onnx").graph("image.cells").is_file()
 
 
 def test_a_read_only_checkpoint_folder_keeps_its_bundle_in_the_cache(banked, tmp_path,

@@ -174,6 +174,16 @@ def test_every_route_answers_as_the_torch_loaded_service(reference, torch_free_u
             a, b = ref.get(path), lean.get(path)
             assert b.status_code == a.status_code == 200 and b.content == a.content
 
+        # why it matched: the bundle's cells graph gives eager PyTorch's map
+        explain = {"key": key, "q": "black + 2:a red square", "format": "json"}
+        a, b = ref.get("/explain", params=explain), lean.get("/explain", params=explain)
+        assert b.status_code == a.status_code == 200, b.text
+        assert np.allclose(b.json()["map"], a.json()["map"], atol=SCORE_TOL)
+        assert [t["contribution"] for t in b.json()["terms"]] == pytest.approx(
+            [t["contribution"] for t in a.json()["terms"]], abs=SCORE_TOL)
+        png = lean.get("/explain", params={"key": key, "q": "black", "size": 64})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+
         assert lean.post("/admin/reload").status_code == 200
         assert lean.get("/").status_code == 200 and "<html" in lean.get("/").text.lower()
         metrics = lean.get("/metrics")
