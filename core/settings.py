@@ -64,6 +64,8 @@ class RequestLimits(BaseModel):
     # GET /duplicates: groups per page, and photos listed per group (a group's size is given)
     MAX_DUPLICATE_GROUPS: ClassVar[int] = 100
     MAX_DUPLICATE_GROUP_PHOTOS: ClassVar[int] = 50
+    # a deduplicated search result: keys listed of the photos collapsed into it (all counted)
+    MAX_COLLAPSED_KEYS: ClassVar[int] = 10
     # terms of one query (texts and stored photos, positive and negative): each is encoded
     # or read from the index
     MAX_QUERY_TERMS: ClassVar[int] = 16

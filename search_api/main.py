@@ -34,6 +34,7 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     import faiss
 
     from encoder.serving import ServingEncoder, query_encoder
+    from indexer.duplicates import report_path
     from indexer.vector_index import open_index
     from objectstore import open_store
     from search_api.encoders import QueryEncoders
@@ -62,7 +63,9 @@ def build_service(settings: Settings, encoder=None, index=None, store=None,
     holder = IndexHolder(index, encoder.model_id, encoder.scoring.index_dim, watch_s=watch_s,
                          observe=stages, on_swap=images.clear_thumbnails)
     service = SearchService(QueryEncoders(encoder, settings.text_batch_max, observe=stages),
-                            holder, images, stages, settings.explain_cache_items)
+                            holder, images, stages, settings.explain_cache_items,
+                            duplicates_report=str(report_path(settings.index_dir)),
+                            dedupe_depth=settings.max_offset + settings.max_top_k)
     if images.get_store() is None:  # search still works without the store; /health says degraded
         log.error("object store not reachable at start (retrying every %.0f s): %s",
                   settings.store_retry_s, images.store_error)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, \
     StringConstraints, ValidationInfo, field_validator, model_validator
@@ -196,6 +196,19 @@ class PhotoFilterIn(PhotoFilter):
         return value
 
 
+DEDUPE_DOC = ("collapse near-duplicate photos: the best-ranked of each group stays, with "
+              "`duplicates` (how many were collapsed into it) and `duplicate_keys`; offset and "
+              "top_k count the collapsed results. Groups come from the duplicates report of the "
+              "served version, else from the ranked photos' own vectors (the answer's `dedupe` "
+              "says which)")
+Dedupe = Annotated[bool, BeforeValidator(_json_bool)]
+
+
+class DedupeIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    dedupe: Dedupe = Field(False, description=DEDUPE_DOC)
+
+
 class FiltersIn(BaseModel):
     """The fields every search takes besides the query."""
     model_config = ConfigDict(extra="ignore")
@@ -262,7 +275,7 @@ class TermFieldsIn(BaseModel):
         True, description=PARSE_TERMS_DOC)
 
 
-class SearchByKeyIn(PageIn, FiltersIn):
+class SearchByKeyIn(PageIn, FiltersIn, DedupeIn):
     """More like these photos (and less like those): stored photos as the query, no upload."""
     model_config = ConfigDict(extra="ignore")
     keys: list[str] = Field(min_length=1, max_length=RequestLimits.MAX_QUERY_TERMS,
@@ -303,7 +316,7 @@ TEXT_OR_TERMS = {"oneOf": [
     {"required": ["terms"], "properties": {"terms": {"type": "object"}}}]}
 
 
-class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn):
+class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn, DedupeIn):
     model_config = ConfigDict(json_schema_extra=TEXT_OR_TERMS)
     text: str = Field(None, validation_alias=AliasChoices("text", "query"),
                       description="the query text (`query` accepted too); or `terms`",
@@ -326,7 +339,7 @@ class SearchIn(PageIn, TextIn, TextFiltersIn, TermFieldsIn):
                     "a filename) instead of the index; form clients send it as a JSON string")
 
 
-class BatchSearchIn(TextFiltersIn):
+class BatchSearchIn(TextFiltersIn, DedupeIn):
     """`filters` apply to every query; hints are read from each query on its own, and so are
     terms (`dog - grass`)."""
     model_config = ConfigDict(extra="ignore")
@@ -376,6 +389,12 @@ class Hit(BaseModel):
     url: str | None = None
     info: HitInfo | None = Field(None, description="the photo's date, place, camera and size "
                                                    "(null: the index holds no metadata for it)")
+    duplicates: int | None = Field(None, ge=0, description="with `dedupe`: how many of the "
+                                   "photos ranked were collapsed into this one")
+    duplicate_keys: list[str] | None = Field(
+        None, max_length=RequestLimits.MAX_COLLAPSED_KEYS,
+        description="with `dedupe`: the keys of the first ones collapsed into it, best first "
+                    f"(at most {RequestLimits.MAX_COLLAPSED_KEYS})")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "rank": 1, "key": "photos/2023/beach/IMG_0042.HEIC", "filename": "IMG_0042.HEIC",
@@ -412,6 +431,12 @@ class SearchOut(BaseModel):
                                    description="the filters read from the query text")
     terms: TermsOut | None = Field(None, description="how the query was read, term by term "
                                                      "(null for a search by upload)")
+    dedupe: Literal["report", "report+page", "page", "none"] | None = Field(
+        None, description="with `dedupe`, where the groups came from: report (the duplicates "
+                          "report of the served version), report+page (that report and, for "
+                          "photos it does not cover, the ranked photos' vectors), page (no "
+                          "report: the ranked photos' vectors at the duplicates threshold), none "
+                          "(nothing to collapse by)")
 
 
 class PhotoInfoOut(BaseModel):

@@ -15,6 +15,11 @@ Filters (`PhotoFilter`, one per query) are applied inside the index's search, so
 query gets a full page whenever that many photos match; queries with the same filter share one
 index call. Each hit carries its photo's metadata in brief (`hit_info`: date, place, camera,
 size), read from the same index version in one call per request.
+
+`dedupe=True` collapses near duplicates (search_api.dedupe: the duplicates report of the served
+version, else the ranked photos' own vectors): offset and top_k then count the collapsed
+results, and the index is searched deeper (at most MAX_OFFSET + MAX_TOP_K photos, `depth`) until
+a page is full or nothing more matches.
 """
 from __future__ import annotations
 
@@ -25,8 +30,13 @@ from typing import Callable
 
 import numpy as np
 
+from fastapi.concurrency import run_in_threadpool
+
+from core.settings import RequestLimits
 from encoder.match_scale import MatchScale
+from indexer.duplicates import DEFAULT_THRESHOLD
 from indexer.photo_filter import PhotoFilter
+from search_api.dedupe import Collapsed, Groups, collapse, groups_for
 from search_api.encoders import QueryEncoders
 from search_api.explain import Explainer
 from search_api.index_holder import IndexHolder, filter_key
@@ -50,6 +60,8 @@ class Hit:
     similarity: float  # cosine of query and image
     match: float | None = None  # 0-100, monotonic with score (None: the model has no scale)
     info: dict | None = None  # hit_info of the photo's metadata (None: the index has none)
+    duplicates: int | None = None  # photos collapsed into this one (None: not deduplicated)
+    duplicate_keys: tuple[str, ...] | None = None  # the first MAX_COLLAPSED_KEYS of them
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class Results:
     version: str | None  # the index version searched (None: given embeddings)
     total: int  # results available before offset/top_k
     hits: list[Hit]
+    dedupe: str | None = None  # where collapsed groups came from (search_api.dedupe.MODES)
 
 
 class StageTimes:
@@ -70,6 +83,10 @@ class StageTimes:
         if self.sink is not None:
             self.sink(stage, seconds)
 
+
+# a deduplicated search first looks this many times deeper than the page it fills
+DEDUPE_DEPTH_FACTOR = 4
+DEDUPE_FIRST_DEPTH = 64
 
 MATCH_DECIMALS = 1  # finer than a person reads, coarse enough to compare as shown
 
@@ -135,13 +152,35 @@ def page(scores, keys, similarities, offset: int, top_k: int, min_score: float |
     return hits
 
 
+def collapsed_page(collapsed: Collapsed, scores, keys, similarities, offset: int, top_k: int,
+                   min_score: float | None, matches=None,
+                   min_match: float | None = None) -> list[Hit]:
+    """page() over the photos kept by `collapse`, each hit with what was collapsed into it."""
+    kept = collapsed.kept
+    hits = page([scores[i] for i in kept], [keys[i] for i in kept],
+                [similarities[i] for i in kept], offset, top_k, min_score,
+                None if matches is None else [matches[i] for i in kept], min_match)
+    out = []
+    for hit in hits:
+        into = collapsed.into[kept[hit.rank - 1]]
+        out.append(replace(hit, duplicates=len(into),
+                           duplicate_keys=tuple(
+            keys[j] for j in into[:RequestLimits.MAX_COLLAPSED_KEYS])))
+    return out
+
+
 class SearchService:
     def __init__(self, encoders: QueryEncoders, index: IndexHolder, images: StoredImages,
-                 stages: StageTimes | None = None, explain_cache_items: int = 64):
+                 stages: StageTimes | None = None, explain_cache_items: int = 64,
+                 duplicates_report: str | None = None, dedupe_depth: int = 10_100):
+        """duplicates_report: where indexer.duplicates writes its report (None: none);
+        dedupe_depth: the deepest a deduplicated search looks (MAX_OFFSET + MAX_TOP_K)."""
         self.encoders = encoders
         self.index = index
         self.images = images
         self.stages = stages or StageTimes()
+        self.duplicates_report = duplicates_report
+        self.dedupe_depth = max(1, int(dedupe_depth))
         # why a photo matched (search_api.explain): maps over stored photos, cached
         self.explainer = Explainer(self, explain_cache_items)
 
@@ -172,20 +211,94 @@ class SearchService:
     async def search(self, query_embeddings: np.ndarray, top_k: int, offset: int = 0,
                      min_score: float | None = None, min_match: float | None = None,
                      where: PhotoFilter | list[PhotoFilter | None] | None = None,
-                     exclude: frozenset[str] = frozenset(), view=None) -> list[Results]:
+                     exclude: frozenset[str] = frozenset(), view=None,
+                     dedupe: bool = False) -> list[Results]:
         """One Results per query embedding [Q, dim], all from one index version (`view`: the
         one the request already read from). where: one filter for every query, or one per
         query (None or empty: no filter). A filtered query's total is the number of photos its
-        filter matches. exclude: indexed keys left out of every ranking (and its total)."""
+        filter matches. exclude: indexed keys left out of every ranking (and its total).
+        dedupe: near duplicates collapsed (module doc); the total then less the photos
+        collapsed among those searched."""
         self._matches([], False, min_match)  # refuse an unusable min_match before searching
         # one reference for the whole request (a reload swaps it)
         view = view if view is not None else self.index.require()
         scoring = self.encoders.scoring
         readback = scoring.readback_column
         vectors = scoring.query_vectors(query_embeddings)
-        n, k = len(vectors), offset + top_k + len(exclude)
+        n, want = len(vectors), offset + top_k
         wheres = list(where) if isinstance(where, list) else [where] * n
         wheres = [None if w is None or w.is_empty() else w for w in wheres]
+        if not dedupe:
+            k = want + len(exclude)
+            scores, keys, values, found_counts, removed = await self._ranked(
+                view, vectors, wheres, k, readback, exclude)
+            collapsed, groups = None, None
+        else:
+            groups = await run_in_threadpool(groups_for, self.duplicates_report, view,
+                                             self.model_id, hasattr(view, "stored_vectors"))
+            depth = min(self.dedupe_depth, max(DEDUPE_DEPTH_FACTOR * want, DEDUPE_FIRST_DEPTH))
+            held: dict[str, np.ndarray] = {}
+            while True:  # deeper until every page is full, nothing more matches, or too deep
+                k = depth + len(exclude)
+                scores, keys, values, found_counts, removed = await self._ranked(
+                    view, vectors, wheres, k, readback, exclude)
+                groups = await self._hold_vectors(view, groups, keys, held)
+                collapsed = [collapse(ks, groups, None if not groups.vectors else
+                                      np.stack([held[key] for key in ks]) if ks else None)
+                             for ks in keys]
+                short = any(len(c.kept) < want and found >= k
+                            for c, found in zip(collapsed, found_counts))
+                if not short or depth >= self.dedupe_depth:
+                    break
+                depth = min(self.dedupe_depth, depth * DEDUPE_DEPTH_FACTOR)
+        if readback is None:
+            similarities = scores
+        else:  # the score is not the cosine: read it back from each hit's stored component
+            similarities = [scoring.cosine_from_readback(v, s[:len(v)])
+                            for s, v in zip(scores, values)]
+        matches = self._matches(scores, False, min_match)
+        if collapsed is None:
+            pages = [page(s, ks, c, offset, top_k, min_score, m, min_match)
+                     for s, ks, c, m in zip(scores, keys, similarities, matches)]
+        else:
+            pages = [collapsed_page(cl, s, ks, c, offset, top_k, min_score, m, min_match)
+                     for cl, s, ks, c, m in zip(collapsed, scores, keys, similarities, matches)]
+        # the photos collapsed among those searched are no results of their own
+        folded = [0] * n if collapsed is None else \
+            [len(ks) - len(cl.kept) for ks, cl in zip(keys, collapsed)]
+        totals = [(view.count - len(exclude) if w is None else
+                   await self._matching(view, w, found, k) - gone) - less
+                  for w, found, gone, less in zip(wheres, found_counts, removed, folded)]
+        infos = await self._infos(view, [h.key for hits in pages for h in hits])
+        return [Results(view.version, total,
+                        [replace(h, info=hit_info(infos.get(h.key))) for h in hits],
+                        groups.mode if groups is not None else None)
+                for total, hits in zip(totals, pages)]
+
+    async def _hold_vectors(self, view, groups: Groups, keys: list[list[str]],
+                            held: dict[str, np.ndarray]) -> Groups:
+        """The embeddings of the ranked photos not yet in `held`, read from `view`, when the
+        groups compare vectors; the groups without vectors when the view cannot give them (a
+        photo deleted since the search: the report alone, or nothing, this time)."""
+        if not groups.vectors:
+            return groups
+        missing = list(dict.fromkeys(key for ks in keys for key in ks if key not in held))
+        if not missing:
+            return groups
+        try:
+            stored = await self.index.call(view, "stored_vectors", missing)
+            embeddings = self.encoders.scoring.embeddings(np.asarray(stored, np.float32))
+        except (KeyError, AttributeError, NotImplementedError, ValueError, IndexError):
+            return replace(groups, vectors=False,
+                           mode="report" if groups.group_of is not None else "none")
+        held.update(zip(missing, embeddings))
+        return groups
+
+    async def _ranked(self, view, vectors: np.ndarray, wheres: list, k: int,
+                      readback: int | None, exclude: frozenset[str]):
+        """Each query's ranking to depth k, `exclude` left out -> scores, keys, readback
+        values, how many the index found, how many were excluded (each per query)."""
+        n = len(vectors)
         groups: dict[str | None, list[int]] = {}
         for i, w in enumerate(wheres):
             groups.setdefault(filter_key(w), []).append(i)
@@ -205,26 +318,12 @@ class SearchService:
                 keys[i] = [keys[i][j] for j in kept]
                 if values[i] is not None:
                     values[i] = np.asarray(values[i])[kept]
-        if readback is None:
-            similarities = scores
-        else:  # the score is not the cosine: read it back from each hit's stored component
-            similarities = [scoring.cosine_from_readback(v, s[:len(v)])
-                            for s, v in zip(scores, values)]
-        matches = self._matches(scores, False, min_match)
-        pages = [page(s, ks, c, offset, top_k, min_score, m, min_match)
-                 for s, ks, c, m in zip(scores, keys, similarities, matches)]
-        totals = [view.count - len(exclude) if w is None else
-                  await self._matching(view, w, found, k) - gone
-                  for w, found, gone in zip(wheres, found_counts, removed)]
-        infos = await self._infos(view, [h.key for hits in pages for h in hits])
-        return [Results(view.version, total,
-                        [replace(h, info=hit_info(infos.get(h.key))) for h in hits])
-                for total, hits in zip(totals, pages)]
+        return scores, keys, values, found_counts, removed
 
     async def search_terms(self, query: TermQuery, top_k: int, offset: int = 0,
                            min_score: float | None = None, min_match: float | None = None,
                            where: PhotoFilter | None = None,
-                           include_terms: bool = False) -> Results:
+                           include_terms: bool = False, dedupe: bool = False) -> Results:
         """A query of several terms (search_api.query_terms): the texts encoded in one batched
         pass, the stored photos' vectors read from the served version (no upload), combined
         by `Scoring.combine` and searched once. The photos used as positive terms are left out
@@ -235,7 +334,7 @@ class SearchService:
         combined = await self.term_embedding(query, view)
         exclude = frozenset() if include_terms else frozenset(query.positive_keys)
         [results] = await self.search(combined[None], top_k, offset, min_score, min_match,
-                                      where, exclude=exclude, view=view)
+                                      where, exclude=exclude, view=view, dedupe=dedupe)
         return results
 
     async def term_embedding(self, query: TermQuery, view=None) -> np.ndarray:
@@ -311,10 +410,11 @@ class SearchService:
 
     def rank_given(self, query_embedding: np.ndarray, names: list[str], embeddings: list,
                    top_k: int, offset: int = 0, min_score: float | None = None,
-                   min_match: float | None = None) -> Results:
+                   min_match: float | None = None, dedupe: bool = False) -> Results:
         """The original clients' mode: rank exactly the embeddings they sent (named `names`)
         by cosine (so their match is the cosine's). BadEmbeddings when they are not all finite
-        vectors of the model's size."""
+        vectors of the model's size. dedupe: near duplicates among them collapsed by their
+        own vectors (no report describes them)."""
         self._matches([], True, min_match)
         dim = self.encoders.dim
         try:
@@ -329,15 +429,32 @@ class SearchService:
             # scale first so huge values cannot overflow the norm
             mat = mat / np.maximum(np.abs(mat).max(axis=1, keepdims=True), 1e-300)
             norms = np.linalg.norm(mat, axis=1, keepdims=True)
-            scores = np.nan_to_num((mat / np.maximum(norms, 1e-12)) @ query_embedding, nan=0.0)
+            mat = mat / np.maximum(norms, 1e-12)
+            scores = np.nan_to_num(mat @ query_embedding, nan=0.0)
         else:
             scores = np.zeros(0)
         order = np.argsort(-scores, kind="stable")
         scores = scores[order]
+        ranked = [names[i] for i in order]
         [matches] = self._matches([scores], True, min_match)
-        return Results(None, len(names),
-                       page(scores, [names[i] for i in order], scores, offset, top_k, min_score,
-                            matches, min_match))
+        if not dedupe:
+            return Results(None, len(names),
+                           page(scores, ranked, scores, offset, top_k, min_score, matches,
+                                min_match))
+        # as deep as the page needs, as an index search is (collapsing a prefix of a ranking
+        # is that prefix of its collapse); the sender's names need not be unique: positions
+        groups = Groups("page", DEFAULT_THRESHOLD, vectors=True)
+        want = offset + top_k
+        depth = max(DEDUPE_DEPTH_FACTOR * want, DEDUPE_FIRST_DEPTH)
+        while True:
+            depth = min(depth, len(ranked))
+            collapsed = collapse(list(range(depth)), groups, mat[order[:depth]])
+            if len(collapsed.kept) >= want or depth == len(ranked):
+                break
+            depth *= DEDUPE_DEPTH_FACTOR
+        return Results(None, len(ranked) - depth + len(collapsed.kept),
+                       collapsed_page(collapsed, scores, ranked, scores, offset, top_k,
+                                      min_score, matches, min_match), "page")
 
     def start(self) -> None:
         self.index.start_watcher()

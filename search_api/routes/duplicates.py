@@ -4,18 +4,16 @@ each photo with its size and date so a person can decide what to keep. Nothing h
 from __future__ import annotations
 
 import json
-import threading
-from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from cachetools import LRUCache
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from core.settings import RequestLimits
-from indexer.duplicates import DuplicateReport, read_report, report_path
+from indexer.duplicates import report_path
+from search_api.dedupe import load_report
 from search_api.deps import ServiceDep, SettingsDep
 from search_api.errors import ErrorOut, responses
 from search_api.search_service import iso_time
@@ -53,29 +51,6 @@ class DuplicatesOut(BaseModel):
     groups: list[DuplicateGroupOut]
 
 
-_reports: LRUCache = LRUCache(maxsize=4)  # (path, mtime, size) -> report: read once per write
-_reports_lock = threading.Lock()
-
-
-def _load(path: Path) -> DuplicateReport | None:
-    """The report at `path`, parsed once per version of the file (None: none written).
-    ValueError when damaged."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    with _reports_lock:
-        hit = _reports.get(key)
-    if hit is None:
-        hit = read_report(path)
-        if hit is None:
-            return None
-        with _reports_lock:
-            _reports[key] = hit
-    return hit
-
-
 def _image_base(settings, request: Request) -> str:
     """As the search routes' result URLs: PUBLIC_BASE_URL when set, else relative to the host."""
     if settings.public_base_url:
@@ -105,7 +80,7 @@ async def get_duplicates(
     run `python -m indexer duplicates`)."""
     view = service.ready()
     try:
-        report = await run_in_threadpool(_load, report_path(settings.index_dir))
+        report = await run_in_threadpool(load_report, report_path(settings.index_dir))
     except (OSError, ValueError):
         raise HTTPException(404, f"the duplicates report cannot be read; {RUN_IT}") from None
     if report is None:

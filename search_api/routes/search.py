@@ -21,8 +21,8 @@ from indexer.photo_filter import PhotoFilter
 from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep
 from search_api.errors import responses
 from search_api.images import FORMATS_DOC, ImageTooLarge
-from search_api.schemas import FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, EmbeddingOut, \
-    SearchOut
+from search_api.schemas import DEDUPE_DOC, FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, \
+    EmbeddingOut, SearchOut
 from search_api.query_terms import Term, TermQuery, check, from_structured, parse_typed, plain
 from search_api.search_service import Results
 from search_api.text_queries import TextQuery, read_term_texts, read_text_queries
@@ -59,15 +59,22 @@ def _out(request: Request, query: str, model_id: str, results: Results, urls: bo
         filters = asked.filters
     return {"query": query, "model_id": model_id, "index_version": results.version,
             "total": results.total,
-            "results": [{"rank": h.rank, "key": h.key, "filename": h.key.rsplit("/", 1)[-1],
-                         "score": h.score, "similarity": h.similarity, "match": h.match,
-                         "url": base + quote(h.key, safe="/") if urls else None,
-                         "info": h.info}
-                        for h in results.hits],
+            "results": [_hit(h, base) for h in results.hits],
             "encoded_text": asked.encoded_text if asked is not None else None,
             "filters": (filters or PhotoFilter()).model_dump(mode="json", exclude_none=True),
             "hints": asked.hints if asked is not None else [],
-            "terms": terms.echo() if terms is not None else None}
+            "terms": terms.echo() if terms is not None else None,
+            **({"dedupe": results.dedupe} if results.dedupe is not None else {})}
+
+
+def _hit(h, base: str | None) -> dict:
+    out = {"rank": h.rank, "key": h.key, "filename": h.key.rsplit("/", 1)[-1], "score": h.score,
+           "similarity": h.similarity, "match": h.match,
+           "url": base + quote(h.key, safe="/") if base is not None else None, "info": h.info}
+    if h.duplicates is not None:  # a deduplicated search's
+        out["duplicates"] = h.duplicates
+        out["duplicate_keys"] = list(h.duplicate_keys or ())
+    return out
 
 
 def _term_query(body) -> TermQuery | None:
@@ -158,7 +165,9 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                              "that off); `image_embeddings` ranks the given embeddings instead "
                              "of the index. Each hit's `match` is the one number for people "
                              "(0..100, null for a model without a match scale), its `info` the "
-                             "photo's date, place, camera and size." + FORM_NOTE)
+                             "photo's date, place, camera and size; `dedupe` collapses near-"
+                             "duplicate photos into the best-ranked of each (with a count)."
+                             + FORM_NOTE)
     async def search_images_by_text(request: Request, body: SearchBody):
         service = request.app.state.service
         terms = _term_query(body)
@@ -175,9 +184,9 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                 vec = await service.term_embedding(terms)
             results = service.rank_given(vec, [e.filename for e in given],
                                          [e.embedding for e in given], body.top_k, body.offset,
-                                         body.min_score, body.min_match)
+                                         body.min_score, body.min_match, body.dedupe)
             if not filters.is_empty():
-                results = Results(None, 0, [])
+                results = Results(None, 0, [], results.dedupe)
             return _json(_out(request, asked.text, service.model_id, results, urls=False,
                               asked=asked, terms=terms))
         service.ready()  # before encoding: 503 at once
@@ -185,13 +194,13 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             terms, asked = await _read_terms(request, terms, body.filters, body.parse_hints)
             results = await service.search_terms(terms, body.top_k, body.offset,
                                                  body.min_score, body.min_match, asked.where,
-                                                 body.include_terms)
+                                                 body.include_terms, body.dedupe)
             return _json(_out(request, asked.text, service.model_id, results,
                               asked=replace(asked, encoded_text=None), terms=terms))
         [asked] = await _read_queries(request, [body.text], body.filters, body.parse_hints)
         vec = await service.encoders.encode_texts([asked.encoded_text])
         [results] = await service.search(vec, body.top_k, body.offset, body.min_score,
-                                         body.min_match, asked.where)
+                                         body.min_match, asked.where, dedupe=body.dedupe)
         return _json(_out(request, body.text, service.model_id, results, asked=asked))
 
     @router.post("/search_images_by_image", response_model=SearchOut, dependencies=[ApiKeyDep],
@@ -205,15 +214,17 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             filters: Annotated[str | None, Form(
                 description=FILTERS_DOC + " (here: a form field holding a JSON object)",
                 max_length=settings.limits.max_json_bytes,
-                examples=[FILTERS_FORM_EXAMPLE])] = None):
+                examples=[FILTERS_FORM_EXAMPLE])] = None,
+            dedupe: Annotated[bool, Form(description=DEDUPE_DOC)] = False):
         """Images that look like the uploaded one (multipart `image`, optional `top_k`,
-        `offset`, `min_score`, `min_match`, `filters`)."""
+        `offset`, `min_score`, `min_match`, `filters`, `dedupe`)."""
         where = _form_filters(bodies.filters, filters)  # a bad filter: 422 before decoding
         filename, data = await read_image(image)
         img = await service.images.decode_upload(data)
         service.ready()
         vec = await service.encoders.encode_images([img])
-        [results] = await service.search(vec, top_k, offset, min_score, min_match, where)
+        [results] = await service.search(vec, top_k, offset, min_score, min_match, where,
+                                         dedupe=dedupe)
         return _json(_out(request, filename, service.model_id, results, filters=where))
 
     @text.post("/search_images_by_texts", response_model=list[SearchOut], responses=TEXT_ERRORS,
@@ -233,7 +244,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             asked = await _read_queries(request, texts, body.filters, body.parse_hints)
             vecs = await service.encoders.encode_texts([a.encoded_text for a in asked])
             found = await service.search(vecs, body.top_k, 0, body.min_score, body.min_match,
-                                         [a.where for a in asked])
+                                         [a.where for a in asked], dedupe=body.dedupe)
             for i, query, a, results in zip(plain_rows, texts, asked, found):
                 out[i] = _out(request, query, service.model_id, results, asked=a)
         for i, query in enumerate(terms):  # queries of several terms: one search each
@@ -241,7 +252,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                 query, a = await _read_terms(request, query, body.filters, body.parse_hints)
                 results = await service.search_terms(query, body.top_k, 0, body.min_score,
                                                      body.min_match, a.where,
-                                                     body.include_terms)
+                                                     body.include_terms, body.dedupe)
                 out[i] = _out(request, a.text, service.model_id, results,
                               asked=replace(a, encoded_text=None), terms=query)
         return _json(out)
@@ -262,7 +273,8 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             [Term(True, key=k, loc=("negative_keys", i))
              for i, k in enumerate(body.negative_keys)]), ("keys",))
         results = await service.search_terms(query, body.top_k, body.offset, body.min_score,
-                                             body.min_match, body.filters, body.include_terms)
+                                             body.min_match, body.filters, body.include_terms,
+                                             body.dedupe)
         return _json(_out(request, query.typed(), service.model_id, results,
                           filters=body.filters, terms=query))
 
