@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -74,6 +75,46 @@ def test_same_results_and_scores_as_faiss(milvus_service, encoder, tmp_path):
         batch = m.post("/search_images_by_texts", json={"queries": QUERIES[:3], "top_k": 3})
         assert [[h["key"] for h in r["results"]] for r in batch.json()] == \
             [[h["key"] for h in _search(f, t, 3).json()["results"]] for t in QUERIES[:3]]
+
+
+def test_dedupe_collapses_as_on_faiss(milvus_service, encoder, tmp_path, monkeypatch):
+    """dedupe=true on Milvus: without a report, the ranked photos' vectors (read back from the
+    collection) collapse as FAISS's do; with a report of the served collection, its groups."""
+    from fastapi.testclient import TestClient
+
+    import search_api.dedupe as dedupe
+    from indexer.duplicates import DuplicateGroup, DuplicateReport, report_path, write_report
+
+    monkeypatch.setattr(dedupe, "DEFAULT_THRESHOLD", 0.5)  # the tiny model's photos are near
+    app, service, index, store = milvus_service
+    repo = IndexRepository(tmp_path / "faiss")
+    pipeline.rebuild(store, encoder, FaissIndex(repo), PREFIX, progress=False)
+    faiss_settings = Settings(index_dir=str(repo.root), reload_interval_s=0)
+    faiss_app = create_app(faiss_settings,
+                           build_service(faiss_settings, encoder=encoder, store=store))
+    ask = {"text": QUERIES[0], "top_k": 4, "dedupe": True}
+    with TestClient(app) as m, TestClient(faiss_app) as f:
+        for offset in (0, 4):
+            got = m.post("/search_images_by_text", json={**ask, "offset": offset}).json()
+            want = f.post("/search_images_by_text", json={**ask, "offset": offset}).json()
+            assert got["dedupe"] == want["dedupe"] == "page"
+            assert [(h["key"], h["duplicates"], h["duplicate_keys"]) for h in got["results"]] \
+                == [(h["key"], h["duplicates"], h["duplicate_keys"]) for h in want["results"]]
+            assert got["total"] == want["total"]
+        ranked = [h["key"] for h in _search(m, QUERIES[0], 24).json()["results"]]
+        path = report_path(Path(service.duplicates_report).parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        view = service.index.current
+        write_report(DuplicateReport(view.version, encoder.model_id, "milvus", 0.85, view.count,
+                                     [DuplicateGroup(sorted(ranked[:3]), 0.9)]), path)
+        try:
+            body = m.post("/search_images_by_text", json=ask).json()
+            assert body["dedupe"] == "report"
+            assert body["results"][0]["key"] == ranked[0]
+            assert body["results"][0]["duplicates"] == 2
+            assert [h["key"] for h in body["results"][1:]] == ranked[3:6]
+        finally:
+            path.unlink()
 
 
 def test_health_reports_backend_alias_collection_and_count(milvus_service, encoder):
