@@ -5,6 +5,9 @@
 // positive or negative term (the query's terms shown as removable chips) and search again.
 // In the viewer, "Why this photo?" lays the heat map of GET /explain (where in the photo the query
 // matches) over the photo: while the pointer is on the button (a mouse), or until tapped again.
+// "Hide duplicates" asks for results with near duplicates collapsed (`dedupe`), a collapsed result
+// showing "+N similar"; the "Duplicates" view lists the groups of GET /duplicates side by side
+// with each photo's size and date, so a person can decide what to keep (the page deletes nothing).
 // Plain DOM, no framework, no build step; every server string goes through textContent.
 // Against a service without metadata (no /facets, no `info`, no `hints`) the extras stay hidden.
 "use strict";
@@ -126,10 +129,24 @@ function addResult(hit) {
   cap.append(rank, name, score);
 
   li.append(btn, cap);
+  if (Number.isInteger(hit.duplicates) && hit.duplicates > 0) li.append(similarBadge(hit));
   const meta = infoLine(hit.info);
   if (meta) li.append(meta);
   li.append(feedbackButtons(hit));
   $("results").append(li);
+}
+
+// "+N similar": how many near duplicates were collapsed into this result (their names in the title)
+function similarBadge(hit) {
+  const p = document.createElement("p");
+  p.className = "similar";
+  p.textContent = `+${hit.duplicates} similar`;
+  const names = (Array.isArray(hit.duplicate_keys) ? hit.duplicate_keys : [])
+    .map((k) => String(k).split("/").pop());
+  const more = hit.duplicates - names.length;
+  p.title = "Near duplicates of this photo, hidden: " + names.join(", ") +
+    (more > 0 ? ` and ${more} more` : "");
+  return p;
 }
 
 // a new first page asked for while a search runs: run it when that one is back, and drop its answer
@@ -149,6 +166,7 @@ async function runSearch(append) {
     // filters and parse_hints only when they say something: an older service knows neither
     const filters = requestFilters();
     const filtered = Object.keys(filters).length > 0;
+    const dedupe = $("dedupe").checked;
     if (current.kind === "text") {
       data = await call("/search_images_by_text", {
         method: "POST",
@@ -157,6 +175,7 @@ async function runSearch(append) {
                               top_k: PAGE, offset: offset,
                               ...(MIN_MATCH === null ? {} : {min_match: MIN_MATCH}),
                               ...(filtered ? {filters: filters} : {}),
+                              ...(dedupe ? {dedupe: true} : {}),
                               ...(current.parseHints ? {} : {parse_hints: false})}),
       });
     } else {
@@ -166,6 +185,7 @@ async function runSearch(append) {
       form.append("offset", String(offset));
       if (MIN_MATCH !== null) form.append("min_match", String(MIN_MATCH));
       if (filtered) form.append("filters", JSON.stringify(filters));
+      if (dedupe) form.append("dedupe", "true");
       const headers = {};
       const key = $("api-key").value.trim();
       if (key) headers["X-API-Key"] = key;
@@ -188,8 +208,9 @@ async function runSearch(append) {
     // what the model was given, when the service took words out of the query
     const encoded = data.encoded_text && current.kind === "text" && data.encoded_text !== current.query
       ? ` for \u201c${data.encoded_text}\u201d` : "";
+    const hidden = data.dedupe && data.dedupe !== "none" ? " (near duplicates hidden)" : "";
     $("summary").textContent = shown
-      ? `Showing ${shown} of ${data.total} images${encoded}, best match first.`
+      ? `Showing ${shown} of ${data.total} images${encoded}, best match first${hidden}.`
       : (filtered || (current.chips || []).length
         ? "No images match these filters." : "No images found.");
     $("empty-hint").hidden = true;
@@ -215,6 +236,7 @@ async function runSearch(append) {
 function searchText(query, parseHints = true) {
   query = query.trim();
   if (!query) return;
+  showDuplicates(false);
   current = {kind: "text", query: query, parseHints: parseHints, chips: [], read: null,
              terms: null};
   showChips();
@@ -239,6 +261,7 @@ function searchImage(file) {
     showError("That file is not an image.");
     return;
   }
+  showDuplicates(false);
   current = {kind: "image", file: file};
   showChips();
   showTerms();
@@ -603,7 +626,11 @@ function filterParams(f) {
 // the address says what is searched, so a search can be shared and reloaded as it is
 function syncUrl() {
   const url = new URL(location.href);
-  for (const name of [...FILTER_PARAMS, "parse_hints"]) url.searchParams.delete(name);
+  for (const name of [...FILTER_PARAMS, "parse_hints", "dedupe", "view"]) {
+    url.searchParams.delete(name);
+  }
+  if ($("dedupe").checked) url.searchParams.set("dedupe", "true");
+  if (!$("dup-view").hidden) url.searchParams.set("view", "duplicates");
   url.searchParams.delete("q");
   // photo terms stay out of the address; the text stays while it is still searched
   const text = current && current.kind === "text" && current.query &&
@@ -943,6 +970,119 @@ function clearSearch() {
   syncUrl();
 }
 
+// ---- the Duplicates view: GET /duplicates, groups side by side ---------------------------------
+
+const GROUPS_PAGE = Math.min(PAGE, 10);  // groups per page (?per_page= lowers it)
+let groupsOffset = 0;
+let groupsBusy = false;
+
+function showDuplicates(on) {
+  $("dup-view").hidden = !on;
+  $("search-view").hidden = on;
+  $("dup-btn").setAttribute("aria-pressed", String(on));
+  if (on) {
+    closeViewer();
+    groupsOffset = 0;
+    $("dup-groups").replaceChildren();
+    loadGroups();
+  }
+  syncUrl();
+}
+
+function pixels(photo) {
+  return Number.isInteger(photo.width) && Number.isInteger(photo.height)
+    ? photo.width * photo.height : -1;
+}
+
+function dupPhoto(photo, largest) {
+  const li = document.createElement("li");
+  li.className = "dup-photo";
+  li.dataset.key = String(photo.key);
+  const name = String(photo.key).split("/").pop();
+  const a = document.createElement("a");
+  a.className = "thumb";
+  a.href = imageUrl(String(photo.key));
+  a.target = "_blank";
+  a.rel = "noopener";
+  a.title = photo.key + " (opens the original)";
+  const img = document.createElement("img");
+  img.decoding = "async";
+  img.alt = name;
+  img.src = imageUrl(String(photo.key), THUMB);
+  img.addEventListener("error", () => li.classList.add("broken"));
+  a.append(img);
+  const label = document.createElement("p");
+  label.className = "name";
+  label.textContent = name;
+  const size = document.createElement("p");
+  size.className = "size";
+  size.textContent = pixels(photo) >= 0
+    ? `${photo.width} × ${photo.height}` : "size unknown";
+  if (largest) {
+    li.classList.add("largest");
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "largest";
+    size.append(" ", badge);
+  }
+  const date = document.createElement("p");
+  date.className = "date";
+  const taken = takenDate(photo);
+  if (taken) {
+    const time = document.createElement("time");
+    time.dateTime = taken.toISOString();
+    time.textContent = dateText(taken);
+    date.append(time);
+  } else date.textContent = "no date";
+  li.append(a, label, size, date);
+  return li;
+}
+
+function dupGroup(group) {
+  const li = document.createElement("li");
+  li.className = "dup-group";
+  li.dataset.size = String(group.size);
+  const head = document.createElement("p");
+  head.className = "dup-head";
+  const shown = Array.isArray(group.photos) ? group.photos : [];
+  head.textContent = `${group.size} photos` +
+    (shown.length < group.size ? ` (${shown.length} shown)` : "") +
+    (typeof group.similarity === "number"
+      ? ` · similarity at least ${group.similarity.toFixed(2)}` : "");
+  const most = Math.max(...shown.map(pixels));
+  const largest = shown.filter((p) => pixels(p) === most).length === 1 && most > 0;
+  const list = document.createElement("ul");
+  list.className = "dup-photos";
+  for (const photo of shown) list.append(dupPhoto(photo, largest && pixels(photo) === most));
+  li.append(head, list);
+  return li;
+}
+
+async function loadGroups() {
+  if (groupsBusy) return;
+  groupsBusy = true;
+  $("dup-more").disabled = true;
+  try {
+    const data = await call(`/duplicates?offset=${groupsOffset}&limit=${GROUPS_PAGE}`);
+    if ($("dup-view").hidden) return;
+    const groups = Array.isArray(data.groups) ? data.groups : [];
+    groups.forEach((g) => $("dup-groups").append(dupGroup(g)));
+    groupsOffset += groups.length;
+    $("dup-more").hidden = groupsOffset >= data.total_groups || !groups.length;
+    $("dup-summary").textContent = data.total_groups
+      ? `${data.total_photos.toLocaleString()} photos in ${data.total_groups.toLocaleString()} ` +
+        `groups of near duplicates; showing ${groupsOffset.toLocaleString()} groups, largest ` +
+        "first. Nothing is deleted here: keep what you like."
+      : "No near duplicates were found.";
+  } catch (e) {
+    $("dup-more").hidden = true;
+    $("dup-summary").textContent = "No duplicates to show: " + e.message;
+  } finally {
+    groupsBusy = false;
+    $("dup-more").disabled = false;
+  }
+}
+
 async function init() {
   $("search-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -953,6 +1093,10 @@ async function init() {
     e.target.value = "";
   });
   $("more").addEventListener("click", () => runSearch(true));
+  $("dedupe").checked = params.get("dedupe") === "true";
+  $("dedupe").addEventListener("change", rerun);
+  $("dup-btn").addEventListener("click", () => showDuplicates($("dup-view").hidden));
+  $("dup-more").addEventListener("click", loadGroups);
   $("viewer-close").addEventListener("click", closeViewer);
   initWhy();
   for (const [id, negative] of [["viewer-more", false], ["viewer-less", true]]) {
@@ -1000,7 +1144,8 @@ async function init() {
   // before the first search: the bar may carry filters from the address
   if (serviceHasMetadata) await loadFacets();
   const q = params.get("q");
-  if (q) {
+  if (params.get("view") === "duplicates") showDuplicates(true);
+  else if (q) {
     $("q").value = q;
     searchText(q, params.get("parse_hints") !== "false");
   }
