@@ -87,6 +87,8 @@ class StageTimes:
 # a deduplicated search first looks this many times deeper than the page it fills
 DEDUPE_DEPTH_FACTOR = 4
 DEDUPE_FIRST_DEPTH = 64
+# stored vectors read per index call (a Milvus query names its keys in one expression)
+VECTORS_PER_CALL = 1024
 
 MATCH_DECIMALS = 1  # finer than a person reads, coarse enough to compare as shown
 
@@ -285,13 +287,15 @@ class SearchService:
         missing = list(dict.fromkeys(key for ks in keys for key in ks if key not in held))
         if not missing:
             return groups
+        scoring = self.encoders.scoring
         try:
-            stored = await self.index.call(view, "stored_vectors", missing)
-            embeddings = self.encoders.scoring.embeddings(np.asarray(stored, np.float32))
+            for start in range(0, len(missing), VECTORS_PER_CALL):
+                part = missing[start:start + VECTORS_PER_CALL]
+                stored = await self.index.call(view, "stored_vectors", part)
+                held.update(zip(part, scoring.embeddings(np.asarray(stored, np.float32))))
         except (KeyError, AttributeError, NotImplementedError, ValueError, IndexError):
             return replace(groups, vectors=False,
                            mode="report" if groups.group_of is not None else "none")
-        held.update(zip(missing, embeddings))
         return groups
 
     async def _ranked(self, view, vectors: np.ndarray, wheres: list, k: int,

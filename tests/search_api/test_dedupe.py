@@ -209,3 +209,29 @@ def test_filters_and_dedupe_together(fresh_svc, filters):
             "text": TEXT, "top_k": 3, "dedupe": True, "filters": filters}).json()
         assert [h["key"] for h in body["results"]] == [r[0], r[2], r[3]]
         assert body["total"] == len(r) - 1
+
+
+def test_collapse_on_its_own_is_prefix_stable():
+    """A longer ranking never changes how its first photos collapse (pages of a deeper search
+    agree with a shallower one), by report groups and by vectors alike."""
+    from search_api.dedupe import Groups, collapse
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 8))
+    vectors = np.repeat(base, 5, axis=0) + 0.05 * rng.normal(size=(30, 8))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True))[rng.permutation(30)]
+    keys = [f"k{i:02d}" for i in range(30)]
+    for groups in (Groups("page", 0.9, None, True),
+                   Groups("report+page", 0.9, {"k00": 0, "k29": 0, "k05": 1, "k06": 1}, True),
+                   Groups("report", 0.9, {"k00": 0, "k29": 0}, False)):
+        whole = collapse(keys, groups, vectors)
+        assert sorted(whole.kept + [j for v in whole.into.values() for j in v]) == \
+            list(range(30))
+        for n in (1, 7, 13, 29):
+            part = collapse(keys[:n], groups, vectors[:n])
+            assert part.kept == [i for i in whole.kept if i < n]
+            assert all(part.into[i] == [j for j in whole.into[i] if j < n] for i in part.kept)
+    whole = collapse(keys, Groups("page", 0.9, None, True), vectors)
+    assert len(whole.kept) == 6  # the six bases, five near copies each
+    report = collapse(keys, Groups("report", 0.9, {"k00": 0, "k29": 0}, False))
+    assert report.into[0] == [29] and len(report.kept) == 29

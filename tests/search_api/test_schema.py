@@ -89,10 +89,12 @@ def _indexed_terms(case, indexed: list[str]) -> bool:
     body = case.body if isinstance(case.body, dict) else {}
     names = iter(indexed * 4)
     if isinstance(body.get("keys"), list):
-        body["keys"] = [next(names) for _ in body["keys"]]
-        body["negative_keys"] = [next(names) for _ in body.get("negative_keys") or []]
-        if len(body["keys"]) + len(body["negative_keys"]) > RequestLimits.MAX_QUERY_TERMS:
+        negative = body.get("negative_keys") if isinstance(body.get("negative_keys"), list) \
+            else []
+        if len(body["keys"]) + len(negative) > RequestLimits.MAX_QUERY_TERMS:
             return False  # each list is within the limit, both together are not
+        body["keys"] = [next(names) for _ in body["keys"]]
+        body["negative_keys"] = [next(names) for _ in negative]
     terms = body.get("terms")
     if isinstance(terms, dict):
         both = (terms.get("positive") or []) + (terms.get("negative") or [])
