@@ -1,6 +1,7 @@
 """Model choices: query and image cost of the shipped model and of open_clip architectures.
 
     python bench/models.py [--models ViT-B-32,MobileCLIP-S2,ViT-B-16] [--images 8] [--rounds 5]
+                           [--compare NAME=CHECKPOINT ...]
 
 For each model, eager PyTorch and ONNX Runtime (the default runtime; an architecture that does
 not export falls back to eager with a warning, reported in the table): text-query latency (one
@@ -86,6 +87,9 @@ def main() -> int:
     p.add_argument("--images", type=int, default=8, help="images per image-tower call")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--text-rounds", type=int, default=30)
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="another checkpoint measured beside the shipped one (e.g. the model "
+                        "shipped before); repeatable")
     p.add_argument("--onnx-cache-dir", default=None,
                    help="keep exported graphs here (default: a new temporary folder)")
     args = p.parse_args()
@@ -97,6 +101,7 @@ def main() -> int:
     cache = args.onnx_cache_dir or tempfile.mkdtemp(prefix="onnx-models-")
     images = dev_images(args.images)
     specs = {"shipped": args.checkpoint}
+    specs.update(item.split("=", 1) for item in args.compare)
     specs.update({a: f"open_clip:{a}" for a in args.models.split(",") if a})
     models = {name: load_checkpoint(spec) for name, spec in specs.items()}
     for name in list(models):
@@ -137,11 +142,11 @@ def main() -> int:
             "fp32 MB": round(sizes[name][1]),
             "text query p50 ms": 1000 * median(txt[name, rt]),
             "x shipped (text, CPU time)": round(
-                median(txt_cpu[name, rt]) / median(txt_cpu["shipped", rt]), 1),
+                median(txt_cpu[name, rt]) / median(txt_cpu["shipped", rt]), 2),
             "images/s (best round)": args.images / min(img[name, rt]),
             "images/s (median)": args.images / median(img[name, rt]),
             "x shipped (image, CPU time)": round(
-                median(img_cpu[name, rt]) / median(img_cpu["shipped", rt]), 1),
+                median(img_cpu[name, rt]) / median(img_cpu["shipped", rt]), 2),
         })
     print(table(rows))
     print("\nx shipped: CPU seconds per query / per image (medians) relative to the shipped model "
