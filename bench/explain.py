@@ -141,7 +141,8 @@ def main() -> int:
 
     from core.settings import Settings
     from encoder.bundle import read_bundle, write_bundle
-    from encoder.serving import ServingEncoder, cell_map
+    from encoder.scoring import cell_map
+    from encoder.serving import ServingEncoder
     from indexer.faiss_index import FaissIndex
     from indexer.repository import IndexRepository
     from objectstore import LocalStore

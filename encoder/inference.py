@@ -100,7 +100,7 @@ class Encoder:
         """[h, w]: the query embedding's cosine with each spatial cell of the image tower
         (pixels: one preprocessed image [3, S, S]); encoder.errors.NoSpatialMap when the model
         has no spatial map."""
-        from encoder.serving import cell_map
+        from encoder.scoring import cell_map
 
         x = torch.as_tensor(np.asarray(pixels, np.float32))[None]
         if self.image_runtime != "torch" and not self._cells_eager:

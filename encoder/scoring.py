@@ -164,3 +164,10 @@ class Scoring:
         if not self.corrected:
             return None
         return self.query_vectors(self.bank[:n])
+
+
+def cell_map(cells: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """[h, w] cosines of unit cell embeddings [h, w, dim] with a query embedding [dim]."""
+    q = np.asarray(query, np.float32).reshape(-1)
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    return (np.asarray(cells, np.float32) @ q).astype(np.float32)

@@ -23,6 +23,7 @@ from encoder.bundle import ServingBundle, ensure_bundle
 from encoder.errors import NoSpatialMap
 from encoder.onnx_sessions import new_session
 from encoder.pixels import PixelNormalizer
+from encoder.scoring import cell_map
 from encoder.preprocessing import release_memory
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,6 @@ class ServingEncoder:
         pixels = np.ascontiguousarray(np.asarray(pixels, np.float32)[None], dtype=np.float32)
         cells = self.session("image.cells").run(None, {"pixels": pixels})[0][0]
         return cell_map(cells, query)
-
-
-def cell_map(cells: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """[h, w] cosines of unit cell embeddings [h, w, dim] with a query embedding [dim]."""
-    q = np.asarray(query, np.float32).reshape(-1)
-    q = q / max(float(np.linalg.norm(q)), 1e-12)
-    return (np.asarray(cells, np.float32) @ q).astype(np.float32)
 
 
 def uses_bundle(settings) -> bool:

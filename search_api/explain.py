@@ -2,7 +2,7 @@
 of a query gives to the photo's score.
 
 The map is the model family's (`explain_map` of the encoder: the query embedding's cosine with
-each spatial cell of the image tower, `encoder.serving.cell_map`); here it is computed for a
+each spatial cell of the image tower, `encoder.scoring.cell_map`); here it is computed for a
 stored photo, shown over it as a heat overlay (PNG) or returned as numbers, and cached.
 
 A query of several terms is explained by its combined embedding c = sum_i w_i e_i / N

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from encoder import Encoder, load_checkpoint
 from encoder.errors import NoSpatialMap
-from encoder.serving import cell_map
+from encoder.scoring import cell_map
 from tests.encoder.conftest import ARCH
 
 
