@@ -93,6 +93,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true")
 
 
+def check_train_args(p: argparse.ArgumentParser, args) -> None:
+    """Options that only the text-tower training reads are refused without it (never ignored)."""
+    if not args.unfreeze_text_layers and (args.caption_variants or args.image_side != "locked"):
+        p.error("--caption-variants and --image-side apply to --unfreeze-text-layers N")
+    if args.unfreeze_text_layers and args.model:
+        p.error("--unfreeze-text-layers trains our dual encoder's text tower; with --model use "
+                "--train-part")
+
+
 def new_run_path() -> Path:
     return RUNS_DIR / f"dual-encoder-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.pt"
 
@@ -153,6 +162,7 @@ def train_command(argv: list[str]) -> int:
     add_train_args(p)
     p.add_argument("--out", help="checkpoint to write (default: runs/dual-encoder-<UTC time>.pt)")
     args = p.parse_args(argv)
+    check_train_args(p, args)
     setup_logging()
     out = Path(args.out or new_run_path())
     model_id, trainer = train(args, out)
@@ -196,6 +206,7 @@ def ship_command(argv: list[str]) -> int:
                    help="also evaluate text->image per query style (see training.evaluate)")
     add_export_args(p)
     args = p.parse_args(argv)
+    check_train_args(p, args)
     if args.model and args.int8_backbone:
         p.error("--int8-backbone stores our dual encoder's image tower; an open_clip "
                 "fine-tune keeps only the weights that trained, in fp16")

@@ -2,6 +2,7 @@
 the heads) change, and the checkpoint, its int8 export and the ONNX text graph carry them."""
 import json
 
+import pytest
 import torch
 
 from encoder import Encoder, ModelConfig, load_checkpoint, read_card, save_checkpoint
@@ -124,3 +125,13 @@ def test_cli_resumes_a_checkpoint_with_text_layers_unfrozen(tiny_flickr, tmp_pat
     # a config without fine-tuned text layers is written as before (old model ids stay valid)
     assert "text_tail_layers" not in read_card(base)["config"]
     assert json.loads(out.with_suffix(".log.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+
+
+def test_text_tower_options_are_refused_without_text_layers(tiny_flickr, tmp_path, cpu_args):
+    root, _ = tiny_flickr
+    for extra in (["--caption-variants", "2"], ["--image-side", "head"]):
+        with pytest.raises(SystemExit) as exc:
+            train_main(["--data", str(root), "--out", str(tmp_path / "x.pt"), "--epochs", "1",
+                        *extra, *cpu_args])
+        assert exc.value.code == 2
+    assert not (tmp_path / "x.pt").exists()
