@@ -2,7 +2,10 @@
 
 Image features are cached at the output of the last frozen stage (the full feature map when the
 whole tower is frozen), keyed by backbone, stage, preprocessing and the split's content, so a
-re-run with the same inputs reuses the file and anything else gets its own.
+re-run with the same inputs reuses the file and anything else gets its own. Text features are
+keyed by the text tower's weights too; for text-tower training, the hidden states below the tuned
+layers (`text_states`) and a locked image tower's pooled output (`pooled_image_features`) are
+cached under a digest of the weights that made them.
 """
 from __future__ import annotations
 
