@@ -245,9 +245,11 @@ class SearchService:
                 scores, keys, values, found_counts, removed = await self._ranked(
                     view, vectors, wheres, k, readback, exclude)
                 groups = await self._hold_vectors(view, groups, keys, held)
-                collapsed = [collapse(ks, groups, None if not groups.vectors else
+                # O(depth^2) at worst: off the event loop, so other requests go on meanwhile
+                collapsed = await run_in_threadpool(
+                    lambda: [collapse(ks, groups, None if not groups.vectors else
                                       np.stack([held[key] for key in ks]) if ks else None)
-                             for ks in keys]
+                             for ks in keys])
                 short = any(len(c.kept) < want and found >= k
                             for c, found in zip(collapsed, found_counts))
                 if not short or depth >= self.dedupe_depth:

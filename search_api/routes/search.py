@@ -182,9 +182,11 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             else:
                 asked = TextQuery(terms.typed(), None, filters)
                 vec = await service.term_embedding(terms)
-            results = service.rank_given(vec, [e.filename for e in given],
-                                         [e.embedding for e in given], body.top_k, body.offset,
-                                         body.min_score, body.min_match, body.dedupe)
+            # up to MAX_GIVEN_EMBEDDINGS vectors (and their collapse): off the event loop
+            results = await run_in_threadpool(
+                service.rank_given, vec, [e.filename for e in given],
+                [e.embedding for e in given], body.top_k, body.offset, body.min_score,
+                body.min_match, body.dedupe)
             if not filters.is_empty():
                 results = Results(None, 0, [], results.dedupe)
             return _json(_out(request, asked.text, service.model_id, results, urls=False,
