@@ -89,14 +89,27 @@ family() {  # pid: the processes of the session `launch` started as pid, and the
           for (p in keep) print p }'
 }
 
-still_running() {  # pids...: those still running
+still_running() {  # pids...: those still running (a zombie has exited: only its parent's wait is due)
   local p
-  for p in "$@"; do kill -0 "$p" 2>/dev/null && echo "$p"; done
+  for p in "$@"; do
+    case "$(ps -o stat= -p "$p" 2>/dev/null)" in "" | Z*) ;; *) echo "$p" ;; esac
+  done
   return 0
 }
 
+gone_within() {  # seconds pids...: waits until they are gone; prints those still running after it
+  local secs=$1 left i; shift
+  left="$*"
+  for i in $(seq 1 $((secs * 2))); do
+    left=$(still_running $left)
+    [ -z "$left" ] && break
+    sleep 0.5
+  done
+  echo $left
+}
+
 stop_one() {  # name signal seconds
-  local name=$1 sig=$2 secs=$3 pid procs left i
+  local name=$1 sig=$2 secs=$3 pid procs left i round
   [ -f "$RUN/$name.pid" ] || return 0
   pid=$(cat "$RUN/$name.pid")
   procs=$(family "$pid")
@@ -108,18 +121,21 @@ stop_one() {  # name signal seconds
     done
     if kill -0 "$pid" 2>/dev/null; then echo "$name did not stop on SIG$sig in $secs s" >&2; fi
   fi
-  # what it left behind (all of it, after the timeout): SIGTERM, then SIGKILL
-  left=$(still_running $procs $(family "$pid"))
-  if [ -n "$left" ]; then
+  # what it left behind, looked for again each round (a dying process may have started another):
+  # SIGTERM, then SIGKILL, each waited for, so that `stop` returns only once they are gone
+  for round in 1 2 3; do
+    left=$(still_running $procs $(family "$pid"))
+    [ -z "$left" ] && break
     echo "$name: SIGTERM to the processes it left:" $left >&2
     kill -TERM $left 2>/dev/null || true
-    for i in $(seq 1 20); do
-      left=$(still_running $left)
-      [ -z "$left" ] && break
-      sleep 0.5
-    done
-    if [ -n "$left" ]; then kill -KILL $left 2>/dev/null || true; fi
-  fi
+    left=$(gone_within 10 $left)
+    if [ -n "$left" ]; then
+      echo "$name: SIGKILL to" $left >&2
+      kill -KILL $left 2>/dev/null || true
+      left=$(gone_within 5 $left)
+    fi
+  done
+  if [ -n "$left" ]; then echo "$name: still running after SIGKILL:" $left >&2; return 1; fi
   echo "$name stopped"
   rm -f "$RUN/$name.pid"
 }
@@ -166,10 +182,14 @@ PY
 }
 
 stop() {  # the three at once: each waits only for itself
-  stop_one api TERM 30 &
-  stop_one airflow INT 90 &
-  stop_one s3 INT 30 &
-  wait
+  local api airflow s3 failed=0
+  stop_one api TERM 30 & api=$!
+  stop_one airflow INT 90 & airflow=$!
+  stop_one s3 INT 30 & s3=$!
+  wait $api || failed=1
+  wait $airflow || failed=1
+  wait $s3 || failed=1
+  return $failed
 }
 
 status() {

@@ -72,8 +72,22 @@ def _session_ids(run_dir: Path) -> dict[str, int]:
 
 
 def _in_session(sid: int) -> set[int]:
-    r = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True)
-    return {int(p) for p in r.stdout.split()}
+    """The live processes of a session (a zombie has exited: only its parent's wait is due)."""
+    r = subprocess.run(["ps", "-s", str(sid), "-o", "pid=,stat="], capture_output=True, text=True)
+    return {int(pid) for pid, stat in map(str.split, r.stdout.splitlines()) if not stat.startswith("Z")}
+
+
+def _alive(pid: int) -> bool:
+    try:  # the state follows the command name, which is in parentheses and may hold spaces
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _described(pids) -> str:
+    r = subprocess.run(["ps", "-o", "pid,ppid,sid,stat,etime,args", "-p", ",".join(map(str, pids))],
+                       capture_output=True, text=True)
+    return r.stdout
 
 
 def _listening(port: int) -> bool:
@@ -176,8 +190,11 @@ def test_start_ingest_serve_stop(stack_env, tiny_flickr):
         {"seconds": seconds, "processes_seen": len(seen), "stop_output": r.stdout + r.stderr},
         indent=2) + "\n")
     # nothing left: no process of the three sessions, none met before, no port listening
-    assert not {n: pids for n, sid in sessions.items() if (pids := _in_session(sid))}
-    assert not [p for p in seen if Path(f"/proc/{p}").exists()]
+    stop_said = f"stop said:\n{r.stdout + r.stderr}"
+    left = {n: pids for n, sid in sessions.items() if (pids := _in_session(sid))}
+    assert not left, f"{left}\n{_described(set().union(*left.values()))}{stop_said}"
+    left = [p for p in seen if _alive(p)]
+    assert not left, f"{_described(left)}{stop_said}"
     assert not list(run_dir.glob("*.pid"))
     assert not [n for n in PORTS if _listening(int(env[n]))]
     r = _script(env, "status", timeout=60)
