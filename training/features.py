@@ -105,9 +105,11 @@ class TokenStates:
 
 
 def _tensor_digest(tensors) -> str:
+    """A digest of the values: `+ 0.0` makes -0.0 +0.0, which dequantising weights gives either
+    of, so that equal weights share their caches."""
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+        h.update((t.detach().cpu().contiguous().float() + 0.0).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

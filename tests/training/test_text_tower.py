@@ -10,7 +10,7 @@ from encoder.checkpoint import read_payload
 from encoder.spec import CheckpointFile
 from training.cli import main as train_main
 from training.data import load_split_from_folder
-from training.features import text_states
+from training.features import pooled_image_features, text_states
 from training.text_tower import TextTowerTrainer
 from training.train import TrainConfig, build_model, corrected_metrics, embed_split
 
@@ -97,6 +97,26 @@ def test_only_the_chosen_text_layers_and_heads_change(tiny_flickr, tmp_path):
         fp16 = model.encode_texts(TEXTS).numpy()
     assert (fp16 * eager).sum(1).min() >= 0.99
 
+
+
+def test_equal_image_weights_share_the_pooled_cache_whatever_the_sign_of_their_zeros(tiny_flickr,
+                                                                                      tmp_path):
+    """Dequantised weights hold -0.0 or +0.0 by the path that made them: equal values, one cache."""
+    root, _ = tiny_flickr
+    dev = load_split_from_folder(str(root), "dev")
+    tower = build_model(ModelConfig(embed_dim=16)).image_backbone
+    weight = next(p for p in tower.parameters() if p.dim() > 1)
+    with torch.no_grad():
+        weight.view(-1)[0] = 0.0
+    first = pooled_image_features(tower, dev, tmp_path, workers=0, progress=False)
+    with torch.no_grad():
+        weight.view(-1)[0] = -0.0
+    second = pooled_image_features(tower, dev, tmp_path, workers=0, progress=False)
+    with torch.no_grad():
+        weight.view(-1)[0] = 0.5  # a changed value still gets its own
+    third = pooled_image_features(tower, dev, tmp_path, workers=0, progress=False)
+    assert len(list(tmp_path.glob("pooled-*.npy"))) == 2
+    assert torch.equal(first, second) and not torch.equal(first, third)
 
 def test_image_head_side_trains_the_head_not_the_tower(tiny_flickr, tmp_path):
     root, _ = tiny_flickr
