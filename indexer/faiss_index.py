@@ -311,8 +311,6 @@ class FaissIndex(VectorIndex):
     def _apply(self, current: IndexVersion, keys, vectors, etags, delete, extra,
                tuning_queries, version: str | None = None,
                photos: PhotoTable | None = None) -> dict:
-        import faiss
-
         from indexer.index_policy import index_spec_of, needs_restructure, rebuild_structure
 
         id_by_key = current.id_by_key()
@@ -320,7 +318,7 @@ class FaissIndex(VectorIndex):
         removed = len([k for k in dict.fromkeys(delete) if k in id_by_key and k not in set(keys)])
         if not keys and not drop:
             return {"version": current.version, "count": current.count, "changed": False}
-        index = faiss.clone_index(current.index)
+        index = self.repo.writable_index(current.version)
         keep = np.ones(len(current.ids), bool)
         if drop:
             drop_ids = np.array([id_by_key[k] for k in drop], dtype=np.int64)

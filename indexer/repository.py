@@ -486,7 +486,10 @@ class IndexRepository:
             if sha256_file(path) != digest:
                 raise IndexLoadError(f"index version {version}: {name} is corrupt (checksum mismatch)")
         try:
-            index = faiss.read_index(str(vdir / "index.faiss"))
+            # memory-mapped: the processes serving one version share its pages in the page
+            # cache, and a swap's old version leaves memory when its last reader drops it. Such
+            # an index is read-only: `writable_index` gives a copy to change.
+            index = faiss.read_index(str(vdir / "index.faiss"), faiss.IO_FLAG_MMAP_IFC)
         except RuntimeError:
             raise IndexLoadError(f"index version {version}: cannot read index.faiss "
                                  "(not a FAISS index, or damaged)") from None
@@ -525,6 +528,14 @@ class IndexRepository:
                                      "positive integer")
             ivf.nprobe = min(int(nprobe), int(ivf.nlist))
         return IndexVersion(version, manifest.model_dump(), index, ids, keys, etags, photos)
+
+    def writable_index(self, version: str) -> faiss.Index:
+        """The version's index read into memory of its own (a loaded version's is mapped from
+        its file, read-only: adding to or removing from it would write into the file's pages)."""
+        try:
+            return faiss.read_index(str(self.versions_dir / version / "index.faiss"))
+        except RuntimeError:
+            raise IndexLoadError(f"index version {version}: cannot read index.faiss") from None
 
     @staticmethod
     def _read_table(version: str, path: Path) -> tuple[np.ndarray, list[str], list[str]]:

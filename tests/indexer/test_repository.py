@@ -202,3 +202,38 @@ def test_ivf_version_is_validated_too(tmp_path):
     _edit_table(tmp_path / "versions" / v, lambda t: t["ids"].__setitem__(5, 5))
     with pytest.raises(IndexLoadError, match="not the ids the index holds"):
         repo.load()
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_loaded_version_is_mapped_from_its_file_and_an_update_leaves_it_whole(tmp_path, kind):
+    """Processes serving one version share its pages; an update writes a copy, never the map."""
+    from indexer.faiss_index import FaissIndex
+    from indexer.index_policy import IndexSpec, build_index
+
+    n = 300
+    vecs = unit_vectors(n, d=16, seed=3)
+    keys = [f"{PREFIX}{i}.jpg" for i in range(n)]
+    index, params = build_index(vecs, np.arange(n, dtype=np.int64),
+                                IndexSpec(kind, 8, 8) if kind == "ivf" else None)
+    repo = IndexRepository(tmp_path)
+    first = repo.commit_version(index, np.arange(n, dtype=np.int64), keys,
+                               [f"e{i}" for i in range(n)], "m-1", extra={"index_params": params})
+    served = repo.load()
+    assert str(tmp_path / "versions" / first / "index.faiss") in _mapped_files()
+    before = (tmp_path / "versions" / first / "index.faiss").read_bytes()
+
+    out = FaissIndex(repo).update("m-1", [f"{PREFIX}new.jpg"], unit_vectors(1, d=16, seed=9),
+                                  ["e-new"], delete=keys[:10])
+    assert out["changed"] and out["count"] == n - 10 + 1
+    # the mapped version still answers as before, and its file is unchanged
+    assert (tmp_path / "versions" / first / "index.faiss").read_bytes() == before
+    _, found = served.search(vecs[:3], 1)
+    assert [k[0] for k in found] == keys[:3]
+    latest = repo.load()
+    _, found = latest.search(np.vstack([vecs[:1], unit_vectors(1, d=16, seed=9)]), 1)
+    assert found[0][0] != keys[0] and found[1][0] == f"{PREFIX}new.jpg"
