@@ -2,17 +2,25 @@
 starts, SIGKILLs while an ingest uploads or a shard embeds (`kill_points`' pause points make the
 moment exact) and starts again on the same port and data. An outage shorter than the retries
 is ridden out; a longer one fails the step with an error naming the store, leaves every object
-in the bucket whole, publishes nothing, and the next run completes. After each: `python -m
-indexer verify` passes and a search for a known photo finds it."""
+in the bucket whole, publishes nothing, and the next run completes. A server failing part of
+its requests (a proxy in front of it answers 503 or resets the connection) costs no step a
+restart. After each: `python -m indexer verify` passes and a search for a known photo finds
+it."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deploy import local_s3
@@ -164,3 +172,87 @@ def test_s3_killed_while_a_shard_embeds(tmp_path, small_checkpoint, encoder, s3,
     assert run.leftovers() == []
     assert run.verify_cli()["ok"]
     assert run.top_hit(encoder, photo_key(5)) == photo_key(5)
+
+
+class FlakyProxy:
+    """HTTP in front of the S3 server, one request per connection: every `every_503`th request
+    is answered 503, every `every_reset`th has its connection reset once the request arrived
+    (nothing forwarded); the others are forwarded. A thread of its own runs its event loop."""
+
+    def __init__(self, upstream_port: int, every_503: int = 4, every_reset: int = 7):
+        self.upstream, self.port = upstream_port, free_port()
+        self.every_503, self.every_reset = every_503, every_reset
+        self.requests, self.faults = 0, Counter()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "FlakyProxy":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            headers = [h for h in head[1:] if h and not h.lower().startswith("connection:")]
+            length = next((int(h.split(":", 1)[1]) for h in headers
+                           if h.lower().startswith("content-length:")), 0)
+            body = await reader.readexactly(length)
+            self.requests += 1
+            if self.requests % self.every_reset == 0:
+                self.faults["reset"] += 1
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # an RST
+                return
+            if self.requests % self.every_503 == 0:
+                self.faults["503"] += 1
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+            else:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+                up_writer.write("\r\n".join([head[0], *headers, "Connection: close", "", ""])
+                                .encode("latin-1") + body)
+                while chunk := await up_reader.read(1 << 16):
+                    writer.write(chunk)
+                up_writer.close()
+            await writer.drain()
+            writer.close()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.transport.abort()
+
+
+def test_an_s3_server_failing_part_of_its_requests_during_an_index_run(
+        tmp_path, small_checkpoint, encoder, s3, caplog):
+    direct = s3_run(tmp_path / "direct", small_checkpoint, s3.endpoint)
+    direct.put(range(12))
+    with FlakyProxy(s3.port) as proxy, caplog.at_level("WARNING", logger="indexer.jobs"):
+        run = s3_run(tmp_path / "run", small_checkpoint, proxy.endpoint)
+        plan = run.plan()
+        reports = [run.shard(plan, i) for i in range(len(plan))]
+        out = run.publish(plan, reports)
+    assert proxy.faults["reset"] >= 3 and proxy.faults["503"] >= 5, (proxy.requests, proxy.faults)
+    # each failed request was asked again on its own: no step had to start over
+    assert not [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert (out["action"], out["count"]) == ("rebuilt", 12)
+    assert all(r["embedded"] == 4 and not r["failed"] for r in reports)
+
+    # the same index as a run against the server itself
+    direct.run_all()
+    a, b = IndexRepository(run.index_dir).load(), IndexRepository(direct.index_dir).load()
+    assert a.keys == b.keys and a.etags == b.etags
+    np.testing.assert_allclose(a.stored_vectors(a.keys), b.stored_vectors(b.keys), atol=1e-5)
+    assert direct.verify_cli()["ok"]
+    # the run's own index checked against the bucket (the proxy gone: the server itself)
+    checked = s3_run(tmp_path / "run", small_checkpoint, s3.endpoint)
+    assert checked.verify_cli()["ok"]
+    assert checked.top_hit(encoder, photo_key(9)) == photo_key(9)
