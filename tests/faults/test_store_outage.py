@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -172,6 +173,37 @@ def test_s3_killed_while_a_shard_embeds(tmp_path, small_checkpoint, encoder, s3,
     assert run.leftovers() == []
     assert run.verify_cli()["ok"]
     assert run.top_hit(encoder, photo_key(5)) == photo_key(5)
+
+
+@pytest.mark.parametrize("outage", ["shorter", "longer"])
+def test_s3_killed_while_the_update_command_embeds(tmp_path, small_checkpoint, encoder, s3,
+                                                   outage):
+    """`python -m indexer update`, as a person runs it: the same retries as the DAG's steps,
+    and past them one line naming the store, no traceback."""
+    run = s3_run(tmp_path / "run", small_checkpoint, s3.endpoint)
+    run.put(range(8))
+    before = run.run_all()["version"]
+    run.put(range(8, 12))
+    update = [sys.executable, "-m", "indexer", "--quiet", "update"]
+
+    rc, out = pause_at(update, run.env, "s3_get", tmp_path / "get", run.dir, s3.kill,
+                       then=restart_once_retrying(s3) if outage == "shorter" else None)
+    if outage == "shorter":
+        assert rc == 0, out[-3000:]
+        assert "; retry 1/" in out
+    else:
+        assert rc == 1 and "Traceback" not in out, out[-3000:]
+        assert "retry 3/3" in out, out[-3000:]
+        assert out.strip().splitlines()[-1].startswith(
+            f"error: S3 server at {s3.endpoint} not reachable"), out[-3000:]
+        s3.start()
+        assert IndexRepository(run.index_dir).current_version() == before  # nothing published
+        again = subprocess.run(update, env=run.env, cwd=run.dir, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+    assert IndexRepository(run.index_dir).load().count == 12
+    assert run.verify_cli()["ok"]
+    assert run.top_hit(encoder, photo_key(10)) == photo_key(10)
 
 
 class FlakyProxy:
