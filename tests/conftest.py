@@ -18,7 +18,7 @@ SHAPES = ["circle", "square"]
 
 
 def _interrupt(signum, frame):
-    for stop_signal in STOP_SIGNALS:  # a second signal must not cut the teardown short
+    for stop_signal in STOP_SIGNALS:  # a second one must not cut the teardown short
         signal.signal(stop_signal, signal.SIG_IGN)
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 

@@ -1,7 +1,8 @@
 """One step of a fanned-out index run, as its own process (what an Airflow task instance runs),
 for the fault tests to kill: `python -m tests.faults.step plan OUT`, `... shard PLAN N OUT`,
-`... publish PLAN OUT REPORT...`, `... upload FOLDER OUT` (the ingestion's upload). Settings come from the environment (INDEX_DIR, MODEL_PATH,
-the store); results are written as JSON to OUT."""
+`... publish PLAN OUT REPORT...`, `... upload FOLDER OUT` (the ingestion's upload). Settings
+come from the environment (INDEX_DIR, MODEL_PATH, the store); results are written as JSON to
+OUT."""
 from __future__ import annotations
 
 import json
