@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
 from core.logs import setup_logging
 from core.settings import get_settings
@@ -80,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "duplicates":
             return _duplicates(s, index, args)
-        store = open_store(s)
+        # an object store or Milvus outage is waited out as the DAGs' steps wait it out
+        retried = partial(jobs.with_retries, retry_on=jobs.TRANSIENT_ERRORS)
+        store = retried(open_store, s)
         if args.cmd == "ingest":  # the source resolved and checked as the DAG's first task does
             src = open_resolved(jobs.fetch_archives(args.source, args.text_source, settings=s))
-            report = ingest(src, store, s.images_prefix, s.text_prefix, split=args.split,
-                            limit=args.limit, progress=not args.quiet)
+            report = retried(ingest, src, store, s.images_prefix, s.text_prefix,
+                             split=args.split, limit=args.limit, progress=not args.quiet)
             print(json.dumps(report.__dict__))
         elif args.cmd == "status":
             print(json.dumps(_status(s, store, index), indent=2))
@@ -96,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
             out = {}
             if args.cmd == "add":
-                added = add_folder(args.path, store, s.images_prefix, args.prefix,
-                                   progress=not args.quiet)
+                added = retried(add_folder, args.path, store, s.images_prefix, args.prefix,
+                                progress=not args.quiet)
                 out["added"] = {**added.__dict__, "total": added.total}
                 if args.no_update:
                     print(json.dumps(out, indent=2))
@@ -106,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.retry_refused:
                 refusals.clear()
             fn = pipeline.rebuild if args.cmd == "rebuild" else pipeline.update
-            report = fn(store, Encoder.from_settings(s), index, s.images_prefix,
-                        batch_size=args.batch_size or s.embed_batch_size, progress=not args.quiet,
-                        refusals=refusals)
+            report = retried(fn, store, Encoder.from_settings(s), index, s.images_prefix,
+                             batch_size=args.batch_size or s.embed_batch_size,
+                             progress=not args.quiet, refusals=refusals)
             out = {**out, "index": report.to_dict()} if out else report.to_dict()
             print(json.dumps(out, indent=2))
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -27,6 +27,26 @@ def _info(obj) -> ObjectInfo:
                       when.timestamp() if when is not None else None)
 
 
+def _request_retries(retries: int):
+    """urllib3's per-request retries: a refused connection, a 5xx answer, and a connection
+    dropped before the answer (a server restarting, a proxy resetting) are asked again at once,
+    `retries` times with a short back-off, for idempotent requests (GET, PUT, HEAD, DELETE;
+    never POST); a read that timed out is not (a hung server fails the call after one
+    timeout). Outages longer than that are the caller's to wait out (`indexer.jobs`)."""
+    from urllib3.exceptions import ReadTimeoutError
+    from urllib3.util.retry import Retry
+
+    class RequestRetry(Retry):
+        def increment(self, method=None, url=None, response=None, error=None, _pool=None,
+                      _stacktrace=None):
+            if isinstance(error, ReadTimeoutError):
+                raise error
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    return RequestRetry(total=retries, connect=retries, read=retries, backoff_factor=0.2,
+                        status_forcelist=(500, 502, 503, 504))
+
+
 class S3Store:
     """S3 / MinIO through the `minio` client. Network errors fail fast with a clear message."""
 
@@ -40,8 +60,7 @@ class S3Store:
         self.endpoint = endpoint
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout),
-            retries=urllib3.Retry(total=retries, connect=retries, read=0, backoff_factor=0.2,
-                                  status_forcelist=(500, 502, 503, 504)),
+            retries=_request_retries(retries),
             maxsize=16,
         )
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,

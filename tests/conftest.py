@@ -3,16 +3,32 @@ from __future__ import annotations
 
 import io
 import random
+import signal
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
+from deploy.foreground import STOP_SIGNALS
 from deploy.ports import free_port
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
           "yellow": (240, 220, 30), "black": (10, 10, 10), "white": (245, 245, 245)}
 SHAPES = ["circle", "square"]
+
+
+def _interrupt(signum, frame):
+    for stop_signal in STOP_SIGNALS:  # a second one must not cut the teardown short
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+def pytest_sessionstart(session):
+    # SIGTERM (a CI runner cancelling, `kill`) and SIGHUP end Python at once, skipping fixture
+    # teardown, and the servers fixtures started in sessions of their own would keep running:
+    # as Ctrl-C instead, pytest stops the run and tears its fixtures down
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _interrupt)
 
 
 def make_image(color: str, shape: str, seed: int, size: int = 96) -> bytes:
@@ -82,7 +98,7 @@ def s3_server(tmp_path_factory):
     port = free_port()
     creds = {"endpoint": f"127.0.0.1:{port}", "access_key": "test-access", "secret_key": "test-secret-123"}
     proc = local_s3.start(tmp_path_factory.mktemp("s3"), port, creds["access_key"], creds["secret_key"])
-    yield creds
+    yield {**creds, "pid": proc.pid}
     local_s3.stop(proc)
 
 

@@ -12,6 +12,12 @@ waits for the marker and SIGKILLs the process. The product code has no fault swi
     milvus_loaded   Milvus: the new collection loaded, the alias not yet switched
     after_alias     Milvus: the alias switched to the new collection, the step not finished
     milvus_upserted Milvus: a shard's first batch of upserts sent, the rest not
+
+Pause points (FAULT_RELEASE names a file): the process writes FAULT_MARKER, then waits until
+that file exists and carries on, so that the test can take a server away in between:
+
+    s3_put          S3Store.put: FAULT_AFTER puts (default 1) done; every later one waits
+    s3_get          S3Store.get: FAULT_AFTER gets (default 1) done; every later one waits
 """
 from __future__ import annotations
 
@@ -32,8 +38,38 @@ def _stop_here():
     time.sleep(600)  # the test SIGKILLs this process now
 
 
+def _paused_after(cls, name):
+    """cls.name: the first FAULT_AFTER calls go through, the marker is written once they have
+    returned, and every later call (by when it began, in any thread) waits for the release."""
+    import threading
+    import time
+    real = getattr(cls, name)
+    after, release = int(os.environ.get("FAULT_AFTER", "1")), os.environ["FAULT_RELEASE"]
+    lock, started, done = threading.Lock(), [0], [0]
+
+    def call(self, *args, **kwargs):
+        with lock:
+            started[0] += 1
+            paused = started[0] > after
+        while paused and not os.path.exists(release):
+            time.sleep(0.02)
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            with lock:
+                done[0] += 1
+                if done[0] == after and not paused:
+                    with open(os.environ["FAULT_MARKER"], "w") as f:
+                        f.write(str(os.getpid()))
+
+    setattr(cls, name, call)
+
+
 def _install(point):
-    if point == "part_write":
+    if point in ("s3_put", "s3_get"):
+        from objectstore.s3 import S3Store
+        _paused_after(S3Store, point[3:])
+    elif point == "part_write":
         import io
         import numpy
         real = numpy.savez
@@ -148,3 +184,38 @@ def kill_at(cmd: list[str], env: dict, point: str, marker: Path, cwd: Path,
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
+
+
+def pause_at(cmd: list[str], env: dict, point: str, marker: Path, cwd: Path, while_paused,
+             then=None, after: int = 1, timeout: float = 180.0) -> tuple[int, str]:
+    """Run `cmd` until it pauses at `point` (a pause point, above), call `while_paused()`, let
+    it carry on, call `then(proc, log_path)` (if given), and wait for it to end: (exit status,
+    its output). Fails when it ends before the point or outlasts `timeout`."""
+    marker.unlink(missing_ok=True)
+    release = marker.with_suffix(".release")
+    release.unlink(missing_ok=True)
+    log = marker.with_suffix(".log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env={**env, "FAULT_POINT": point, "FAULT_AFTER": str(after),
+                                          "FAULT_MARKER": str(marker),
+                                          "FAULT_RELEASE": str(release)},
+                                cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"{point}: the process ended ({proc.returncode}) before "
+                                     f"reaching it:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{point}: not reached in {timeout} s")
+            time.sleep(0.05)
+        while_paused()
+        release.touch()
+        if then is not None:
+            then(proc, log)
+        proc.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log.read_text()
