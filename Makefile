@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 setup-base: $(VENV)/.installed-base
 setup-stack: $(VENV)/.installed-stack
 
-$(VENV)/.installed-base: pyproject.toml
+$(VENV)/.installed-base: pyproject.toml requirements/serving.txt requirements/models.txt
 	@# system tools of the demo script
 	@command -v bc >/dev/null && command -v curl >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq --no-install-recommends bc curl)

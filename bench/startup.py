@@ -1,7 +1,9 @@
 """The search service's weight and start: resident memory and the time from process start to the
-first answered query, this tree against another checkout, interleaved.
+first answered query, this tree against another checkout, interleaved; with --rebuild the
+indexer's fixed start-up instead.
 
     python bench/startup.py [--n 200] [--rounds 2] [--baseline-tree DIR] [--model MODEL_PATH]
+    python bench/startup.py --rebuild [--n 32] [--rounds 3] [--batch-size 1] [--baseline-tree DIR]
 
 Builds an index of N Flickr8k photos (this tree's pipeline, a local store in a temp dir), then
 per round starts `python -m search_api` of each tree (cwd and PYTHONPATH the tree, the same
@@ -9,11 +11,20 @@ index, its own ONNX cache) and reads its VmRSS from /proc: when /health first an
 text query, after one image query (the image tower may load only then). The start time is
 process start -> the first 200 of POST /search_images_by_text. With --model an open_clip spec
 (no index: the encode routes) the same for that model.
+
+--rebuild: a local store of the first N Flickr8k dev photos; per round, each tree runs `python -m
+indexer rebuild --batch-size B` (a fresh index folder each time), after one unmeasured run per
+tree that writes the ONNX graphs / the bundle. The fixed start-up is process start -> the first
+batch embedded, read off the progress bar's first count above zero on stderr (both trees draw
+it); also the whole command, and the figure a tree logs itself ("first batch embedded ... after
+the process started") where it does.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,13 +82,89 @@ def measure(tree: Path, env: dict, photo: bytes, encode_only: bool) -> dict:
         proc.wait(timeout=60)
 
 
+# the progress bar's first count above zero: the first batch is embedded
+FIRST_BATCH = re.compile(rb"\| *[1-9][0-9]*/[0-9]+ \[")
+REPORTED = re.compile(rb"first batch embedded \([0-9]+ photos\), ([0-9.]+) s after the process")
+
+
+def measure_rebuild(tree: Path, env: dict, batch_size: int, index_dir: Path) -> dict:
+    """Process start -> first batch embedded, and -> the command's exit, of one rebuild."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "indexer", "rebuild", "--batch-size",
+                             str(batch_size)], cwd=tree,
+                            env={**env, "PYTHONPATH": str(tree), "INDEX_DIR": str(index_dir)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first, err = None, b""
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        err += chunk
+        if first is None and FIRST_BATCH.search(err):
+            first = time.monotonic() - t0
+    if proc.wait() != 0 or first is None:
+        raise SystemExit(f"{tree}: rebuild failed: {err.decode(errors='replace')[-2000:]}")
+    reported = REPORTED.search(err)
+    return {"first_batch_s": first, "total_s": time.monotonic() - t0,
+            "reported_s": float(reported.group(1)) if reported else None,
+            "load": os.getloadavg()[0]}
+
+
+def rebuild_startup(args) -> int:
+    header("indexer: process start -> first batch embedded (`python -m indexer rebuild`)")
+    from objectstore import LocalStore
+
+    work = Path(tempfile.mkdtemp(prefix="bench-rebuild-"))
+    dev = (FLICKR / "Flickr_8k.devImages.txt").read_text().split()[:args.n]
+    store = LocalStore(work / "store", "b")
+    for name in dev:
+        store.put("flickr8k/images/" + name, (FLICKR / "Images" / name).read_bytes())
+    env = {**os.environ, "MODEL_PATH": str(Path(args.model).resolve()),
+           "STORE_BACKEND": "local", "LOCAL_STORE_DIR": str(work / "store"),
+           "MINIO_BUCKET": "b", "INDEX_BACKEND": "faiss"}
+    for name in ("IMAGE_RUNTIME", "TEXT_RUNTIME", "DEVICE"):
+        env.pop(name, None)  # each tree's defaults
+    trees = {"this tree": ROOT}
+    if args.baseline_tree:
+        trees["baseline"] = Path(args.baseline_tree).resolve()
+    tree_env = {name: {**env, "ONNX_CACHE_DIR": str(work / f"onnx-{i}")}
+                for i, name in enumerate(trees)}
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    folders = (work / f"index-{i}" for i in range(10**6))
+    for name, tree in trees.items():  # first runs write ONNX graphs / bundles: not measured
+        measure_rebuild(tree, tree_env[name], args.batch_size, next(folders))
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            runs[name].append(measure_rebuild(tree, tree_env[name], args.batch_size,
+                                              next(folders)))
+    rows = [{"tree": name,
+             "start -> first batch embedded s": " / ".join(f"{r['first_batch_s']:.2f}"
+                                                            for r in rs),
+             "median s": f"{median([r['first_batch_s'] for r in rs]):.2f}",
+             "its own log line s": " / ".join(f"{r['reported_s']:.2f}" for r in rs
+                                              if r["reported_s"] is not None) or "-",
+             "whole command s": " / ".join(f"{r['total_s']:.2f}" for r in rs),
+             "load": " / ".join(f"{r['load']:.1f}" for r in rs)} for name, rs in runs.items()]
+    print(f"model {args.model}; {len(dev)} Flickr8k dev photos; batch size {args.batch_size}")
+    print(table(rows))
+    save_json("startup-rebuild", {"model": args.model, "n": len(dev),
+                                  "batch_size": args.batch_size, "runs": runs})
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=MODEL)
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--n", type=int, default=None, help="photos (default 200; --rebuild: 32)")
+    p.add_argument("--rounds", type=int, default=None, help="default 2; --rebuild: 3")
     p.add_argument("--baseline-tree", default=None)
+    p.add_argument("--rebuild", action="store_true",
+                   help="the indexer's start-up (`python -m indexer rebuild`) instead")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="--rebuild: photos per batch (1: to the first photo embedded)")
     args = p.parse_args()
+    if args.rebuild:
+        args.n, args.rounds = args.n or 32, args.rounds or 3
+        return rebuild_startup(args)
+    args.n, args.rounds = args.n or 200, args.rounds or 2
     header("search service: resident memory and start time")
     from encoder.spec import OpenClipSpec, parse_model_spec
 

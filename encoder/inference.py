@@ -86,7 +86,8 @@ class Encoder:
         return self.model.encode_texts(list(texts)).float().cpu().numpy()
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+    def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> np.ndarray:
+        pixels = torch.as_tensor(pixels)  # the indexing pipeline batches NumPy arrays
         if self.image_runtime != "torch":
             try:
                 return self.onnx.encode_pixels(pixels.numpy(),

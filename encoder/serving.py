@@ -10,6 +10,8 @@ loads the image tower (`warmup(image=True)` loads it up front).
 `query_encoder(settings)` is what the service runs: this, from the bundle (written once where
 torch is installed, `encoder.bundle.ensure_bundle`), on CPU with the ONNX runtimes; the eager
 PyTorch `Encoder` when TEXT_RUNTIME / IMAGE_RUNTIME say "torch" or DEVICE is not the CPU.
+`image_encoder(settings)` is what the indexer embeds photos with, by the same rule on the image
+tower alone (IMAGE_RUNTIME and DEVICE).
 """
 from __future__ import annotations
 
@@ -110,15 +112,28 @@ class ServingEncoder:
         return cell_map(cells, query)
 
 
-def uses_bundle(settings) -> bool:
-    """Whether these settings serve from the bundle (CPU, ONNX runtimes) or eager PyTorch."""
-    runtimes = (settings.text_runtime, settings.image_runtime)
+def uses_bundle(settings, towers: Sequence[str] = ("text", "image")) -> bool:
+    """Whether these settings run `towers` from the bundle (CPU, ONNX runtimes) or eager
+    PyTorch."""
+    runtimes = [getattr(settings, f"{tower}_runtime") for tower in towers]
     return settings.device == "cpu" and all(r.startswith("onnx") for r in runtimes)
 
 
 def query_encoder(settings):
     """The encoder a serving process uses (see the module doc)."""
-    if not uses_bundle(settings):
+    return _encoder(settings, ("text", "image"))
+
+
+def image_encoder(settings):
+    """The encoder an indexing process embeds photos with: the bundle's image tower where
+    IMAGE_RUNTIME is an ONNX one on the CPU (the bundle written once, in a child process, where
+    torch is installed; without torch a missing bundle is an error naming `python -m encoder
+    bundle`), else eager PyTorch (IMAGE_RUNTIME=torch, or DEVICE=cuda)."""
+    return _encoder(settings, ("image",))
+
+
+def _encoder(settings, towers: Sequence[str]):
+    if not uses_bundle(settings, towers):
         from encoder.inference import Encoder
 
         return Encoder.from_settings(settings)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "verify":
             return _verify(s, store, index, args)
         else:
-            from encoder import Encoder
+            from encoder.serving import image_encoder
             from indexer import pipeline
 
             out = {}
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.retry_refused:
                 refusals.clear()
             fn = pipeline.rebuild if args.cmd == "rebuild" else pipeline.update
-            report = retried(fn, store, Encoder.from_settings(s), index, s.images_prefix,
+            # the serving bundle's image tower (no torch) unless IMAGE_RUNTIME=torch / a GPU
+            report = retried(fn, store, image_encoder(s), index, s.images_prefix,
                              batch_size=args.batch_size or s.embed_batch_size,
                              progress=not args.quiet, refusals=refusals)
             out = {**out, "index": report.to_dict()} if out else report.to_dict()

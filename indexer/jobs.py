@@ -162,8 +162,9 @@ def upload(folder: str, split: str = "all", limit: int | None = None,
 
 
 # --- indexing ------------------------------------------------------------------------------
-# `encoder` and `indexer.pipeline` import torch (seconds per task process): only the tasks that
-# embed or read a model card import them.
+# The model is imported only by the tasks that need it: the embedding tasks run the serving
+# bundle's image tower without torch (`encoder.serving.image_encoder`); reading a model card
+# imports torch (seconds per task process).
 def _model_id(model_path: str) -> str:
     from encoder import read_card
 
@@ -232,34 +233,32 @@ def plan_shards(force_rebuild: bool = False, settings: Settings | None = None,
 
 
 def _prepare_model(s: Settings, model_id: str) -> tuple[int, object]:
-    """(index dimension, tuning queries) of MODEL_PATH's model, for the draft a plan begins,
-    read from the checkpoint without building the towers. A model whose ONNX image graph is not
-    exported yet (a new one) is exported here, once, rather than by every shard at the same
-    time."""
-    from encoder import Encoder, read_scoring
-    from encoder.runtime_onnx import OnnxTowers
+    """(index dimension, tuning queries) of MODEL_PATH's model, for the draft a plan begins.
+    What the shards embed with is made ready here, once, rather than by every shard at the same
+    time: the serving bundle (written in a child process where it is missing), or, with
+    IMAGE_RUNTIME=torch or a GPU, the checkpoint's scoring read without building the towers."""
+    from encoder.serving import uses_bundle
 
-    if s.image_runtime != "torch" and \
-            not OnnxTowers(None, model_id, s.onnx_cache_dir).path("image").is_file():
-        import torch
+    if uses_bundle(s, ("image",)):
+        from encoder.bundle import ensure_bundle
 
-        encoder = Encoder.from_settings(s)
-        size = encoder.model.image_spec.input_size
-        encoder.encode_pixels(torch.zeros(1, 3, size, size))
-        scoring = encoder.scoring
+        scoring = ensure_bundle(s.model_path, s.onnx_cache_dir).scoring()
     else:
+        from encoder import read_scoring
+
         scoring = read_scoring(s.model_path)
     return scoring.index_dim, scoring.tuning_queries()
 
 
 def embed_shard(shard: dict, settings: Settings | None = None) -> dict:
-    """Embed one shard's key range and write it (a rerun writes the same again)."""
-    from encoder import Encoder
+    """Embed one shard's key range and write it (a rerun writes the same again). The serving
+    bundle's image tower embeds, without torch (IMAGE_RUNTIME=torch or a GPU: eager PyTorch)."""
+    from encoder.serving import image_encoder
     from indexer import shards
 
     s = _settings(settings)
     store = with_retries(open_store, s)
-    encoder = Encoder.from_settings(s)
+    encoder = image_encoder(s)
     return with_retries(shards.embed_shard, store, encoder, open_index(s),
                         shards.Shard.from_dict(shard), batch_size=s.embed_batch_size,
                         refusals=RefusalTable.in_dir(s.index_dir), retry_on=TRANSIENT_ERRORS)

@@ -7,6 +7,11 @@ and etag, so later runs skip it until it changes; it never stops a run.
 Each photo's metadata (`indexer.photo_info`: date, camera, position and place, size, folder) is
 read from the same fetched bytes while it is embedded, places looked up once per batch, and
 stored beside its vector.
+
+The encoder is `encoder.serving.image_encoder`'s: the serving bundle's image tower (ONNX Runtime,
+NumPy/Pillow preprocessing; this module and that path never import torch) or the eager PyTorch
+`Encoder`; both take a photo to [3, S, S] pixels (`preprocess`) and a batch of them to embeddings
+(`encode_pixels`).
 """
 from __future__ import annotations
 
@@ -15,19 +20,24 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Union
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from encoder import Encoder
+from core.logs import process_age_s
 from encoder.image_formats import is_raw_key
 from encoder.preprocessing import BadImage, decode_image
 from indexer.listing import RefusalTable, list_images, warn_if_empty
 from indexer.photo_info import add_places, extract_photo_info
 from indexer.vector_index import IndexLoadError, VectorIndex
 from objectstore import ObjectInfo, ObjectStore
+
+if TYPE_CHECKING:
+    from encoder.inference import Encoder
+    from encoder.serving import ServingEncoder
+
+    ImageEncoder = Union[Encoder, ServingEncoder]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +53,7 @@ class EmbedResult:
     infos: list[dict] = field(default_factory=list)  # each key's photo metadata, same order
 
 
-def _load(store: ObjectStore, encoder: Encoder, info: ObjectInfo):
+def _load(store: ObjectStore, encoder: ImageEncoder, info: ObjectInfo):
     """(listing, pixels, photo metadata without its place, None) or (listing, None, None, why)."""
     try:
         data = store.get(info.key)
@@ -62,9 +72,9 @@ def _remember(refusals: RefusalTable | None, objects: dict[str, ObjectInfo],
                         objects)
 
 
-def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
+def iter_batches(store: ObjectStore, encoder: ImageEncoder, objects: list[ObjectInfo],
                  batch_size: int, workers: int = 4, prefetch: int = 2
-                 ) -> Iterator[tuple[list, torch.Tensor | None, dict, list[dict]]]:
+                 ) -> Iterator[tuple[list, np.ndarray | None, dict, list[dict]]]:
     """Fetch+decode (and read each photo's metadata) in threads, `prefetch` batches ahead of
     the forward pass (so fetching and decoding overlap the model's compute); yields (listings,
     pixels, failures, photo metadata) in order, the places of a batch looked up at once."""
@@ -86,13 +96,13 @@ def iter_batches(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo]
             loaded = [f.result() for f in futures]
             ok = [(i, t, meta) for i, t, meta, err in loaded if err is None]
             failed = {i.key: err for i, _, _, err in loaded if err is not None}
-            pixels = torch.stack([t for _, t, _ in ok]) if ok else None
+            pixels = np.stack([t for _, t, _ in ok]) if ok else None
             photo_infos = [meta for _, _, meta in ok]
             add_places(photo_infos)
             yield [i for i, _, _ in ok], pixels, failed, photo_infos
 
 
-def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo],
+def embed_objects(store: ObjectStore, encoder: ImageEncoder, objects: list[ObjectInfo],
                   batch_size: int = 32, progress: bool = True) -> EmbedResult:
     out = EmbedResult()
     chunks = []
@@ -104,12 +114,21 @@ def embed_objects(store: ObjectStore, encoder: Encoder, objects: list[ObjectInfo
                 log.warning("skipping %s: %s", key, why)
             if pixels is not None:
                 chunks.append(encoder.scoring.image_vectors(encoder.encode_pixels(pixels)))
+                if len(chunks) == 1:
+                    _log_first_batch(len(listed))
                 out.keys += [i.key for i in listed]
                 out.etags += [i.etag for i in listed]
                 out.infos += photo_infos
             bar.update(len(listed) + len(failed))
     out.vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.scoring.index_dim), np.float32)
     return out
+
+
+def _log_first_batch(photos: int) -> None:
+    """The fixed start-up cost of an indexing process: imports, model, first batch."""
+    age = process_age_s()
+    log.info("first batch embedded (%d photos)%s", photos,
+             f", {age:.2f} s after the process started" if age is not None else "")
 
 
 @dataclass
@@ -128,7 +147,7 @@ class IndexReport:
         return asdict(self)
 
 
-def rebuild(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str,
+def rebuild(store: ObjectStore, encoder: ImageEncoder, index: VectorIndex, prefix: str,
             batch_size: int = 32, progress: bool = True,
             refusals: RefusalTable | None = None) -> IndexReport:
     """Embed every image (but those refused before, unchanged since) and publish a new
@@ -148,7 +167,7 @@ def rebuild(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: st
                        seconds=time.perf_counter() - t0)
 
 
-def update(store: ObjectStore, encoder: Encoder, index: VectorIndex, prefix: str,
+def update(store: ObjectStore, encoder: ImageEncoder, index: VectorIndex, prefix: str,
            batch_size: int = 32, progress: bool = True,
            refusals: RefusalTable | None = None) -> IndexReport:
     """Embed only objects the published version lacks (or whose content changed); drop removed

@@ -21,8 +21,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
 SERVICES = {"api", "minio", "minio-setup", "postgres", "airflow-init", "airflow-webserver",
-            "airflow-scheduler", "airflow-dag-processor"}
-ONE_SHOT = {"minio-setup", "airflow-init"}
+            "airflow-scheduler", "airflow-dag-processor", "model-bundle"}
+ONE_SHOT = {"minio-setup", "airflow-init", "model-bundle"}
 AIRFLOW = {"airflow-init", "airflow-webserver", "airflow-scheduler", "airflow-dag-processor"}
 SEED_ENV = {"MODEL_PATH", "EMBEDDING_DIM", "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY",
             "MINIO_BUCKET", "INDEX_DIR", "STORE_BACKEND"}
@@ -68,7 +68,9 @@ def test_services_health_checks_and_restart(compose):
         assert dep(s)["airflow-init"] == "service_completed_successfully"
         assert dep(s)["postgres"] == "service_healthy"
     assert dep("airflow-scheduler")["minio-setup"] == "service_completed_successfully"
-    assert dep("api") == {"minio-setup": "service_completed_successfully"}
+    assert dep("api") == {"minio-setup": "service_completed_successfully",
+                          "model-bundle": "service_completed_successfully"}
+    assert dep("airflow-scheduler")["model-bundle"] == "service_completed_successfully"
 
 
 def test_airflow3_components(compose):
@@ -108,6 +110,16 @@ def test_api_and_airflow_share_the_index_and_the_seed_env(compose):
     assert _mounts(api)[api_idx] == "index-data:ro"  # the API only reads
     assert _mounts(sched)[sched_idx] == "index-data"  # the tasks (LocalExecutor) write
     assert _mounts(sched)[_env(sched)["FLICKR8K_WORK_DIR"]] == "downloads"
+    # the serving bundle: written by model-bundle (torch), read by the API (no torch) and the
+    # embedding tasks, in one ONNX cache
+    bundle = s["model-bundle"]
+    assert bundle["image"] == sched["image"]  # the image with torch
+    assert bundle["entrypoint"] == ["python", "-m", "encoder", "bundle", "--if-needed"]
+    cache = _env(bundle)["ONNX_CACHE_DIR"]
+    assert _env(api)["ONNX_CACHE_DIR"] == _env(sched)["ONNX_CACHE_DIR"] == cache
+    assert _env(bundle)["MODEL_PATH"] == _env(api)["MODEL_PATH"]
+    assert _mounts(bundle)[cache] == "onnx-cache" and _mounts(api)[cache] == "onnx-cache:ro"
+    assert _mounts(sched)[cache] == "onnx-cache"
 
 
 def test_the_scheduler_passes_settings_fields_only(compose):

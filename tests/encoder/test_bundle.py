@@ -16,7 +16,7 @@ import torch
 
 from encoder import DualEncoder, Encoder, ModelConfig, load_checkpoint, read_card, \
     save_checkpoint, update_card
-from encoder.bundle import BundleMissing, StaleBundle, check_tokenizer, ensure_bundle, \
+from encoder.bundle import FORMAT, BundleMissing, StaleBundle, check_tokenizer, ensure_bundle, \
     read_bundle, write_bundle
 from encoder.pixels import ImageSpec, PixelNormalizer
 from encoder.preprocessing import decode_image, eval_transform
@@ -165,6 +165,23 @@ def test_ensure_bundle_writes_a_missing_one_once_with_the_command(banked, tmp_pa
     with pytest.raises(StaleBundle, match="unknown format"):
         read_bundle(path)
     assert ensure_bundle(path, cache_dir=tmp_path / "onnx").graph("image.cells").is_file()
+
+
+def test_bundle_if_needed_keeps_a_fresh_bundle_rewrites_a_stale_one(banked, tmp_path, capsys):
+    """`python -m encoder bundle --if-needed`: what a deployment runs at every start."""
+    from encoder.__main__ import main
+
+    path = tmp_path / "m.pt"
+    shutil.copy(banked, path)
+    shutil.copy(banked.with_suffix(".card.json"), path.with_suffix(".card.json"))
+    args = ["bundle", str(path), "--cache-dir", str(tmp_path / "onnx"), "--if-needed"]
+    assert main(args) == 0  # none yet: written
+    manifest = tmp_path / "m.bundle" / "bundle.json"
+    written = manifest.stat().st_mtime_ns
+    assert main(args) == 0 and manifest.stat().st_mtime_ns == written  # fresh: kept
+    assert capsys.readouterr().out.split() == [str(tmp_path / "m.bundle")] * 2
+    manifest.write_text(manifest.read_text().replace(FORMAT, "flickr-search-serving-bundle/1"))
+    assert main(args) == 0 and read_bundle(path).manifest["format"] == FORMAT  # stale: rewritten
 
 
 def test_a_read_only_checkpoint_folder_keeps_its_bundle_in_the_cache(banked, tmp_path,

@@ -121,22 +121,26 @@ def test_unpack_rejects_a_corrupt_member_and_leaves_nothing(tiny_flickr, tmp_pat
 # --- publish: transactions ------------------------------------------------------------------
 @pytest.fixture
 def fake_model(monkeypatch, encoder):
-    """The session's small real encoder, loaded once; `id` pretends a different checkpoint."""
+    """The session's small real encoder, loaded once; `id` pretends a different checkpoint.
+    (The plan's model preparation and the embedding tasks' serving bundle are checked on a real
+    one in tests/indexer/test_torch_free.py.)"""
     import copy
 
     import encoder as encoder_pkg
-    from encoder import Encoder
+    from encoder import serving
 
     current = {"id": encoder.model_id, "loads": 0}
 
-    def load(path, device="cpu", *a, **kw):
+    def load(settings):
         current["loads"] += 1
         enc = copy.copy(encoder)
         enc.model_id = current["id"]
         return enc
 
     monkeypatch.setattr(jobs, "_model_id", lambda path: current["id"])
-    monkeypatch.setattr(Encoder, "from_checkpoint", staticmethod(load))
+    monkeypatch.setattr(serving, "image_encoder", load)
+    monkeypatch.setattr(jobs, "_prepare_model", lambda s, model_id: (
+        encoder.scoring.index_dim, encoder.scoring.tuning_queries()))
     monkeypatch.setattr(encoder_pkg, "read_scoring", lambda path: encoder.scoring)
     return current
 
