@@ -114,6 +114,28 @@ def s3_store(s3_server, request):
     return S3Store(s3_server["endpoint"], s3_server["access_key"], s3_server["secret_key"], bucket)
 
 
+def torch_blocked(module: str) -> str:
+    """Code for `python -c CODE ARGS`: a finder installed before anything is imported makes torch
+    and torchvision unimportable and writes each attempt to $TORCH_ATTEMPTS; then `python -m
+    MODULE ARGS` runs (or, for ARGS `--code SRC`, the code SRC)."""
+    return f"""
+import os, sys
+class TorchBlocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "torchvision"):
+            with open(os.environ["TORCH_ATTEMPTS"], "a") as f:
+                f.write(name + "\\n")
+            raise ImportError(f"{{name}} is blocked in this process")
+sys.meta_path.insert(0, TorchBlocker())
+if sys.argv[1:2] == ["--code"]:
+    exec(sys.argv[2])
+else:
+    sys.argv = [{module!r}, *sys.argv[1:]]
+    import runpy
+    runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+"""
+
+
 def save_banked_checkpoint(path: Path, embed_dim: int, bank_size: int, seed: int) -> Path:
     """A dual encoder with a query bank (hubness-corrected scores), heads untrained."""
     import torch

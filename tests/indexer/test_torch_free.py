@@ -20,29 +20,12 @@ from indexer.faiss_index import FaissIndex
 from indexer.ingest import ingest
 from indexer.repository import IndexRepository
 from objectstore import LocalStore
-from tests.conftest import save_banked_checkpoint
+from tests.conftest import save_banked_checkpoint, torch_blocked
 from tests.indexer.helpers import PREFIX
 from tests.photo_samples import dng_bytes, photo_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
-# installed before anything is imported: torch and torchvision cannot be imported, and every
-# attempt is written down; then `python -m indexer ARGS` runs, or, with `--code`, the code given
-BLOCKER = """
-import os, sys
-class TorchBlocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision"):
-            with open(os.environ["TORCH_ATTEMPTS"], "a") as f:
-                f.write(name + "\\n")
-            raise ImportError(f"{name} is blocked in this process")
-sys.meta_path.insert(0, TorchBlocker())
-if sys.argv[1:2] == ["--code"]:
-    exec(sys.argv[2])
-else:
-    sys.argv = ["indexer", *sys.argv[1:]]
-    import runpy
-    runpy.run_module("indexer", run_name="__main__", alter_sys=True)
-"""
+BLOCKER = torch_blocked("indexer")
 VECTOR_TOL = 2e-3  # eager PyTorch vs ONNX Runtime (the service's SCORE_TOL)
 BROKEN = f"{PREFIX}broken.jpg"
 

@@ -16,24 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy.ports import free_port
-from tests.conftest import make_image, save_banked_checkpoint
+from tests.conftest import make_image, save_banked_checkpoint, torch_blocked
 from tests.search_api.helpers import build_service
 
-# installed before anything is imported: torch and torchvision cannot be imported, and every
-# attempt is written down
-BLOCKER = """
-import os, sys
-class TorchBlocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision"):
-            with open(os.environ["TORCH_ATTEMPTS"], "a") as f:
-                f.write(name + "\\n")
-            raise ImportError(f"{name} is blocked in this process")
-sys.meta_path.insert(0, TorchBlocker())
-sys.argv = ["search_api", *sys.argv[1:]]
-import runpy
-runpy.run_module("search_api", run_name="__main__", alter_sys=True)
-"""
+BLOCKER = torch_blocked("search_api")
 SCORE_TOL = 2e-3  # eager PyTorch vs ONNX Runtime embeddings (cosine >= 0.9999)
 
 
