@@ -58,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
                                             "(GET /duplicates serves it)")
     dup.add_argument("--threshold", type=float, default=None,
                      help="cosine of two photos' embeddings above which they are duplicates "
-                          "(default: indexer.duplicates.DEFAULT_THRESHOLD)")
+                          "by the embedding alone: without the pixel check, and for a pair "
+                          "with a photo that cannot be read (default: indexer.duplicates."
+                          "DEFAULT_THRESHOLD)")
+    dup.add_argument("--candidate-threshold", type=float, default=None,
+                     help="cosine above which a pair is checked on the photos' pixels "
+                          "(default: indexer.duplicates.DEFAULT_CANDIDATE_THRESHOLD)")
+    dup.add_argument("--no-pixel-check", action="store_true",
+                     help="decide by the embedding alone (reads no photo)")
     dup.add_argument("--json", action="store_true", help="print the whole report as JSON")
     dup.add_argument("--show", type=int, default=10, help="groups listed (largest first)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -155,22 +162,37 @@ def _verify(s, store, index, args) -> int:
 def _duplicates(s, index, args) -> int:
     """Find the groups, write the report beside the index, print a summary (or the report)."""
     from encoder.loading import read_card, read_scoring
-    from indexer.duplicates import DEFAULT_THRESHOLD, find_duplicates, report_path, \
-        write_report
+    from indexer.duplicate_check import photo_reader
+    from indexer.duplicates import DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD, \
+        find_duplicates, report_path, write_report
+    from objectstore import open_store
 
     model_id = read_card(s.model_path)["model_id"]
     # the embedding's components only: a stored hubness-correction column is not the photo
     columns = read_scoring(s.model_path).dim
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    candidate = DEFAULT_CANDIDATE_THRESHOLD if args.candidate_threshold is None \
+        else args.candidate_threshold
+    read_photo = None if args.no_pixel_check else photo_reader(open_store(s),
+                                                               s.limits.max_image_pixels)
     report = find_duplicates(index, model_id, threshold, columns=columns,
-                             progress=not args.quiet)
+                             progress=not args.quiet, read_photo=read_photo,
+                             candidate_threshold=min(candidate, threshold))
     write_report(report, report_path(s.index_dir))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return 0
+    if report.check is None:
+        how = f"cosine above {report.threshold}"
+    else:
+        c = report.check
+        how = (f"cosine above {report.candidate_threshold}, confirmed on pixels: {c.confirmed} "
+               f"of {c.checked} pairs checked"
+               + (f", {c.without_pixels} pairs with an unreadable photo decided at cosine "
+                  f"{report.threshold}" if c.without_pixels else ""))
     print(f"version {report.version}: {len(report.groups)} groups of near duplicates "
-          f"({report.duplicated_photos} of {report.photos} photos; cosine above "
-          f"{report.threshold}) in {report.seconds:.1f} s; report: {report_path(s.index_dir)}")
+          f"({report.duplicated_photos} of {report.photos} photos; {how}) in "
+          f"{report.seconds:.1f} s; report: {report_path(s.index_dir)}")
     for group in report.groups[:max(0, args.show)]:
         print(f"  {len(group.keys)} photos (cosine >= {group.similarity}): "
               + ", ".join(group.keys[:5]) + (" ..." if len(group.keys) > 5 else ""))

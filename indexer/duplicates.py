@@ -1,17 +1,23 @@
 """Near-duplicate photos over a whole published version (`python -m indexer duplicates`): the
 same shot re-encoded, resized, cropped, slightly rotated, brightened or framed as a screenshot.
 
-Every pair of photos whose embeddings' cosine is above the threshold (`VectorIndex.near_pairs`:
-FAISS's range search, Milvus's range search, or any backend's searches) joins one graph; its
-connected components are the groups, largest first. The report names the version and model it
-describes and the threshold, and is written atomically beside the index (INDEX_DIR/
+Two stages. Candidates: every pair of photos whose embeddings' cosine is above the candidate
+threshold (`VectorIndex.near_pairs`: FAISS's range search, Milvus's range search, or any
+backend's searches). Confirmation (indexer.duplicate_check): each candidate pair is checked on
+the photos' pixels, read from the object store once per pass; a pair with a photo that cannot
+be read is decided by the embedding alone, at the stricter `threshold`. Without the pixel check
+(`--no-pixel-check`, or no store given) the pairs above `threshold` are the duplicates, as the
+search routes' `dedupe=true` decides between photos the report does not cover. The confirmed
+pairs join one graph; its connected components are the groups, largest first. The report names
+the version and model it describes, both thresholds, the check's parameters and what it
+decided, and is written atomically beside the index (INDEX_DIR/
 duplicates.json): the API serves it (`GET /duplicates`) while that version is served. Nothing
 is deleted: which copy to keep is the person's decision. (On Milvus an update writes into the
 published collection, whose name stays: a report of it lags behind such updates until the next
 pass, which the DAGs run after every publish.)
 
-The default threshold comes from bench/duplicates.py (BENCHMARKS.md §13): edits of a Flickr8k
-photo against different photos, consecutive shots of one photographer among them.
+The defaults come from bench/duplicates.py (BENCHMARKS.md §13): edits of a Flickr8k photo
+against different photos, consecutive shots of one photographer among them.
 """
 from __future__ import annotations
 
@@ -25,9 +31,14 @@ from typing import Callable
 import numpy as np
 
 from core.atomic import write_atomic
+from indexer.duplicate_check import CheckSummary, PixelCheck, confirm_pairs
 
-# cosine of two photos' embeddings above which they are duplicates (BENCHMARKS.md §13)
+# cosine of two photos' embeddings above which they are duplicates by the embedding alone
+# (BENCHMARKS.md §13)
 DEFAULT_THRESHOLD = 0.85
+# with the pixel check: cosine above which a pair is a candidate, and the check (§13)
+DEFAULT_CANDIDATE_THRESHOLD = 0.70
+DEFAULT_PIXEL_CHECK = PixelCheck()
 REPORT_FORMAT = "flickr-search-duplicates/1"
 REPORT_FILE = "duplicates.json"
 
@@ -43,12 +54,17 @@ class DuplicateReport:
     version: str
     model_id: str
     backend: str
-    threshold: float
+    threshold: float  # the embedding-only decision (no pixel check, or an unreadable photo)
     photos: int  # photos the pass compared
     groups: list[DuplicateGroup]  # largest first, then by first key
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
         timespec="seconds"))
     seconds: float = 0.0
+    # the pixel check (None: embedding only): the cosine above which pairs were candidates,
+    # the check's parameters (duplicate_check.PixelCheck) and what it decided
+    candidate_threshold: float | None = None
+    pixel_check: dict | None = None
+    check: CheckSummary | None = None
 
     @property
     def duplicated_photos(self) -> int:
@@ -65,9 +81,16 @@ class DuplicateReport:
         try:
             groups = [DuplicateGroup([str(k) for k in g["keys"]], float(g["similarity"]))
                       for g in raw["groups"]]
+            candidate = raw.get("candidate_threshold")  # absent from embedding-only reports
+            pixel_check = raw.get("pixel_check")
+            if pixel_check is not None and not isinstance(pixel_check, dict):
+                raise ValueError
+            check = raw.get("check")
             return cls(str(raw["version"]), str(raw["model_id"]), str(raw["backend"]),
                        float(raw["threshold"]), int(raw["photos"]), groups,
-                       str(raw["created"]), float(raw.get("seconds", 0.0)))
+                       str(raw["created"]), float(raw.get("seconds", 0.0)),
+                       None if candidate is None else float(candidate), pixel_check,
+                       None if check is None else CheckSummary(**check))
         except (KeyError, TypeError, ValueError):
             raise ValueError("a damaged duplicates report") from None
 
@@ -104,15 +127,29 @@ def group_pairs(keys_a: list[str], keys_b: list[str], scores) -> list[DuplicateG
 
 def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
                     columns: int | None = None, progress: bool = False,
-                    on_progress: Callable[[int], None] | None = None) -> DuplicateReport:
+                    on_progress: Callable[[int], None] | None = None, *,
+                    read_photo: Callable | None = None,
+                    pixel_check: PixelCheck | None = DEFAULT_PIXEL_CHECK,
+                    candidate_threshold: float = DEFAULT_CANDIDATE_THRESHOLD) -> DuplicateReport:
     """The groups of near duplicates in the version `index` publishes for `model_id`.
     columns: how many leading components of a stored vector are the embedding (a model with a
-    hubness correction stores one more; `Scoring.dim`), None: all. progress: a progress bar."""
+    hubness correction stores one more; `Scoring.dim`), None: all. progress: progress bars.
+
+    read_photo(key, size) -> PIL image (duplicate_check.photo_reader of the object store): with
+    it and a `pixel_check`, pairs above `candidate_threshold` are confirmed on pixels (a pair
+    with an unreadable photo: by the embedding above `threshold`); without either, the pairs
+    above `threshold` are the duplicates."""
     import time
 
     from tqdm import tqdm
 
     threshold = check_threshold(threshold)
+    two_stage = read_photo is not None and pixel_check is not None
+    search_at = threshold
+    if two_stage:
+        search_at = check_threshold(candidate_threshold)
+        if search_at > threshold:
+            raise ValueError("the candidate threshold is at most the embedding-only threshold")
     view = index.view(model_id)
     t0 = time.perf_counter()
     keys_a: list[str] = []
@@ -124,13 +161,26 @@ def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
             if on_progress is not None:
                 on_progress(n)
 
-        for a, b, s in index.near_pairs(view, threshold, columns=columns, progress=done):
+        for a, b, s in index.near_pairs(view, search_at, columns=columns, progress=done):
             keys_a += a
             keys_b += b
             scores.append(np.asarray(s, np.float32))
-    groups = group_pairs(keys_a, keys_b, np.concatenate(scores) if scores else [])
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    summary = None
+    if two_stage:
+        with tqdm(total=len(keys_a), desc="pixel check", unit="pair",
+                  disable=not progress) as bar:
+            keep, summary = confirm_pairs(keys_a, keys_b, all_scores, pixel_check, read_photo,
+                                          threshold, progress=bar.update)
+        keys_a = [k for k, y in zip(keys_a, keep) if y]
+        keys_b = [k for k, y in zip(keys_b, keep) if y]
+        all_scores = all_scores[keep]
+    groups = group_pairs(keys_a, keys_b, all_scores)
     return DuplicateReport(view.version, view.model_id, index.backend, threshold, view.count,
-                           groups, seconds=round(time.perf_counter() - t0, 3))
+                           groups, seconds=round(time.perf_counter() - t0, 3),
+                           candidate_threshold=search_at if two_stage else None,
+                           pixel_check=pixel_check.params() if two_stage else None,
+                           check=summary)
 
 
 def report_path(index_dir: str | Path) -> Path:

@@ -179,22 +179,33 @@ def prune_versions(keep: int | None = None, settings: Settings | None = None) ->
         return with_retries(open_index(s).prune, keep, retry_on=TRANSIENT_ERRORS)
 
 
-def find_duplicates(threshold: float | None = None, settings: Settings | None = None) -> dict:
+def find_duplicates(threshold: float | None = None, settings: Settings | None = None,
+                    pixel_check: bool = True) -> dict:
     """After a publish: the groups of near duplicates in the published version of MODEL_PATH's
-    model, written beside the index for the API (`python -m indexer duplicates`). Returns the
-    report's summary."""
+    model, candidates confirmed on the photos' pixels read from the object store (unless
+    `pixel_check` is False), written beside the index for the API (`python -m indexer
+    duplicates`). Returns the report's summary."""
     from encoder import read_scoring
+    from indexer.duplicate_check import photo_reader
     from indexer.duplicates import DEFAULT_THRESHOLD, report_path, write_report
     from indexer.duplicates import find_duplicates as find
 
     s = _settings(settings)
+    read_photo = photo_reader(open_store(s), s.limits.max_image_pixels) if pixel_check else None
     report = with_retries(find, open_index(s), _model_id(s.model_path),
                           DEFAULT_THRESHOLD if threshold is None else threshold,
-                          columns=read_scoring(s.model_path).dim, retry_on=TRANSIENT_ERRORS)
+                          columns=read_scoring(s.model_path).dim, read_photo=read_photo,
+                          retry_on=TRANSIENT_ERRORS)
     write_report(report, report_path(s.index_dir))
-    return {"version": report.version, "groups": len(report.groups),
-            "photos": report.duplicated_photos, "threshold": report.threshold,
-            "seconds": report.seconds}
+    out = {"version": report.version, "groups": len(report.groups),
+           "photos": report.duplicated_photos, "threshold": report.threshold,
+           "seconds": report.seconds}
+    if report.check is not None:
+        out |= {"candidate_threshold": report.candidate_threshold,
+                "checked": report.check.checked, "confirmed": report.check.confirmed,
+                "without_pixels": report.check.without_pixels,
+                "unreadable": report.check.unreadable}
+    return out
 
 
 # --- fanned-out embedding: plan_shards -> embed_shard (mapped, one per shard) -> publish_index

@@ -42,7 +42,12 @@ class DuplicatesOut(BaseModel):
     index_version: str
     model_id: str
     threshold: float = Field(description="photos whose embeddings' cosine is above it are "
-                                         "duplicates")
+                                         "duplicates by the embedding alone (no pixel check, "
+                                         "or a photo that could not be read)")
+    candidate_threshold: float | None = Field(
+        None, description="pairs whose cosine is above it were confirmed on the photos' pixels; "
+                          "null: the embedding alone decided")
+    pixel_check: dict | None = Field(None, description="the pixel check's parameters")
     created: str
     photos: int = Field(description="photos compared (the version's count)")
     total_groups: int
@@ -106,7 +111,8 @@ async def get_duplicates(
         groups.append({"size": len(group.keys), "similarity": group.similarity,
                        "photos": photos})
     body = {"index_version": report.version, "model_id": report.model_id,
-            "threshold": report.threshold, "created": report.created, "photos": report.photos,
+            "threshold": report.threshold, "candidate_threshold": report.candidate_threshold,
+            "pixel_check": report.pixel_check, "created": report.created, "photos": report.photos,
             "total_groups": len(report.groups), "total_photos": report.duplicated_photos,
             "offset": offset, "groups": groups}
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")

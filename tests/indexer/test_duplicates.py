@@ -10,6 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from indexer.duplicates import (
+    DEFAULT_CANDIDATE_THRESHOLD,
+    DEFAULT_PIXEL_CHECK,
     DEFAULT_THRESHOLD,
     DuplicateReport,
     find_duplicates,
@@ -178,17 +180,28 @@ def test_the_command_writes_the_report_beside_the_index(tmp_path, monkeypatch, s
     monkeypatch.setenv("MODEL_PATH", str(small_checkpoint))
     monkeypatch.setenv("INDEX_DIR", str(tmp_path / "index"))
     monkeypatch.setenv("INDEX_BACKEND", "faiss")
+    # an empty store: no photo can be read, every candidate pair goes by the embedding alone
+    monkeypatch.setenv("STORE_BACKEND", "local")
+    monkeypatch.setenv("LOCAL_STORE_DIR", str(tmp_path / "store"))
     get_settings.cache_clear()
     try:
         assert main(["--quiet", "duplicates", "--threshold", "0.9"]) == 0
+        out = capsys.readouterr().out
+        checked = read_report(report_path(tmp_path / "index"))
+        assert main(["--quiet", "duplicates", "--threshold", "0.9", "--no-pixel-check"]) == 0
     finally:
         get_settings.cache_clear()
-    out = capsys.readouterr().out
-    assert f"version {version}: 2 groups" in out
+    assert f"version {version}: 2 groups" in out and "confirmed on pixels: 0 of 0" in out
+    assert checked.candidate_threshold == DEFAULT_CANDIDATE_THRESHOLD
+    assert checked.pixel_check == DEFAULT_PIXEL_CHECK.params()
+    assert checked.check.unreadable == checked.check.photos_read > 0
+    assert checked.check.without_pixels == checked.check.candidates > 0
+    assert f"version {version}: 2 groups" in capsys.readouterr().out
     report = read_report(report_path(tmp_path / "index"))
     assert report.version == version and report.threshold == 0.9
-    assert len(report.groups) == 2
-    assert 0 < DEFAULT_THRESHOLD < 1
+    assert [g.keys for g in report.groups] == [g.keys for g in checked.groups]
+    assert report.check is None and report.candidate_threshold is None
+    assert 0 < DEFAULT_CANDIDATE_THRESHOLD < DEFAULT_THRESHOLD < 1
 
 
 def test_the_job_after_a_publish_writes_the_report(tmp_path, small_checkpoint):
@@ -202,7 +215,12 @@ def test_the_job_after_a_publish_writes_the_report(tmp_path, small_checkpoint):
     version = FaissIndex(tmp_path / "index").rebuild(model_id, keys, vectors,
                                                       ["e"] * len(keys))["version"]
     s = Settings(_env_file=None, index_dir=str(tmp_path / "index"),
-                 model_path=str(small_checkpoint))
+                 model_path=str(small_checkpoint), store_backend="local",
+                 local_store_dir=str(tmp_path / "store"))
     out = jobs.find_duplicates(0.9, settings=s)
     assert (out["version"], out["groups"], out["photos"]) == (version, 2, 5)
+    # the store holds none of the photos: every candidate went by the embedding alone
+    assert out["checked"] == 0 and out["without_pixels"] > 0 and out["unreadable"] > 0
     assert read_report(report_path(tmp_path / "index")).version == version
+    out = jobs.find_duplicates(0.9, settings=s, pixel_check=False)
+    assert (out["groups"], out["photos"]) == (2, 5) and "checked" not in out
