@@ -1,7 +1,9 @@
-"""Near duplicates: precision and recall of the duplicate decision (cosine above a threshold),
-and the cost of a full duplicate pass.
+"""Near duplicates: precision and recall of the duplicate decision (the embedding alone: cosine
+above a threshold; two stages: candidates above a lower cosine confirmed on the photos' pixels,
+indexer.duplicate_check), and the cost of a full duplicate pass.
 
     python bench/duplicates.py [--n 120] [--threshold 0.90] [--cost-sizes 25000,50000,100000]
+        [--cache emb.npz] [--checks orb:384:15:500,...] [--candidates 0.60,0.70]
 
 Labelled set: `--n` Flickr8k dev photos (FLICKR8K_SOURCE, a fixed sample), each with its edits
 (JPEG re-encodes at several qualities, resizes, crops, small rotations, exposure and colour
@@ -18,6 +20,13 @@ chosen threshold: groups, groups mixing different photos, photos found. Cost: th
 synthetic clustered vectors of the model's index dimension, published as a rebuild would
 publish them (flat or IVF by index_policy), at each `--cost-sizes` size: seconds per pass and
 per 100k vectors, and the growth rate between sizes.
+
+Two stages (unless --no-pixel-check): per candidate threshold and pixel check
+(method:size:min_inliers:keypoints), recall on the edits (per kind for the shipped defaults),
+precision over the same pairs, the consecutive shots confirmed, milliseconds per photo described
+and per pair matched; the real pass with the shipped defaults (the set's images as the store);
+the pixel checks' cost per 100k photos at the candidate rate measured here. `--cache` keeps the
+embeddings between runs (they take minutes; the pixel checks are recomputed).
 """
 from __future__ import annotations
 
@@ -201,16 +210,7 @@ def real_pass(names, photo, emb, threshold):
         index = FaissIndex(tmp)
         index.rebuild("bench", names, emb, ["e"] * len(names))
         report = find_duplicates(index, "bench", threshold)
-    owner = dict(zip(names, photo))
-    mixed = [g for g in report.groups if len({owner[k] for k in g.keys}) > 1]
-    group_of = {k: n for n, g in enumerate(report.groups) for k in g.keys}
-    edits_found = sum(1 for k in names if not k.endswith("#original") and k in group_of and
-                      group_of.get(f"{owner[k]}#original") == group_of[k])
-    edits_all = sum(1 for k in names if not k.endswith("#original"))
-    print(f"\nthe pass (indexer.duplicates, FAISS) at {threshold:.2f} over {len(names)} images: "
-          f"{len(report.groups)} groups, {edits_found}/{edits_all} edits in their original's "
-          f"group ({edits_found / edits_all:.3f}), {len(mixed)} groups mixing different photos"
-          + (f" (e.g. {sorted({k.split('#')[0] for k in mixed[0].keys})[:4]})" if mixed else ""))
+    _summarise_pass(report, names, photo, f"embedding only, at {threshold:.2f}")
 
 
 def cost(sizes, dim, threshold, seed=0):
@@ -248,6 +248,176 @@ def cost(sizes, dim, threshold, seed=0):
         previous = (n, seconds)
 
 
+CANDIDATE_THRESHOLDS = (0.60, 0.65, 0.70, 0.75)
+
+
+def check_label(check) -> str:
+    return (f"{check.method} {check.features} kp, {check.size}px, >= {check.min_inliers} "
+            "inliers")
+
+
+def pixel_checks(spec: str) -> dict:
+    """"orb:384:15:1000,sift:384:15:500" -> {label: PixelCheck}
+    (method:size:min_inliers:keypoints)."""
+    from indexer.duplicate_check import PixelCheck
+
+    out = {}
+    for item in spec.split(","):
+        method, size, inliers, features = item.split(":")
+        check = PixelCheck(method, int(size), int(features), min_inliers=int(inliers))
+        out[check_label(check)] = check
+    return out
+
+
+def describe_all(check, imgs) -> tuple[list, float]:
+    t0 = time.perf_counter()
+    feats = [check.describe(im) for im in imgs]
+    return feats, (time.perf_counter() - t0) / len(imgs)
+
+
+def decode_seconds(n: int = 100) -> float:
+    """Seconds to read and decode one Flickr8k JPEG as the pass does (photo_reader)."""
+    from encoder.preprocessing import decode_image
+
+    files = sorted((FLICKR / "Images").glob("*.jpg"))[:n]
+    t0 = time.perf_counter()
+    for f in files:
+        decode_image(f.read_bytes(), min_side=384)
+    return (time.perf_counter() - t0) / len(files)
+
+
+def two_stage(names, photo, kind, emb, hard, imgs, checks, candidates, strict):
+    """The candidate pairs at each candidate threshold confirmed by each pixel check: recall on
+    the edits, precision over every pair of different images, consecutive shots confirmed."""
+    row = {n: i for i, n in enumerate(names)}
+    edit_pairs = [(i, row[f"{photo[i]}#original"]) for i in range(len(names))
+                  if kind[i] != "original"]
+    pos_s = np.asarray([emb[i] @ emb[j] for i, j in edit_pairs])
+    same = np.asarray(photo)[:, None] == np.asarray(photo)[None, :]
+    sims = emb @ emb.T
+    cross = np.argwhere(np.triu(~same, 1) & (sims > min(candidates)))
+    cross_s = sims[cross[:, 0], cross[:, 1]]
+    n_cross = int(np.triu(~same, 1).sum())
+    hard_rows = [(row[f"{a}#original"], row[f"{b}#original"]) for a, b in hard]
+    hard_pairs = {tuple(sorted(p)) for p in hard_rows}
+    print("\ntwo stages: candidates above the candidate threshold, confirmed on pixels "
+          f"(pairs with an unreadable photo would be decided at {strict:.2f}):")
+    print("| candidates above | pixel check | recall on edits | precision (edit pairs vs every "
+          "pair of different images) | consecutive shots confirmed | ms per checked pair |")
+    print("|---|---|---|---|---|---|")
+    # candidates a library of different photos would check: pairs of different images above
+    # the threshold, less the consecutive shots (chosen for being alike)
+    rate = {c: (int((cross_s > c).sum()) - sum(1 for i, j in hard_rows if sims[i, j] > c))
+            / n_cross for c in candidates}
+    results = {}
+    described: dict = {}  # (method, size, keypoints) -> (features, seconds per photo, inliers)
+    for label, check in checks.items():
+        kind_of_features = (check.method, check.size, check.features)
+        if kind_of_features not in described:
+            described[kind_of_features] = (*describe_all(check, imgs), {}, [0.0, 0])
+        feats, describe_s, inliers, match_time = described[kind_of_features]
+
+        def confirmed(i, j):
+            key = (min(i, j), max(i, j))
+            if key not in inliers:
+                t0 = time.perf_counter()
+                inliers[key] = check.inliers(feats[i], feats[j])
+                match_time[0] += time.perf_counter() - t0
+                match_time[1] += 1
+            return inliers[key] >= check.min_inliers
+
+        pos_ok = np.asarray([confirmed(i, j) if s > min(candidates) else False
+                             for (i, j), s in zip(edit_pairs, pos_s)])
+        cross_ok = np.asarray([confirmed(int(i), int(j)) for i, j in cross], bool)
+        hard_all = sum(confirmed(i, j) for i, j in hard_rows)
+        match_s = match_time[0] / max(1, match_time[1])
+        for c in candidates:
+            tp = int((pos_ok & (pos_s > c)).sum())
+            fp = int((cross_ok & (cross_s > c)).sum())
+            checked = int((pos_s > c).sum() + (cross_s > c).sum())
+            hard_c = sum(1 for (i, j), ok, s in zip(cross, cross_ok, cross_s)
+                         if ok and s > c and (int(i), int(j)) in hard_pairs)
+            hard_above = sum(1 for i, j in hard_rows if sims[i, j] > c)
+            recall, precision = tp / len(pos_s), tp / (tp + fp) if tp + fp else 1.0
+            results[(c, label)] = dict(recall=recall, precision=precision, fp=fp,
+                                       checked=checked, describe_s=describe_s,
+                                       match_s=match_s, pos_ok=pos_ok & (pos_s > c),
+                                       rate=rate[c])
+            print(f"| {c:.2f} | {label} | {recall:.3f} ({tp}/{len(pos_s)}) | {precision:.4f} "
+                  f"({fp} false of {n_cross}) | {hard_c}/{hard_above} above it "
+                  f"({hard_all}/{len(hard_rows)} at any cosine) | {match_s * 1e3:.2f} |")
+        print(f"|  | {label}: features {describe_s * 1e3:.1f} ms per photo | | | | |")
+    return results, edit_pairs
+
+
+def per_kind_two_stage(kind, edit_pairs, result, label):
+    kinds: dict[str, list[bool]] = {}
+    for (i, _), ok in zip(edit_pairs, result["pos_ok"]):
+        kinds.setdefault(kind[i], []).append(bool(ok))
+    print(f"\nrecall per edit, {label}:")
+    print("| edit | recall |")
+    print("|---|---|")
+    for k, oks in kinds.items():
+        print(f"| {k} | {np.mean(oks):.3f} |")
+
+
+def real_two_stage_pass(names, photo, emb, imgs, check, candidate, strict):
+    """indexer.duplicates with the pixel check, the labelled set's images as the store."""
+    from indexer.duplicates import find_duplicates
+    from indexer.faiss_index import FaissIndex
+
+    image_of = dict(zip(names, imgs))
+    with tempfile.TemporaryDirectory() as tmp:
+        index = FaissIndex(tmp)
+        index.rebuild("bench", names, emb, ["e"] * len(names))
+        report = find_duplicates(index, "bench", strict, pixel_check=check,
+                                 candidate_threshold=candidate,
+                                 read_photo=lambda key, size: image_of[key])
+    _summarise_pass(report, names, photo, f"candidates above {candidate:.2f}, pixel check "
+                    f"{check_label(check)}")
+    c = report.check
+    print(f"  {c.candidates} candidate pairs, {c.checked} checked, {c.confirmed} confirmed, "
+          f"{c.photos_read} photos read, {report.seconds:.1f} s in all")
+    return report
+
+
+def _summarise_pass(report, names, photo, how):
+    owner = dict(zip(names, photo))
+    mixed = [g for g in report.groups if len({owner[k] for k in g.keys}) > 1]
+    group_of = {k: n for n, g in enumerate(report.groups) for k in g.keys}
+    edits_found = sum(1 for k in names if not k.endswith("#original") and k in group_of and
+                      group_of.get(f"{owner[k]}#original") == group_of[k])
+    edits_all = sum(1 for k in names if not k.endswith("#original"))
+    print(f"\nthe pass (indexer.duplicates, FAISS), {how}, over {len(names)} images: "
+          f"{len(report.groups)} groups, {edits_found}/{edits_all} edits in their original's "
+          f"group ({edits_found / edits_all:.3f}), {len(mixed)} groups mixing different photos"
+          + (f" (e.g. {sorted({k.split('#')[0] for k in mixed[0].keys})[:4]})" if mixed else ""))
+
+
+def check_cost(results, label, candidates, decode_s, n=100_000):
+    """The pixel checks of a full pass over n different photos: the candidate pairs (at the
+    rate measured here between different photos) each matched, each photo in them read and
+    described once."""
+    print(f"\npixel checks of a full pass over {n} photos, {label} (candidate pairs at the rate "
+          "of pairs of different images here, consecutive shots left out; one core; besides "
+          "the embedding pass, below):")
+    print("| candidates above | candidate pairs per million | candidate pairs | photos read | "
+          "read + features s | matching s | total s |")
+    print("|---|---|---|---|---|---|---|")
+    for c in candidates:
+        r = results[(c, label)]
+        pairs = r["rate"] * n * (n - 1) / 2
+        photos = min(n, 2 * pairs)
+        read_s = photos * (decode_s + r["describe_s"])
+        match_s = pairs * r["match_s"]
+        print(f"| {c:.2f} | {r['rate'] * 1e6:.1f} | {pairs:,.0f} | {photos:,.0f} | "
+              f"{read_s:,.0f} | {match_s:,.0f} | {read_s + match_s:,.0f} |")
+    print(f"(a photo: decode {decode_s * 1e3:.1f} ms + features "
+          f"{results[(candidates[0], label)]['describe_s'] * 1e3:.1f} ms; a pair: "
+          f"{results[(candidates[0], label)]['match_s'] * 1e3:.2f} ms. Candidate pairs grow with "
+          "the square of the library, photos read at most with it.)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=120, help="dev photos in the labelled set")
@@ -256,8 +426,16 @@ def main() -> None:
     p.add_argument("--cost-sizes", default="25000,50000,100000")
     p.add_argument("--cache", help="an .npz of the labelled set's embeddings (made when absent)")
     p.add_argument("--skip-cost", action="store_true")
+    p.add_argument("--checks", default="orb:384:10:500,orb:384:15:500,orb:384:25:500,"
+                                       "orb:384:15:1000,sift:384:15:500",
+                   help="pixel checks compared, method:size:min_inliers:keypoints, "
+                        "comma-separated")
+    p.add_argument("--candidates", default=",".join(f"{c:.2f}" for c in CANDIDATE_THRESHOLDS),
+                   help="candidate thresholds of the two-stage decision")
+    p.add_argument("--no-pixel-check", action="store_true", help="embedding-only rows alone")
     args = p.parse_args()
-    from indexer.duplicates import DEFAULT_THRESHOLD
+    from indexer.duplicates import (DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_PIXEL_CHECK,
+                                    DEFAULT_THRESHOLD)
 
     threshold = args.threshold or DEFAULT_THRESHOLD
     header("Near duplicates")
@@ -280,6 +458,23 @@ def main() -> None:
           f"{hard_s.max():.3f}; different photos: highest {neg.max():.3f}")
     per_kind(pos, threshold)
     real_pass(names, photo, emb, threshold)
+    if not args.no_pixel_check:
+        candidates = [float(c) for c in args.candidates.split(",")]
+        checks = pixel_checks(args.checks)
+        default_label = next((k for k, c in checks.items() if c == DEFAULT_PIXEL_CHECK), None)
+        if default_label is None:  # the shipped check is always among the rows
+            default_label = check_label(DEFAULT_PIXEL_CHECK)
+            checks[default_label] = DEFAULT_PIXEL_CHECK
+        if DEFAULT_CANDIDATE_THRESHOLD not in candidates:
+            candidates.append(DEFAULT_CANDIDATE_THRESHOLD)
+        results, edit_pairs = two_stage(names, photo, kind, emb, hard, imgs, checks,
+                                        sorted(candidates), threshold)
+        chosen = results[(DEFAULT_CANDIDATE_THRESHOLD, default_label)]
+        per_kind_two_stage(kind, edit_pairs, chosen,
+                           f"candidates above {DEFAULT_CANDIDATE_THRESHOLD:.2f}, {default_label}")
+        real_two_stage_pass(names, photo, emb, imgs, DEFAULT_PIXEL_CHECK,
+                            DEFAULT_CANDIDATE_THRESHOLD, threshold)
+        check_cost(results, default_label, sorted(candidates), decode_seconds())
     if not args.skip_cost:
         from encoder.loading import read_scoring
 
