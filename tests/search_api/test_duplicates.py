@@ -78,3 +78,25 @@ def test_the_pass_over_the_served_index_is_what_the_route_serves(fresh_svc):
         [g.keys[:RequestLimits.MAX_DUPLICATE_GROUP_PHOTOS] for g in report.groups]
     sizes = [g["size"] for g in body["groups"]]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_a_pass_with_the_pixel_check_says_so(fresh_svc):
+    """The route serves both thresholds and the check's parameters; an embedding-only report
+    serves nulls there."""
+    from indexer.duplicate_check import photo_reader
+
+    svc = fresh_svc
+    index = FaissIndex(svc.repo)
+    columns = svc.service.encoders.scoring.dim
+    path = report_path(svc.settings.index_dir)
+    checked = find_duplicates(index, svc.service.model_id, 0.6, columns=columns,
+                              read_photo=photo_reader(svc.store), candidate_threshold=0.5)
+    assert checked.check.unreadable == 0 and checked.check.checked == checked.check.candidates
+    with TestClient(svc.app) as client:
+        write_report(checked, path)
+        body = client.get("/duplicates").json()
+        assert (body["threshold"], body["candidate_threshold"], body["pixel_check"]) == \
+            (0.6, 0.5, checked.pixel_check)
+        write_report(find_duplicates(index, svc.service.model_id, 0.6, columns=columns), path)
+        body = client.get("/duplicates").json()
+        assert (body["candidate_threshold"], body["pixel_check"]) == (None, None)
