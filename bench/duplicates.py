@@ -478,8 +478,10 @@ def main() -> None:
     if not args.skip_cost:
         from encoder.loading import read_scoring
 
+        # the range search of the pass: at the candidate threshold when the pixel check runs
+        searched_at = threshold if args.no_pixel_check else DEFAULT_CANDIDATE_THRESHOLD
         cost([int(s) for s in args.cost_sizes.split(",")], read_scoring(MODEL).index_dim,
-             threshold)
+             searched_at)
 
 
 if __name__ == "__main__":
