@@ -7,4 +7,5 @@ and milvus_index) with each photo's metadata beside its vector (photo_columns, p
 searched inside a PhotoFilter (photo_filter), by hand (`python -m indexer`, cli) or fanned out
 as the DAGs' tasks (jobs, shards), checked against the store (verify: the published version
 holds exactly the store's images), and searched for groups of near-duplicate photos
-(duplicates: a range search around each vector, `python -m indexer duplicates`)."""
+(duplicates: a range search around each vector, the candidates confirmed on the photos' pixels
+by duplicate_check, `python -m indexer duplicates`)."""

@@ -93,6 +93,14 @@ def test_report_round_trips_and_refuses_damage(tmp_path):
     write_report(report, path)
     assert read_report(path) == report
     assert not [p for p in tmp_path.iterdir() if p.name != path.name]  # no temp file left
+    # a report written before the pixel check: read as an embedding-only one
+    older = {k: v for k, v in report.to_dict().items()
+             if k not in ("candidate_threshold", "pixel_check", "check")}
+    path.write_text(json.dumps(older))
+    assert read_report(path) == report and report.check is None
+    path.write_text(json.dumps({**older, "check": {"candidates": "many", "oops": 1}}))
+    with pytest.raises(ValueError):
+        read_report(path)
     path.write_text("{not json")
     with pytest.raises(ValueError):
         read_report(path)
