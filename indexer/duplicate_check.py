@@ -17,7 +17,7 @@ one scene fail (BENCHMARKS.md §13 measured the choices):
 ORB by default: as precise as SIFT or more on the benchmark and several times cheaper to
 describe. What it cannot tell apart: two shots from one tripod, whose still background alone
 agrees on one transform (the one hard pair of §13 it confirms). Perceptual hashes were measured
-too and left out: a crop or a frame moves them as far as a different photo does.
+too and left out: over a tenth of the edits moved pHash further than the closest different photos.
 
 Each photo is read once per pass (its features kept while pairs still need them, within a
 bounded cache); a photo that cannot be read or decoded leaves its pairs undecided by pixels:
