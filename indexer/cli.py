@@ -164,7 +164,7 @@ def _duplicates(s, index, args) -> int:
     from encoder.loading import read_card, read_scoring
     from indexer.duplicate_check import photo_reader
     from indexer.duplicates import DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD, \
-        find_duplicates, report_path, write_report
+        find_duplicates, report_path, verdicts_path, write_report
     from objectstore import open_store
 
     model_id = read_card(s.model_path)["model_id"]
@@ -177,7 +177,8 @@ def _duplicates(s, index, args) -> int:
                                                                s.limits.max_image_pixels)
     report = find_duplicates(index, model_id, threshold, columns=columns,
                              progress=not args.quiet, read_photo=read_photo,
-                             candidate_threshold=min(candidate, threshold))
+                             candidate_threshold=min(candidate, threshold),
+                             verdicts_path=verdicts_path(s.index_dir))
     write_report(report, report_path(s.index_dir))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
@@ -188,6 +189,7 @@ def _duplicates(s, index, args) -> int:
         c = report.check
         how = (f"cosine above {report.candidate_threshold}, confirmed on pixels: {c.confirmed} "
                f"of {c.checked} pairs checked"
+               + (f" ({c.reused} verdicts kept from the last pass)" if c.reused else "")
                + (f", {c.without_pixels} pairs with an unreadable photo decided at cosine "
                   f"{report.threshold}" if c.without_pixels else ""))
     print(f"version {report.version}: {len(report.groups)} groups of near duplicates "

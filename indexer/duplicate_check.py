@@ -19,6 +19,10 @@ describe. What it cannot tell apart: two shots from one tripod, whose still back
 agrees on one transform (the one hard pair of §13 it confirms). Perceptual hashes were measured
 too and left out: over a tenth of the edits moved pHash further than the closest different photos.
 
+Verdicts are kept between passes (`PairVerdicts`, a SQLite file beside the report): a pair
+whose two photos have the etags and the check the parameters of an earlier verdict is not read
+or checked again, so the pass the DAGs run after every publish costs the pairs a change touched.
+
 Each photo is read once per pass (its features kept while pairs still need them, within a
 bounded cache); a photo that cannot be read or decoded leaves its pairs undecided by pixels:
 they fall back to the embedding-only decision (the pass's stricter threshold), as the pass
@@ -26,8 +30,11 @@ without the check would decide them.
 """
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -123,6 +130,58 @@ class CheckSummary:
     unreadable: int = 0  # photos that could not be read or decoded
     unreadable_keys: list[str] = field(default_factory=list)  # the first UNREADABLE_LISTED
     seconds: float = 0.0
+    reused: int = 0  # of `checked`, verdicts kept from an earlier pass (photos unchanged)
+
+
+class PairVerdicts:
+    """Pixel verdicts kept between passes, in a SQLite file: per pair of keys, both photos'
+    etags and the check's parameters when it was decided. A verdict counts only while all
+    three are unchanged. Each pass commits as it goes (a killed pass keeps what it decided) and
+    ends by dropping the pairs it did not meet (no longer candidates, or a photo gone)."""
+
+    COMMIT_EVERY = 2000
+
+    def __init__(self, path: str | Path, check: "PixelCheck"):
+        self.db = sqlite3.connect(str(path), timeout=60)
+        self.params = json.dumps(check.params(), sort_keys=True)
+        self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (a TEXT, b TEXT, etag_a TEXT, "
+                        "etag_b TEXT, params TEXT, duplicate INTEGER, pass INTEGER, "
+                        "PRIMARY KEY (a, b))")
+        row = self.db.execute("SELECT MAX(pass) FROM verdicts").fetchone()
+        self.pass_number = (row[0] or 0) + 1
+        self._pending = 0
+
+    def get(self, a: str, etag_a: str, b: str, etag_b: str) -> bool | None:
+        (a, etag_a), (b, etag_b) = sorted([(a, etag_a), (b, etag_b)])
+        row = self.db.execute("SELECT etag_a, etag_b, params, duplicate FROM verdicts "
+                              "WHERE a = ? AND b = ?", (a, b)).fetchone()
+        if row is None or row[:3] != (etag_a, etag_b, self.params):
+            return None
+        self.db.execute("UPDATE verdicts SET pass = ? WHERE a = ? AND b = ?",
+                        (self.pass_number, a, b))
+        self._written()
+        return bool(row[3])
+
+    def put(self, a: str, etag_a: str, b: str, etag_b: str, duplicate: bool) -> None:
+        (a, etag_a), (b, etag_b) = sorted([(a, etag_a), (b, etag_b)])
+        self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (a, b, etag_a, etag_b, self.params, int(duplicate), self.pass_number))
+        self._written()
+
+    def _written(self) -> None:
+        self._pending += 1
+        if self._pending >= self.COMMIT_EVERY:
+            self.db.commit()
+            self._pending = 0
+
+    def finish(self) -> None:
+        """The pass went through: forget the pairs it did not meet."""
+        self.db.execute("DELETE FROM verdicts WHERE pass <> ?", (self.pass_number,))
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.commit()
+        self.db.close()
 
 
 def photo_reader(store, max_pixels: int | None = None) -> Callable[[str, int], Image.Image]:
@@ -150,15 +209,17 @@ def _unreadable_errors() -> tuple[type[BaseException], ...]:
 def confirm_pairs(keys_a: list[str], keys_b: list[str], scores: np.ndarray, check: PixelCheck,
                   read: Callable[[str, int], Image.Image], fallback_threshold: float,
                   cache_photos: int = 4096,
-                  progress: Callable[[int], None] | None = None
-                  ) -> tuple[np.ndarray, CheckSummary]:
+                  progress: Callable[[int], None] | None = None,
+                  verdicts: PairVerdicts | None = None,
+                  etags: dict[str, str] | None = None) -> tuple[np.ndarray, CheckSummary]:
     """Which candidate pairs are duplicates (a boolean mask), and what it took.
 
     Pairs are visited photo by photo (each photo's pairs together, photos in key order), and a
     photo's features are dropped once its last pair is decided, so each photo is read once while
     at most `cache_photos` are held (beyond that the least recently used go, to be read again).
     A pair with an unreadable photo is a duplicate when its cosine is above
-    `fallback_threshold`. progress(n): n more pairs decided."""
+    `fallback_threshold`. progress(n): n more pairs decided. With `verdicts` and the photos'
+    `etags`, a pair decided by an earlier pass on the same photos is not read again."""
     import time
 
     from cachetools import LRUCache
@@ -198,16 +259,29 @@ def confirm_pairs(keys_a: list[str], keys_b: list[str], scores: np.ndarray, chec
             held[key] = hit
         return hit
 
+    def etag(key: str) -> str | None:
+        return None if etags is None else etags.get(key)
+
     done = 0
     for i in order:
-        a, b = features(keys_a[i]), features(keys_b[i])
-        if a is None or b is None:
+        ka, kb = keys_a[i], keys_b[i]
+        known = None
+        if verdicts is not None and etag(ka) is not None and etag(kb) is not None:
+            known = verdicts.get(ka, etag(ka), kb, etag(kb))
+        if known is not None:
+            summary.checked += 1
+            summary.reused += 1
+            keep[i] = known
+            summary.confirmed += int(known)
+        elif (a := features(ka)) is None or (b := features(kb)) is None:
             summary.without_pixels += 1
             keep[i] = scores[i] > fallback_threshold
         else:
             summary.checked += 1
             keep[i] = check.confirms(a, b)
             summary.confirmed += int(keep[i])
+            if verdicts is not None and etag(ka) is not None and etag(kb) is not None:
+                verdicts.put(ka, etag(ka), kb, etag(kb), bool(keep[i]))
         for key in (keys_a[i], keys_b[i]):
             remaining[key] -= 1
             if remaining[key] == 0:

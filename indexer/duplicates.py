@@ -11,7 +11,8 @@ search routes' `dedupe=true` decides between photos the report does not cover. T
 pairs join one graph; its connected components are the groups, largest first. The report names
 the version and model it describes, both thresholds, the check's parameters and what it
 decided, and is written atomically beside the index (INDEX_DIR/
-duplicates.json): the API serves it (`GET /duplicates`) while that version is served. Nothing
+duplicates.json; the pixel verdicts, reused while both photos are unchanged, beside it in
+duplicate-verdicts.sqlite): the API serves it (`GET /duplicates`) while that version is served. Nothing
 is deleted: which copy to keep is the person's decision. (On Milvus an update writes into the
 published collection, whose name stays: a report of it lags behind such updates until the next
 pass, which the DAGs run after every publish.)
@@ -31,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from core.atomic import write_atomic
-from indexer.duplicate_check import CheckSummary, PixelCheck, confirm_pairs
+from indexer.duplicate_check import CheckSummary, PairVerdicts, PixelCheck, confirm_pairs
 
 # cosine of two photos' embeddings above which they are duplicates by the embedding alone
 # (BENCHMARKS.md §13)
@@ -41,6 +42,7 @@ DEFAULT_CANDIDATE_THRESHOLD = 0.70
 DEFAULT_PIXEL_CHECK = PixelCheck()
 REPORT_FORMAT = "flickr-search-duplicates/1"
 REPORT_FILE = "duplicates.json"
+VERDICTS_FILE = "duplicate-verdicts.sqlite"  # the pixel verdicts kept between passes
 
 
 @dataclass
@@ -130,7 +132,8 @@ def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
                     on_progress: Callable[[int], None] | None = None, *,
                     read_photo: Callable | None = None,
                     pixel_check: PixelCheck | None = DEFAULT_PIXEL_CHECK,
-                    candidate_threshold: float = DEFAULT_CANDIDATE_THRESHOLD) -> DuplicateReport:
+                    candidate_threshold: float = DEFAULT_CANDIDATE_THRESHOLD,
+                    verdicts_path: str | Path | None = None) -> DuplicateReport:
     """The groups of near duplicates in the version `index` publishes for `model_id`.
     columns: how many leading components of a stored vector are the embedding (a model with a
     hubness correction stores one more; `Scoring.dim`), None: all. progress: progress bars.
@@ -138,7 +141,8 @@ def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
     read_photo(key, size) -> PIL image (duplicate_check.photo_reader of the object store): with
     it and a `pixel_check`, pairs above `candidate_threshold` are confirmed on pixels (a pair
     with an unreadable photo: by the embedding above `threshold`); without either, the pairs
-    above `threshold` are the duplicates."""
+    above `threshold` are the duplicates. verdicts_path: the pixel verdicts kept between passes
+    (duplicate_check.PairVerdicts; None: every candidate pair is checked)."""
     import time
 
     from tqdm import tqdm
@@ -168,10 +172,21 @@ def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
     all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     summary = None
     if two_stage:
-        with tqdm(total=len(keys_a), desc="pixel check", unit="pair",
-                  disable=not progress) as bar:
-            keep, summary = confirm_pairs(keys_a, keys_b, all_scores, pixel_check, read_photo,
-                                          threshold, progress=bar.update)
+        verdicts = etags = None
+        if verdicts_path is not None:
+            verdicts = PairVerdicts(verdicts_path, pixel_check)
+            etags = index.indexed(model_id).etags
+        try:
+            with tqdm(total=len(keys_a), desc="pixel check", unit="pair",
+                      disable=not progress) as bar:
+                keep, summary = confirm_pairs(keys_a, keys_b, all_scores, pixel_check,
+                                              read_photo, threshold, progress=bar.update,
+                                              verdicts=verdicts, etags=etags)
+            if verdicts is not None:
+                verdicts.finish()
+        finally:
+            if verdicts is not None:
+                verdicts.close()
         keys_a = [k for k, y in zip(keys_a, keep) if y]
         keys_b = [k for k, y in zip(keys_b, keep) if y]
         all_scores = all_scores[keep]
@@ -185,6 +200,10 @@ def find_duplicates(index, model_id: str, threshold: float = DEFAULT_THRESHOLD,
 
 def report_path(index_dir: str | Path) -> Path:
     return Path(index_dir) / REPORT_FILE
+
+
+def verdicts_path(index_dir: str | Path) -> Path:
+    return Path(index_dir) / VERDICTS_FILE
 
 
 def write_report(report: DuplicateReport, path: str | Path) -> None:

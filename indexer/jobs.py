@@ -187,7 +187,7 @@ def find_duplicates(threshold: float | None = None, settings: Settings | None = 
     duplicates`). Returns the report's summary."""
     from encoder import read_scoring
     from indexer.duplicate_check import photo_reader
-    from indexer.duplicates import DEFAULT_THRESHOLD, report_path, write_report
+    from indexer.duplicates import DEFAULT_THRESHOLD, report_path, verdicts_path, write_report
     from indexer.duplicates import find_duplicates as find
 
     s = _settings(settings)
@@ -195,14 +195,15 @@ def find_duplicates(threshold: float | None = None, settings: Settings | None = 
     report = with_retries(find, open_index(s), _model_id(s.model_path),
                           DEFAULT_THRESHOLD if threshold is None else threshold,
                           columns=read_scoring(s.model_path).dim, read_photo=read_photo,
-                          retry_on=TRANSIENT_ERRORS)
+                          verdicts_path=verdicts_path(s.index_dir), retry_on=TRANSIENT_ERRORS)
     write_report(report, report_path(s.index_dir))
     out = {"version": report.version, "groups": len(report.groups),
            "photos": report.duplicated_photos, "threshold": report.threshold,
            "seconds": report.seconds}
     if report.check is not None:
         out |= {"candidate_threshold": report.candidate_threshold,
-                "checked": report.check.checked, "confirmed": report.check.confirmed,
+                "checked": report.check.checked, "reused": report.check.reused,
+                "confirmed": report.check.confirmed,
                 "without_pixels": report.check.without_pixels,
                 "unreadable": report.check.unreadable}
     return out

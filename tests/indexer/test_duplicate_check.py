@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from indexer.duplicate_check import PixelCheck, confirm_pairs, photo_reader
+from indexer.duplicate_check import PairVerdicts, PixelCheck, confirm_pairs, photo_reader
 from indexer.duplicates import DEFAULT_PIXEL_CHECK, find_duplicates, read_report, \
-    report_path, write_report
+    report_path, verdicts_path, write_report
 from objectstore import LocalStore
 from tests.indexer.helpers import PREFIX
 
@@ -180,3 +180,74 @@ def test_a_candidate_threshold_above_the_threshold_is_refused(faiss_index):
     with pytest.raises(ValueError):
         find_duplicates(faiss_index, "m-1", 0.8, read_photo=lambda key, size: None,
                         candidate_threshold=0.9)
+
+
+def test_verdicts_are_kept_between_passes_while_both_photos_and_the_check_are_unchanged(
+        tmp_path):
+    photos = {"a": _photo(1), "a2": _crop(_photo(1), 0.8), "b": _photo(2)}
+    pairs = (["a", "a"], ["a2", "b"], np.array([0.9, 0.75]))
+    etags = {"a": "e1", "a2": "e1", "b": "e1"}
+    reads: list[str] = []
+
+    def read(key, size):
+        reads.append(key)
+        return photos[key]
+
+    def run(check=DEFAULT_PIXEL_CHECK, pairs=pairs):
+        reads.clear()
+        store = PairVerdicts(tmp_path / "v.sqlite", check)
+        try:
+            keep, summary = confirm_pairs(*pairs, check, read, 0.85, verdicts=store,
+                                          etags=etags)
+            store.finish()
+        finally:
+            store.close()
+        return keep.tolist(), summary
+
+    keep, first = run()
+    assert keep == [True, False] and (first.checked, first.reused) == (2, 0)
+    keep, again = run()  # nothing changed: no photo read, the same verdicts
+    assert keep == [True, False] and reads == [] and (again.checked, again.reused) == (2, 2)
+    etags["b"] = "e2"  # b was replaced: its pair is checked again, a's other pair is not
+    photos["b"] = _crop(_photo(1), 0.9)
+    keep, changed = run()
+    assert keep == [True, True] and sorted(reads) == ["a", "b"] and changed.reused == 1
+    keep, other = run(check=PixelCheck(min_inliers=DEFAULT_PIXEL_CHECK.min_inliers + 5))
+    assert other.reused == 0  # another check's verdicts do not count
+    _, narrower = run(pairs=(["a"], ["a2"], np.array([0.9])))
+    assert narrower.reused == 0  # the last pass (another check) replaced them
+    _, kept = run(pairs=(["a"], ["a2"], np.array([0.9])))
+    assert kept.reused == 1
+    import sqlite3
+    with sqlite3.connect(tmp_path / "v.sqlite") as db:  # pairs no pass met any more are gone
+        assert db.execute("SELECT a, b FROM verdicts").fetchall() == [("a", "a2")]
+
+
+def test_the_pass_reuses_its_verdicts_and_rechecks_a_changed_photo(tmp_path, faiss_index):
+    store = LocalStore(tmp_path / "store", "photos")
+    keys = [f"{PREFIX}p0.jpg", f"{PREFIX}p0-crop.jpg", f"{PREFIX}other.jpg"]
+    basis = np.linalg.qr(np.random.default_rng(0).normal(size=(64, 3)))[0].T.astype(np.float32)
+    vectors = np.stack([basis[0], 0.8 * basis[0] + 0.6 * basis[1],
+                        0.75 * basis[0] + np.sqrt(1 - 0.75 ** 2) * basis[2]])
+    for key, img in zip(keys, (_photo(1), _crop(_photo(1), 0.75), _photo(2))):
+        store.put(key, _jpeg_bytes(img))
+    faiss_index.rebuild("m-1", keys, vectors, ["e1"] * 3)
+    path = verdicts_path(tmp_path)
+
+    def run():
+        return find_duplicates(faiss_index, "m-1", 0.9, read_photo=photo_reader(store),
+                               candidate_threshold=0.7, verdicts_path=path)
+
+    first = run()
+    assert [g.keys for g in first.groups] == [sorted(keys[:2])]
+    assert (first.check.checked, first.check.reused, first.check.photos_read) == (2, 0, 3)
+    again = run()
+    assert [g.keys for g in again.groups] == [sorted(keys[:2])]
+    assert (again.check.checked, again.check.reused, again.check.photos_read) == (2, 2, 0)
+    # candidates: p0 with the crop (0.8) and with "other" (0.75); "other" replaced by another
+    # crop of photo 1 (a new etag): its pair is checked again, the crop's is not
+    store.put(keys[2], _jpeg_bytes(_crop(_photo(1), 0.85)))
+    faiss_index.update("m-1", [keys[2]], vectors[2:], ["e2"])
+    third = run()
+    assert [g.keys for g in third.groups] == [sorted(keys)]
+    assert (third.check.checked, third.check.reused, third.check.photos_read) == (2, 1, 2)
