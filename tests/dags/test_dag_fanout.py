@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +43,18 @@ import importlib.abc, importlib.util, os, sys, time
 
 
 def _wait_for_a_second_shard(position):
+    """Sign in (the wall time this attempt began) and wait up to 120 s until a second attempt
+    has: the first two attempts then run at the same time whenever the executor runs two at
+    once. Returns this attempt's file, whose `.end` twin the attempt writes when it ends."""
     started = os.environ["SHARD_STARTED_DIR"]
-    with open(os.path.join(started, f"{position}-{os.getpid()}"), "w"):
-        pass
+    path = os.path.join(started, f"{position}-{os.getpid()}")
+    with open(path, "w") as f:
+        f.write(repr(time.time()))
     deadline = time.monotonic() + 120
-    while len(os.listdir(started)) < 2 and time.monotonic() < deadline:
+    while len([n for n in os.listdir(started) if not n.endswith(".end")]) < 2 \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
+    return path
 
 
 class _FailOnce(importlib.abc.MetaPathFinder):
@@ -65,13 +70,17 @@ class _FailOnce(importlib.abc.MetaPathFinder):
             real = module.embed_shard
 
             def embed_shard(shard, *args, **kwargs):
-                _wait_for_a_second_shard(shard["position"])
-                marker = os.environ["FAIL_ONCE_MARKER"]
-                if shard["position"] == int(os.environ["FAIL_ONCE_SHARD"]) and not os.path.exists(marker):
-                    with open(marker, "w") as f:
-                        f.write(str(os.getpid()))
-                    raise RuntimeError(f"injected: shard {shard['position']} fails its first try")
-                return real(shard, *args, **kwargs)
+                signed_in = _wait_for_a_second_shard(shard["position"])
+                try:
+                    marker = os.environ["FAIL_ONCE_MARKER"]
+                    if shard["position"] == int(os.environ["FAIL_ONCE_SHARD"]) and not os.path.exists(marker):
+                        with open(marker, "w") as f:
+                            f.write(str(os.getpid()))
+                        raise RuntimeError(f"injected: shard {shard['position']} fails its first try")
+                    return real(shard, *args, **kwargs)
+                finally:
+                    with open(signed_in + ".end", "w") as f:
+                        f.write(repr(time.time()))
 
             module.embed_shard = embed_shard
 
@@ -130,9 +139,15 @@ def _attempt_logs(home: str, run: dict) -> dict[int, dict[int, str]]:
     return out
 
 
-def _overlap(a: dict, b: dict) -> bool:
-    start = max(datetime.fromisoformat(a["start"]), datetime.fromisoformat(b["start"]))
-    return start < min(datetime.fromisoformat(a["end"]), datetime.fromisoformat(b["end"]))
+def _attempt_times(started: Path) -> dict[str, tuple[float, float]]:
+    """{"position-pid": (began, ended)} of every embed_shard attempt, as the attempts wrote them
+    (the failed try included: Airflow's rows keep only a task's last try)."""
+    return {p.name: (float(p.read_text()), float(p.with_name(p.name + ".end").read_text()))
+            for p in started.iterdir() if not p.name.endswith(".end")}
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return max(a[0], b[0]) < min(a[1], b[1])
 
 
 def test_mapped_shards_in_separate_processes_retry_alone_and_match_one_process(
@@ -175,8 +190,13 @@ def test_mapped_shards_in_separate_processes_retry_alone_and_match_one_process(
     others = {tasks[t]["pid"] for t in ("plan_shards", "publish_index", "upload_to_store")}
     failed_pid = int(marker.read_text())
     assert len(set(pids.values()) | others | {failed_pid}) == SHARDS + len(others) + 1
-    assert any(_overlap(shard_tis[i], shard_tis[j]) for i in range(SHARDS)
-               for j in range(i + 1, SHARDS)), "no two shards ran at the same time"
+    # each shard takes well under a second now: two run at once only where one waits for the
+    # other (the barrier); Airflow's rows keep only the last try, so the attempts' own times
+    times = _attempt_times(started)
+    assert len(times) == SHARDS + 1 and {int(k.split("-")[1]) for k in times} == \
+        set(pids.values()) | {failed_pid}
+    assert any(_overlap(a, b) for n, a in enumerate(times.values())
+               for b in list(times.values())[n + 1:]), f"no two shards ran at the same time: {times}"
     attempts = _attempt_logs(home, run1)
     assert {i: sorted(a) for i, a in attempts.items()} == \
         {i: [1, 2] if i == FAILING_SHARD else [1] for i in range(SHARDS)}
