@@ -142,14 +142,23 @@ class PairVerdicts:
     COMMIT_EVERY = 2000
 
     def __init__(self, path: str | Path, check: "PixelCheck"):
-        self.db = sqlite3.connect(str(path), timeout=60)
         self.params = json.dumps(check.params(), sort_keys=True)
+        self._pending = 0
+        try:
+            self._open(path)
+        except sqlite3.DatabaseError as exc:  # a damaged file: it only saves work, start afresh
+            log.warning("duplicates: the kept verdicts are unusable (%s); checking every pair", exc)
+            self.db.close()
+            Path(path).unlink(missing_ok=True)
+            self._open(path)
+
+    def _open(self, path: str | Path) -> None:
+        self.db = sqlite3.connect(str(path), timeout=60)
         self.db.execute("CREATE TABLE IF NOT EXISTS verdicts (a TEXT, b TEXT, etag_a TEXT, "
                         "etag_b TEXT, params TEXT, duplicate INTEGER, pass INTEGER, "
                         "PRIMARY KEY (a, b))")
         row = self.db.execute("SELECT MAX(pass) FROM verdicts").fetchone()
         self.pass_number = (row[0] or 0) + 1
-        self._pending = 0
 
     def get(self, a: str, etag_a: str, b: str, etag_b: str) -> bool | None:
         (a, etag_a), (b, etag_b) = sorted([(a, etag_a), (b, etag_b)])

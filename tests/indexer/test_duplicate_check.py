@@ -221,6 +221,9 @@ def test_verdicts_are_kept_between_passes_while_both_photos_and_the_check_are_un
     import sqlite3
     with sqlite3.connect(tmp_path / "v.sqlite") as db:  # pairs no pass met any more are gone
         assert db.execute("SELECT a, b FROM verdicts").fetchall() == [("a", "a2")]
+    (tmp_path / "v.sqlite").write_bytes(b"not a database" * 100)  # damaged: start afresh
+    keep, fresh = run()
+    assert keep == [True, True] and (fresh.checked, fresh.reused) == (2, 0)
 
 
 def test_the_pass_reuses_its_verdicts_and_rechecks_a_changed_photo(tmp_path, faiss_index):
