@@ -159,7 +159,7 @@ def run_faiss(base, queries, tuning, n, rows_out):
         params = view.manifest["index_params"]
         print(f"FAISS {n:,} vectors: {params}, built in {build:.0f} s, loaded in {load:.1f} s")
         for row in measure(view, keys, vectors, queries, taken, folder,
-                           clear_cache=view._passing.clear):
+                           clear_cache=view.forget_filters):
             rows_out.append({"backend": f"FAISS {params['kind']} {n:,}", **row})
         # after the searches: loading copies of the version leaves the allocator in a state
         # that slowed the cold searches measured after it 4x

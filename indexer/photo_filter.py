@@ -48,10 +48,21 @@ def _printable(value: str) -> str:
     return value
 
 
-# a name compared ignoring case: surrounding blanks dropped, never empty
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT),
-                 AfterValidator(_printable)]
-Folder = Annotated[str, StringConstraints(strip_whitespace=True, max_length=1024),
+def _stripped(value: str) -> str:
+    return value.strip()
+
+
+def _not_blank(value: str) -> str:
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+# a name compared ignoring case: surrounding blanks dropped, never empty. Lengths are checked
+# before the blanks are dropped, as the schema says them
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT),
+                 AfterValidator(_stripped), AfterValidator(_not_blank), AfterValidator(_printable)]
+Folder = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_stripped),
                    AfterValidator(_printable)]
 
 

@@ -9,23 +9,32 @@ or a row count other than the version's, is refused (ValueError: the loader repo
 
 `mask(where)` is PhotoFilter.matches, vectorized: numeric columns as float64 arrays (NaN:
 unknown), string columns as dictionary codes, so a comparison ignoring case is made once per
-distinct value, not once per row (about 2 ms for a filter of several fields at 1M rows).
+distinct value, not once per row (about 2 ms for a filter of several fields at 1M rows);
+`mask(where, rows)` evaluates it over those rows only. `candidate_rows(where)` answers the
+narrowest condition from a per-column order (rows sorted by date; rows grouped by folder,
+camera, place), built once per table on first use, so a filter matching few photos costs
+about the photos it matches, not the table.
 """
 from __future__ import annotations
 
 import io
 import threading
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from cachetools import LRUCache
 
 from indexer.photo_columns import DATE_NOT_READ, FACETS, INFO_COLUMNS, public_info
 from indexer.photo_filter import PhotoFilter, orientation_of, unit_sphere
 
 ARROW_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string()}
+# the filter fields that name a value, and the columns each is looked up in
+NAME_FIELDS = {"camera": ("camera_make", "camera_model"), "country": ("country", "country_code"),
+               "region": ("region",), "city": ("city",)}
 SCHEMA = pa.schema([(name, ARROW_TYPES[kind]) for name, kind in INFO_COLUMNS.items()])
 FIRST_SECOND, LAST_SECOND = -62135596800.0, 253402300799.0  # years 1..9999 (datetime's range)
 
@@ -37,6 +46,9 @@ class PhotoTable:
         self.table = table
         self._lock = threading.Lock()
         self._codes: dict[str, tuple[np.ndarray, list]] = {}
+        self._groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._accepts = LRUCache(256)  # (column, value test) -> accepted codes
+        self._prefixes: dict[str, tuple[pa.Array, np.ndarray]] = {}
 
     # --- making and storing ------------------------------------------------------------------
     @classmethod
@@ -135,63 +147,155 @@ class PhotoTable:
     def _unit_vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return unit_sphere(self.numbers("lat"), self.numbers("lon"))
 
-    def _where_value(self, name: str, accept) -> np.ndarray:
-        """Rows whose `name` is a value `accept(value)` holds for (one call per distinct value)."""
-        codes, values = self.codes(name)
-        # one more entry, False, for code -1 (unknown): a gather instead of np.isin's sort
-        accepted = np.array([bool(accept(v)) for v in values] + [False], bool)
-        return accepted[codes]
+    def _accepted(self, name: str, accept) -> np.ndarray:
+        """Per code of column `name`, whether `accept(value)` holds (one call per distinct
+        value; a filter's own tests, _SameAs and _InFolders, kept for its next searches), and
+        one more entry, False, for code -1 (unknown): a gather instead of np.isin's sort."""
+        key = (name, accept) if isinstance(accept, (_SameAs, _InFolders)) else None
+        with self._lock:
+            hit = None if key is None else self._accepts.get(key)
+        if hit is None:
+            values = self.codes(name)[1]
+            if isinstance(accept, _InFolders):  # each value's own folders looked up at once
+                prefixes, owner = self._folders_of(name)
+                found = pc.is_in(prefixes, value_set=pa.array(sorted(accept.folders),
+                                                              pa.string()))
+                hit = np.bincount(owner, weights=found.to_numpy(zero_copy_only=False),
+                                  minlength=len(values) + 1) > 0
+            else:
+                hit = np.array([bool(accept(v)) for v in values] + [False], bool)
+            if key is not None:
+                with self._lock:
+                    self._accepts[key] = hit
+        return hit
 
-    def _same(self, wanted: str, *names: str) -> np.ndarray:
-        wanted = wanted.casefold()
-        out = np.zeros(self.num_rows, bool)
+    def _folders_of(self, name: str) -> tuple[pa.Array, np.ndarray]:
+        """Each distinct value of a folder column with the folders above it (flattened), and
+        the code each belongs to: a folder filter matches a value when it names any of them."""
+        values = self.codes(name)[1]
+        with self._lock:
+            if name not in self._prefixes:
+                pairs = [(p, code) for code, v in enumerate(values) for p in (v, *_ancestors(v))]
+                self._prefixes[name] = (pa.array([p for p, _ in pairs], pa.string()),
+                                        np.array([c for _, c in pairs], np.int64))
+            return self._prefixes[name]
+
+    def forget_filters(self) -> None:
+        """Drop the filters' kept value tests (the per-column orders stay: they serve any)."""
+        with self._lock:
+            self._accepts.clear()
+
+    def _where_value(self, name: str, accept, rows: np.ndarray | None = None) -> np.ndarray:
+        """Rows (all, or these) whose `name` is a value `accept(value)` holds for."""
+        codes, _ = self.codes(name)
+        return self._accepted(name, accept)[codes if rows is None else codes[rows]]
+
+    def _same(self, wanted: str, *names: str, rows: np.ndarray | None = None) -> np.ndarray:
+        out = np.zeros(self.num_rows if rows is None else len(rows), bool)
         for name in names:
-            out |= self._where_value(name, lambda v: v.strip().casefold() == wanted)
+            out |= self._where_value(name, _same_as(wanted), rows)
         return out
 
-    def mask(self, where: PhotoFilter) -> np.ndarray:
-        """Rows that pass the filter (PhotoFilter.matches, row for row)."""
-        out = self.present.copy()  # a row without metadata passes no filter
+    def mask(self, where: PhotoFilter, rows: np.ndarray | None = None) -> np.ndarray:
+        """Whether each row (all rows in order, or these) passes the filter
+        (PhotoFilter.matches, row for row)."""
+        def numbers(name):
+            return self.numbers(name) if rows is None else self.numbers(name)[rows]
+
+        # a row without metadata passes no filter
+        out = self.present.copy() if rows is None else self.present[rows]
         if where.folders is not None and all(where.folders):  # "" is every folder
-            wanted = set(where.folders)
-            out &= self._where_value("folder", lambda v: v in wanted or any(
-                a in wanted for a in _ancestors(v)))
+            out &= self._where_value("folder", _in_folders(where.folders), rows)
         after, before = where.time_range()
         if after is not None or before is not None:
-            taken = self.numbers("taken_at")
+            taken = numbers("taken_at")
             with np.errstate(invalid="ignore"):
                 if after is not None:
                     out &= taken >= after
                 if before is not None:
                     out &= taken < before
-        if where.camera is not None:
-            out &= self._same(where.camera, "camera_make", "camera_model")
-        if where.country is not None:
-            out &= self._same(where.country, "country", "country_code")
-        if where.region is not None:
-            out &= self._same(where.region, "region")
-        if where.city is not None:
-            out &= self._same(where.city, "city")
+        for field, names in NAME_FIELDS.items():
+            if getattr(where, field) is not None:
+                out &= self._same(getattr(where, field), *names, rows=rows)
         if where.has_position is not None:
-            known = ~np.isnan(self.numbers("lat")) & ~np.isnan(self.numbers("lon"))
+            known = ~np.isnan(numbers("lat")) & ~np.isnan(numbers("lon"))
             out &= known if where.has_position else ~known
         if where.near is not None:
-            x, y, z = self._unit_vectors
+            x, y, z = (v if rows is None else v[rows] for v in self._unit_vectors)
             a, b, c = where.near.unit_vector()
             with np.errstate(invalid="ignore"):
                 out &= x * a + y * b + z * c >= where.near.min_cosine()
-        width, height = self.numbers("width"), self.numbers("height")
         with np.errstate(invalid="ignore"):
             if where.min_width is not None:
-                out &= width >= where.min_width
+                out &= numbers("width") >= where.min_width
             if where.min_height is not None:
-                out &= height >= where.min_height
+                out &= numbers("height") >= where.min_height
             if where.orientation is not None:
+                width, height = numbers("width"), numbers("height")
                 wanted = {orientation_of(2, 1): width > height,
                           orientation_of(1, 2): height > width,
                           orientation_of(1, 1): width == height}
                 out &= wanted[where.orientation]
         return out
+
+    # --- the narrowest condition, from per-column orders ---------------------------------------
+    def candidate_rows(self, where: PhotoFilter, most: int) -> tuple[int | None, np.ndarray | None]:
+        """(how many, which) rows may pass (every row that passes is among them), from the one
+        condition that leaves the fewest: folders, the date range, a camera or place name.
+        Which: None when more than `most` (then a mask over all rows costs less); how many:
+        None when no condition narrows."""
+        options = []  # (how many, how to get them)
+        if where.folders is not None and all(where.folders):
+            options.append(self._rows_with(("folder",), _in_folders(where.folders)))
+        after, before = where.time_range()
+        if after is not None or before is not None:
+            order, taken = self._by_time
+            lo = 0 if after is None else int(np.searchsorted(taken, after, "left"))
+            hi = len(taken) if before is None else int(np.searchsorted(taken, before, "left"))
+            options.append((max(0, hi - lo), lambda: order[lo:max(lo, hi)]))
+        for field, names in NAME_FIELDS.items():
+            if getattr(where, field) is not None:
+                options.append(self._rows_with(names, _same_as(getattr(where, field))))
+        if not options:
+            return None, None
+        count, rows = min(options, key=lambda o: o[0])
+        return count, (rows() if count <= most else None)
+
+    def _rows_with(self, names: tuple[str, ...], accept):
+        """(how many, a function giving them) of the rows whose value in any of these columns
+        `accept` holds for: the rows of each accepted code, from the column's grouping."""
+        parts = []
+        for name in names:
+            order, starts = self._by_code(name)
+            codes = np.flatnonzero(self._accepted(name, accept)[:-1])
+            parts.append((order, starts[codes], starts[codes + 1]))
+        count = sum(int((e - b).sum()) for _, b, e in parts)
+
+        def rows():
+            out = [order[b:e] for order, begins, ends in parts for b, e in zip(begins, ends)]
+            out = np.concatenate(out) if out else np.zeros(0, np.int64)
+            return np.unique(out) if len(parts) > 1 else out  # a row may match two columns
+        return count, rows
+
+    @cached_property
+    def _by_time(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows with a date, by date, and those dates (NaN, unknown, left out)."""
+        taken = self.numbers("taken_at")
+        known = np.flatnonzero(~np.isnan(taken))
+        order = known[np.argsort(taken[known], kind="stable")]
+        return order, taken[order]
+
+    def _by_code(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A string column's rows grouped by code (code c's rows: order[starts[c]:starts[c+1]])."""
+        codes, values = self.codes(name)
+        with self._lock:
+            if name not in self._groups:
+                order = np.argsort(codes, kind="stable")
+                counts = np.bincount(codes[codes >= 0], minlength=len(values))
+                unknown = int((codes < 0).sum())  # code -1 sorts first
+                starts = np.concatenate([[0], np.cumsum(counts)]) + unknown
+                self._groups[name] = (order, starts)
+            return self._groups[name]
 
     # --- counting ----------------------------------------------------------------------------
     def _non_empty(self, name: str) -> np.ndarray:
@@ -235,6 +339,32 @@ class PhotoTable:
         out["year"] = Counter({int(y): int(c) for y, c in zip(*np.unique(years,
                                                                          return_counts=True))})
         return {name: top(out[name], limit) for name in FACETS}
+
+
+@dataclass(frozen=True)
+class _SameAs:
+    """A name filter's test of a value: equal ignoring case and surrounding spaces."""
+    wanted: str
+
+    def __call__(self, value: str) -> bool:
+        return value.strip().casefold() == self.wanted
+
+
+@dataclass(frozen=True)
+class _InFolders:
+    """A folder filter's test: the folder itself or a folder above it is one of these."""
+    folders: frozenset
+
+    def __call__(self, value: str) -> bool:
+        return value in self.folders or any(a in self.folders for a in _ancestors(value))
+
+
+def _same_as(wanted: str) -> _SameAs:
+    return _SameAs(wanted.casefold())
+
+
+def _in_folders(folders: list[str]) -> _InFolders:
+    return _InFolders(frozenset(folders))
 
 
 def _ancestors(folder: str):

@@ -16,19 +16,24 @@ A version is written under a temporary name and renamed into place, then CURRENT
 atomically (both fsync'd, core.atomic): readers see the old version or the new one, never a
 partial one. `IndexVersion` is a loaded, checked version: the FAISS backend's view.
 
-Filtered search (`IndexVersion.search(..., where=PhotoFilter)`): the filter is evaluated over
-the metadata table as one numpy mask (cached per filter, FILTER_CACHE_SIZE of them) giving the
-ids that pass, and the search runs over those ids only:
-  - few ids (exact search over them costs no more than the IVF probe it replaces; at 1M vectors
-    of dim 256 and k=10, up to ~20k ids, EXACT_MIN_ROWS at least): their stored vectors are
-    gathered and scored exactly;
-  - otherwise FAISS searches with an IDSelectorBitmap in its SearchParameters: flat, an exact
-    scan that skips the rest; IVF, the lists probed are chosen for the filter: the lists
-    nearest the query that hold passing vectors (counted per list once per filter; when few
-    lists hold any, only those are ranked), as many as hold FILTER_CANDIDATES_PER_HIT * k of
-    them and at least the index's own nprobe, then `search_preassigned` with the selector.
-    Lists near the query without a passing photo are skipped instead of probed for nothing: a
+Filtered search (`IndexVersion.search(..., where=PhotoFilter)`): the search runs over the ids
+that pass, never top-k then filter. A filter's first search costs about what it touches, not
+the table:
+  - the narrowest condition (folders, a date range, a camera or place name) gives its rows from
+    a per-column order (PhotoTable.candidate_rows); when few, the filter is evaluated over those
+    rows only. Few ids pass (exact search over them costs no more than the IVF probe it
+    replaces; at 1M vectors of dim 256 and k=10, up to ~20k ids, EXACT_MIN_ROWS at least):
+    their stored vectors are gathered and scored exactly. More: an IDSelectorBitmap over them in
+    FAISS's SearchParameters: flat, an exact scan that skips the rest; IVF, the lists probed are
+    chosen for the filter: the lists nearest the query that hold passing vectors, as many as
+    hold FILTER_CANDIDATES_PER_HIT * k of them and at least the index's own nprobe, then
+    `search_preassigned` with the selector. Lists near the query without a passing photo are
+    skipped instead of probed for nothing (when few lists hold any, only those are ranked): a
     filter of photos unlike the query (a folder of another trip) still finds its best ones.
+  - IVF, when many may pass: the filter is evaluated over the photos of the lists nearest the
+    query only (`_search_near`), the same choice of lists; when those hold too few, counted as
+    above.
+What was counted is kept per filter (FILTER_CACHE_SIZE filters), for the next page or words.
 Scores come from FAISS's own loops (one thread in the service), never numpy's BLAS, whose
 threads wait for cores on a busy machine.
 Either way a row holds k hits whenever k photos pass (the lists probed hold at least k of
@@ -109,7 +114,8 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
 @dataclass
 class PassingIds:
     """The ids a filter lets through in one version: the ids when few (exact search), else a
-    bitmap over ids for FAISS's IDSelectorBitmap (and, IVF, how many pass in each list)."""
+    bitmap over ids for FAISS's IDSelectorBitmap (IVF: how many pass in each list, and the
+    lists holding any, counted when first needed)."""
     count: int
     ids: np.ndarray | None
     bitmap: np.ndarray | None
@@ -209,35 +215,82 @@ class IndexVersion:
         """How many photos of this version the filter lets through."""
         return self.passing(where).count if active(where) is not None else self.count
 
-    def passing(self, where: PhotoFilter) -> PassingIds:
-        """The ids this filter lets through (cached per filter)."""
+    def forget_filters(self) -> None:
+        """Drop what was kept of the filters seen (the next search of each is its first)."""
+        with self._passing_lock:
+            self._passing.clear()
+        if self.photos is not None:
+            self.photos.forget_filters()
+
+    def _cached_passing(self, where: PhotoFilter) -> tuple[str, PassingIds | None]:
         key = where.model_dump_json()
         with self._passing_lock:
-            hit = self._passing.get(key)
+            return key, self._passing.get(key)
+
+    def passing(self, where: PhotoFilter) -> PassingIds:
+        """The ids this filter lets through (cached per filter)."""
+        key, hit = self._cached_passing(where)
         if hit is not None:
             return hit
-        mask = self.photos.mask(where) if self.photos is not None else \
-            np.zeros(self.count, bool)
-        ids = self.ids[mask]
-        if len(ids) <= self._exact_max_rows(len(ids)):
-            out = PassingIds(len(ids), ids, None)
-        else:
-            if self._ids_are_rows:
-                by_id = mask  # ids 0..n-1 in table order: the mask is the bitmap's bits
-            else:
-                by_id = np.zeros(int(self.ids.max()) + 1, bool)
-                by_id[ids] = True
-            out = PassingIds(len(ids), None, np.packbits(by_id, bitorder="little"))
-            ivf = ivf_or_none(self.index)
-            if ivf is not None:
-                out.list_counts = np.bincount(self._list_of_id[ids], minlength=self._nlist)
-                held = np.flatnonzero(out.list_counts)
-                if len(held) <= ivf.nlist // 2:
-                    out.held_lists = held.astype(np.int64)
-                    out.held_centroids = np.ascontiguousarray(self._centroids[held])
+        out = self._count_passing(where, self._passing_rows(where, self._subset_most)[1])
         with self._passing_lock:
             self._passing[key] = out
         return out
+
+    @property
+    def _subset_most(self) -> int:
+        """Up to how many candidate rows the filter is evaluated over them (gathered) rather
+        than over every row (a contiguous pass)."""
+        return self.count // 8
+
+    def _passing_rows(self, where: PhotoFilter, most: int) -> tuple[int, np.ndarray | None]:
+        """(at most how many pass, the table rows passing the filter): the rows found from its
+        narrowest condition when that leaves `most` rows or fewer, else None."""
+        if self.photos is None:
+            return 0, np.zeros(0, np.int64)
+        count, candidates = self.photos.candidate_rows(where, most)
+        if candidates is None:
+            return self.count if count is None else count, None
+        rows = candidates[self.photos.mask(where, candidates)]
+        return len(rows), rows
+
+    def _count_passing(self, where: PhotoFilter, rows: np.ndarray | None) -> PassingIds:
+        """PassingIds from the passing rows, or (None) from a mask over every row."""
+        mask = None
+        if rows is None:
+            mask = self.photos.mask(where)
+            count = int(np.count_nonzero(mask))
+        else:
+            count = len(rows)
+        if count <= self._exact_max_rows(count):
+            rows = np.flatnonzero(mask) if rows is None else np.sort(rows)
+            return PassingIds(count, self.ids[rows], None)
+        if self._ids_are_rows and mask is not None:
+            by_id = mask  # ids 0..n-1 in table order: the mask is the bitmap's bits
+        else:
+            by_id = np.zeros(int(self.ids.max()) + 1, bool)
+            by_id[self.ids[rows] if rows is not None else self.ids[mask]] = True
+        out = PassingIds(count, None, np.packbits(by_id, bitorder="little"))
+        if rows is not None and ivf_or_none(self.index) is not None:  # few: count them now
+            self._held(out, np.bincount(self._list_of_row[rows], minlength=self._nlist))
+        return out
+
+    def _held(self, passing: PassingIds, counts: np.ndarray | None = None) -> PassingIds:
+        """IVF: the passing vectors of every list (`counts`, or counted from the bitmap), once
+        per filter, and the lists holding any when they are at most half of them."""
+        if passing.list_counts is None:
+            ivf = ivf_or_none(self.index)
+            if counts is None:
+                ids, starts = self._ids_by_list
+                held = np.concatenate([[0], np.cumsum(_bits(passing.bitmap, ids),
+                                                      dtype=np.int64)])
+                counts = held[starts[1:]] - held[starts[:-1]]
+            nonempty = np.flatnonzero(counts)
+            if len(nonempty) <= ivf.nlist // 2:
+                passing.held_lists = nonempty.astype(np.int64)
+                passing.held_centroids = np.ascontiguousarray(self._centroids[nonempty])
+            passing.list_counts = counts
+        return passing
 
     @cached_property
     def _ids_are_rows(self) -> bool:
@@ -253,15 +306,55 @@ class IndexVersion:
         return ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
 
     @cached_property
-    def _list_of_id(self) -> np.ndarray:
-        """IVF: the list each id is in (by id)."""
+    def _ids_by_list(self) -> tuple[np.ndarray, np.ndarray]:
+        """IVF: the ids of every list, list after list, and where each list starts (list l:
+        ids[starts[l]:starts[l+1]])."""
         ivf = ivf_or_none(self.index)
-        out = np.full(int(self.ids.max()) + 1 if len(self.ids) else 0, -1, np.int64)
-        for lst in range(ivf.nlist):
-            size = ivf.invlists.list_size(lst)
-            if size:
-                out[faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), size)] = lst
+        sizes = np.array([ivf.invlists.list_size(lst) for lst in range(ivf.nlist)], np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        ids = np.empty(int(starts[-1]), np.int64)
+        for lst in np.flatnonzero(sizes):
+            ids[starts[lst]:starts[lst + 1]] = faiss.rev_swig_ptr(
+                ivf.invlists.get_ids(int(lst)), int(sizes[lst]))
+        return ids, starts
+
+    @cached_property
+    def _rows_by_list(self) -> np.ndarray:
+        """IVF: `_ids_by_list`'s ids as table rows."""
+        ids, _ = self._ids_by_list
+        if self._ids_are_rows:
+            return ids
+        row_of_id = np.zeros(int(self.ids.max()) + 1, np.int64)
+        row_of_id[self.ids] = np.arange(len(self.ids))
+        return row_of_id[ids]
+
+    @cached_property
+    def _list_of_row(self) -> np.ndarray:
+        """IVF: the list each table row's vector is in."""
+        _, starts = self._ids_by_list
+        out = np.empty(len(self.ids), np.int32)
+        out[self._rows_by_list] = np.repeat(np.arange(self._nlist, dtype=np.int32),
+                                            np.diff(starts))
         return out
+
+    def _in_lists(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in `_ids_by_list` of these lists' entries (list after list; -1 lists
+        hold none), and where each list's part ends."""
+        _, starts = self._ids_by_list
+        lists = lists.ravel()
+        valid = lists >= 0
+        begins = np.where(valid, starts[np.maximum(lists, 0)], 0)
+        sizes = np.where(valid, starts[np.maximum(lists, 0) + 1], 0) - begins
+        ends = np.cumsum(sizes)
+        positions = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(begins - ends + sizes,
+                                                                             sizes)
+        return positions, ends
+
+    @staticmethod
+    def _per_list(passed: np.ndarray, ends: np.ndarray, shape) -> np.ndarray:
+        """Passing entries per list (`_in_lists`' ends), in the shape of the lists asked."""
+        held = np.concatenate([[0], np.cumsum(passed, dtype=np.int64)])
+        return (held[ends] - held[np.concatenate([[0], ends[:-1]])]).reshape(shape)
 
     def _nprobe_for(self, passing: int, k: int) -> int:
         """About how many IVF lists hold FILTER_CANDIDATES_PER_HIT * k passing vectors, if
@@ -279,9 +372,19 @@ class IndexVersion:
         wait for cores a busy machine does not give them)."""
         ivf = ivf_or_none(self.index)
         target = min(passing.count, FILTER_CANDIDATES_PER_HIT * k)
-        wanted = min(ivf.nprobe, int((passing.list_counts > 0).sum()))
-        # the nearest few lists usually suffice: rank those, 8x more if not, then all
         few = 4 * self._nprobe_for(passing.count, k) + 16
+        if passing.list_counts is None:
+            # the nearest few lists usually suffice (8x more if not): count in those only
+            ids, _ = self._ids_by_list
+            for nearest in (few, 8 * few):
+                scores, lists = ivf.quantizer.search(queries, min(ivf.nlist, nearest))
+                positions, ends = self._in_lists(lists)
+                counts = self._per_list(_bits(passing.bitmap, ids[positions]), ends,
+                                        lists.shape)
+                if _enough(counts, target, ivf.nprobe):
+                    return _chosen(lists, scores, counts, target, ivf.nprobe)
+            self._held(passing)
+        wanted = min(ivf.nprobe, int((passing.list_counts > 0).sum()))
         ranked = ivf.nlist if passing.held_lists is None else len(passing.held_lists)
         for nearest in (min(ranked, few), min(ranked, 8 * few), ranked):
             if passing.held_lists is None:
@@ -291,19 +394,42 @@ class IndexVersion:
                                           metric=ivf.quantizer.metric_type)
                 lists = passing.held_lists[lists]
             counts = passing.list_counts[lists]
-            held = np.cumsum(counts, axis=1)
-            nonempty = counts > 0
-            seen = np.cumsum(nonempty, axis=1)
-            if nearest == ranked or ((held[:, -1] >= target) & (seen[:, -1] >= wanted)).all():
+            if nearest == ranked or _enough(counts, target, wanted):
                 break
-        reach = np.maximum((held < target).sum(axis=1), (seen < wanted).sum(axis=1)) + 1
-        chosen = nonempty & (np.arange(lists.shape[1])[None, :] < reach[:, None])
-        first = np.argsort(~chosen, axis=1, kind="stable")  # the chosen first, in order
-        width = int(chosen.sum(axis=1).max())
-        lists = np.take_along_axis(lists, first, 1)[:, :width]
-        scores = np.take_along_axis(scores, first, 1)[:, :width]
-        lists[np.arange(width)[None, :] >= chosen.sum(axis=1)[:, None]] = -1  # faiss skips -1
-        return np.ascontiguousarray(lists, np.int64), np.ascontiguousarray(scores, np.float32)
+        return _chosen(lists, scores, counts, target, wanted)
+
+    def _search_near(self, queries: np.ndarray, k: int, where: PhotoFilter, most: int):
+        """IVF, a filter many photos pass (at most `most`), seen for the first time: evaluated
+        over the photos of the lists nearest each query only, not the whole table (as
+        `_lists_for` chooses the lists, without counting every photo first). None when those
+        lists hold too few: the caller counts them all."""
+        ivf = ivf_or_none(self.index)
+        target, few = FILTER_CANDIDATES_PER_HIT * k, 4 * self._nprobe_for(most, k) + 16
+        ids, _ = self._ids_by_list
+        # one round: when the lists nearest the query hold too few, the filter's photos are
+        # elsewhere (a folder unlike the query), and counting them all finds them sooner
+        for nearest in (few,):
+            scores, lists = ivf.quantizer.search(queries, min(ivf.nlist, nearest))
+            positions, ends = self._in_lists(lists)
+            passed = self.photos.mask(where, self._rows_by_list[positions])
+            counts = self._per_list(passed, ends, lists.shape)
+            if _enough(counts, target, ivf.nprobe):
+                by_id = np.zeros(self._id_bound, bool)
+                by_id[ids[positions[passed]]] = True
+                lists, scores = _chosen(lists, scores, counts, target, ivf.nprobe)
+                return self._search_lists(queries, k, lists, scores,
+                                          np.packbits(by_id, bitorder="little"))
+        return None
+
+    def _near_above(self, k: int) -> int:
+        """IVF: from how many passing photos `_search_near` is tried first: when the lists it
+        evaluates hold, spread evenly, twice the passing photos it needs."""
+        ivf = ivf_or_none(self.index)
+        return int(2 * FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / (4 * ivf.nprobe + 16))
+
+    @cached_property
+    def _id_bound(self) -> int:
+        return int(self.ids.max()) + 1 if len(self.ids) else 0
 
     def _exact_max_rows(self, passing: int, k: int = 10) -> int:
         """Up to how many passing ids an exact search over them is chosen: while it costs no
@@ -322,11 +448,17 @@ class IndexVersion:
             vectors = self.index.reconstruct_batch(passing.ids)
             scores, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
             return scores, np.where(rows >= 0, passing.ids[np.maximum(rows, 0)], -1)
-        selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
-        ivf = ivf_or_none(self.index)
-        if ivf is None:  # flat: an exact scan that skips the ids not passing
+        if ivf_or_none(self.index) is None:  # flat: an exact scan that skips the ids not passing
+            selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
             return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
         lists, centroid_scores = self._lists_for(queries, k, passing)
+        return self._search_lists(queries, k, lists, centroid_scores, passing.bitmap)
+
+    def _search_lists(self, queries: np.ndarray, k: int, lists: np.ndarray,
+                      centroid_scores: np.ndarray, bitmap: np.ndarray):
+        """IVF: (scores, ids) of the top k in these lists among the ids the bitmap holds."""
+        ivf = ivf_or_none(self.index)
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         params = faiss.SearchParametersIVF(sel=selector, nprobe=lists.shape[1])
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
@@ -335,6 +467,27 @@ class IndexVersion:
                                  faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
                                  faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
         return scores, ids
+
+    def _search_filtered(self, queries: np.ndarray, k: int, where: PhotoFilter):
+        """(scores, ids) of the top k photos passing the filter, k at most how many pass."""
+        key, passing = self._cached_passing(where)
+        if passing is None:
+            ivf = ivf_or_none(self.index)
+            near = ivf is not None and self.photos is not None
+            most, rows = self._passing_rows(where, self._near_above(k) if near
+                                            else self._subset_most)
+            if rows is None and near:  # many may pass: look near the query before counting
+                found = self._search_near(queries, k, where, most)
+                if found is not None:
+                    return found
+                rows = self._passing_rows(where, self._subset_most)[1]
+            passing = self._count_passing(where, rows)
+            with self._passing_lock:
+                self._passing[key] = passing
+        k = min(k, passing.count)
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        return self._search_passing(queries, k, passing)
 
     def search(self, queries: np.ndarray, k: int, readback: int | None = None,
                where: PhotoFilter | None = None):
@@ -346,14 +499,15 @@ class IndexVersion:
             readback = check_readback(readback, self.dim)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         where = active(where)
-        passing = None if where is None else self.passing(where)
-        k = min(k, self.count if passing is None else passing.count)
+        k = min(k, self.count)
         if k <= 0:
             return empty_result(len(queries), readback)
-        if passing is None:
+        if where is None:
             scores, ids = self.index.search(queries, k)
         else:
-            scores, ids = self._search_passing(queries, k, passing)
+            scores, ids = self._search_filtered(queries, k, where)
+            if ids.shape[1] == 0:
+                return empty_result(len(queries), readback)
         keys = [[self.key_of(i) for i in row if i >= 0] for row in ids]
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         scores = scores[:, : max((len(r) for r in keys), default=0)]
@@ -362,6 +516,35 @@ class IndexVersion:
         # one reconstruct_batch per row: ~15 us for 10 hits
         return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, readback]
                               for row in ids]
+
+
+def _bits(bitmap: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Whether each id is set in a little-endian bitmap (np.packbits' order)."""
+    return (bitmap[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1
+
+
+def _enough(counts: np.ndarray, target: int, wanted: int) -> bool:
+    """Whether, for every query, the lists ranked hold `target` passing vectors and `wanted`
+    of them hold any."""
+    return bool(((counts.sum(axis=1) >= target) & ((counts > 0).sum(axis=1) >= wanted)).all())
+
+
+def _chosen(lists: np.ndarray, scores: np.ndarray, counts: np.ndarray, target: int,
+            wanted: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the nearest lists holding passing vectors (lists ranked nearest first),
+    until they hold `target` of them and at least `wanted` lists; padded with -1, which FAISS
+    skips, with their centroid scores."""
+    held = np.cumsum(counts, axis=1)
+    nonempty = counts > 0
+    seen = np.cumsum(nonempty, axis=1)
+    reach = np.maximum((held < target).sum(axis=1), (seen < wanted).sum(axis=1)) + 1
+    chosen = nonempty & (np.arange(lists.shape[1])[None, :] < reach[:, None])
+    first = np.argsort(~chosen, axis=1, kind="stable")  # the chosen first, in order
+    width = int(chosen.sum(axis=1).max())
+    lists = np.take_along_axis(lists, first, 1)[:, :width]
+    scores = np.take_along_axis(scores, first, 1)[:, :width]
+    lists[np.arange(width)[None, :] >= chosen.sum(axis=1)[:, None]] = -1
+    return np.ascontiguousarray(lists, np.int64), np.ascontiguousarray(scores, np.float32)
 
 
 class IndexRepository:

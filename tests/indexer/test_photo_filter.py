@@ -49,6 +49,8 @@ def test_an_empty_filter_restricts_nothing():
     ({"city": "Oslo\x00"}, "city"),
     ({"folders": ["a\nb"]}, "folders.0"),
     ({"city": "x" * 500}, "city"),
+    ({"region": "x" + " " * 300}, "region"),  # too long as sent, as the schema says
+    ({"folders": ["a" + " " * 1100]}, "folders.0"),
     ({"folders": ["a"] * 101}, "folders"),
     ({"folders": "2023"}, "folders"),
 ])

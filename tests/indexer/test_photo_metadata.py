@@ -5,6 +5,7 @@ the search: every field, a filter nobody matches, and a full page at 0.5 % selec
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -301,6 +302,92 @@ def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, k
     assert view.passing(where).ids is not None
     truth, _ = exact_filtered(vectors, keys, [{}] * n, queries, where, k=50)
     assert view.search(queries, 50, where=where)[1] == truth
+
+
+def test_photo_table_over_some_rows_and_candidate_rows(library):
+    """`mask(where, rows)` is the whole-table mask at those rows, for every field; the rows
+    `candidate_rows` gives hold every passing row, and none is given above `most`."""
+    from indexer.photo_table import PhotoTable
+
+    keys, _, _, infos = library
+    table = PhotoTable.from_rows([None if i is None else clean_info(i, k)
+                                  for k, i in zip(keys, infos)])
+    rows = np.random.default_rng(3).permutation(N)[:700]
+    narrowed = 0
+    for fields in FILTERS:
+        where = PhotoFilter.model_validate(fields)
+        whole = table.mask(where)
+        np.testing.assert_array_equal(table.mask(where, rows), whole[rows], err_msg=str(fields))
+        count, candidates = table.candidate_rows(where, N)
+        assert (count is None) == (candidates is None)
+        if candidates is not None:
+            narrowed += 1
+            assert set(np.flatnonzero(whole)) <= set(candidates.tolist()), fields
+            assert count == len(candidates) < N, fields
+            assert table.candidate_rows(where, count - 1) == (count, None)
+    assert narrowed == 13  # the filters with a folder, a date, a camera or a place
+    # a folder filter, looked up for all values at once, is the row-by-row test: the folder
+    # or below it, not a longer name
+    folders = ["2023", "2023/beach", "2023/beachside", "2023/beach/day1", "2024/beach", ""]
+    table = PhotoTable.from_rows([{"folder": f} for f in folders])
+    for asked in (["2023/beach"], ["2023"], ["2024", "2023/beachside"], ["beach"]):
+        where = PhotoFilter(folders=asked)
+        assert table.mask(where).tolist() == [where.matches({"folder": f}) for f in folders]
+
+
+@pytest.mark.parametrize("share", [0.5, 0.05, 0.004])
+def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypatch, share):
+    """A filter's first search on IVF, before anything is counted: evaluated over the lists
+    near the query when many pass, from the narrowest condition's rows when few do, and
+    counted in full when the lists near the query hold too few; the best passing photos
+    either way."""
+    from indexer import index_policy
+
+    monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    n = 8000
+    rng = np.random.default_rng(8)
+    centers = unit_vectors(20, DIM, seed=9)
+    cluster = rng.integers(0, 20, n)
+    vectors = centers[cluster] + 0.15 * rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
+    infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
+             for i in range(n)]
+    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
+    view = faiss_index.view(MODEL)
+    assert view.manifest["index_params"]["kind"] == "ivf"
+    tried = []
+    search_near = view._search_near
+    monkeypatch.setattr(view, "_search_near",
+                        lambda *a: tried.append(search_near(*a)) or tried[-1])
+    queries = centers[:5] + 0.05  # near clusters 0..4
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    start = datetime.fromtimestamp(T2019 + 100 * DAY, timezone.utc)
+    dates = PhotoFilter(taken_after=start, taken_before=start + timedelta(days=n * share))
+    # half the library around the queries; or folders far from them (k 50: a page of photos
+    # unlike the query needs more lists)
+    folders = {0.5: [f"c{c:02d}" for c in range(10)], 0.05: ["c19"],
+               0.004: ["c19/s00", "c19/s01"]}[share]
+    for where, k in ((dates, K), (PhotoFilter(folders=folders), 50)):
+        truth, matching = exact_filtered(vectors, keys, infos, queries, where, k=k)
+        assert abs(matching / n - share) < share / 2
+        tried.clear()
+        view._passing.clear()
+        scores, found = view.search(queries, k, where=where)
+        assert [len(r) for r in found] == [min(k, matching)] * 5
+        assert np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]) >= 0.95
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)
+        if matching > view._near_above(k):
+            assert len(tried) == 1 and tried[0] is not None  # found near the query
+        else:
+            assert tried == []  # few: from the narrowest condition's rows
+        assert view.count_matching(where) == matching
+    # the lists near the queries hold too few of the folder's photos: counted, then searched
+    view._passing.clear()
+    monkeypatch.setattr(view, "_near_above", lambda k: 0)
+    truth, _ = exact_filtered(vectors, keys, infos, queries, PhotoFilter(folders=["c19/s00"]))
+    assert view.search(queries, K, where=PhotoFilter(folders=["c19/s00"]))[1] == truth
+    assert len(tried) == 1 and tried[0] is None
 
 
 # --- Milvus: the expression, servers without arithmetic, collections made before -----------
