@@ -187,8 +187,9 @@ class PhotoTable:
 
     def _where_value(self, name: str, accept, rows: np.ndarray | None = None) -> np.ndarray:
         """Rows (all, or these) whose `name` is a value `accept(value)` holds for."""
-        codes, _ = self.codes(name)
-        return self._accepted(name, accept)[codes if rows is None else codes[rows]]
+        codes, _ = self.codes(name)  # np.take: twice as fast as indexing here
+        return np.take(self._accepted(name, accept), codes if rows is None
+                       else np.take(codes, rows))
 
     def _same(self, wanted: str, *names: str, rows: np.ndarray | None = None) -> np.ndarray:
         out = np.zeros(self.num_rows if rows is None else len(rows), bool)
@@ -200,10 +201,10 @@ class PhotoTable:
         """Whether each row (all rows in order, or these) passes the filter
         (PhotoFilter.matches, row for row)."""
         def numbers(name):
-            return self.numbers(name) if rows is None else self.numbers(name)[rows]
+            return self.numbers(name) if rows is None else np.take(self.numbers(name), rows)
 
         # a row without metadata passes no filter
-        out = self.present.copy() if rows is None else self.present[rows]
+        out = self.present.copy() if rows is None else np.take(self.present, rows)
         if where.folders is not None and all(where.folders):  # "" is every folder
             out &= self._where_value("folder", _in_folders(where.folders), rows)
         after, before = where.time_range()

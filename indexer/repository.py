@@ -404,14 +404,14 @@ class IndexVersion:
         `_lists_for` chooses the lists, without counting every photo first). None when those
         lists hold too few: the caller counts them all."""
         ivf = ivf_or_none(self.index)
-        target, few = FILTER_CANDIDATES_PER_HIT * k, 4 * self._nprobe_for(most, k) + 16
+        target, few = FILTER_CANDIDATES_PER_HIT * k, 2 * self._nprobe_for(most, k) + 8
         ids, _ = self._ids_by_list
         # one round: when the lists nearest the query hold too few, the filter's photos are
         # elsewhere (a folder unlike the query), and counting them all finds them sooner
         for nearest in (few,):
             scores, lists = ivf.quantizer.search(queries, min(ivf.nlist, nearest))
             positions, ends = self._in_lists(lists)
-            passed = self.photos.mask(where, self._rows_by_list[positions])
+            passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
             counts = self._per_list(passed, ends, lists.shape)
             if _enough(counts, target, ivf.nprobe):
                 by_id = np.zeros(self._id_bound, bool)
