@@ -262,6 +262,15 @@ class PhotoTable:
         count, rows = min(options, key=lambda o: o[0])
         return count, (rows() if count <= most else None)
 
+    def exact_count(self, where: PhotoFilter) -> int | None:
+        """How many rows pass, when one condition makes the filter and its per-column order
+        counts it exactly (folders, a date range, a region, a city; a row with any of these
+        has metadata): no pass over the table. None otherwise."""
+        asked = {name for name, value in where if value is not None}
+        single = (asked == {"folders"} and all(where.folders)
+                  or asked <= {"taken_after", "taken_before"} or asked in ({"region"}, {"city"}))
+        return self.candidate_rows(where, 0)[0] if single and asked else None
+
     def _rows_with(self, names: tuple[str, ...], accept):
         """(how many, a function giving them) of the rows whose value in any of these columns
         `accept` holds for: the rows of each accepted code, from the column's grouping."""

@@ -30,10 +30,12 @@ the table:
     `search_preassigned` with the selector. Lists near the query without a passing photo are
     skipped instead of probed for nothing (when few lists hold any, only those are ranked): a
     filter of photos unlike the query (a folder of another trip) still finds its best ones.
-  - IVF, when many may pass: the filter is evaluated over the photos of the lists nearest the
-    query only (`_search_near`), the same choice of lists; when those hold too few, counted as
-    above.
+  - IVF, when many may pass, at a filter's first search: the filter is evaluated over the
+    photos of the lists nearest the query only (`_search_near`), the same choice of lists; when
+    those hold too few, or the filter is searched again, counted as above.
 What was counted is kept per filter (FILTER_CACHE_SIZE filters), for the next page or words.
+`count_matching` (an answer's total) counts a one-condition filter from its column's order
+(folders, dates, region, city), else it counts and keeps the passing ids.
 Scores come from FAISS's own loops (one thread in the service), never numpy's BLAS, whose
 threads wait for cores on a busy machine.
 Either way a row holds k hits whenever k photos pass (the lists probed hold at least k of
@@ -138,6 +140,7 @@ class IndexVersion:
 
     def __post_init__(self):
         self._passing = LRUCache(FILTER_CACHE_SIZE)
+        self._seen = LRUCache(4 * FILTER_CACHE_SIZE)  # filters searched near the query once
         self._passing_lock = threading.Lock()
 
     @property
@@ -213,12 +216,20 @@ class IndexVersion:
 
     def count_matching(self, where: PhotoFilter) -> int:
         """How many photos of this version the filter lets through."""
-        return self.passing(where).count if active(where) is not None else self.count
+        if active(where) is None:
+            return self.count
+        _, hit = self._cached_passing(where)
+        if hit is None and self.photos is not None:
+            counted = self.photos.exact_count(where)
+            if counted is not None:
+                return counted
+        return (hit or self.passing(where)).count
 
     def forget_filters(self) -> None:
         """Drop what was kept of the filters seen (the next search of each is its first)."""
         with self._passing_lock:
             self._passing.clear()
+            self._seen.clear()
         if self.photos is not None:
             self.photos.forget_filters()
 
@@ -476,10 +487,17 @@ class IndexVersion:
             near = ivf is not None and self.photos is not None
             most, rows = self._passing_rows(where, self._near_above(k) if near
                                             else self._subset_most)
-            if rows is None and near:  # many may pass: look near the query before counting
+            with self._passing_lock:
+                first = self._seen.pop(key, None) is None
+            if rows is None and near and first:
+                # many may pass, seen for the first time: look near the query; a filter
+                # searched again (a next page, other words) is counted once and kept
                 found = self._search_near(queries, k, where, most)
                 if found is not None:
+                    with self._passing_lock:
+                        self._seen[key] = True
                     return found
+            if rows is None:
                 rows = self._passing_rows(where, self._subset_most)[1]
             passing = self._count_passing(where, rows)
             with self._passing_lock:

@@ -326,6 +326,14 @@ def test_photo_table_over_some_rows_and_candidate_rows(library):
             assert count == len(candidates) < N, fields
             assert table.candidate_rows(where, count - 1) == (count, None)
     assert narrowed == 13  # the filters with a folder, a date, a camera or a place
+    exact = 0
+    for fields in FILTERS:  # one condition a column's order counts: no pass over the table
+        where = PhotoFilter.model_validate(fields)
+        counted = table.exact_count(where)
+        if counted is not None:
+            exact += 1
+            assert counted == int(table.mask(where).sum()), fields
+    assert exact == 7  # folders (2), dates (2), region, city (2)
     # a folder filter, looked up for all values at once, is the row-by-row test: the folder
     # or below it, not a longer name
     folders = ["2023", "2023/beach", "2023/beachside", "2023/beach/day1", "2024/beach", ""]
@@ -379,6 +387,9 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
         assert np.all(np.diff(scores, axis=1) <= 1e-6)
         if matching > view._near_above(k):
             assert len(tried) == 1 and tried[0] is not None  # found near the query
+            # searched again (a next page, other words): counted once, and kept
+            assert view.search(queries, k, where=where)[1] == found
+            assert len(tried) == 1 and view._cached_passing(where)[1].count == matching
         else:
             assert tried == []  # few: from the narrowest condition's rows
         assert view.count_matching(where) == matching
