@@ -12,11 +12,11 @@ filter at each selectivity: a date range (independent of the picture) and folder
 source images in 200 k-means groups, one folder each: a folder's photos look alike, as a trip's
 do: the hard case for IVF, whose lists nearest the query may hold none of them). Truth: exact
 inner product over the photos that pass. Latency: one query per call, one FAISS thread (as the API runs),
-filtered and unfiltered alternated; "cold" clears what the version keeps per filter before
-every query (its first search), "count" clears it again and counts the photos passing (the
-total an API answer with a full page gives: kept when it had to pass over the table), then
-the filter's second search (it counts the filter if nothing was kept) and "warm", the third (a
-person paging or refining words under the same filter). Milvus: a real standalone server (deploy.local_milvus), HNSW as
+filtered and unfiltered alternated. Per query, as the API meets a filter: "cold" clears what
+the version keeps per filter, then searches (the filter's first search); "count" then counts
+the photos passing (the total an answer with a full page gives); then the filter's second
+search (it counts and keeps the filter if nothing was kept) and "warm", the third (a person
+paging or refining words under the same filter). Milvus: a real standalone server (deploy.local_milvus), HNSW as
 MILVUS_INDEX_TYPE defaults, Bounded consistency.
 """
 from __future__ import annotations
@@ -124,7 +124,6 @@ def measure(view, keys, vectors, queries, taken, folder, clear_cache=None):
                 _, hits = view.search(q, 10, where=where)
                 cold.append(time.perf_counter() - t)
                 if clear_cache is not None:  # the total an answer with a full page gives
-                    clear_cache()
                     t = time.perf_counter()
                     view.count_matching(where)
                     count.append(time.perf_counter() - t)
