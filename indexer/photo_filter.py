@@ -58,12 +58,13 @@ def _not_blank(value: str) -> str:
     return value
 
 
-# a name compared ignoring case: surrounding blanks dropped, never empty. Lengths are checked
-# before the blanks are dropped, as the schema says them
+# a name compared ignoring case: surrounding blanks dropped, never empty. Length and control
+# characters are checked before the blanks are dropped, as the schema says them (str.strip
+# drops some control characters, U+0085 among them)
 Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT),
-                 AfterValidator(_stripped), AfterValidator(_not_blank), AfterValidator(_printable)]
-Folder = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_stripped),
-                   AfterValidator(_printable)]
+                 AfterValidator(_printable), AfterValidator(_stripped), AfterValidator(_not_blank)]
+Folder = Annotated[str, StringConstraints(max_length=1024), AfterValidator(_printable),
+                   AfterValidator(_stripped)]
 
 
 class Near(BaseModel):

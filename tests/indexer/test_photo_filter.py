@@ -51,6 +51,8 @@ def test_an_empty_filter_restricts_nothing():
     ({"city": "x" * 500}, "city"),
     ({"region": "x" + " " * 300}, "region"),  # too long as sent, as the schema says
     ({"folders": ["a" + " " * 1100]}, "folders.0"),
+    ({"region": "W\x85"}, "region"),  # a control character str.strip would drop
+    ({"folders": ["a\x85"]}, "folders.0"),
     ({"folders": ["a"] * 101}, "folders"),
     ({"folders": "2023"}, "folders"),
 ])
