@@ -298,9 +298,12 @@ class MilvusIndex(VectorIndex):
                 if self._client is None:
                     from pymilvus import MilvusClient
 
-                    # it logs a full traceback for every failed call (set up by its import):
-                    # we log one line and raise our own
+                    # it logs a full traceback for every failed call (set up by its import),
+                    # and another for every failed reconnect to a server that went away: we
+                    # log one line and raise our own
                     logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
+                    logging.getLogger("pymilvus.client.connection_manager").setLevel(
+                        logging.ERROR)
                     with self.calls():
                         self._client = MilvusClient(uri=self.uri, token=self.token,
                                                     timeout=self.timeout_s)
