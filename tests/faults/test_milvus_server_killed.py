@@ -1,8 +1,10 @@
-"""The Milvus server itself SIGKILLed (not our process) while `python -m indexer update` upserts
-in place. The command fails in one line naming Milvus; after Milvus is started again on the
-same data the alias serves the published collection with a part of the update; the rerun
-completes to the same rows, none twice, `python -m indexer verify` passes and a search finds a
-photo the run added.
+"""The Milvus server itself SIGKILLed (not our process): while `python -m indexer rebuild` writes
+its new collection and as its publish loads it; while `python -m indexer update` upserts in
+place. The command fails in one line naming Milvus; after Milvus is started again on the same
+data the alias still serves the old, complete collection (a rebuild) or the published one
+with a part of the update (an update); the rerun completes (an update's to the same rows, none
+twice), the partial collection goes with the next prune, `python -m indexer verify` passes and
+a search finds a photo the run added.
 
 Each test runs a Milvus of its own (its data in the test's folder): the session's server, which
 other tests share, is never killed."""
@@ -85,6 +87,33 @@ def _completes(run: IndexRun, *args) -> dict:
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("point", ["milvus_upsert", "milvus_publish_load"])
+def test_milvus_killed_during_a_rebuild_keeps_the_old_collection_served(
+        run, own_milvus, encoder, point):
+    run.put(range(8))
+    run.run_all()
+    old = _served(run, encoder.model_id)
+    run.put(range(8, 12))
+
+    rc, log = pause_at(_cli("rebuild"), run.env, point, run.dir / "marker", run.dir,
+                       lambda: _kill(own_milvus), timeout=240)
+    _failed_clearly(rc, log)
+    own_milvus.start()  # the same data folder
+
+    assert _served(run, encoder.model_id) == old  # never the partial collection
+    partial = set(_collections(run)) - {old[0]}
+    assert len(partial) == 1  # the killed rebuild's, its draft could not be dropped
+
+    out = _completes(run, "rebuild")
+    twelve = sorted(photo_key(i) for i in range(12))
+    assert (out["action"], out["count"]) == ("rebuilt", 12)
+    assert _served(run, encoder.model_id) == (out["version"], twelve, 12)
+    run.prune()  # the run's step after its publish: the partial collection can never publish
+    assert partial.isdisjoint(_collections(run))
+    assert run.verify_cli()["ok"]
+    assert run.top_hit(encoder, photo_key(11)) == photo_key(11)
 
 
 def test_milvus_killed_during_an_in_place_update_and_the_rerun_writes_the_same_rows(
