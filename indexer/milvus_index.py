@@ -14,7 +14,11 @@ server, every API replica follows within MILVUS_REFRESH_S. An update upserts int
 collection (object key = primary key, the object's etag stored beside the vector) and deletes
 keys by filter; nothing is copied (`begin(..., base=<published>)` returns the published
 collection itself, and publishing it only counts it). `prune` drops unaliased collections
-beyond the newest few.
+beyond the newest few, and drafts that can never be published: a new collection is marked a
+draft (`draft`, `draft_base`: the collection published when it was begun, `draft_begun`) until
+its publish clears the mark, and a draft begun on a collection no longer published (a rebuild
+that died with its server, a plan overtaken: `shards` refuses to publish it) or untouched for
+DRAFT_ABANDONED_S goes at once, rather than filling one of the newest few.
 
 Fields: key VARCHAR (primary), etag VARCHAR, vector FLOAT_VECTOR (Scoring's index vectors as
 they are), tail FLOAT (the vector's last component, copied at write), metric IP: the score of a
@@ -88,6 +92,7 @@ FACETS_TTL_S = 60.0  # facets of a collection are counted again after this long
 NEAR_KEYS_MAX = 100_000  # keys an expression may name for `near` (servers without arithmetic)
 RANGE_FILTER_MAX = 1e6  # a range search's upper score bound: none (scores are cosines, <= 1)
 NEAR_CACHE_S = 30.0  # such a key list is reused this long (in-place updates show after it)
+DRAFT_ABANDONED_S = 2 * 24 * 3600  # a draft begun this long ago belongs to no live run (FAISS's)
 
 
 def _public(exc: BaseException) -> str:
@@ -298,9 +303,12 @@ class MilvusIndex(VectorIndex):
                 if self._client is None:
                     from pymilvus import MilvusClient
 
-                    # it logs a full traceback for every failed call (set up by its import):
-                    # we log one line and raise our own
+                    # it logs a full traceback for every failed call (set up by its import),
+                    # and another for every failed reconnect to a server that went away: we
+                    # log one line and raise our own
                     logging.getLogger("pymilvus.decorators").setLevel(logging.CRITICAL)
+                    logging.getLogger("pymilvus.client.connection_manager").setLevel(
+                        logging.ERROR)
                     with self.calls():
                         self._client = MilvusClient(uri=self.uri, token=self.token,
                                                     timeout=self.timeout_s)
@@ -611,6 +619,12 @@ class MilvusIndex(VectorIndex):
                     if not _not_found(exc):
                         raise
                     aliased = None
+            for name in names:  # before the newest few are counted: a dead draft is none
+                if name != aliased and self._dead_draft(name, aliased):
+                    with self.calls():
+                        self.client.drop_collection(name, timeout=self.timeout_s)
+                    removed.append(name)
+            names = [n for n in names if n not in removed]
             for name in (names[:-keep] if keep else names):
                 if name != aliased:
                     with self.calls():
@@ -618,6 +632,19 @@ class MilvusIndex(VectorIndex):
                     removed.append(name)
         return {"removed": removed, "versions": len(collections) - len(removed),
                 "current": current}
+
+    def _dead_draft(self, collection: str, aliased: str | None) -> bool:
+        """An unpublished collection that can never be published: begun when another one than
+        `aliased` was published, or DRAFT_ABANDONED_S ago. Collections made before drafts were
+        marked have no mark: versions, as before."""
+        with self.calls():
+            props = self.client.describe_collection(collection, timeout=self.timeout_s).get(
+                "properties") or {}
+        if props.get("draft") != "1":
+            return False
+        begun = float(props.get("draft_begun") or 0)
+        return props.get("draft_base", "") != (aliased or "") or \
+            time.time() - begun > DRAFT_ABANDONED_S
 
     # --- writing -----------------------------------------------------------------------------
     def begin(self, model_id, dim, extra=None, tuning_queries=None, base=None) -> str:
@@ -631,6 +658,9 @@ class MilvusIndex(VectorIndex):
             return base
 
         name = self._collection(model_id, new_version_name())
+        # a draft until its publish: what prune needs to tell a dead run's collection
+        draft = {"draft": "1", "draft_base": self.published(model_id) or "",
+                 "draft_begun": f"{time.time():.0f}"}
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                             description=model_id)
         schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=KEY_MAX)
@@ -657,7 +687,8 @@ class MilvusIndex(VectorIndex):
                     self.client.create_collection(name, schema=schema,
                                                   index_params=index_params,
                                                   consistency_level="Bounded",
-                                                  properties={"model_id": model_id},
+                                                  properties={"model_id": model_id,
+                                                              **draft},
                                                   timeout=self.timeout_s * 6)
                 break
             except MilvusException as exc:
@@ -727,6 +758,10 @@ class MilvusIndex(VectorIndex):
         alias = self.alias(model_id)
         with self.calls():
             self.client.load_collection(version, timeout=self.timeout_s * 12)
+            # no longer a draft before anyone is served it (killed between the two: an
+            # unpublished version, kept as the newest few are)
+            self.client.alter_collection_properties(version, {"draft": "0"},
+                                                    timeout=self.timeout_s)
             if self.published(model_id) is None:
                 try:
                     self.client.create_alias(version, alias, timeout=self.timeout_s)

@@ -18,6 +18,10 @@ that file exists and carries on, so that the test can take a server away in betw
 
     s3_put          S3Store.put: FAULT_AFTER puts (default 1) done; every later one waits
     s3_get          S3Store.get: FAULT_AFTER gets (default 1) done; every later one waits
+    milvus_upsert   Milvus: FAULT_AFTER upserts (default 1, two rows each) done; every later
+                    one waits
+    milvus_publish_load  Milvus: the publish about to load the new collection (the alias not
+                    yet switched); it waits before the load
 """
 from __future__ import annotations
 
@@ -65,8 +69,41 @@ def _paused_after(cls, name):
     setattr(cls, name, call)
 
 
+def _pause():
+    import time
+    with open(os.environ["FAULT_MARKER"], "w") as f:
+        f.write(str(os.getpid()))
+    while not os.path.exists(os.environ["FAULT_RELEASE"]):
+        time.sleep(0.02)
+
+
 def _install(point):
-    if point in ("s3_put", "s3_get"):
+    if point == "milvus_upsert":
+        import indexer.milvus_index
+        from pymilvus import MilvusClient
+        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several upserts
+        _paused_after(MilvusClient, "upsert")
+    elif point == "milvus_publish_load":
+        import threading
+        from indexer.milvus_index import MilvusIndex
+        from pymilvus import MilvusClient
+        real_publish, real_load = MilvusIndex.publish, MilvusClient.load_collection
+        publishing = threading.local()
+
+        def publish(self, *args, **kwargs):
+            publishing.on = True
+            try:
+                return real_publish(self, *args, **kwargs)
+            finally:
+                publishing.on = False
+
+        def load_collection(self, *args, **kwargs):
+            if getattr(publishing, "on", False):  # not the loads of counts before it
+                _pause()
+            return real_load(self, *args, **kwargs)
+
+        MilvusIndex.publish, MilvusClient.load_collection = publish, load_collection
+    elif point in ("s3_put", "s3_get"):
         from objectstore.s3 import S3Store
         _paused_after(S3Store, point[3:])
     elif point == "part_write":

@@ -153,6 +153,35 @@ def test_faiss_prune_removes_drafts_of_dead_runs_only(tmp_path):
     assert index.publish(live)["count"] == 3
 
 
+@pytest.mark.parametrize("kind", ["milvus", "milvus-lite"])
+def test_milvus_prune_removes_drafts_that_can_never_publish(kind, request, tmp_path):
+    """A collection begun on a version no longer published (its run died, or was overtaken: the
+    shards refuse to publish it) or DRAFT_ABANDONED_S ago goes at once, whatever `keep`; a
+    version once published and a live run's draft stay."""
+    from tests.indexer.conftest import backend_settings
+
+    index = open_index(backend_settings(kind, request, tmp_path))
+    try:
+        vectors = unit_vectors(4, DIM)
+        first = index.rebuild(MODEL, _keys(4), vectors, ["a"] * 4)["version"]
+        dead = index.begin(MODEL, DIM)  # begun on `first`, its writer gone
+        index.write(dead, _keys(2), vectors[:2], ["b"] * 2)
+        second = index.rebuild(MODEL, _keys(4), vectors, ["c"] * 4)["version"]
+        live, old = index.begin(MODEL, DIM), index.begin(MODEL, DIM)
+        index.client.alter_collection_properties(old, {"draft_begun": "0"})  # 1970's
+        report = index.prune(keep=5)
+        assert report["removed"] == [dead, old] and report["current"] == [second]
+        assert index.versions() == [first, second, live]
+        index.write(live, _keys(3), vectors[:3], ["d"] * 3)  # the live run goes on
+        assert index.publish(live)["count"] == 3 and index.published(MODEL) == live
+        assert index.prune(keep=5)["removed"] == []  # published once: versions now
+    finally:
+        if kind == "milvus":  # leave the shared server clean
+            for name in index.versions():
+                index.client.drop_collection(name)
+        index.close()
+
+
 def test_a_faiss_update_draft_needs_its_parts_and_its_base(tmp_path):
     index = FaissIndex(tmp_path / "index")
     base = index.rebuild("m", _keys(4), unit_vectors(4, DIM), ["a"] * 4)["version"]
