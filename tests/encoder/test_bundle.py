@@ -240,7 +240,11 @@ def test_recall_through_the_serving_path_equals_the_evaluation(tmp_path):
         np.concatenate([serving.encode_images(images[i:i + 16]) for i in range(0, 60, 16)]))
     queries = serving.scoring.query_vectors(serving.encode_texts(texts))
     ranks = _ranks_t2i(torch.from_numpy(queries @ stored.T), torch.as_tensor(owner))
-    assert summarize(ranks, (1, 5, 10)) == want["text_to_image"]
+    got, expected = summarize(ranks, (1, 5, 10)), dict(want["text_to_image"])
+    # recalls and median exactly; the mean rank may move by a near-tie that ONNX's float
+    # order and eager PyTorch's break apart (one of 300 queries by one place: 0.0033)
+    assert abs(got.pop("mean_rank") - expected.pop("mean_rank")) <= 0.02
+    assert got == expected
 
 
 def test_the_service_opens_the_image_tower_at_start_only_when_asked(banked, tmp_path):
