@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from indexer.arrow_numpy import from_numpy, strings, to_numpy
+
 SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("etag", pa.string()),
                     ("key_order", pa.int64()), ("id_order", pa.int64())])
 _STRINGS = (pa.string(), pa.large_string())  # large_string: keys beyond 2 GiB in all
@@ -53,7 +55,8 @@ class Column(Sequence):
             yield from self.array[start:start + _ITER_CHUNK].to_pylist()
 
     def __contains__(self, value) -> bool:
-        return isinstance(value, str) and pc.index(self.array, value).as_py() >= 0
+        return isinstance(value, str) and \
+            pc.index(self.array, strings([value], self.array.type)[0]).as_py() >= 0
 
     def __eq__(self, other):
         if isinstance(other, Column):
@@ -82,10 +85,10 @@ def _first_not_increasing(values: pa.Array, order: np.ndarray) -> int | None:
     """The first position p where values[order[p]] >= values[order[p + 1]] (None: strictly
     increasing), comparing a chunk at a time."""
     for start in range(0, max(0, len(order) - 1), _CHECK_CHUNK):
-        part = values.take(order[start:start + _CHECK_CHUNK + 1])
-        increasing = pc.less(part[:-1], part[1:])
-        if not pc.all(increasing).as_py():
-            return start + int(np.flatnonzero(~increasing.to_numpy(zero_copy_only=False))[0])
+        part = values.take(from_numpy(order[start:start + _CHECK_CHUNK + 1]))
+        increasing = to_numpy(pc.less(part[:-1], part[1:]))
+        if not increasing.all():
+            return start + int(np.argmin(increasing))
     return None
 
 
@@ -105,10 +108,10 @@ class KeyTable:
         column = self.table.column(name)
         if column.num_chunks == 1:
             return column.chunk(0)
-        return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+        return column.combine_chunks() if column.num_chunks else pa.nulls(0, column.type)
 
     def _numbers(self, name: str) -> np.ndarray:
-        return self._array(name).to_numpy(zero_copy_only=False)
+        return to_numpy(self._array(name))
 
     @property
     def num_rows(self) -> int:
@@ -190,17 +193,17 @@ class KeyTable:
             return np.zeros(0, np.int64)
         if n == 0:
             return np.full(len(keys), -1, np.int64)
-        wanted = pa.array(list(keys), self._key_array.type)
+        wanted = strings(list(keys), self._key_array.type)
         lo = np.zeros(len(wanted), np.int64)
         hi = np.full(len(wanted), n, np.int64)
         while (open_ := lo < hi).any():
             mid = (lo + hi) // 2
-            probe = self._key_array.take(self.key_order[np.minimum(mid, n - 1)])
-            below = pc.less(probe, wanted).to_numpy(zero_copy_only=False)
+            probe = self._key_array.take(from_numpy(self.key_order[np.minimum(mid, n - 1)]))
+            below = to_numpy(pc.less(probe, wanted))
             lo = np.where(open_ & below, mid + 1, lo)
             hi = np.where(open_ & ~below, mid, hi)
         rows = self.key_order[np.minimum(lo, n - 1)]
-        same = pc.equal(self._key_array.take(rows), wanted).to_numpy(zero_copy_only=False)
+        same = to_numpy(pc.equal(self._key_array.take(from_numpy(rows)), wanted))
         return np.where((lo < n) & same, rows, -1)
 
     def row_of_id(self, vid: int) -> int:

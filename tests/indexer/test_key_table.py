@@ -130,3 +130,71 @@ def test_the_key_table_is_mapped_not_read_into_memory(tmp_path):
     assert view.keys[n - 1] == keys[-1] and view.info([keys[10]]) == [None]
     assert view.stored_vectors([keys[n // 2]]).shape == (1, 8)
     assert pa.total_allocated_bytes() - before < size / 20
+
+
+SERVE = r"""
+import sys
+import numpy as np
+from indexer.photo_filter import PhotoFilter
+from indexer.repository import IndexRepository
+view = IndexRepository(sys.argv[1]).load()
+queries = np.eye(8, dtype=np.float32)[:2]
+scores, keys = view.search(queries, 5)
+view.info(keys[0]), view.stored_vectors(keys[0]), view.key_of(int(view.ids[3]))
+for where in (PhotoFilter(folders=["a"]), PhotoFilter(min_width=120), PhotoFilter(camera="x")):
+    view.search(queries, 3, where=where)
+view.info_counts(), view.facets(3), keys[0][0] in view.keys
+print(sorted(m for m in ("pandas", "pyarrow.dataset") if m in sys.modules))
+"""
+
+
+def test_serving_a_version_does_not_import_pandas(tmp_path):
+    """pyarrow's conversions (pa.array, to_numpy, pq.read_table) import pandas when it is
+    installed, ~27 MB in each serving process: loading and serving a version avoids them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from indexer.photo_table import PhotoTable
+
+    pytest.importorskip("pandas")
+    repo = IndexRepository(tmp_path)
+    n = 40
+    ids = np.arange(n, dtype=np.int64) * 3 + 1  # not rows: key_of searches the id order
+    index = new_flat_index(8)
+    index.add_with_ids(unit_vectors(n), ids)
+    rows = [None if i % 5 == 0 else {"taken_at": 1.6e9 + i, "camera_make": "X", "lat": 48.0,
+            "lon": None, "width": 100 + i, "folder": "a/b" if i % 2 else "c"} for i in range(n)]
+    repo.commit_version(index, ids, [f"k/{i}.jpg" for i in range(n)], ["e"] * n, "m",
+                        photos=PhotoTable.from_rows(rows))
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", SERVE, str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_arrow_numpy_conversions_match_pyarrows():
+    from indexer.arrow_numpy import from_numpy, strings, to_numpy
+    import pyarrow.compute as pc
+
+    values = pa.array([5, None, -3, 7, None, 2**40], pa.int64())
+    for part in (values, values.slice(2), values.slice(1, 3)):
+        expected = np.asarray(part.to_numpy(zero_copy_only=False), dtype=float)
+        got = to_numpy(pc.cast(part, pa.float64()), null=np.nan)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(to_numpy(part.is_valid()), part.is_valid().to_numpy(
+            zero_copy_only=False))
+    with pytest.raises(ValueError):
+        to_numpy(values)
+    assert to_numpy(values.slice(2, 2)).tolist() == [-3, 7]
+    assert to_numpy(pa.chunked_array([[1], [2, 3]], pa.int64())).tolist() == [1, 2, 3]
+    ints = np.arange(10, dtype=np.int64)[3:8]
+    assert from_numpy(ints).equals(pa.array(ints)) and from_numpy(ints[::2]).to_pylist() == [3, 5, 7]
+    texts = ["", "a", "été", "日本", "x" * 300]
+    for kind in (pa.string(), pa.large_string()):
+        made = strings(texts, kind)
+        made.validate(full=True)
+        assert made.equals(pa.array(texts, kind))
+    assert strings([]).equals(pa.array([], pa.string()))
