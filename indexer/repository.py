@@ -52,6 +52,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -112,6 +113,18 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
     parts = [faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst)).copy()
              for lst in range(ivf.nlist) if ivf.invlists.list_size(lst)]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _holds_ids(index: faiss.Index, table: KeyTable) -> bool:
+    """Whether the index holds the table's ids (True for an index without ids of its own)."""
+    if isinstance(index, faiss.IndexIDMap2) and index.id_map.size() == table.num_rows:
+        # a flat version's ids in the index's order, as written: a view, no copy
+        in_order = faiss.rev_swig_ptr(index.id_map.data(), table.num_rows) \
+            if table.num_rows else np.zeros(0, np.int64)
+        if np.array_equal(in_order, table.ids):
+            return True
+    held = _index_ids(index)
+    return held is None or np.array_equal(np.sort(held), table.ids[table.id_order])
 
 
 @dataclass
@@ -251,7 +264,9 @@ class IndexVersion:
 
     @cached_property
     def _ids_are_rows(self) -> bool:
-        return bool(np.array_equal(self.ids, np.arange(len(self.ids))))
+        ids = self.ids  # 0..n-1 in order: increasing from 0 to n-1 (no arange of n beside it)
+        return not len(ids) or (ids[0] == 0 and ids[-1] == len(ids) - 1 and
+                                bool((ids[1:] > ids[:-1]).all()))
 
     @cached_property
     def _nlist(self) -> int:
@@ -534,10 +549,11 @@ class IndexRepository:
             raise IndexLoadError(f"index version {version}: index holds {n} vectors, the "
                                  f"manifest says {manifest.count}")
         table = self._key_table(version, vdir / table_file, n)
-        held = _index_ids(index)
-        if held is not None and not np.array_equal(np.sort(held), table.ids[table.id_order]):
+        if not _holds_ids(index, table):
             raise IndexLoadError(f"index version {version}: table ids are not the ids the "
                                  "index holds")
+        # the checks' temporaries, kept by Arrow's allocator otherwise
+        pa.default_memory_pool().release_unused()
         photos = None
         if INFO_FILE in manifest.checksums:
             try:
