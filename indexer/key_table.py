@@ -14,7 +14,9 @@ strictly (so keys and ids are unique). Problems are ValueErrors; the loader repo
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +29,8 @@ SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("etag", pa.string
 _STRINGS = (pa.string(), pa.large_string())  # large_string: keys beyond 2 GiB in all
 _CHECK_CHUNK = 1 << 16  # rows compared at a time (bounded temporaries at load)
 _ITER_CHUNK = 1 << 14
+_FENCE_EVERY = 256  # key_order positions between two keys of the fence (_fence)
+_ONE_BY_ONE_MAX = 32  # up to this many keys: searched one by one (rows_of_keys)
 
 
 class Column(Sequence):
@@ -55,7 +59,7 @@ class Column(Sequence):
             yield from self.array[start:start + _ITER_CHUNK].to_pylist()
 
     def __contains__(self, value) -> bool:
-        return isinstance(value, str) and \
+        return isinstance(value, str) and _is_utf8(value) and \
             pc.index(self.array, strings([value], self.array.type)[0]).as_py() >= 0
 
     def __eq__(self, other):
@@ -70,6 +74,14 @@ class Column(Sequence):
     def __repr__(self) -> str:
         shown = self[:3]
         return f"Column({shown!r}{' ...' if len(self) > 3 else ''}, {len(self)} rows)"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _strings(values) -> pa.Array:
@@ -186,16 +198,22 @@ class KeyTable:
 
     # --- lookups -----------------------------------------------------------------------------
     def rows_of_keys(self, keys: list[str]) -> np.ndarray:
-        """Each key's row (-1: not in the table): one binary search over key_order for all
-        the keys at once, about log2(rows) steps of Arrow's take and compare."""
+        """Each key's row (-1: not in the table), by binary search over key_order: a few keys
+        one by one in Python (~10-20 us a key at 1M), more all at once: their stretches of the
+        order from the fence, then log2(_FENCE_EVERY) steps of Arrow's take and compare."""
+        if len(keys) <= _ONE_BY_ONE_MAX:
+            return np.array([self._row_of_key(k) for k in keys], np.int64)
         n = self.num_rows
-        if not len(keys):
-            return np.zeros(0, np.int64)
         if n == 0:
             return np.full(len(keys), -1, np.int64)
-        wanted = strings(list(keys), self._key_array.type)
-        lo = np.zeros(len(wanted), np.int64)
-        hi = np.full(len(wanted), n, np.int64)
+        # a key that is not UTF-8 (a lone surrogate) is in no table
+        text = [k if isinstance(k, str) and _is_utf8(k) else "" for k in keys]
+        held = np.array([t is k for t, k in zip(text, keys)], bool)
+        wanted = strings(text, self._key_array.type)
+        # each key's stretch of the order from the fence, then the steps within it
+        at = np.array([bisect.bisect_right(self._fence, t) for t in text], np.int64)
+        lo = np.maximum(at - 1, 0) * _FENCE_EVERY
+        hi = np.minimum(at * _FENCE_EVERY, n)
         while (open_ := lo < hi).any():
             mid = (lo + hi) // 2
             probe = self._key_array.take(from_numpy(self.key_order[np.minimum(mid, n - 1)]))
@@ -204,7 +222,32 @@ class KeyTable:
             hi = np.where(open_ & ~below, mid, hi)
         rows = self.key_order[np.minimum(lo, n - 1)]
         same = to_numpy(pc.equal(self._key_array.take(from_numpy(rows)), wanted))
-        return np.where((lo < n) & same, rows, -1)
+        return np.where((lo < n) & same & held, rows, -1)
+
+    @cached_property
+    def _fence(self) -> list[str]:
+        """Every _FENCE_EVERY-th key in key order (~4k strings at 1M): a key's stretch of the
+        order is found in Python before the steps that read the mapped columns."""
+        return self._key_array.take(from_numpy(self.key_order[::_FENCE_EVERY])).to_pylist()
+
+    def _row_of_key(self, key: str) -> int:
+        if not isinstance(key, str):
+            return -1
+        # Python orders str by code point, as Arrow orders their UTF-8 bytes
+        at = bisect.bisect_right(self._fence, key)  # fence[at - 1] <= key < fence[at]
+        if at == 0:
+            return -1
+        lo, hi = (at - 1) * _FENCE_EVERY, min(self.num_rows, at * _FENCE_EVERY)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._key_array[int(self.key_order[mid])].as_py() < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == self.num_rows:
+            return -1
+        row = int(self.key_order[lo])
+        return row if self._key_array[row].as_py() == key else -1
 
     def row_of_id(self, vid: int) -> int:
         """The id's row (-1: no such id): binary search over id_order."""

@@ -31,21 +31,31 @@ def _publish(repo, keys, ids=None):
     return repo.commit_version(index, ids, keys, [f"etag-{k}" for k in keys], "m")
 
 
-def test_key_lookups_agree_with_a_dict(tmp_path):
+@pytest.mark.parametrize("fence", [1, 5, 256])
+def test_key_lookups_agree_with_a_dict(tmp_path, monkeypatch, fence):
+    from indexer import key_table
+
+    monkeypatch.setattr(key_table, "_FENCE_EVERY", fence)
     keys = _random_keys(300)
     table = KeyTable.from_columns(np.arange(300) * 7 + 3, keys, ["e"] * 300)
     table.write(tmp_path / "t.arrow")
     mapped = KeyTable.read(tmp_path / "t.arrow")
     row = {k: n for n, k in enumerate(keys)}
-    asked = keys[::3] + _random_keys(60, seed=1) + ["", "photos/", keys[0] + "x", keys[5][:-1]]
+    ordered = sorted(keys)
+    asked = keys[::3] + _random_keys(60, seed=1) + ordered[:2] + ordered[-2:] + [
+        "", "photos/", "\U0010ffff", keys[0] + "x", keys[5][:-1], "photos/\ud800", 5]
     expected = [row.get(k, -1) for k in asked]
+    assert len(asked) > key_table._ONE_BY_ONE_MAX  # all at once
     assert mapped.rows_of_keys(asked).tolist() == expected
     assert [mapped.rows_of_keys([k]).tolist() for k in asked] == [[r] for r in expected]
+    assert mapped.rows_of_keys(asked[:10]).tolist() == expected[:10]  # one by one
+    assert mapped.rows_of_keys([]).tolist() == []
     ids = np.asarray(mapped.ids)
     assert [mapped.row_of_id(int(i)) for i in ids[::7]] == list(range(0, 300, 7))
     assert [mapped.row_of_id(i) for i in (-1, 0, 3, 4, 2096, 2097, 10**12)] == \
         [-1, -1, 0, -1, 299, -1, -1]
-    assert KeyTable.from_columns([], [], []).rows_of_keys(["a"]).tolist() == [-1]
+    empty = KeyTable.from_columns([], [], [])
+    assert empty.rows_of_keys(["a"]).tolist() == [-1] and empty.rows_of_keys(["a"] * 99).tolist() == [-1] * 99
 
 
 def test_keys_and_etags_read_as_sequences(tmp_path):
@@ -61,6 +71,7 @@ def test_keys_and_etags_read_as_sequences(tmp_path):
     with pytest.raises(IndexError):
         view.keys[40]
     assert keys[7] in view.keys and "nope" not in view.keys and 5 not in view.keys
+    assert "\ud800" not in view.keys
     assert view.etag_by_key() == {k: f"etag-{k}" for k in keys}
     assert view.id_by_key() == {k: n for n, k in enumerate(keys)}
     assert sorted(view.keys) == sorted(keys) and view.keys == repo.load().keys
