@@ -265,8 +265,8 @@ class IndexVersion:
     @cached_property
     def _ids_are_rows(self) -> bool:
         ids = self.ids  # 0..n-1 in order: increasing from 0 to n-1 (no arange of n beside it)
-        return not len(ids) or (ids[0] == 0 and ids[-1] == len(ids) - 1 and
-                                bool((ids[1:] > ids[:-1]).all()))
+        return not len(ids) or bool(ids[0] == 0 and ids[-1] == len(ids) - 1 and
+                                    (ids[1:] > ids[:-1]).all())
 
     @cached_property
     def _nlist(self) -> int:
