@@ -5,7 +5,10 @@ Layout under the index directory:
     versions/<version>/index.faiss   FAISS index over inner product (vectors are L2-normalised):
                                      IndexIDMap2(IndexFlatIP) while exact search is fast enough,
                                      IndexIVFFlat above that (index_policy; ids stay stable)
-    versions/<version>/table.json    ids, object keys and content etags, in the same order
+    versions/<version>/table.arrow   ids, object keys and content etags, in the same order, and
+                                     their sort orders (indexer.key_table: read memory-mapped);
+                                     versions made before it have table.json (the three columns
+                                     as JSON lists), still read
     versions/<version>/info.parquet  the photos' metadata, one row per vector in table order
                                      (indexer.photo_table); versions made before it have none
     versions/<version>/manifest.json model id, dim, count, created, index type, checksums (of
@@ -56,6 +59,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -63,6 +67,7 @@ from core.atomic import atomic_dir, write_atomic
 from core.hashing import sha256_file
 from indexer import photo_columns
 from indexer.index_policy import index_spec_of, ivf_or_none
+from indexer.key_table import Column, KeyTable
 from indexer.photo_filter import PhotoFilter, active
 from indexer.photo_table import PhotoTable
 from indexer.vector_index import IndexLoadError, check_readback, empty_result, new_version_name
@@ -75,7 +80,11 @@ MANIFEST_FORMAT = "flickr-search-index/1"
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _POINTER_MAX_BYTES = 256
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-REQUIRED_FILES = ("index.faiss", "table.json")
+TABLE_FILE = "table.arrow"
+LEGACY_TABLE_FILE = "table.json"  # the key table of versions made before table.arrow
+# what a version is written with; a version loads with index.faiss and either key table (the
+# manifest's checksums name which: table.arrow when both)
+REQUIRED_FILES = ("index.faiss", TABLE_FILE)
 INFO_FILE = "info.parquet"  # optional: versions made before metadata have none
 FILTER_CACHE_SIZE = 16  # filters whose passing ids a loaded version keeps (<= ~130 KB each)
 EXACT_MIN_ROWS = 2048  # this few passing ids are always searched exactly
@@ -113,6 +122,18 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
+def _holds_ids(index: faiss.Index, table: KeyTable) -> bool:
+    """Whether the index holds the table's ids (True for an index without ids of its own)."""
+    if isinstance(index, faiss.IndexIDMap2) and index.id_map.size() == table.num_rows:
+        # a flat version's ids in the index's order, as written: a view, no copy
+        in_order = faiss.rev_swig_ptr(index.id_map.data(), table.num_rows) \
+            if table.num_rows else np.zeros(0, np.int64)
+        if np.array_equal(in_order, table.ids):
+            return True
+    held = _index_ids(index)
+    return held is None or np.array_equal(np.sort(held), table.ids[table.id_order])
+
+
 @dataclass
 class PassingIds:
     """The ids a filter lets through in one version: the ids when few (exact search), else a
@@ -133,9 +154,7 @@ class IndexVersion:
     version: str
     manifest: dict
     index: faiss.Index
-    ids: np.ndarray  # int64, aligned with keys
-    keys: list[str]
-    etags: list[str]
+    table: KeyTable  # ids, keys and etags in row order (mapped from table.arrow)
     photos: PhotoTable | None = None  # metadata, aligned with keys; None: stored without
 
     def __post_init__(self):
@@ -146,6 +165,19 @@ class IndexVersion:
     @property
     def model_id(self) -> str:
         return self.manifest["model_id"]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64, aligned with keys (read-only)."""
+        return self.table.ids
+
+    @property
+    def keys(self) -> Column:
+        return self.table.keys
+
+    @property
+    def etags(self) -> Column:
+        return self.table.etags
 
     @property
     def count(self) -> int:
@@ -160,49 +192,40 @@ class IndexVersion:
             if not 0 <= vid < len(self.keys):
                 raise KeyError(vid)
             return self.keys[int(vid)]
-        sorted_ids, positions = self._ids_sorted
-        at = int(np.searchsorted(sorted_ids, vid))
-        if at == len(sorted_ids) or sorted_ids[at] != vid:
+        row = self.table.row_of_id(vid)  # binary search over the mapped id order
+        if row < 0:
             raise KeyError(vid)
-        return self.keys[int(positions[at])]
-
-    @cached_property
-    def _ids_sorted(self) -> tuple[np.ndarray, np.ndarray]:
-        """The ids in order and where each is in the table: an id's key by binary search, not
-        a dict of a Python int per photo in every process (~100 MB at 1M)."""
-        positions = np.argsort(self.ids, kind="stable")
-        return self.ids[positions], positions
+        return self.keys[row]
 
     def etag_by_key(self) -> dict[str, str]:
         return dict(zip(self.keys, self.etags))
 
-    @cached_property
-    def _id_of_key(self) -> dict[str, int]:
-        return {k: int(i) for k, i in zip(self.keys, self.ids)}
-
     def id_by_key(self) -> dict[str, int]:
-        return dict(self._id_of_key)
+        return dict(zip(self.keys, self.ids.tolist()))
+
+    def _rows_of(self, keys: list[str]) -> np.ndarray:
+        """Each key's row (-1: not held), by binary search over the mapped key order: no dict
+        of every key in each serving process."""
+        return self.table.rows_of_keys(keys)
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
-        """The vectors the index holds for these keys (as published)."""
+        """The vectors the index holds for these keys (as published; KeyError(key) for a key
+        it does not hold)."""
         if not keys:
             return np.zeros((0, self.index.d), np.float32)
-        ids = np.fromiter((self._id_of_key[k] for k in keys), np.int64, len(keys))
-        return self.index.reconstruct_batch(ids)  # one call, not one per key
+        rows = self._rows_of(keys)
+        if (rows < 0).any():
+            raise KeyError(keys[int(np.flatnonzero(rows < 0)[0])])
+        return self.index.reconstruct_batch(self.ids[rows])  # one call, not one per key
 
     # --- the photos' metadata ---------------------------------------------------------------
-    @cached_property
-    def _position_of_key(self) -> dict[str, int]:
-        return {k: n for n, k in enumerate(self.keys)}
-
     def info(self, keys: list[str]) -> list[dict | None]:
         """Each key's stored metadata (None: not in this version, or none stored)."""
         if self.photos is None:
             return [None] * len(keys)
-        where = self._position_of_key
-        held = [where[k] for k in keys if k in where]
-        found = iter(self.photos.rows(held))
-        return [next(found) if k in where else None for k in keys]
+        rows = self._rows_of(keys)
+        found = iter(self.photos.rows(rows[rows >= 0]))
+        return [next(found) if r >= 0 else None for r in rows]
 
     def info_counts(self) -> dict[str, int]:
         if self.photos is None:
@@ -305,7 +328,9 @@ class IndexVersion:
 
     @cached_property
     def _ids_are_rows(self) -> bool:
-        return bool(np.array_equal(self.ids, np.arange(len(self.ids))))
+        ids = self.ids  # 0..n-1 in order: increasing from 0 to n-1 (no arange of n beside it)
+        return not len(ids) or bool(ids[0] == 0 and ids[-1] == len(ids) - 1 and
+                                    (ids[1:] > ids[:-1]).all())
 
     @cached_property
     def _nlist(self) -> int:
@@ -621,15 +646,24 @@ class IndexRepository:
         manifest = self.read_manifest(version)
         if manifest is None:
             raise IndexLoadError(f"index version {version} does not exist or has no manifest")
-        path = self.versions_dir / version / "table.json"
-        digest = (manifest.get("checksums") or {}).get("table.json")
+        checksums = manifest.get("checksums") or {}
+        name = TABLE_FILE if TABLE_FILE in checksums else LEGACY_TABLE_FILE
+        path = self.versions_dir / version / name
+        digest = checksums.get(name)
         try:
             if digest is None or sha256_file(path) != digest:
-                raise IndexLoadError(f"index version {version}: table.json is corrupt "
+                raise IndexLoadError(f"index version {version}: {name} is corrupt "
                                      "(checksum mismatch)")
         except OSError as exc:
-            raise IndexLoadError(f"index version {version}: cannot read table.json "
+            raise IndexLoadError(f"index version {version}: cannot read {name} "
                                  f"({exc.strerror or type(exc).__name__})") from None
+        if name == TABLE_FILE:
+            try:
+                table = KeyTable.read_mapped(path)
+            except ValueError as exc:
+                raise IndexLoadError(f"index version {version}: {TABLE_FILE} is unusable "
+                                     f"({str(exc)[:200]})") from None
+            return table.column("key").to_pylist(), table.column("etag").to_pylist()
         _, keys, etags = self._read_table(version, path)
         if len(keys) != len(etags):
             raise IndexLoadError(f"index version {version}: table has {len(keys)} keys and "
@@ -686,10 +720,11 @@ class IndexRepository:
             raise IndexLoadError(
                 f"index version {version} was built by model {manifest.model_id[:100]}, "
                 f"but the loaded model is {expect_model_id}; rebuild the index for this model")
-        for name in REQUIRED_FILES:
+        table_file = TABLE_FILE if TABLE_FILE in manifest.checksums else LEGACY_TABLE_FILE
+        for name in ("index.faiss", table_file):
             if name not in manifest.checksums:
                 raise IndexLoadError(f"index version {version}: manifest has no checksum "
-                                     f"for {name}")
+                                     f"for {name if name == 'index.faiss' else TABLE_FILE}")
         for name, digest in manifest.checksums.items():
             if not _FILE_NAME.fullmatch(name):
                 raise IndexLoadError(f"index version {version}: manifest names an invalid "
@@ -707,7 +742,6 @@ class IndexRepository:
         except RuntimeError:
             raise IndexLoadError(f"index version {version}: cannot read index.faiss "
                                  "(not a FAISS index, or damaged)") from None
-        ids, keys, etags = self._read_table(version, vdir / "table.json")
         n = int(index.ntotal)
         if index.d != manifest.dim:
             raise IndexLoadError(f"index version {version}: index has dimension {index.d}, "
@@ -715,18 +749,12 @@ class IndexRepository:
         if n != manifest.count:
             raise IndexLoadError(f"index version {version}: index holds {n} vectors, the "
                                  f"manifest says {manifest.count}")
-        if not (len(ids) == len(keys) == len(etags) == n):
-            raise IndexLoadError(
-                f"index version {version}: index and table disagree ({n} vectors; table has "
-                f"{len(ids)} ids, {len(keys)} keys, {len(etags)} etags)")
-        if len(np.unique(ids)) != n:
-            raise IndexLoadError(f"index version {version}: table ids are not unique")
-        if len(set(keys)) != n:
-            raise IndexLoadError(f"index version {version}: table keys are not unique")
-        held = _index_ids(index)
-        if held is not None and not np.array_equal(np.sort(held), np.sort(ids)):
+        table = self._key_table(version, vdir / table_file, n)
+        if not _holds_ids(index, table):
             raise IndexLoadError(f"index version {version}: table ids are not the ids the "
                                  "index holds")
+        # the checks' temporaries, kept by Arrow's allocator otherwise
+        pa.default_memory_pool().release_unused()
         photos = None
         if INFO_FILE in manifest.checksums:
             try:
@@ -741,7 +769,7 @@ class IndexRepository:
                 raise IndexLoadError(f"index version {version}: index_params.nprobe is not a "
                                      "positive integer")
             ivf.nprobe = min(int(nprobe), int(ivf.nlist))
-        return IndexVersion(version, manifest.model_dump(), index, ids, keys, etags, photos)
+        return IndexVersion(version, manifest.model_dump(), index, table, photos)
 
     def writable_index(self, version: str) -> faiss.Index:
         """The version's index read into memory of its own (a loaded version's is mapped from
@@ -750,6 +778,28 @@ class IndexRepository:
             return faiss.read_index(str(self.versions_dir / version / "index.faiss"))
         except RuntimeError:
             raise IndexLoadError(f"index version {version}: cannot read index.faiss") from None
+
+    def _key_table(self, version: str, path: Path, n: int) -> KeyTable:
+        """The version's key table, checked: one row per vector, unique ids and keys (either
+        file; table.json is read into memory, into the same form)."""
+        try:
+            if path.name == TABLE_FILE:
+                table = KeyTable(KeyTable.read_mapped(path))
+                if table.num_rows != n:
+                    raise IndexLoadError(f"index version {version}: index and table disagree "
+                                         f"({n} vectors; table has {table.num_rows} rows)")
+            else:
+                ids, keys, etags = self._read_table(version, path)
+                if not (len(ids) == len(keys) == len(etags) == n):
+                    raise IndexLoadError(
+                        f"index version {version}: index and table disagree ({n} vectors; "
+                        f"table has {len(ids)} ids, {len(keys)} keys, {len(etags)} etags)")
+                table = KeyTable.from_columns(ids, keys, etags)
+            table.check()
+        except ValueError as exc:
+            raise IndexLoadError(f"index version {version}: {path.name} is unusable "
+                                 f"({str(exc)[:200]})") from None
+        return table
 
     @staticmethod
     def _read_table(version: str, path: Path) -> tuple[np.ndarray, list[str], list[str]]:
@@ -793,8 +843,7 @@ class IndexRepository:
             raise ValueError(f"index version {version} is already published")
         with atomic_dir(self.versions_dir / version, durable=True, replace=leftover) as tmp:
             faiss.write_index(index, str(tmp / "index.faiss"))
-            (tmp / "table.json").write_text(json.dumps(
-                {"ids": [int(i) for i in ids], "keys": list(keys), "etags": list(etags)}))
+            KeyTable.from_columns(ids, keys, etags).write(tmp / TABLE_FILE)
             files = list(REQUIRED_FILES)
             if photos is not None:
                 photos.write(tmp / INFO_FILE)

@@ -16,7 +16,7 @@ def test_publish_and_load_round_trip(tmp_path):
     scores, keys = loaded.search(unit_vectors(5)[:1], 3)
     assert keys[0][0] == f"{PREFIX}0.jpg" and scores[0][0] == pytest.approx(1.0, abs=1e-5)
     m = repo.read_manifest()
-    assert m["dim"] == 8 and m["count"] == 5 and set(m["checksums"]) == {"index.faiss", "table.json"}
+    assert m["dim"] == 8 and m["count"] == 5 and set(m["checksums"]) == {"index.faiss", "table.arrow"}
 
 
 def test_top_k_larger_than_index(tmp_path):
@@ -70,7 +70,11 @@ def test_prune_keeps_current(tmp_path):
 # --- broken versions: each is refused with a clear IndexLoadError, before it can be served ---
 import hashlib  # noqa: E402
 import json  # noqa: E402
-from tests.indexer.helpers import PREFIX, publish_random, unit_vectors
+import pyarrow as pa  # noqa: E402
+
+from indexer.key_table import KeyTable  # noqa: E402
+from tests.indexer.helpers import (PREFIX, publish_random, read_key_table_file,  # noqa: E402
+                                   to_legacy_table, unit_vectors, write_key_table)
 
 
 def _rewrite(vdir, name, content: bytes | str, fix_checksum=True):
@@ -85,9 +89,45 @@ def _rewrite(vdir, name, content: bytes | str, fix_checksum=True):
 
 
 def _edit_table(vdir, edit):
+    """A version with the table.json of before, edited."""
+    to_legacy_table(vdir)
     table = json.loads((vdir / "table.json").read_text())
     edit(table)
     _rewrite(vdir, "table.json", json.dumps(table))
+
+
+def _legacy_table(vdir, content):
+    to_legacy_table(vdir)
+    _rewrite(vdir, "table.json", content)
+
+
+def _edit_arrow(vdir, edit, orders=True):
+    """table.arrow with its columns edited as lists (`orders`: the sort orders made again for
+    the edited columns, as the writer would)."""
+    table = read_key_table_file(vdir)
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    edit(cols)
+    if orders:
+        made = KeyTable.from_columns(cols["id"], cols["key"], cols["etag"]).table
+        cols["key_order"] = made.column("key_order").to_pylist()
+        cols["id_order"] = made.column("id_order").to_pylist()
+    write_key_table(vdir, pa.table(cols))
+
+
+def _arrow_column(vdir, name, array):
+    table = read_key_table_file(vdir)
+    write_key_table(vdir, table.set_column(table.column_names.index(name), name, array))
+
+
+def _truncate(vdir, name, fix_checksum):
+    data = (vdir / name).read_bytes()
+    _rewrite(vdir, name, data[:len(data) // 2], fix_checksum=fix_checksum)
+
+
+def _bad_utf8_keys(vdir):
+    table = read_key_table_file(vdir)
+    keys = pa.array([b"\xff\xfe" + k for k in table.column("key").cast(pa.binary()).to_pylist()])
+    _arrow_column(vdir, "key", keys.view(pa.string()))
 
 
 def _edit_manifest(vdir, edit):
@@ -117,7 +157,7 @@ BROKEN = {
                          "index and table disagree"),
     "table-short-all": (lambda v: _edit_table(
         v, lambda t: [t[c].pop() for c in ("ids", "keys", "etags")]), "index and table disagree"),
-    "table-null": (lambda v: _rewrite(v, "table.json", "null"), "table.json is not an object"),
+    "table-null": (lambda v: _legacy_table(v, "null"), "table.json is not an object"),
     "table-ids-missing": (lambda v: _edit_table(v, lambda t: t.pop("ids")), "no list 'ids'"),
     "table-ids-strings": (lambda v: _edit_table(v, lambda t: t.update(ids=[str(i) for i in t["ids"]])),
                           "64-bit integers"),
@@ -131,7 +171,43 @@ BROKEN = {
                              "keys are not unique"),
     "table-etag-number": (lambda v: _edit_table(v, lambda t: t["etags"].__setitem__(0, 5)),
                           "etags must be strings"),
-    "table-not-json": (lambda v: _rewrite(v, "table.json", "{not json"), "table.json is corrupt"),
+    "table-not-json": (lambda v: _legacy_table(v, "{not json"), "table.json is corrupt"),
+    # the key table as written now: table.arrow
+    "arrow-checksum": (lambda v: _truncate(v, "table.arrow", fix_checksum=False),
+                       "table.arrow is corrupt"),
+    "arrow-truncated": (lambda v: _truncate(v, "table.arrow", fix_checksum=True),
+                        r"table.arrow is unusable \(not an Arrow IPC file"),
+    "arrow-not-arrow": (lambda v: _rewrite(v, "table.arrow", json.dumps({"ids": [1]})),
+                        "not an Arrow IPC file"),
+    "arrow-no-checksum": (lambda v: _edit_manifest(v, lambda m: m["checksums"].pop("table.arrow")),
+                          "no checksum for table.arrow"),
+    "arrow-missing": (lambda v: (v / "table.arrow").unlink(), "table.arrow is missing"),
+    "arrow-no-etags": (lambda v: write_key_table(v, read_key_table_file(v).drop_columns(["etag"])),
+                       "no column 'etag'"),
+    "arrow-key-int": (lambda v: _arrow_column(v, "key", pa.array(range(5), pa.int64())),
+                      "column key is int64, not string"),
+    "arrow-id-string": (lambda v: _arrow_column(v, "id", pa.array([str(i) for i in range(5)])),
+                        "column id is string, not int64"),
+    "arrow-id-int32": (lambda v: _arrow_column(v, "id", pa.array(range(5), pa.int32())),
+                       "column id is int32, not int64"),
+    "arrow-etag-null": (lambda v: _arrow_column(v, "etag", pa.array(["e", None, "e", "e", "e"])),
+                        "column etag has nulls"),
+    "arrow-keys-not-utf8": (_bad_utf8_keys, "buffers are malformed"),
+    "arrow-short": (lambda v: _edit_arrow(v, lambda c: [c[n].pop() for n in ("id", "key", "etag")]),
+                    r"index and table disagree \(5 vectors; table has 4 rows\)"),
+    "arrow-keys-duplicate": (lambda v: _edit_arrow(v, lambda c: c["key"].__setitem__(3, c["key"][1])),
+                             r"table.arrow is unusable \(keys are not unique\)"),
+    "arrow-ids-duplicate": (lambda v: _edit_arrow(v, lambda c: c["id"].__setitem__(3, c["id"][1])),
+                            r"table.arrow is unusable \(ids are not unique\)"),
+    "arrow-ids-not-the-index": (lambda v: _edit_arrow(v, lambda c: c["id"].__setitem__(0, 999)),
+                                "not the ids the index holds"),
+    "arrow-key-order-reversed": (lambda v: _edit_arrow(
+        v, lambda c: c["key_order"].reverse(), orders=False), "key_order is not the keys' sort order"),
+    "arrow-key-order-repeats": (lambda v: _edit_arrow(
+        v, lambda c: c["key_order"].__setitem__(1, c["key_order"][0]), orders=False),
+        "key_order is not the keys' sort order"),
+    "arrow-id-order-out-of-range": (lambda v: _edit_arrow(
+        v, lambda c: c["id_order"].__setitem__(0, 5), orders=False), "id_order holds rows out of range"),
 }
 
 

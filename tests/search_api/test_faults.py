@@ -72,7 +72,7 @@ def test_store_unreachable_and_index_corrupt_at_start(tiny_flickr, tmp_path, enc
     root, _ = tiny_flickr
     svc = build_service(tmp_path, root, encoder)
     version = svc.repo.current_version()
-    (svc.repo.versions_dir / version / "table.json").write_text("[]")  # checksum mismatch
+    (svc.repo.versions_dir / version / "table.arrow").write_text("[]")  # checksum mismatch
     settings = Settings(model_path=str(small_checkpoint), index_dir=str(svc.repo.root),
                            store_backend="s3", minio_endpoint=f"127.0.0.1:{free_port()}",
                            reload_interval_s=0, store_retry_s=0)

@@ -153,7 +153,8 @@ def test_damaged_version_at_reload_keeps_old_serving(fresh_svc, damage):
         elif damage == "missing-index":
             (vdir / "index.faiss").unlink()
         elif damage == "truncated-table":
-            (vdir / "table.json").write_text('{"ids": [1')
+            data = (vdir / "table.arrow").read_bytes()
+            (vdir / "table.arrow").write_bytes(data[:len(data) // 2])
         elif damage == "corrupt-manifest":
             (vdir / "manifest.json").write_text("{ not json")
         elif damage == "missing-version-dir":
