@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cachetools import LRUCache
 
-from indexer.arrow_numpy import from_numpy, to_numpy
+from indexer.arrow_numpy import from_numpy, strings, to_numpy
 from indexer.photo_columns import DATE_NOT_READ, FACETS, INFO_COLUMNS, public_info
 from indexer.photo_filter import PhotoFilter, orientation_of, unit_sphere
 
@@ -161,9 +161,8 @@ class PhotoTable:
             values = self.codes(name)[1]
             if isinstance(accept, _InFolders):  # each value's own folders looked up at once
                 prefixes, owner = self._folders_of(name)
-                found = pc.is_in(prefixes, value_set=pa.array(sorted(accept.folders),
-                                                              pa.string()))
-                hit = np.bincount(owner, weights=found.to_numpy(zero_copy_only=False),
+                found = pc.is_in(prefixes, value_set=strings(sorted(accept.folders)))
+                hit = np.bincount(owner, weights=to_numpy(found),
                                   minlength=len(values) + 1) > 0
             else:
                 hit = np.array([bool(accept(v)) for v in values] + [False], bool)
@@ -179,7 +178,7 @@ class PhotoTable:
         with self._lock:
             if name not in self._prefixes:
                 pairs = [(p, code) for code, v in enumerate(values) for p in (v, *_ancestors(v))]
-                self._prefixes[name] = (pa.array([p for p, _ in pairs], pa.string()),
+                self._prefixes[name] = (strings([p for p, _ in pairs]),
                                         np.array([c for _, c in pairs], np.int64))
             return self._prefixes[name]
 
