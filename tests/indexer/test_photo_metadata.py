@@ -63,6 +63,18 @@ def library():
     return keys, unit_vectors(N, DIM, seed=11), [f"e{i}" for i in range(N)], infos
 
 
+def clustered(n: int, seed: int):
+    """n unit vectors around 20 centres (the cluster of each), and 5 queries near clusters
+    0..4: photos of the other clusters are far from them."""
+    rng = np.random.default_rng(seed)
+    centers = unit_vectors(20, DIM, seed=seed + 1)
+    cluster = rng.integers(0, 20, n)
+    vectors = centers[cluster] + 0.15 * rng.normal(size=(n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = centers[:5] + 0.05
+    return centers, cluster, vectors, queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
 def exact_filtered(vectors, keys, infos, queries, where: PhotoFilter, k=K):
     """The exact top k of the photos the filter passes (row-by-row definition)."""
     rows = np.asarray([i for i, (key, info) in enumerate(zip(keys, infos))
@@ -275,17 +287,11 @@ def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, k
     if kind == "ivf":
         monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
     n = 6000
-    rng = np.random.default_rng(5)
-    centers = unit_vectors(20, DIM, seed=6)
-    cluster = rng.integers(0, 20, n)
-    vectors = centers[cluster] + 0.15 * rng.normal(size=(n, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    centers, cluster, vectors, queries = clustered(n, seed=5)
     keys = [f"c{c:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
     faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=[{}] * n)
     view = faiss_index.view(MODEL)
     assert (view.manifest["index_params"]["kind"] == kind)
-    queries = centers[:5] + 0.05  # near clusters 0..4: the filter's photos are far away
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     for folders in (["c17"], ["c18", "c19"], [f"c{c:02d}" for c in range(5, 20)]):
         where = PhotoFilter(folders=folders)
         passing = view.passing(where)
@@ -353,11 +359,7 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
 
     monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
     n = 8000
-    rng = np.random.default_rng(8)
-    centers = unit_vectors(20, DIM, seed=9)
-    cluster = rng.integers(0, 20, n)
-    vectors = centers[cluster] + 0.15 * rng.normal(size=(n, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    centers, cluster, vectors, queries = clustered(n, seed=8)
     keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
     infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
              for i in range(n)]
@@ -368,8 +370,6 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
     search_near = view._search_near
     monkeypatch.setattr(view, "_search_near",
                         lambda *a: tried.append(search_near(*a)) or tried[-1])
-    queries = centers[:5] + 0.05  # near clusters 0..4
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     start = datetime.fromtimestamp(T2019 + 100 * DAY, timezone.utc)
     dates = PhotoFilter(taken_after=start, taken_before=start + timedelta(days=n * share))
     # half the library around the queries; or folders far from them (k 50: a page of photos
