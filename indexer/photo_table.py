@@ -294,7 +294,7 @@ class PhotoTable:
         """The rows with a date, by date, and those dates (NaN, unknown, left out)."""
         taken = self.numbers("taken_at")
         known = np.flatnonzero(~np.isnan(taken))
-        order = known[np.argsort(taken[known], kind="stable")]
+        order = known[np.argsort(taken[known], kind="stable")].astype(_row_type(len(taken)))
         return order, taken[order]
 
     def _by_code(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +302,7 @@ class PhotoTable:
         codes, values = self.codes(name)
         with self._lock:
             if name not in self._groups:
-                order = np.argsort(codes, kind="stable")
+                order = np.argsort(codes, kind="stable").astype(_row_type(len(codes)))
                 counts = np.bincount(codes[codes >= 0], minlength=len(values))
                 unknown = int((codes < 0).sum())  # code -1 sorts first
                 starts = np.concatenate([[0], np.cumsum(counts)]) + unknown
@@ -377,6 +377,11 @@ def _same_as(wanted: str) -> _SameAs:
 
 def _in_folders(folders: list[str]) -> _InFolders:
     return _InFolders(frozenset(folders))
+
+
+def _row_type(rows: int):
+    """Row positions as int32 while they fit (half the memory of numpy's int64 orders)."""
+    return np.int32 if rows < 2**31 else np.int64
 
 
 def _ancestors(folder: str):
