@@ -510,8 +510,8 @@ class IndexVersion:
         if passing is None:
             ivf = ivf_or_none(self.index)
             near = ivf is not None and self.photos is not None
-            most, rows = self._passing_rows(where, self._near_above(k) if near
-                                            else self._subset_most)
+            most, rows = self._passing_rows(where, min(self._near_above(k), self._subset_most)
+                                            if near else self._subset_most)
             with self._passing_lock:
                 first = self._seen.pop(key, None) is None
             if rows is None and near and first:
