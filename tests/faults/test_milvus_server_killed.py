@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,6 +67,21 @@ def _served(run: IndexRun, model_id: str) -> tuple[str, list[str], int]:
         index.close()
 
 
+def _back(run: IndexRun, model_id: str, deadline_s: float = 180.0) -> tuple[str, list[str], int]:
+    """`_served` once the restarted Milvus answers: after a SIGKILL it loads its collections
+    again first, and calls time out meanwhile (as the API's 503s do); a deadline, not a sleep."""
+    from indexer.vector_index import IndexUnavailable
+
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            return _served(run, model_id)
+        except IndexUnavailable:
+            if time.monotonic() > give_up:
+                raise
+            time.sleep(1.0)
+
+
 def _collections(run: IndexRun) -> list[str]:
     index = run.open_index()
     try:
@@ -102,7 +118,7 @@ def test_milvus_killed_during_a_rebuild_keeps_the_old_collection_served(
     _failed_clearly(rc, log)
     own_milvus.start()  # the same data folder
 
-    assert _served(run, encoder.model_id) == old  # never the partial collection
+    assert _back(run, encoder.model_id) == old  # never the partial collection
     partial = set(_collections(run)) - {old[0]}
     assert len(partial) == 1  # the killed rebuild's, its draft could not be dropped
 
@@ -131,7 +147,7 @@ def test_milvus_killed_during_an_in_place_update_and_the_rerun_writes_the_same_r
 
     # the update applies in place: the same collection, the old rows, at most the upserts
     # Milvus acknowledged before it died
-    version, keys, count = _served(run, encoder.model_id)
+    version, keys, count = _back(run, encoder.model_id)
     assert version == collection and count == len(keys)
     assert {photo_key(i) for i in range(8)} <= set(keys) < {photo_key(i) for i in range(12)}
 
