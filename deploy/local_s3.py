@@ -23,6 +23,12 @@ from deploy.foreground import stopped_on_exit  # noqa: E402
 from deploy.ports import free_port  # noqa: E402
 
 
+# Each bucket is a SeaweedFS collection with volumes of its own, and by default the volume count
+# is the free disk divided by the volume size (71 on 71 GiB free): a test session creates a
+# bucket per test and ran out ("no free volumes left", 500s). Small volumes, a fixed high count.
+VOLUMES = ["-master.volumeSizeLimitMB=64", "-volume.max=2000"]
+
+
 def weed_binary() -> str:
     exe = Path(sys.executable).parent / "weed"
     found = str(exe) if exe.exists() else shutil.which("weed")
@@ -39,7 +45,7 @@ def start(data_dir: str | os.PathLike, port: int, access_key: str, secret_key: s
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     cmd = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-master.telemetry=false", f"-s3.port={port}", "-admin.ui=false", "-webdav=false",
-           "-s3.port.iceberg=0", "-s3.port.lance=0",
+           "-s3.port.iceberg=0", "-s3.port.lance=0", *VOLUMES,
            f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}"]
     log = open(log_path or data_dir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -92,6 +92,13 @@ class S3Store:
                 raise StoreError(f"{self.describe()}: bucket does not exist") from None
             raise StoreError(f"{self.describe()}: {exc.code}: {exc.message}") from None
         except HTTPError as exc:
+            from urllib3.exceptions import MaxRetryError, ResponseError
+
+            if isinstance(exc, MaxRetryError) and isinstance(exc.reason, ResponseError):
+                # it answered, every time with a 5xx: a server-side fault (e.g. out of space)
+                raise StoreUnavailable(
+                    f"S3 server at {self.endpoint} answers with server errors ({exc.reason}); "
+                    "see the server's log") from None
             raise StoreUnavailable(
                 f"S3 server at {self.endpoint} not reachable ({type(exc).__name__}); check "
                 "MINIO_ENDPOINT and that the server is running") from None

@@ -108,6 +108,35 @@ def test_s3_server_not_reachable():
         S3Store(f"127.0.0.1:{free_port()}", "a", "b", "some-bucket", timeout=1, retries=0)
 
 
+def test_s3_server_answering_5xx_is_told_apart_from_one_not_reachable():
+    """A server that answers every request with a 500 (as SeaweedFS does when it has no free
+    volume left) is named as failing, not as unreachable: the fix is in its log, not the URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Failing(BaseHTTPRequestHandler):
+        def _fail(self):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_PUT = _fail
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(StoreUnavailable, match="answers with server errors") as info:
+            S3Store(f"127.0.0.1:{server.server_port}", "a", "b", "some-bucket", timeout=2,
+                    retries=1)
+        assert "not reachable" not in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_objects_are_dated_when_last_written(store, tmp_path):
     """`last_modified` (epoch seconds, the store's clock: whole seconds on SeaweedFS) in the
     listing and from stat; what `indexer verify` tells an upload made during a run by."""
