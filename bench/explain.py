@@ -9,8 +9,9 @@ from; `--extract-boxes FILE...` rewrites it from their instances_train2017.json 
 - for each caption that names a COCO category the photo has boxes of (caption words matched to
   the category's name, its plural and a few synonyms: SYNONYMS), the share of the map's mass
   inside that category's boxes (scaled to the resized photo). The map is what /explain draws:
-  the query's cosine with each cell, upsampled bicubically to the photo (search_api.explain.heat);
-  its mass is the map less its minimum (the overlay's colour scale), summed per pixel.
+  `encoder.scoring.cell_map` (each cell's contribution to the photo's score with the query,
+  those against it at 0), upsampled bicubically to the photo (search_api.explain.heat); its
+  mass is the map less its minimum (the overlay's colour scale), summed per pixel.
   Baselines on the same photo and boxes: a uniform map (the boxes' area share) and a centre
   bias (a Gaussian at the centre, sigma a quarter of each side). Means, and the share of cases
   where the map puts more mass in the boxes than each baseline. Also the pointing game (is the

@@ -7,7 +7,7 @@
     <bundle>/text.onnx        the text tower (ids + mask -> L2-normalised embedding), fp32
     <bundle>/text.int8.onnx   the text tower, dynamic int8 (TEXT_RUNTIME=onnx-int8)
     <bundle>/image.int8.onnx  the calibrated int8 image tower, when one was built
-    <bundle>/image.cells.onnx pixels -> the tower's spatial cells' embeddings (`explain_map`),
+    <bundle>/image.cells.onnx pixels -> the tower's spatial cells (`cell_embeddings`),
                               when the family has a spatial map
     <bundle>/tokenizer.json   the model's tokenizer (`tokenizers` library)
     <bundle>/bank.npy         the query bank (hubness correction; absent for plain cosine):
@@ -48,8 +48,9 @@ from encoder.tokens import TextTokenizer, TokenizerConfig
 
 log = logging.getLogger(__name__)
 
-# /2: explanations' cells graph; a /1 bundle is rewritten once where torch is installed
-FORMAT = "flickr-search-serving-bundle/2"
+# /2: explanations' cells graph; /3: our models' cells are their contributions (not unit
+# vectors). An older bundle is rewritten once where torch is installed
+FORMAT = "flickr-search-serving-bundle/3"
 MANIFEST = "bundle.json"
 COMMAND = "python -m encoder bundle"
 GRAPHS = ("image", "text", "text.int8", "image.int8", "image.cells")

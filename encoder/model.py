@@ -181,11 +181,19 @@ class DualEncoder(nn.Module):
         return F.normalize(self.text_head(self.text_backbone(texts)), dim=-1)
 
     def cell_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, h, w, dim]: each cell of the last feature map through the projection head,
-        L2-normalised; a query's cosine with each says where in the photo it matches (the
-        pooled embedding is the head over the cells' average)."""
-        fmap = self.image_backbone(pixels).permute(0, 2, 3, 1)  # [B, h, w, C]
-        return F.normalize(self.image_head.proj(fmap), dim=-1)
+        """[B, h, w, dim]: each cell's part of the photo's embedding before its normalisation.
+        The embedding is the (linear) head over the cells' average, head(sum_ij a_ij f_ij) =
+        sum_ij a_ij head(f_ij) with a_ij = 1/(h w) (or the attention pool's weights), so the
+        cells, scaled by h w, average to it exactly: a query's dot product with a cell is that
+        cell's contribution to the photo's score (class activation mapping). Not normalised:
+        a cell's unit vector would say what it looks like, not how much it counts."""
+        fmap = self.image_backbone(pixels)  # [B, C, h, w]
+        b, _, h, w = fmap.shape
+        cells = self.image_head.proj(fmap.permute(0, 2, 3, 1))  # [B, h, w, dim]
+        if self.image_head.pool is not None:
+            weights = self.image_head.pool.score(fmap).flatten(2).softmax(-1)  # [B, 1, h*w]
+            cells = cells * (weights.reshape(b, h, w, 1) * (h * w))
+        return cells
 
     def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
                            ) -> torch.Tensor:

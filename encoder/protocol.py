@@ -41,9 +41,10 @@ class EmbeddingModel(Protocol):
     def encode_texts(self, texts: list[str]) -> torch.Tensor: ...
 
     def cell_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, h, w, dim] L2-normalised embeddings of the image tower's spatial cells (what
-        explains a match: the query's cosine with each); encoder.errors.NoSpatialMap when the
-        tower has none."""
+        """[B, h, w, dim]: the image tower's spatial cells in the embedding space (what explains
+        a match: `encoder.scoring.cell_map`): each cell's contribution to the photo's
+        embedding where the family's embedding is an average over its cells, else unit
+        vectors; encoder.errors.NoSpatialMap when the tower has none."""
 
     def encode_text_tokens(self, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,12 @@ class Scoring:
 
 
 def cell_map(cells: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """[h, w] cosines of unit cell embeddings [h, w, dim] with a query embedding [dim]."""
+    """[h, w]: where a query's match with a photo comes from, from the model family's cells
+    [h, w, dim] (`cell_embeddings`: each cell's contribution to the photo's embedding, or a
+    ViT's unit patch tokens) and the query embedding [dim]: the dot product with the unit query,
+    cells that count against the match at 0 (all of them as they are when none counts for
+    it)."""
     q = np.asarray(query, np.float32).reshape(-1)
     q = q / max(float(np.linalg.norm(q)), 1e-12)
-    return (np.asarray(cells, np.float32) @ q).astype(np.float32)
+    m = (np.asarray(cells, np.float32) @ q).astype(np.float32)
+    return np.maximum(m, 0) if m.size and float(m.max()) > 0 else m

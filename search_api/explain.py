@@ -1,8 +1,9 @@
 """Why did this photo match a query: where in the photo the query matches, and what each term
 of a query gives to the photo's score.
 
-The map is the model family's (`explain_map` of the encoder: the query embedding's cosine with
-each spatial cell of the image tower, `encoder.scoring.cell_map`); here it is computed for a
+The map is the model family's (`explain_map` of the encoder, `encoder.scoring.cell_map`: for our
+dual encoder each spatial cell's contribution to the photo's score with the query, for open_clip
+ViTs the query's cosine with each patch; cells against the match at 0); here it is computed for a
 stored photo, shown over it as a heat overlay (PNG) or returned as numbers, and cached.
 
 A query of several terms is explained by its combined embedding c = sum_i w_i e_i / N

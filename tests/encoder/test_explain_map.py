@@ -1,7 +1,7 @@
-"""The explanation map each model family gives: the query embedding's cosine with each spatial
-cell of the image tower through the projection head (our dual encoder: the last feature map's
-cells; open_clip ViTs: the patch tokens through the final norm and projection), the same from
-eager PyTorch and the exported cells graph, and peaking where the query's object is."""
+"""The explanation map each model family gives (our dual encoder: each cell of the last feature
+map's contribution to the photo's score, exact; open_clip ViTs: the query's cosine with the
+patch tokens through the final norm and projection; cells against the match at 0), the same
+from eager PyTorch and the exported cells graph, and peaking where the query's object is."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,23 +28,53 @@ def _pixels(seed: int = 0, size: int = 224) -> torch.Tensor:
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
-def test_dual_encoder_map_is_the_cosine_with_each_projected_cell(encoder, onnx_encoder):
+def test_dual_encoder_map_is_each_cells_contribution_to_the_score(encoder, onnx_encoder):
     model = encoder.model
     x = _pixels()
     q = F.normalize(torch.randn(64, generator=torch.Generator().manual_seed(1)), dim=0).numpy()
     with torch.inference_mode():
         fmap = model.image_backbone(x[None])  # [1, C, h, w]
-        direct = F.normalize(model.image_head.proj(fmap.permute(0, 2, 3, 1)), dim=-1)[0]
-        # the pooled embedding is the head over the cells' average (a linear head)
+        direct = model.image_head.proj(fmap.permute(0, 2, 3, 1))[0]  # not normalised
+        cells = model.cell_embeddings(x[None])[0]
+        # the embedding before its normalisation is the cells' average (a linear head), so
+        # the photo's score with q is the cells' contributions' average, divided by its norm
+        unnormalised = model.image_head(fmap)[0]
         pooled = model.encode_images(x[None])[0]
-        mean_cell = model.image_head.proj(fmap.permute(0, 2, 3, 1)).mean((1, 2))[0]
-    want = direct.numpy() @ q
+    assert torch.allclose(cells, direct, atol=1e-5)
+    assert torch.allclose(cells.mean((0, 1)), unnormalised, atol=1e-5)
+    score = float(pooled.numpy() @ q)
+    assert float((cells.numpy() @ q).mean() / unnormalised.norm()) == pytest.approx(score,
+                                                                                    abs=1e-5)
+    contributions = direct.numpy() @ q
+    assert contributions.min() < 0 < contributions.max()  # some cells count against it
+    want = np.maximum(contributions, 0)
     assert want.shape == (7, 7)  # EfficientNet-Lite0 at 224 px: a 7 x 7 last feature map
     got = encoder.explain_map(x, q)
     assert got.shape == (7, 7) and np.allclose(got, want, atol=1e-5)
     assert np.allclose(onnx_encoder.explain_map(x, q), want, atol=2e-4)  # the cells graph
-    assert torch.allclose(pooled, F.normalize(mean_cell, dim=0), atol=1e-5)
     assert (onnx_encoder.onnx.dir / "image.cells.onnx").is_file()
+
+
+def test_a_cached_cells_graph_of_unit_cells_is_exported_again(small_checkpoint, tmp_path):
+    """Cells graphs exported before the cells became contributions (unit vectors) are not
+    reused from the cache folder: same model id, another function."""
+    import json
+
+    from encoder.runtime_onnx import CELLS
+
+    enc = Encoder.from_checkpoint(str(small_checkpoint), image_runtime="onnx",
+                                  onnx_cache_dir=tmp_path)
+    x, q = _pixels(), np.ones(64, np.float32)
+    want = enc.explain_map(x, q)
+    meta_path = enc.onnx.dir / "export.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["image.cells"]["cells"] == CELLS
+    del meta["image.cells"]["cells"]  # as an older export recorded it
+    meta_path.write_text(json.dumps(meta))
+    again = Encoder.from_checkpoint(str(small_checkpoint), image_runtime="onnx",
+                                    onnx_cache_dir=tmp_path)
+    assert np.allclose(again.explain_map(x, q), want, atol=2e-4)
+    assert json.loads(meta_path.read_text())["image.cells"]["cells"] == CELLS
 
 
 def _object(size: int) -> Image.Image:
@@ -70,10 +100,15 @@ def test_the_map_peaks_where_the_query_object_is(encoder, corner):
     assert inside.mean() > m.mean() + 0.1
 
 
-def test_cell_map_normalises_the_query():
-    cells = F.normalize(torch.randn(2, 3, 8), dim=-1).numpy()
+def test_cell_map_normalises_the_query_and_zeroes_cells_against_the_match():
+    cells = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(3)).numpy()
     q = np.arange(8, dtype=np.float32)
-    assert np.allclose(cell_map(cells, 5 * q), cells @ (q / np.linalg.norm(q)), atol=1e-6)
+    raw = cells @ (q / np.linalg.norm(q))
+    assert raw.min() < 0 < raw.max()
+    assert np.allclose(cell_map(cells, 5 * q), np.maximum(raw, 0), atol=1e-6)
+    # no cell for the match: the map as it is (the overlay still shows where it is least bad)
+    assert np.allclose(cell_map(-np.abs(cells), np.abs(q)), -np.abs(cells) @ (
+        np.abs(q) / np.linalg.norm(q)), atol=1e-6)
 
 
 # --- open_clip -------------------------------------------------------------------------------
@@ -99,7 +134,7 @@ def test_open_clip_vit_map_is_its_patch_tokens_through_norm_and_projection(clip_
     assert torch.allclose(cells, want, atol=1e-5)
     enc = Encoder(clip_loaded, image_runtime="onnx", onnx_cache_dir=tmp_path)
     q = enc.encode_texts(["a red circle"])[0]
-    assert np.allclose(enc.explain_map(x[0], q), cells[0].numpy() @ q, atol=2e-4)
+    assert np.allclose(enc.explain_map(x[0], q), cell_map(cells[0].numpy(), q), atol=2e-4)
 
 
 def test_a_tower_without_patch_tokens_has_no_map(clip_loaded, monkeypatch):
