@@ -185,8 +185,10 @@ class DualEncoder(nn.Module):
         The embedding is the (linear) head over the cells' average, head(sum_ij a_ij f_ij) =
         sum_ij a_ij head(f_ij) with a_ij = 1/(h w) (or the attention pool's weights), so the
         cells, scaled by h w, average to it exactly: a query's dot product with a cell is that
-        cell's contribution to the photo's score (class activation mapping). Not normalised:
-        a cell's unit vector would say what it looks like, not how much it counts."""
+        cell's contribution to the photo's score (class activation mapping). Exact for the
+        linear head; with the mlp head (`head="mlp"`) the head is not linear and the cells are
+        its output per cell, an approximation. Not normalised: a cell's unit vector would say
+        what it looks like, not how much it counts."""
         fmap = self.image_backbone(pixels)  # [B, C, h, w]
         b, _, h, w = fmap.shape
         cells = self.image_head.proj(fmap.permute(0, 2, 3, 1))  # [B, h, w, dim]
