@@ -143,6 +143,10 @@ class Settings(RequestLimits, BaseSettings):
     index_dir: str = str(REPO_ROOT / "data" / "index")
     # versions kept by `prune` (the CLI's and the DAGs'); the current one is always kept
     index_keep_versions: int = Field(5, ge=1)
+    # FAISS: above this many MB of float32 vectors (dim*4 + 8 bytes a photo) a version is
+    # written as IVF-PQ (~dim/4 + 8 bytes a photo) with an exact re-rank from fp16 vectors on
+    # disk; 0: never compressed; unset: indexer.index_policy.INDEX_MEMORY_MB (2048)
+    index_memory_mb: int | None = Field(None, ge=0)
     embed_batch_size: int = Field(32, ge=1)
     # the DAGs' fanned-out embedding: keys to embed per shard (one mapped `embed_shard` task
     # each, one model load each) and at most this many shards (Airflow maps at most

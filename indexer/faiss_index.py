@@ -43,8 +43,9 @@ import numpy as np
 
 from core.atomic import atomic_dir, atomic_file, write_atomic
 from indexer.photo_columns import check_infos, clean_info
+from indexer.index_policy import index_spec_of
 from indexer.photo_table import PhotoTable
-from indexer.repository import VERSION_NAME, IndexRepository, IndexVersion
+from indexer.repository import VECTORS_CHUNK, VERSION_NAME, IndexRepository, IndexVersion
 from indexer.vector_index import (
     DraftGone,
     Indexed,
@@ -66,14 +67,17 @@ class FaissIndex(VectorIndex):
     """Versioned FAISS files (see the module doc)."""
     backend = "faiss"
 
-    def __init__(self, repo: IndexRepository | str | Path):
+    def __init__(self, repo: IndexRepository | str | Path, memory_mb: int | None = None):
+        """memory_mb: the budget of the index type's choice (indexer.index_policy; None: its
+        default, 0: none)."""
         self.repo = repo if isinstance(repo, IndexRepository) else IndexRepository(repo)
+        self.memory_mb = memory_mb
         self._loaded: IndexVersion | None = None  # the last version indexed() loaded
         self._table: tuple[str, list[tuple[str, str]]] | None = None  # keys_page's version
 
     @classmethod
     def from_settings(cls, settings) -> "FaissIndex":
-        return cls(IndexRepository(settings.index_dir))
+        return cls(IndexRepository(settings.index_dir), settings.index_memory_mb)
 
     def _load(self) -> IndexVersion | None:
         version = self.repo.current_version()
@@ -142,7 +146,12 @@ class FaissIndex(VectorIndex):
     def near_pairs(self, view: IndexVersion, threshold, columns=None, batch=1024,
                    progress=None):
         """FAISS's own range search around each stored vector, `batch` at a time (on IVF over
-        the lists the version's nprobe probes: a pair in lists that far apart is missed)."""
+        the lists the version's nprobe probes: a pair in lists that far apart is missed). A
+        compressed version's codes score only approximately: its pairs come from searches
+        re-scored exactly (the interface's way)."""
+        if view.vectors is not None:
+            yield from super().near_pairs(view, threshold, columns, batch, progress)
+            return
         position = {int(i): n for n, i in enumerate(view.ids)}
         for start in range(0, view.count, batch):
             ids = view.ids[start:start + batch]
@@ -286,11 +295,14 @@ class FaissIndex(VectorIndex):
 
         vectors = check_rows(keys, vectors, etags)
         ids = np.arange(len(keys), dtype=np.int64)
-        # flat while exact search is fast enough, IVF (nprobe tuned to a recall target) above
-        index, params = build_index(vectors, ids, tuning_queries=tuning_queries)
+        # flat while exact search is fast enough, IVF (nprobe tuned to a recall target) above,
+        # IVF-PQ + exact re-rank when IVF's vectors exceed the memory budget
+        index, params = build_index(vectors, ids, tuning_queries=tuning_queries,
+                                    memory_mb=self.memory_mb)
         version = self.repo.commit_version(index, ids, list(keys), list(etags), model_id,
                                            extra={**(extra or {}), "index_params": params},
-                                           version=version, photos=photos)
+                                           version=version, photos=photos,
+                                           vectors=_full_vectors(index, [vectors]))
         return {"version": version, "count": len(keys)}
 
     def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
@@ -311,7 +323,7 @@ class FaissIndex(VectorIndex):
     def _apply(self, current: IndexVersion, keys, vectors, etags, delete, extra,
                tuning_queries, version: str | None = None,
                photos: PhotoTable | None = None) -> dict:
-        from indexer.index_policy import index_spec_of, needs_restructure, rebuild_structure
+        from indexer.index_policy import needs_restructure, rebuild_structure
 
         id_by_key = current.id_by_key()
         drop = [k for k in dict.fromkeys([*delete, *keys]) if k in id_by_key]
@@ -332,9 +344,21 @@ class FaissIndex(VectorIndex):
         all_keys = [k for k, m in zip(current.keys, keep) if m] + list(keys)
         all_etags = [e for e, m in zip(current.etags, keep) if m] + list(etags)
         extra = {**(extra or {}), "parent": current.version}
-        if needs_restructure(index, index.ntotal):
+        if current.vectors is None:
+            kept = None  # the index holds the vectors itself
+        else:  # a compressed version's full vectors: the kept rows, then the new ones
+            kept = [*(current.vectors[s:s + VECTORS_CHUNK][keep[s:s + VECTORS_CHUNK]]
+                      for s in range(0, len(keep), VECTORS_CHUNK)), vectors]
+        if needs_restructure(index, index.ntotal, memory_mb=self.memory_mb):
             # the collection outgrew its index type (or shrank below it): same vectors, new type
-            index, extra["index_params"] = rebuild_structure(index, tuning_queries)
+            contents = None if kept is None else \
+                (ids, np.concatenate([np.asarray(v, np.float32) for v in kept]))
+            old = index
+            index, extra["index_params"] = rebuild_structure(
+                old, tuning_queries, contents, memory_mb=self.memory_mb)
+            if kept is None:  # compressed now: the full vectors from the index that held them
+                kept = (old.reconstruct_batch(ids[s:s + VECTORS_CHUNK])
+                        for s in range(0, len(ids), VECTORS_CHUNK))
         else:
             extra["index_params"] = {**current.manifest.get("index_params", {}),
                                      **index_spec_of(index).to_dict()}
@@ -346,8 +370,14 @@ class FaissIndex(VectorIndex):
                 else PhotoTable.empty(int(keep.sum())),
                 photos if photos is not None else PhotoTable.empty(len(keys))])
         version = self.repo.commit_version(index, ids, all_keys, all_etags, current.model_id,
-                                           extra=extra, version=version, photos=all_photos)
+                                           extra=extra, version=version, photos=all_photos,
+                                           vectors=_full_vectors(index, kept))
         return {"version": version, "count": len(ids), "changed": True, "removed": removed}
+
+
+def _full_vectors(index, chunks: Iterable[np.ndarray] | None) -> Iterable[np.ndarray] | None:
+    """What a version keeps beside its index: the full vectors when the index is compressed."""
+    return chunks if index_spec_of(index).compressed else None
 
 
 def _photo_table(keys: list[str], info: list | None) -> PhotoTable | None:

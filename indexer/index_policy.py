@@ -1,9 +1,19 @@
 """Which FAISS index a collection gets, and how it is built: exact flat search while a scan is
-fast enough, IVF with nprobe tuned to a recall target above that (the way autofaiss chooses).
+fast enough, IVF with nprobe tuned to a recall target above that (the way autofaiss chooses),
+and IVF-PQ with an exact re-rank when the IVF's float32 vectors would not fit a memory budget.
+
+A compressed ("ivfpq") index holds 8-bit PQ codes, one byte per COMPRESSED_DIMS_PER_BYTE
+dimensions (65 bytes for the 257-dimension vectors of a hubness-corrected 256-d model), padded
+with zero dimensions to a multiple of that (`Pad` in the factory string: inner products are
+unchanged). Its top RERANK_DEPTH candidates are scored again exactly from the full vectors
+(indexer.repository keeps them as fp16 beside the index), so the scores served are exact.
+bench/compressed_index.py measured the choice: at 1M, IVF-PQ with 4 dims per byte reaches
+recall@10 0.98 after a re-rank of 100, 8 dims per byte never 0.95; OPQ bought nothing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -24,6 +34,23 @@ def new_ivf_index(dim: int, nlist: int) -> faiss.Index:
     return index
 
 
+def new_ivfpq_index(dim: int, nlist: int, code_bytes: int) -> faiss.Index:
+    """IVF-PQ over inner product with 8-bit codes, the vectors padded to code_bytes * dims per
+    byte (zeros). Adds and removes need no retraining; vectors are not reconstructible (the
+    exact ones are kept beside it)."""
+    padded = code_bytes * COMPRESSED_DIMS_PER_BYTE
+    pad = f"Pad{padded}," if padded != dim else ""
+    index = faiss.index_factory(dim, f"{pad}IVF{nlist},PQ{code_bytes}",
+                                faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = 10
+    ivf.cp.max_points_per_centroid = 64
+    # polysemous codes serve Hamming-distance filtering, which this search does not use;
+    # training them costs ~17x the rest at small sizes
+    faiss.downcast_index(ivf).do_polysemous_training = False
+    return index
+
+
 # --- choosing the index type by collection size (the way autofaiss does) ----------------------
 # Exact search costs n*dim multiply-adds per query; one core here does about 2e9/s on a memory-
 # bound scan (bench/faiss_scale.py: 12.7 ms at 100k x 256), so flat stays under ~5 ms up to
@@ -32,34 +59,79 @@ def new_ivf_index(dim: int, nlist: int) -> faiss.Index:
 # stable ids and supports remove_ids (HNSW cannot remove), so `update` works on both kinds.
 FLAT_MAX_MADDS = 40_000 * 256
 TARGET_RECALL = 0.95
+# Above this, IVF-Flat's float32 vectors (dim*4 + 8 bytes a photo: ~1 GB at 1M, 10 GB at 10M)
+# give way to IVF-PQ + re-rank (~73 bytes a photo); INDEX_MEMORY_MB sets it (0: no budget)
+INDEX_MEMORY_MB = 2048
+COMPRESSED_DIMS_PER_BYTE = 4
+RERANK_DEPTH = 200  # candidates re-scored exactly (at 10M, nprobe 16: recall@10 0.95)
+PQ_MIN_TRAIN = 39 * 256  # vectors FAISS asks for to train 8-bit codebooks (39 per centroid)
+ADD_CHUNK = 100_000
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 @dataclass(frozen=True)
 class IndexSpec:
-    kind: str  # "flat" (exact) | "ivf" (IVFFlat, inner product)
+    kind: str  # "flat" (exact) | "ivf" (IVFFlat) | "ivfpq" (IVF-PQ + exact re-rank)
     nlist: int = 0
     nprobe: int = 0
+    code_bytes: int = 0  # ivfpq: PQ code size (8-bit sub-quantizers)
+
+    @property
+    def compressed(self) -> bool:
+        return self.kind == "ivfpq"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, **({"nlist": self.nlist, "nprobe": self.nprobe}
-                                      if self.kind == "ivf" else {})}
+        out = {"kind": self.kind}
+        if self.kind != "flat":
+            out.update(nlist=self.nlist, nprobe=self.nprobe)
+        if self.compressed:
+            out["code_bytes"] = self.code_bytes
+        return out
 
 
-def choose_index(n: int, dim: int, flat_max_madds: int | None = None) -> IndexSpec:
-    """Flat while an exact scan is fast enough, else IVF with nlist ~ 4*sqrt(n) (power of 2);
-    nprobe is tuned on the data when the index is built (`build_index`)."""
+def index_bytes(kind: str, n: int, dim: int) -> int:
+    """About what an index of n vectors holds in memory (ids included; quantizers aside)."""
+    if kind == "ivfpq":
+        return n * (compressed_code_bytes(dim) + 8)
+    return n * (dim * 4 + 8)
+
+
+def compressed_code_bytes(dim: int) -> int:
+    return -(-dim // COMPRESSED_DIMS_PER_BYTE)
+
+
+def choose_index(n: int, dim: int, flat_max_madds: int | None = None,
+                 memory_mb: int | None = None) -> IndexSpec:
+    """Flat while an exact scan is fast enough, else IVF with nlist ~ 4*sqrt(n) (power of 2):
+    IVF-Flat while its vectors fit `memory_mb` (None: INDEX_MEMORY_MB; 0: no budget), IVF-PQ
+    with an exact re-rank above. nprobe is tuned on the data when the index is built."""
     if n * dim <= (FLAT_MAX_MADDS if flat_max_madds is None else flat_max_madds):
         return IndexSpec("flat")
-    nlist = 2 ** int(round(np.log2(4 * np.sqrt(n))))
-    return IndexSpec("ivf", int(min(max(nlist, 64), 65536)), 0)
+    nlist = int(min(max(2 ** int(round(np.log2(4 * np.sqrt(n)))), 64), 65536))
+    budget = INDEX_MEMORY_MB if memory_mb is None else memory_mb
+    if budget and index_bytes("ivf", n, dim) > budget * 2 ** 20:
+        return IndexSpec("ivfpq", nlist, 0, compressed_code_bytes(dim))
+    return IndexSpec("ivf", nlist, 0)
 
 
 def index_spec_of(index: faiss.Index) -> IndexSpec:
     ivf = ivf_or_none(index)
     if ivf is None:
         return IndexSpec("flat")
+    pq = faiss.downcast_index(ivf)
+    if isinstance(pq, faiss.IndexIVFPQ):
+        return IndexSpec("ivfpq", int(ivf.nlist), int(ivf.nprobe), int(pq.pq.M))
     return IndexSpec("ivf", int(ivf.nlist), int(ivf.nprobe))
+
+
+def coarse_queries(index: faiss.Index, queries: np.ndarray) -> np.ndarray:
+    """Queries in the IVF's own dimension (a padded index's zeros appended): for calls made on
+    the IVF inside an index rather than through it."""
+    ivf = ivf_or_none(index)
+    extra = int(ivf.d) - queries.shape[1]
+    if extra <= 0:
+        return queries
+    return np.ascontiguousarray(np.pad(queries, ((0, 0), (0, extra))), dtype=np.float32)
 
 
 def ivf_or_none(index: faiss.Index):
@@ -69,17 +141,21 @@ def ivf_or_none(index: faiss.Index):
         return None
 
 
-def needs_restructure(index: faiss.Index, n: int, flat_max_madds: int | None = None) -> bool:
+def needs_restructure(index: faiss.Index, n: int, flat_max_madds: int | None = None,
+                      memory_mb: int | None = None) -> bool:
     """True when a collection of n vectors has outgrown (or shrunk below) its index type:
-    flat <-> ivf, or an IVF whose nlist is 4x off what `choose_index` would pick now."""
-    have, want = index_spec_of(index), choose_index(n, index.d, flat_max_madds)
+    flat, ivf and ivfpq as `choose_index` picks them now, or an IVF whose nlist is 4x off (the
+    collection grew or shrank 16x since its quantizers were trained: the point where their
+    lists grow uneven; PQ codebooks stay valid for new photos of the same model)."""
+    have, want = index_spec_of(index), choose_index(n, index.d, flat_max_madds, memory_mb)
     if have.kind != want.kind:
         return True
-    return have.kind == "ivf" and not (want.nlist / 4 <= have.nlist <= want.nlist * 4)
+    return have.kind != "flat" and not (want.nlist / 4 <= have.nlist <= want.nlist * 4)
 
 
 def index_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64 [n], vectors float32 [n, d]) stored in a flat (IndexIDMap2) or IVFFlat index."""
+    """(ids int64 [n], vectors float32 [n, d]) stored in a flat (IndexIDMap2) or IVFFlat index
+    (a compressed index holds codes only: its vectors are kept beside it)."""
     ivf = ivf_or_none(index)
     if ivf is None:
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
@@ -117,24 +193,55 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     return float(np.mean(hits)) / k
 
 
+def rerank(queries: np.ndarray, ids: np.ndarray, vectors_of: Callable[[np.ndarray], np.ndarray],
+           k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) [Q, k]: the candidate ids of each query (-1: none) scored exactly against
+    their full vectors (`vectors_of(ids)`, float32), best first; padded with -inf / -1."""
+    out_scores = np.full((len(queries), k), -np.inf, np.float32)
+    out_ids = np.full((len(queries), k), -1, np.int64)
+    held = ids >= 0
+    unique, at = np.unique(ids[held], return_inverse=True)
+    if not len(unique):
+        return out_scores, out_ids
+    vectors = vectors_of(unique)  # one gather for every query's candidates
+    rows = np.nonzero(held)[0]
+    scores = np.full(ids.shape, -np.inf, np.float32)
+    scores[held] = np.einsum("ij,ij->i", vectors[at], queries[rows])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, 1)
+    found = np.take_along_axis(ids, order, 1)
+    width = order.shape[1]
+    out_scores[:, :width] = top
+    out_ids[:, :width] = np.where(np.isfinite(top), found, -1)
+    return out_scores, out_ids
+
+
 def tune_nprobe(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
                 queries: np.ndarray | None = None, target_recall: float = TARGET_RECALL,
-                k: int = 10) -> tuple[int, float]:
+                k: int = 10, rerank_depth: int = 0) -> tuple[int, float]:
     """Smallest nprobe whose recall@k against exact search reaches `target_recall`
-    (on `queries`, default: noisy copies of stored vectors). Leaves it set on the index."""
+    (on `queries`, default: noisy copies of stored vectors), the top `rerank_depth` re-scored
+    exactly when given (a compressed index). Leaves it set on the index."""
     ivf = faiss.extract_index_ivf(index)
     if queries is None:
         queries = _tuning_queries(vectors, 256)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, rows = exact.search(queries, k)
+    # over the vectors where they are (an IndexFlatIP would copy them: 10 GB at 10M)
+    _, rows = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), k,
+                        metric=faiss.METRIC_INNER_PRODUCT)
     truth = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+    row_of = np.argsort(ids, kind="stable")
+    sorted_ids = ids[row_of]
     best = (int(ivf.nlist), 0.0)
     for nprobe in NPROBE_CANDIDATES:
         nprobe = min(nprobe, int(ivf.nlist))
         ivf.nprobe = nprobe
-        _, found = index.search(queries, k)
+        if rerank_depth:
+            _, found = index.search(queries, max(k, rerank_depth))
+            _, found = rerank(queries, found, lambda i: vectors[row_of[np.searchsorted(
+                sorted_ids, i)]], k)
+        else:
+            _, found = index.search(queries, k)
         rec = recall_at(found, truth, k)
         best = (nprobe, rec)
         if rec >= target_recall or nprobe >= ivf.nlist:
@@ -145,38 +252,59 @@ def tune_nprobe(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
 
 def build_index(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec | None = None,
                 tuning_queries: np.ndarray | None = None,
-                target_recall: float = TARGET_RECALL) -> tuple[faiss.Index, dict]:
-    """An index over `vectors` with stable `ids`, of the type `spec` (default: chosen by size).
-    Returns (index, params) where params describe the choice for the manifest."""
+                target_recall: float = TARGET_RECALL,
+                memory_mb: int | None = None) -> tuple[faiss.Index, dict]:
+    """An index over `vectors` with stable `ids`, of the type `spec` (default: chosen by size
+    and `memory_mb`). Returns (index, params) where params describe the choice for the
+    manifest (a compressed index's: its factory string, training sample and re-rank depth;
+    the caller keeps the full vectors beside it)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     n, dim = vectors.shape
-    spec = spec or choose_index(n, dim)
+    spec = spec or choose_index(n, dim, memory_mb=memory_mb)
+    if spec.compressed and n < PQ_MIN_TRAIN:
+        spec = IndexSpec("ivf", spec.nlist, spec.nprobe)  # too few to train 8-bit codebooks
     if spec.kind == "flat":
         index = new_flat_index(dim)
         if n:
             index.add_with_ids(vectors, ids)
         return index, spec.to_dict()
-    ivf = new_ivf_index(dim, spec.nlist)
+    if spec.compressed:
+        index = new_ivfpq_index(dim, spec.nlist, spec.code_bytes)
+    else:
+        index = new_ivf_index(dim, spec.nlist)
     rng = np.random.default_rng(0)
     sample = vectors if n <= spec.nlist * 64 else \
         vectors[np.sort(rng.choice(n, spec.nlist * 64, replace=False))]
-    ivf.train(sample)
-    ivf.add_with_ids(vectors, ids)
-    params = {"kind": "ivf", "nlist": spec.nlist}
+    index.train(sample)
+    for start in range(0, n, ADD_CHUNK):  # a padded index copies what it adds: in chunks
+        index.add_with_ids(vectors[start:start + ADD_CHUNK], ids[start:start + ADD_CHUNK])
+    params = spec.to_dict()
+    if spec.compressed:
+        params.update(factory=_factory_of(index), trained_on=len(sample),
+                      rerank=RERANK_DEPTH, vectors="fp16")
+    ivf = faiss.extract_index_ivf(index)
     if spec.nprobe:
         ivf.nprobe = spec.nprobe
-        params["nprobe"] = spec.nprobe
     else:
-        nprobe, rec = tune_nprobe(ivf, vectors, ids, tuning_queries, target_recall)
+        nprobe, rec = tune_nprobe(index, vectors, ids, tuning_queries, target_recall,
+                                  rerank_depth=RERANK_DEPTH if spec.compressed else 0)
         params.update(nprobe=nprobe, tuned_recall_at_10=round(rec, 4),
                       target_recall_at_10=target_recall,
                       tuning_queries="given" if tuning_queries is not None else "noisy stored")
-    return ivf, params
+    return index, params
 
 
-def rebuild_structure(index: faiss.Index, tuning_queries: np.ndarray | None = None
-                      ) -> tuple[faiss.Index, dict]:
-    """The same ids and vectors in the index type their count calls for now (no re-embedding)."""
-    ids, vecs = index_contents(index)
-    return build_index(vecs, ids, tuning_queries=tuning_queries)
+def _factory_of(index: faiss.Index) -> str:
+    ivf = faiss.extract_index_ivf(index)
+    pad = f"Pad{ivf.d}," if ivf.d != index.d else ""
+    return f"{pad}IVF{ivf.nlist},PQ{faiss.downcast_index(ivf).pq.M}"
+
+
+def rebuild_structure(index: faiss.Index, tuning_queries: np.ndarray | None = None,
+                      contents: tuple[np.ndarray, np.ndarray] | None = None,
+                      memory_mb: int | None = None) -> tuple[faiss.Index, dict]:
+    """The same ids and vectors in the index type their count calls for now (no re-embedding);
+    `contents`: (ids, vectors) when the index holds codes only."""
+    ids, vecs = contents if contents is not None else index_contents(index)
+    return build_index(vecs, ids, tuning_queries=tuning_queries, memory_mb=memory_mb)

@@ -11,6 +11,10 @@ Layout under the index directory:
                                      as JSON lists), still read
     versions/<version>/info.parquet  the photos' metadata, one row per vector in table order
                                      (indexer.photo_table); versions made before it have none
+    versions/<version>/vectors.npy   a compressed (IVF-PQ) version only: the full vectors as
+                                     fp16, one row per vector in table order, read memory-
+                                     mapped: every hit of the index's top RERANK_DEPTH is scored
+                                     again from them, and stored vectors are read from them
     versions/<version>/manifest.json model id, dim, count, created, index type, checksums (of
                                      every file above)
     CURRENT                          the name of the published version
@@ -56,6 +60,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
+from typing import Iterable
 
 import faiss
 import numpy as np
@@ -66,7 +71,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from core.atomic import atomic_dir, write_atomic
 from core.hashing import sha256_file
 from indexer import photo_columns
-from indexer.index_policy import index_spec_of, ivf_or_none
+from indexer.index_policy import (
+    RERANK_DEPTH,
+    coarse_queries,
+    index_spec_of,
+    ivf_or_none,
+    rerank,
+)
 from indexer.key_table import Column, KeyTable
 from indexer.photo_filter import PhotoFilter, active
 from indexer.photo_table import PhotoTable
@@ -86,6 +97,8 @@ LEGACY_TABLE_FILE = "table.json"  # the key table of versions made before table.
 # manifest's checksums name which: table.arrow when both)
 REQUIRED_FILES = ("index.faiss", TABLE_FILE)
 INFO_FILE = "info.parquet"  # optional: versions made before metadata have none
+VECTORS_FILE = "vectors.npy"  # a compressed version's full vectors (fp16, table order)
+VECTORS_CHUNK = 1_000_000  # rows copied at a time when a version's vectors are written
 FILTER_CACHE_SIZE = 16  # filters whose passing ids a loaded version keeps (<= ~130 KB each)
 EXACT_MIN_ROWS = 2048  # this few passing ids are always searched exactly
 FILTER_CANDIDATES_PER_HIT = 20  # IVF: passing vectors in the probed lists per hit wanted
@@ -156,6 +169,9 @@ class IndexVersion:
     index: faiss.Index
     table: KeyTable  # ids, keys and etags in row order (mapped from table.arrow)
     photos: PhotoTable | None = None  # metadata, aligned with keys; None: stored without
+    # a compressed version's full vectors (fp16 [n, dim], table order, memory-mapped): the
+    # index's candidates are re-scored from them; None: the index holds the vectors itself
+    vectors: np.ndarray | None = None
 
     def __post_init__(self):
         self._passing = LRUCache(FILTER_CACHE_SIZE)
@@ -203,6 +219,29 @@ class IndexVersion:
     def id_by_key(self) -> dict[str, int]:
         return dict(zip(self.keys, self.ids.tolist()))
 
+    @property
+    def rerank_depth(self) -> int:
+        """How many of the index's candidates are re-scored exactly (0: none, scores are
+        exact already)."""
+        if self.vectors is None:
+            return 0
+        return int((self.manifest.get("index_params") or {}).get("rerank") or RERANK_DEPTH)
+
+    def vectors_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [len(ids), dim]: the full vectors of these ids (each must be held)."""
+        ids = np.asarray(ids, np.int64)
+        if self.vectors is None:
+            return self.index.reconstruct_batch(ids)
+        if self._ids_are_rows:
+            rows = ids
+        else:
+            at = np.minimum(np.searchsorted(self.ids, ids, sorter=self.table.id_order),
+                            max(0, len(self.ids) - 1))
+            rows = self.table.id_order[at]
+            if len(ids) and not np.array_equal(self.ids[rows], ids):
+                raise KeyError(int(ids[np.flatnonzero(self.ids[rows] != ids)[0]]))
+        return self.vectors[rows].astype(np.float32)
+
     def _rows_of(self, keys: list[str]) -> np.ndarray:
         """Each key's row (-1: not held), by binary search over the mapped key order: no dict
         of every key in each serving process."""
@@ -216,7 +255,7 @@ class IndexVersion:
         rows = self._rows_of(keys)
         if (rows < 0).any():
             raise KeyError(keys[int(np.flatnonzero(rows < 0)[0])])
-        return self.index.reconstruct_batch(self.ids[rows])  # one call, not one per key
+        return self.vectors_of_ids(self.ids[rows])  # one call, not one per key
 
     # --- the photos' metadata ---------------------------------------------------------------
     def info(self, keys: list[str]) -> list[dict | None]:
@@ -400,14 +439,15 @@ class IndexVersion:
         wanted = math.ceil(FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / max(1, passing))
         return int(min(ivf.nlist, max(ivf.nprobe, wanted)))
 
-    def _lists_for(self, queries: np.ndarray, k: int, passing: PassingIds):
+    def _lists_for(self, queries: np.ndarray, k: int, passing: PassingIds, depth: int):
         """IVF, per query: the lists to probe (nearest first, padded with -1) and their
         centroid scores: lists holding passing vectors, until they hold
         FILTER_CANDIDATES_PER_HIT * k of them (all, when fewer pass), and at least nprobe.
         The quantizer ranks the lists (FAISS's own threads, not numpy's BLAS: its threads
         wait for cores a busy machine does not give them)."""
         ivf = ivf_or_none(self.index)
-        target = min(passing.count, FILTER_CANDIDATES_PER_HIT * k)
+        queries = coarse_queries(self.index, queries)
+        target = min(passing.count, max(FILTER_CANDIDATES_PER_HIT * k, depth))
         few = 4 * self._nprobe_for(passing.count, k) + 16
         if passing.list_counts is None:
             # the nearest few lists usually suffice (8x more if not): count in those only
@@ -434,13 +474,16 @@ class IndexVersion:
                 break
         return _chosen(lists, scores, counts, target, wanted)
 
-    def _search_near(self, queries: np.ndarray, k: int, where: PhotoFilter, most: int):
+    def _search_near(self, queries: np.ndarray, k: int, where: PhotoFilter, most: int,
+                     depth: int):
         """IVF, a filter many photos pass (at most `most`), seen for the first time: evaluated
         over the photos of the lists nearest each query only, not the whole table (as
         `_lists_for` chooses the lists, without counting every photo first). None when those
         lists hold too few: the caller counts them all."""
         ivf = ivf_or_none(self.index)
-        target, few = FILTER_CANDIDATES_PER_HIT * k, 2 * self._nprobe_for(most, k) + 8
+        queries = coarse_queries(self.index, queries)
+        target = max(FILTER_CANDIDATES_PER_HIT * k, depth)
+        few = 2 * self._nprobe_for(most, k) + 8
         ids, _ = self._ids_by_list
         # one round: when the lists nearest the query hold too few, the filter's photos are
         # elsewhere (a folder unlike the query), and counting them all finds them sooner
@@ -453,7 +496,7 @@ class IndexVersion:
                 by_id = np.zeros(self._id_bound, bool)
                 by_id[ids[positions[passed]]] = True
                 lists, scores = _chosen(lists, scores, counts, target, ivf.nprobe)
-                return self._search_lists(queries, k, lists, scores,
+                return self._search_lists(queries, depth, lists, scores,
                                           np.packbits(by_id, bitorder="little"))
         return None
 
@@ -478,22 +521,24 @@ class IndexVersion:
             scanned = ivf.nlist + self._nprobe_for(passing, k) / ivf.nlist * self.count
         return max(EXACT_MIN_ROWS, int(scanned / GATHER_COST))
 
-    def _search_passing(self, queries: np.ndarray, k: int, passing: PassingIds):
-        """(scores, ids) of the top k among the passing ids, -1 ids where a row has fewer."""
+    def _search_passing(self, queries: np.ndarray, k: int, passing: PassingIds, depth: int):
+        """(scores, ids) of the top `depth` (>= k: a compressed index's candidates) among
+        the passing ids, -1 ids where a row has fewer; the lists probed chosen for k."""
         if passing.ids is not None:  # exact, over just these vectors (FAISS's threads)
-            vectors = self.index.reconstruct_batch(passing.ids)
+            vectors = self.vectors_of_ids(passing.ids)
             scores, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
             return scores, np.where(rows >= 0, passing.ids[np.maximum(rows, 0)], -1)
         if ivf_or_none(self.index) is None:  # flat: an exact scan that skips the ids not passing
             selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
             return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
-        lists, centroid_scores = self._lists_for(queries, k, passing)
-        return self._search_lists(queries, k, lists, centroid_scores, passing.bitmap)
+        lists, centroid_scores = self._lists_for(queries, k, passing, depth)
+        return self._search_lists(queries, depth, lists, centroid_scores, passing.bitmap)
 
     def _search_lists(self, queries: np.ndarray, k: int, lists: np.ndarray,
                       centroid_scores: np.ndarray, bitmap: np.ndarray):
         """IVF: (scores, ids) of the top k in these lists among the ids the bitmap holds."""
         ivf = ivf_or_none(self.index)
+        queries = coarse_queries(self.index, queries)
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         params = faiss.SearchParametersIVF(sel=selector, nprobe=lists.shape[1])
         scores = np.empty((len(queries), k), np.float32)
@@ -504,8 +549,11 @@ class IndexVersion:
                                  faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
         return scores, ids
 
-    def _search_filtered(self, queries: np.ndarray, k: int, where: PhotoFilter):
-        """(scores, ids) of the top k photos passing the filter, k at most how many pass."""
+    def _search_filtered(self, queries: np.ndarray, k: int, where: PhotoFilter,
+                         depth: int | None = None):
+        """(scores, ids) of the top k photos passing the filter, k at most how many pass
+        (`depth`: this many candidates of a compressed index, to re-score)."""
+        depth = max(k, depth or k)
         key, passing = self._cached_passing(where)
         if passing is None:
             ivf = ivf_or_none(self.index)
@@ -517,7 +565,7 @@ class IndexVersion:
             if rows is None and near and first:
                 # many may pass, seen for the first time: look near the query; a filter
                 # searched again (a next page, other words) is counted once and kept
-                found = self._search_near(queries, k, where, most)
+                found = self._search_near(queries, k, where, most, depth)
                 if found is not None:
                     with self._passing_lock:
                         self._seen[key] = True
@@ -527,10 +575,10 @@ class IndexVersion:
             passing = self._count_passing(where, rows)
             with self._passing_lock:
                 self._passing[key] = passing
-        k = min(k, passing.count)
+        k, depth = min(k, passing.count), min(depth, passing.count)
         if k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        return self._search_passing(queries, k, passing)
+        return self._search_passing(queries, k, passing, depth)
 
     def search(self, queries: np.ndarray, k: int, readback: int | None = None,
                where: PhotoFilter | None = None):
@@ -545,20 +593,23 @@ class IndexVersion:
         k = min(k, self.count)
         if k <= 0:
             return empty_result(len(queries), readback)
+        # a compressed index: its top `rerank_depth` re-scored from the full vectors
+        depth = min(max(k, self.rerank_depth), self.count)
         if where is None:
-            scores, ids = self.index.search(queries, k)
+            scores, ids = self.index.search(queries, depth)
         else:
-            scores, ids = self._search_filtered(queries, k, where)
+            scores, ids = self._search_filtered(queries, k, where, depth)
             if ids.shape[1] == 0:
                 return empty_result(len(queries), readback)
+        if self.vectors is not None:
+            scores, ids = rerank(queries, ids, self.vectors_of_ids, min(k, ids.shape[1]))
         keys = [[self.key_of(i) for i in row if i >= 0] for row in ids]
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         scores = scores[:, : max((len(r) for r in keys), default=0)]
         if readback is None:
             return scores, keys
         # one reconstruct_batch per row: ~15 us for 10 hits
-        return scores, keys, [self.index.reconstruct_batch(row[row >= 0])[:, readback]
-                              for row in ids]
+        return scores, keys, [self.vectors_of_ids(row[row >= 0])[:, readback] for row in ids]
 
 
 def _bits(bitmap: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -588,6 +639,32 @@ def _chosen(lists: np.ndarray, scores: np.ndarray, counts: np.ndarray, target: i
     scores = np.take_along_axis(scores, first, 1)[:, :width]
     lists[np.arange(width)[None, :] >= chosen.sum(axis=1)[:, None]] = -1
     return np.ascontiguousarray(lists, np.int64), np.ascontiguousarray(scores, np.float32)
+
+
+def _index_type(index: faiss.Index) -> str:
+    """The FAISS class that holds the vectors (inside an id map or a pre-transform)."""
+    ivf = ivf_or_none(index)
+    if ivf is not None:
+        return type(faiss.downcast_index(ivf)).__name__
+    if isinstance(index, faiss.IndexIDMap2):
+        return type(faiss.downcast_index(index.index)).__name__
+    return type(index).__name__
+
+
+def _write_vectors(path: Path, chunks: Iterable[np.ndarray], n: int, dim: int) -> None:
+    """Vectors given in chunks (row order) into an fp16 .npy file of n rows, chunk by chunk."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    at = 0
+    for chunk in chunks:
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 2 or chunk.shape[1] != dim or at + len(chunk) > n:
+            raise ValueError("the full vectors do not match the index")
+        out[at:at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != n:
+        raise ValueError(f"the full vectors hold {at} rows, the index {n}")
+    out.flush()
+    del out
 
 
 class IndexRepository:
@@ -762,14 +839,38 @@ class IndexRepository:
             except ValueError as exc:
                 raise IndexLoadError(f"index version {version}: {INFO_FILE} is unusable "
                                      f"({str(exc)[:200]})") from None
-        nprobe = (manifest.index_params or {}).get("nprobe")
-        ivf = ivf_or_none(index)
-        if ivf is not None and nprobe:
-            if not isinstance(nprobe, int) or isinstance(nprobe, bool) or nprobe < 1:
-                raise IndexLoadError(f"index version {version}: index_params.nprobe is not a "
-                                     "positive integer")
-            ivf.nprobe = min(int(nprobe), int(ivf.nlist))
-        return IndexVersion(version, manifest.model_dump(), index, table, photos)
+        params = manifest.index_params or {}
+        ivf, compressed = ivf_or_none(index), index_spec_of(index).compressed
+        # what the index type uses (a flat index has no nprobe to read)
+        for name in ("nprobe",) * (ivf is not None) + ("rerank",) * compressed:
+            value = params.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise IndexLoadError(f"index version {version}: index_params.{name} is not "
+                                     "a positive integer")
+        if ivf is not None and params.get("nprobe"):
+            ivf.nprobe = min(int(params["nprobe"]), int(ivf.nlist))
+        vectors = None
+        if compressed or VECTORS_FILE in manifest.checksums:
+            vectors = self._vectors(version, vdir, manifest, n)
+        return IndexVersion(version, manifest.model_dump(), index, table, photos, vectors)
+
+    @staticmethod
+    def _vectors(version: str, vdir: Path, manifest: Manifest, n: int) -> np.ndarray:
+        """A compressed version's full vectors, memory-mapped and checked (fp16 [n, dim])."""
+        if VECTORS_FILE not in manifest.checksums:
+            raise IndexLoadError(f"index version {version}: a compressed index without its "
+                                 f"vectors ({VECTORS_FILE} is not in the manifest)")
+        try:
+            vectors = np.load(vdir / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            raise IndexLoadError(f"index version {version}: {VECTORS_FILE} is unusable "
+                                 f"({str(exc)[:200]})") from None
+        if vectors.dtype != np.float16 or vectors.shape != (n, manifest.dim):
+            raise IndexLoadError(f"index version {version}: {VECTORS_FILE} holds "
+                                 f"{vectors.dtype} {list(vectors.shape)}, not float16 "
+                                 f"[{n}, {manifest.dim}]")
+        return vectors
 
     def writable_index(self, version: str) -> faiss.Index:
         """The version's index read into memory of its own (a loaded version's is mapped from
@@ -826,9 +927,11 @@ class IndexRepository:
     # --- writing ---------------------------------------------------------------------------
     def commit_version(self, index: faiss.Index, ids: np.ndarray, keys: list[str],
                        etags: list[str], model_id: str, extra: dict | None = None,
-                       version: str | None = None, photos: PhotoTable | None = None) -> str:
+                       version: str | None = None, photos: PhotoTable | None = None,
+                       vectors: Iterable[np.ndarray] | None = None) -> str:
         """Write a complete new version (named `version`, default a new name; `photos`: its
-        metadata, aligned with keys), then point CURRENT at it. Returns the version name."""
+        metadata, aligned with keys; `vectors`: the full vectors in table order, in chunks,
+        which a compressed index needs), then point CURRENT at it. Returns the version name."""
         if not (index.ntotal == len(ids) == len(keys) == len(etags)):
             raise ValueError("index, ids, keys and etags must have the same length")
         if photos is not None and photos.num_rows != len(keys):
@@ -848,6 +951,11 @@ class IndexRepository:
             if photos is not None:
                 photos.write(tmp / INFO_FILE)
                 files.append(INFO_FILE)
+            if vectors is not None:
+                _write_vectors(tmp / VECTORS_FILE, vectors, len(ids), int(index.d))
+                files.append(VECTORS_FILE)
+            elif index_spec_of(index).compressed:
+                raise ValueError("a compressed index needs its full vectors")
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "version": version,
@@ -855,8 +963,7 @@ class IndexRepository:
                 "dim": int(index.d),
                 "count": int(index.ntotal),
                 "created": datetime.now(timezone.utc).isoformat(),
-                "index_type": type(faiss.downcast_index(index.index)).__name__
-                if isinstance(index, faiss.IndexIDMap2) else type(index).__name__,
+                "index_type": _index_type(index),
                 "checksums": {n: sha256_file(tmp / n) for n in files},
                 # what choose_index/build_index picked (kind, nlist, nprobe, tuned recall)
                 "index_params": index_spec_of(index).to_dict(),

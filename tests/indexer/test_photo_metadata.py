@@ -276,16 +276,27 @@ def test_faiss_versions_made_before_metadata_still_load(faiss_index):
         [["new/b.jpg"]]
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def compressed_above(monkeypatch, kind: str) -> None:
+    """Small collections indexed as `kind`: IVF above a few vectors; IVF-PQ (+ re-rank) by
+    a memory budget they exceed."""
+    from indexer import index_policy
+
+    if kind != "flat":
+        monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    if kind == "ivfpq":
+        monkeypatch.setattr(index_policy, "INDEX_MEMORY_MB", 1e-3)
+        monkeypatch.setattr(index_policy, "PQ_MIN_TRAIN", 1000)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
 def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, kind):
     """Selector search (flat; IVF with nprobe raised, and lists added for rows still short)
     and exact search over few ids: a full page of the best passing photos, always."""
-    from indexer import index_policy, repository
+    from indexer import repository
 
     monkeypatch.setattr(repository, "EXACT_MIN_ROWS", 0)
     monkeypatch.setattr(repository, "GATHER_COST", 1e9)  # selector search whenever it can
-    if kind == "ivf":
-        monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    compressed_above(monkeypatch, kind)
     n = 6000
     centers, cluster, vectors, queries = clustered(n, seed=5)
     keys = [f"c{c:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
@@ -306,7 +317,9 @@ def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, k
     view = faiss_index.view(MODEL)
     where = PhotoFilter(folders=["c03"])
     assert view.passing(where).ids is not None
-    truth, _ = exact_filtered(vectors, keys, [{}] * n, queries, where, k=50)
+    # (IVF-PQ scores from its fp16 copy of the vectors)
+    stored = vectors.astype(np.float16).astype(np.float32) if kind == "ivfpq" else vectors
+    truth, _ = exact_filtered(stored, keys, [{}] * n, queries, where, k=50)
     assert view.search(queries, 50, where=where)[1] == truth
 
 
@@ -349,15 +362,15 @@ def test_photo_table_over_some_rows_and_candidate_rows(library):
         assert table.mask(where).tolist() == [where.matches({"folder": f}) for f in folders]
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 @pytest.mark.parametrize("share", [0.5, 0.05, 0.004])
-def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypatch, share):
+def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypatch, share,
+                                                          kind):
     """A filter's first search on IVF, before anything is counted: evaluated over the lists
     near the query when many pass, from the narrowest condition's rows when few do, and
     counted in full when the lists near the query hold too few; the best passing photos
     either way."""
-    from indexer import index_policy
-
-    monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    compressed_above(monkeypatch, kind)
     n = 8000
     centers, cluster, vectors, queries = clustered(n, seed=8)
     keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
@@ -365,7 +378,7 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
              for i in range(n)]
     faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
     view = faiss_index.view(MODEL)
-    assert view.manifest["index_params"]["kind"] == "ivf"
+    assert view.manifest["index_params"]["kind"] == kind
     tried = []
     search_near = view._search_near
     monkeypatch.setattr(view, "_search_near",
