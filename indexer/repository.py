@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
@@ -870,6 +871,11 @@ class IndexRepository:
             raise IndexLoadError(f"index version {version}: {VECTORS_FILE} holds "
                                  f"{vectors.dtype} {list(vectors.shape)}, not float16 "
                                  f"[{n}, {manifest.dim}]")
+        mapped = getattr(vectors, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
+            # a query reads ~RERANK_DEPTH scattered rows: no read-ahead around them, which
+            # would fill memory (and, cold, the disk queue) with rows nobody asked for
+            mapped.madvise(mmap.MADV_RANDOM)
         return vectors
 
     def writable_index(self, version: str) -> faiss.Index:
