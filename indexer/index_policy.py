@@ -25,11 +25,30 @@ def new_flat_index(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
+def coarse(nlist: int) -> str:
+    """The factory string of an IVF's coarse quantizer: flat (exact) up to
+    HNSW_QUANTIZER_LISTS lists, an HNSW graph over the centroids above (assigning 10M vectors
+    to 16k centroids by exact scan would take hours on a few cores)."""
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_LISTS else f"IVF{nlist}"
+
+
+def _prepared(index: faiss.Index) -> faiss.Index:
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = 10  # enough for a coarse quantizer; build time matters at 1M
+    ivf.cp.max_points_per_centroid = 64
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        # HNSW's default breadth (16) files a vector under a list that is not its nearest
+        # often enough to cap recall at 0.87 (bench/compressed_index.py at 10M); written with
+        # the index, so a loaded version searches as wide
+        quantizer.hnsw.efSearch = HNSW_QUANTIZER_EF
+    return index
+
+
 def new_ivf_index(dim: int, nlist: int) -> faiss.Index:
     """IVFFlat over inner product, with a direct map: reconstruct(id) and remove_ids work."""
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = 10  # enough for a coarse quantizer; build time matters at 1M
-    index.cp.max_points_per_centroid = 64
+    index = _prepared(faiss.index_factory(dim, f"{coarse(nlist)},Flat",
+                                          faiss.METRIC_INNER_PRODUCT))
     index.set_direct_map_type(faiss.DirectMap.Hashtable)
     return index
 
@@ -40,11 +59,9 @@ def new_ivfpq_index(dim: int, nlist: int, code_bytes: int) -> faiss.Index:
     exact ones are kept beside it)."""
     padded = code_bytes * COMPRESSED_DIMS_PER_BYTE
     pad = f"Pad{padded}," if padded != dim else ""
-    index = faiss.index_factory(dim, f"{pad}IVF{nlist},PQ{code_bytes}",
-                                faiss.METRIC_INNER_PRODUCT)
+    index = _prepared(faiss.index_factory(dim, f"{pad}{coarse(nlist)},PQ{code_bytes}",
+                                          faiss.METRIC_INNER_PRODUCT))
     ivf = faiss.extract_index_ivf(index)
-    ivf.cp.niter = 10
-    ivf.cp.max_points_per_centroid = 64
     # polysemous codes serve Hamming-distance filtering, which this search does not use;
     # training them costs ~17x the rest at small sizes
     faiss.downcast_index(ivf).do_polysemous_training = False
@@ -63,6 +80,8 @@ TARGET_RECALL = 0.95
 # give way to IVF-PQ + re-rank (~73 bytes a photo); INDEX_MEMORY_MB sets it (0: no budget)
 INDEX_MEMORY_MB = 2048
 COMPRESSED_DIMS_PER_BYTE = 4
+HNSW_QUANTIZER_LISTS = 8192  # from this many IVF lists (~2M vectors) the lists are found by HNSW
+HNSW_QUANTIZER_EF = 128
 RERANK_DEPTH = 200  # candidates re-scored exactly (at 10M, nprobe 16: recall@10 0.95)
 PQ_MIN_TRAIN = 39 * 256  # vectors FAISS asks for to train 8-bit codebooks (39 per centroid)
 ADD_CHUNK = 100_000
@@ -280,6 +299,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec | None = N
     for start in range(0, n, ADD_CHUNK):  # a padded index copies what it adds: in chunks
         index.add_with_ids(vectors[start:start + ADD_CHUNK], ids[start:start + ADD_CHUNK])
     params = spec.to_dict()
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        params["quantizer_ef_search"] = int(quantizer.hnsw.efSearch)
     if spec.compressed:
         params.update(factory=_factory_of(index), trained_on=len(sample),
                       rerank=RERANK_DEPTH, vectors="fp16")
@@ -298,7 +320,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec | None = N
 def _factory_of(index: faiss.Index) -> str:
     ivf = faiss.extract_index_ivf(index)
     pad = f"Pad{ivf.d}," if ivf.d != index.d else ""
-    return f"{pad}IVF{ivf.nlist},PQ{faiss.downcast_index(ivf).pq.M}"
+    return f"{pad}{coarse(ivf.nlist)},PQ{faiss.downcast_index(ivf).pq.M}"
 
 
 def rebuild_structure(index: faiss.Index, tuning_queries: np.ndarray | None = None,

@@ -205,3 +205,37 @@ def test_near_pairs_of_a_compressed_version_are_exact(compressed):
     stored = view.stored_vectors([a for a, _ in pairs])
     others = view.stored_vectors([b for _, b in pairs])
     assert np.all(np.einsum("ij,ij->i", stored, others) >= 0.995 - 1e-6)
+
+
+@pytest.mark.parametrize("budget", [0, 1])
+def test_many_lists_are_found_by_an_hnsw_graph(tmp_path, monkeypatch, budget):
+    """From HNSW_QUANTIZER_LISTS lists the coarse quantizer is an HNSW graph searched wide
+    (its breadth written with the index): IVF-Flat and IVF-PQ alike, filters included."""
+    from indexer.photo_filter import PhotoFilter
+
+    monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    monkeypatch.setattr(index_policy, "HNSW_QUANTIZER_LISTS", 64)
+    x = clustered()
+    keys = [f"f{i % 7}/{i:05d}.jpg" for i in range(N)]
+    backend = FaissIndex(tmp_path, memory_mb=budget)
+    backend.rebuild(MODEL, keys, x, ["e"] * N, info=[{}] * N)
+    view = backend.view(MODEL)
+    params = view.manifest["index_params"]
+    assert params["kind"] == ("ivfpq" if budget else "ivf")
+    assert params["quantizer_ef_search"] == index_policy.HNSW_QUANTIZER_EF
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(view.index).quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSW)
+    assert quantizer.hnsw.efSearch == index_policy.HNSW_QUANTIZER_EF
+    if budget:
+        assert "_HNSW32," in params["factory"]
+    queries = noisy(x, 100)
+    _, found = view.search(queries, 10)
+    truth = exact_top(x, keys, queries)
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) >= 0.95
+    where = PhotoFilter(folders=["f3"])
+    rows = [i for i, k in enumerate(keys) if k.startswith("f3/")]
+    _, found = view.search(queries, 10, where=where)
+    truth = exact_top(x[rows], [keys[i] for i in rows], queries)
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) >= 0.95
+    backend.update(MODEL, ["new.jpg"], x[:1], ["n"], delete=keys[:1], info=[{}])
+    assert backend.view(MODEL).search(x[:1], 1)[1] == [["new.jpg"]]
