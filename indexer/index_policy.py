@@ -5,7 +5,7 @@ and IVF-PQ with an exact re-rank when the IVF's float32 vectors would not fit a 
 A compressed ("ivfpq") index holds 8-bit PQ codes, one byte per COMPRESSED_DIMS_PER_BYTE
 dimensions (65 bytes for the 257-dimension vectors of a hubness-corrected 256-d model), padded
 with zero dimensions to a multiple of that (`Pad` in the factory string: inner products are
-unchanged). Its top RERANK_DEPTH candidates are scored again exactly from the full vectors
+unchanged). Its top candidates (RERANK_DEPTHS, tuned) are scored again exactly from the full vectors
 (indexer.repository keeps them as fp16 beside the index), so the scores served are exact.
 bench/compressed_index.py measured the choice: at 1M, IVF-PQ with 4 dims per byte reaches
 recall@10 0.98 after a re-rank of 100, 8 dims per byte never 0.95; OPQ bought nothing.
@@ -82,7 +82,10 @@ INDEX_MEMORY_MB = 2048
 COMPRESSED_DIMS_PER_BYTE = 4
 HNSW_QUANTIZER_LISTS = 8192  # from this many IVF lists (~2M vectors) the lists are found by HNSW
 HNSW_QUANTIZER_EF = 128
-RERANK_DEPTH = 200  # candidates re-scored exactly (at 10M, nprobe 16: recall@10 0.95)
+# candidates re-scored exactly: the first of these reaching the recall target, tuned with
+# nprobe (at 10M near-copies of 1,000 photos, 200 left recall at 0.94 whatever nprobe)
+RERANK_DEPTHS = (200, 500, 1000)
+RERANK_DEPTH = RERANK_DEPTHS[0]  # a version whose manifest names none
 PQ_MIN_TRAIN = 39 * 256  # vectors FAISS asks for to train 8-bit codebooks (39 per centroid)
 ADD_CHUNK = 100_000
 NPROBE_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -237,10 +240,12 @@ def rerank(queries: np.ndarray, ids: np.ndarray, vectors_of: Callable[[np.ndarra
 
 def tune_nprobe(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
                 queries: np.ndarray | None = None, target_recall: float = TARGET_RECALL,
-                k: int = 10, rerank_depth: int = 0) -> tuple[int, float]:
+                k: int = 10, rerank_depths: tuple[int, ...] = ()) -> tuple[int, float, int]:
     """Smallest nprobe whose recall@k against exact search reaches `target_recall`
-    (on `queries`, default: noisy copies of stored vectors), the top `rerank_depth` re-scored
-    exactly when given (a compressed index). Leaves it set on the index."""
+    (on `queries`, default: noisy copies of stored vectors) -> (nprobe, recall, depth). A
+    compressed index's top `depth` are re-scored exactly: the smallest of `rerank_depths`
+    that reaches the target at that nprobe (one search per nprobe, its deepest). Leaves
+    nprobe set on the index."""
     ivf = faiss.extract_index_ivf(index)
     if queries is None:
         queries = _tuning_queries(vectors, 256)
@@ -251,19 +256,22 @@ def tune_nprobe(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
     truth = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
     row_of = np.argsort(ids, kind="stable")
     sorted_ids = ids[row_of]
-    best = (int(ivf.nlist), 0.0)
+    best = (int(ivf.nlist), 0.0, 0)
     for nprobe in NPROBE_CANDIDATES:
         nprobe = min(nprobe, int(ivf.nlist))
         ivf.nprobe = nprobe
-        if rerank_depth:
-            _, found = index.search(queries, max(k, rerank_depth))
-            _, found = rerank(queries, found, lambda i: vectors[row_of[np.searchsorted(
-                sorted_ids, i)]], k)
+        if rerank_depths:
+            _, deepest = index.search(queries, max(k, *rerank_depths))
+            for depth in sorted(rerank_depths):
+                _, found = rerank(queries, deepest[:, :max(k, depth)], lambda i: vectors[
+                    row_of[np.searchsorted(sorted_ids, i)]], k)
+                best = (nprobe, recall_at(found, truth, k), depth)
+                if best[1] >= target_recall:
+                    break
         else:
             _, found = index.search(queries, k)
-        rec = recall_at(found, truth, k)
-        best = (nprobe, rec)
-        if rec >= target_recall or nprobe >= ivf.nlist:
+            best = (nprobe, recall_at(found, truth, k), 0)
+        if best[1] >= target_recall or nprobe >= ivf.nlist:
             break
     ivf.nprobe = best[0]
     return best
@@ -309,8 +317,10 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, spec: IndexSpec | None = N
     if spec.nprobe:
         ivf.nprobe = spec.nprobe
     else:
-        nprobe, rec = tune_nprobe(index, vectors, ids, tuning_queries, target_recall,
-                                  rerank_depth=RERANK_DEPTH if spec.compressed else 0)
+        nprobe, rec, depth = tune_nprobe(index, vectors, ids, tuning_queries, target_recall,
+                                         rerank_depths=RERANK_DEPTHS if spec.compressed else ())
+        if spec.compressed:
+            params["rerank"] = depth
         params.update(nprobe=nprobe, tuned_recall_at_10=round(rec, 4),
                       target_recall_at_10=target_recall,
                       tuning_queries="given" if tuning_queries is not None else "noisy stored")

@@ -13,7 +13,7 @@ Layout under the index directory:
                                      (indexer.photo_table); versions made before it have none
     versions/<version>/vectors.npy   a compressed (IVF-PQ) version only: the full vectors as
                                      fp16, one row per vector in table order, read memory-
-                                     mapped: every hit of the index's top RERANK_DEPTH is scored
+                                     mapped: every hit of the index's top `rerank` (tuned) is scored
                                      again from them, and stored vectors are read from them
     versions/<version>/manifest.json model id, dim, count, created, index type, checksums (of
                                      every file above)
@@ -873,7 +873,7 @@ class IndexRepository:
                                  f"[{n}, {manifest.dim}]")
         mapped = getattr(vectors, "_mmap", None)
         if mapped is not None and hasattr(mmap, "MADV_RANDOM"):
-            # a query reads ~RERANK_DEPTH scattered rows: no read-ahead around them, which
+            # a query reads `rerank` scattered rows: no read-ahead around them, which
             # would fill memory (and, cold, the disk queue) with rows nobody asked for
             mapped.madvise(mmap.MADV_RANDOM)
         return vectors

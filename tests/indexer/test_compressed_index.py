@@ -71,7 +71,8 @@ def test_a_compressed_version_serves_exact_scores(compressed):
     params = view.manifest["index_params"]
     assert params["kind"] == "ivfpq" and params["code_bytes"] == 9
     assert params["factory"].startswith("Pad36,IVF") and params["factory"].endswith(",PQ9")
-    assert params["trained_on"] == N and params["rerank"] == index_policy.RERANK_DEPTH
+    assert params["trained_on"] == N and params["rerank"] in index_policy.RERANK_DEPTHS
+    assert view.rerank_depth == params["rerank"] and params["tuned_recall_at_10"] >= 0.95
     assert view.manifest["index_type"] == "IndexIVFPQ"
     assert VECTORS_FILE in view.manifest["checksums"]
     assert view.vectors.dtype == np.float16 and view.vectors.shape == (N, DIM)
@@ -239,3 +240,17 @@ def test_many_lists_are_found_by_an_hnsw_graph(tmp_path, monkeypatch, budget):
     assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) >= 0.95
     backend.update(MODEL, ["new.jpg"], x[:1], ["n"], delete=keys[:1], info=[{}])
     assert backend.view(MODEL).search(x[:1], 1)[1] == [["new.jpg"]]
+
+
+def test_the_rerank_depth_is_tuned_with_nprobe(tmp_path, monkeypatch):
+    """The PQ codes' own order alone (a depth of k) misses neighbours: the tuning takes the
+    first depth that reaches the recall target, and the version searches that deep."""
+    monkeypatch.setattr(index_policy, "FLAT_MAX_MADDS", 1000)
+    monkeypatch.setattr(index_policy, "RERANK_DEPTHS", (10, 100, 1000))
+    x = clustered()
+    backend = FaissIndex(tmp_path, memory_mb=1)
+    backend.rebuild(MODEL, [f"p/{i:05d}.jpg" for i in range(N)], x, ["e"] * N)
+    view = backend.view(MODEL)
+    params = view.manifest["index_params"]
+    assert params["rerank"] in (100, 1000) and params["tuned_recall_at_10"] >= 0.95
+    assert view.rerank_depth == params["rerank"]
