@@ -251,8 +251,12 @@ class KeyTable:
 
     def row_of_id(self, vid: int) -> int:
         """The id's row (-1: no such id): binary search over id_order."""
-        at = int(np.searchsorted(self.ids, vid, sorter=self.id_order))
-        if at == len(self.ids):
-            return -1
-        row = int(self.id_order[at])
-        return row if self.ids[row] == vid else -1
+        return int(self.rows_of_ids(np.array([vid], np.int64))[0])
+
+    def rows_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Each id's row (-1: no such id), by binary search over id_order."""
+        if not len(self.ids):
+            return np.full(len(ids), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.ids, ids, sorter=self.id_order), len(self.ids) - 1)
+        rows = self.id_order[at].astype(np.int64)
+        return np.where(self.ids[rows] == ids, rows, -1)

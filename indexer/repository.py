@@ -233,14 +233,9 @@ class IndexVersion:
         ids = np.asarray(ids, np.int64)
         if self.vectors is None:
             return self.index.reconstruct_batch(ids)
-        if self._ids_are_rows:
-            rows = ids
-        else:
-            at = np.minimum(np.searchsorted(self.ids, ids, sorter=self.table.id_order),
-                            max(0, len(self.ids) - 1))
-            rows = self.table.id_order[at]
-            if len(ids) and not np.array_equal(self.ids[rows], ids):
-                raise KeyError(int(ids[np.flatnonzero(self.ids[rows] != ids)[0]]))
+        rows = ids if self._ids_are_rows else self.table.rows_of_ids(ids)
+        if len(rows) and (rows < 0).any():
+            raise KeyError(int(ids[np.flatnonzero(rows < 0)[0]]))
         return self.vectors[rows].astype(np.float32)
 
     def _rows_of(self, keys: list[str]) -> np.ndarray:
