@@ -32,8 +32,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from common import MODEL, FLICKR, header, median, pct, save_json, table
+from common import MODEL, header, median, pct, save_json, table
 from compressed_index import chunk, chunks
+from faiss_scale import dev_images
 
 
 def rss_mb() -> dict[str, float]:
@@ -59,25 +60,12 @@ def evict(path: Path) -> None:
 def real_embeddings(checkpoint: str):
     """Dev photos' image embeddings, every dev caption's text embedding and its photo, the
     scoring (what an index stores), and the bank's tuning queries."""
-    import torch
-
-    from encoder import Encoder, load_checkpoint
-    from encoder.preprocessing import decode_image
-    from training.data import load_split_from_folder
-
-    enc = Encoder(load_checkpoint(checkpoint), image_runtime="onnx", text_runtime="onnx",
-                  onnx_cache_dir=tempfile.mkdtemp(prefix="onnx-"))
-    dev = load_split_from_folder(str(FLICKR), "dev")
-    imgs = []
-    for i in range(0, len(dev), 64):
-        px = torch.stack([enc.preprocess(decode_image(dev.read(n))) for n in dev.images[i:i + 64]])
-        imgs.append(enc.encode_pixels(px))
+    enc, dev, imgs = dev_images(checkpoint)
     texts, owner = dev.flat_captions()
     captions = np.concatenate([enc.encode_texts(texts[i:i + 256])
                                for i in range(0, len(texts), 256)])
     tuning = np.asarray(enc.scoring.bank[:300]) if enc.scoring.corrected else None
-    return (np.concatenate(imgs).astype(np.float32), captions.astype(np.float32),
-            np.asarray(owner), enc.scoring, tuning)
+    return imgs, captions.astype(np.float32), np.asarray(owner), enc.scoring, tuning
 
 
 def collection(base: np.ndarray, n: int, scoring) -> np.ndarray:

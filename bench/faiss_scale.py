@@ -23,25 +23,31 @@ import torch
 from common import FLICKR, MODEL, header, median, pct, save_json, table
 
 
-def embeddings(args):
+def dev_images(checkpoint: str):
+    """(the ONNX encoder, the dev split, its photos' image embeddings float32 [1000, dim])."""
     from encoder import Encoder, load_checkpoint
     from encoder.preprocessing import decode_image
     from training.data import load_split_from_folder
 
-    enc = Encoder(load_checkpoint(args.checkpoint), image_runtime="onnx", text_runtime="onnx",
+    enc = Encoder(load_checkpoint(checkpoint), image_runtime="onnx", text_runtime="onnx",
                   onnx_cache_dir=tempfile.mkdtemp(prefix="onnx-"))
     dev = load_split_from_folder(str(FLICKR), "dev")
     imgs = []
     for i in range(0, len(dev), 64):
         px = torch.stack([enc.preprocess(decode_image(dev.read(n))) for n in dev.images[i:i + 64]])
         imgs.append(enc.encode_pixels(px))
+    return enc, dev, np.concatenate(imgs).astype(np.float32)
+
+
+def embeddings(args):
+    enc, dev, imgs = dev_images(args.checkpoint)
     texts, _ = dev.flat_captions()
     rng = np.random.default_rng(1)
     pick = rng.choice(len(texts), args.queries, replace=False)
     queries = enc.encode_texts([texts[i] for i in pick])
     # raw embeddings here (no bias column): tune on the bank's raw caption embeddings
     tuning = np.asarray(enc.scoring.bank[:300]) if enc.scoring.corrected else None
-    return np.concatenate(imgs).astype(np.float32), queries.astype(np.float32), tuning
+    return imgs, queries.astype(np.float32), tuning
 
 
 def synth(base: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
