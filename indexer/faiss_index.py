@@ -215,7 +215,10 @@ class FaissIndex(VectorIndex):
     def write(self, version, keys, vectors, etags, part="0", info=None) -> int:
         vectors = check_rows(keys, vectors, etags)
         photos = _photo_table(keys, info)
-        draft, _ = self._draft_meta(version)
+        draft, meta = self._draft_meta(version)
+        if len(keys) and vectors.shape[1] != meta["dim"]:
+            raise ValueError(f"vectors of dimension {vectors.shape[1]} for a version of "
+                             f"dimension {meta['dim']}")
         extra = {} if photos is None else \
             {"info": np.frombuffer(photos.to_bytes(), dtype=np.uint8)}
         with atomic_file(draft / f"part-{self._part_name(part)}.npz") as f:
@@ -238,29 +241,10 @@ class FaissIndex(VectorIndex):
             missing = [p for p in parts if not (draft / f"part-{p}.npz").is_file()]
             if missing:
                 raise DraftGone(f"part {missing[0]} of {len(parts)} is missing")
-        rows: dict[str, tuple[str, np.ndarray, int]] = {}  # key -> etag, vector, info row
-        tables: list[PhotoTable] = []  # each part's metadata, one after the other
-        with_info, first_row = False, 0
-        for path in sorted(draft.glob("part-*.npz")):
-            with np.load(path, allow_pickle=False) as z:
-                part_keys = z["keys"].tolist()
-                for n, (k, e, v) in enumerate(zip(part_keys, z["etags"].tolist(),
-                                                  z["vectors"])):
-                    rows[k] = (e, v, first_row + n)
-                if "info" in z:
-                    tables.append(PhotoTable.read(z["info"].tobytes(), rows=len(part_keys)))
-                    with_info = True
-                else:
-                    tables.append(PhotoTable.empty(len(part_keys)))
-                first_row += len(part_keys)
+        keys, etags, vectors, photos = _merge_parts(sorted(draft.glob("part-*.npz")),
+                                                    meta["dim"])
         removed = list(dict.fromkeys(k for path in sorted(draft.glob("removed-*.json"))
                                      for k in json.loads(path.read_text())))
-        keys = sorted(rows)
-        vectors = np.stack([rows[k][1] for k in keys]).astype(np.float32) if keys else \
-            np.zeros((0, meta["dim"]), np.float32)
-        etags = [rows[k][0] for k in keys]
-        photos = PhotoTable.concat(tables).take([rows[k][2] for k in keys]) if with_info \
-            else None
         tuning = np.load(draft / "tuning.npy") if (draft / "tuning.npy").is_file() else None
         if meta.get("base") is None:
             out = self._build(meta["model_id"], keys, vectors, etags, meta["extra"], tuning,
@@ -373,6 +357,46 @@ class FaissIndex(VectorIndex):
                                            extra=extra, version=version, photos=all_photos,
                                            vectors=_full_vectors(index, kept))
         return {"version": version, "count": len(ids), "changed": True, "removed": removed}
+
+
+def _merge_parts(paths: list[Path], dim: int) -> tuple[list[str], list[str], np.ndarray,
+                                                      PhotoTable | None]:
+    """The rows of a draft's parts, one per key (a key in several: the last part wins), ordered
+    by key: (keys, etags, vectors float32 [n, dim], metadata or None when no part has any).
+    Parts are read one at a time into the one array of vectors the index is built from: at
+    10M photos a second copy would be 10 GB."""
+    part_keys = []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as z:
+            part_keys.append(z["keys"])
+    if not part_keys or not sum(map(len, part_keys)):
+        return [], [], np.zeros((0, dim), np.float32), None
+    every = np.concatenate(part_keys)
+    # np.unique keeps a key's first occurrence: over the rows reversed, that is its last
+    keys, first_reversed = np.unique(every[::-1], return_index=True)
+    source = len(every) - 1 - first_reversed  # the row (over all parts) each key comes from
+    del every
+    by_source = np.argsort(source, kind="stable")
+    sorted_source = source[by_source]
+    vectors = np.empty((len(keys), dim), np.float32)
+    etags = np.empty(len(keys), dtype=object)
+    tables, with_info, start = [], False, 0
+    for path, names in zip(paths, part_keys):
+        end = start + len(names)
+        lo, hi = np.searchsorted(sorted_source, [start, end])
+        into, rows = by_source[lo:hi], sorted_source[lo:hi] - start
+        with np.load(path, allow_pickle=False) as z:
+            if len(rows):
+                vectors[into] = z["vectors"][rows]
+                etags[into] = z["etags"][rows].tolist()
+            if "info" in z:
+                tables.append(PhotoTable.read(z["info"].tobytes(), rows=len(names)))
+                with_info = True
+            else:
+                tables.append(PhotoTable.empty(len(names)))
+        start = end
+    photos = PhotoTable.concat(tables).take(source) if with_info else None
+    return keys.tolist(), etags.tolist(), vectors, photos
 
 
 def _full_vectors(index, chunks: Iterable[np.ndarray] | None) -> Iterable[np.ndarray] | None:

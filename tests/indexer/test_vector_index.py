@@ -197,6 +197,33 @@ def test_a_faiss_update_draft_needs_its_parts_and_its_base(tmp_path):
         index.write(draft, [], None, [], part="00001")
 
 
+def test_a_faiss_publish_merges_parts_by_key_the_last_part_winning(tmp_path):
+    index = FaissIndex(tmp_path / "index")
+    version = index.begin("m", DIM)
+    vecs = unit_vectors(9, DIM, seed=11)
+    keys = [f"{PREFIX}{name}.jpg" for name in ("e", "a", "c", "b", "d", "f")]
+    # parts written out of name order; "c" and "b" are in both, and p1 comes after p0 by name
+    index.write(version, [keys[2], keys[3], keys[5]], vecs[6:9], ["new"] * 3, part="p1",
+                info=[{"city": "late"}, None, {"city": "late"}])
+    index.write(version, keys[:5], vecs[:5], ["old"] * 5, part="p0",
+                info=[{"city": "early"}] * 5)
+    index.write(version, [], None, [], part="p2")
+    with pytest.raises(ValueError, match="dimension"):
+        index.write(version, keys[:1], unit_vectors(1, DIM + 1), ["x"], part="p3")
+    assert index.publish(version)["count"] == 6
+    view = index.view("m")
+    order = sorted(keys)
+    assert list(view.keys) == order  # ids follow key order, as a rebuild's
+    expected = {keys[0]: (vecs[0], "old", "early"), keys[1]: (vecs[1], "old", "early"),
+                keys[4]: (vecs[4], "old", "early"), keys[2]: (vecs[6], "new", "late"),
+                keys[3]: (vecs[7], "new", None), keys[5]: (vecs[8], "new", "late")}
+    np.testing.assert_allclose(view.stored_vectors(order),
+                               np.stack([expected[k][0] for k in order]), atol=1e-6)
+    assert [view.etag_by_key()[k] for k in order] == [expected[k][1] for k in order]
+    assert [None if i is None else i.get("city") for i in view.info(order)] == \
+        [expected[k][2] for k in order]
+
+
 def test_backends_come_from_the_registry_alone(tmp_path):
     """open_index refuses a name the registry lacks; importing the interface imports no
     backend, and no indexer module but a backend's own names it."""
