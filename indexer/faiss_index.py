@@ -155,7 +155,7 @@ class FaissIndex(VectorIndex):
         position = {int(i): n for n, i in enumerate(view.ids)}
         for start in range(0, view.count, batch):
             ids = view.ids[start:start + batch]
-            queries = probe_vectors(view.index.reconstruct_batch(ids), columns)
+            queries = probe_vectors(view.vectors_of_ids(ids), columns)
             limits, scores, found = view.index.range_search(queries, float(threshold))
             keys_a = [view.keys[start + n] for n in range(len(ids))]
             keys_b = [[view.keys[position[int(i)]] for i in found[limits[n]:limits[n + 1]]]

@@ -3,8 +3,10 @@
 
 Layout under the index directory:
     versions/<version>/index.faiss   FAISS index over inner product (vectors are L2-normalised):
-                                     IndexIDMap2(IndexFlatIP) while exact search is fast enough,
-                                     IndexIVFFlat above that (index_policy; ids stay stable)
+                                     IndexIDMap2(IndexFlatIP) while exact search is fast enough
+                                     (served as an IndexIDMap: no id -> position map per
+                                     process), IndexIVFFlat above that (index_policy; ids stay
+                                     stable)
     versions/<version>/table.arrow   ids, object keys and content etags, in the same order, and
                                      their sort orders (indexer.key_table: read memory-mapped);
                                      versions made before it have table.json (the three columns
@@ -125,7 +127,7 @@ def _first_problem(exc: ValidationError) -> str:
 
 
 def _index_ids(index: faiss.Index) -> np.ndarray | None:
-    """The ids an IndexIDMap2 or IVF index holds (None for another index type)."""
+    """The ids an IndexIDMap(2) or IVF index holds (None for another index type)."""
     ivf = ivf_or_none(index)
     if ivf is None:
         if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
@@ -136,16 +138,40 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
+def _positions_are_rows(index: faiss.Index, table: KeyTable) -> bool:
+    """Whether a flat version's index holds the table's ids in table order (as every version
+    is written): its positions are then the table's rows."""
+    if not isinstance(index, faiss.IndexIDMap) or index.id_map.size() != table.num_rows:
+        return False
+    # a view of the index's ids, no copy
+    in_order = faiss.rev_swig_ptr(index.id_map.data(), table.num_rows) \
+        if table.num_rows else np.zeros(0, np.int64)
+    return bool(np.array_equal(in_order, table.ids))
+
+
 def _holds_ids(index: faiss.Index, table: KeyTable) -> bool:
     """Whether the index holds the table's ids (True for an index without ids of its own)."""
-    if isinstance(index, faiss.IndexIDMap2) and index.id_map.size() == table.num_rows:
-        # a flat version's ids in the index's order, as written: a view, no copy
-        in_order = faiss.rev_swig_ptr(index.id_map.data(), table.num_rows) \
-            if table.num_rows else np.zeros(0, np.int64)
-        if np.array_equal(in_order, table.ids):
-            return True
+    if _positions_are_rows(index, table):
+        return True
     held = _index_ids(index)
     return held is None or np.array_equal(np.sort(held), table.ids[table.id_order])
+
+
+def _without_rev_map(index: faiss.Index, table: KeyTable) -> faiss.Index:
+    """A flat version as served: its vectors and ids in an IndexIDMap. Reading an
+    IndexIDMap2 builds an id -> position hash map for reconstruct(id) in every process (~40 MB
+    at 1M, not shared between the processes serving a version); a served version reads its
+    vectors by table row instead, which are the positions (checked here). The vectors stay
+    mapped from the file."""
+    if type(index) is not faiss.IndexIDMap2 or not _positions_are_rows(index, table):
+        return index
+    lean = faiss.IndexIDMap(faiss.IndexFlatIP(index.d))  # FAISS wants an empty index here
+    lean.index = index.index  # then the version's own (mapped) flat index in its place
+    lean.ntotal = index.ntotal
+    lean.id_map.swap(index.id_map)
+    index.own_fields, lean.own_fields = False, True  # lean frees the flat index now
+    lean.referenced_objects = []  # the empty stand-in
+    return lean
 
 
 @dataclass
@@ -231,12 +257,22 @@ class IndexVersion:
     def vectors_of_ids(self, ids: np.ndarray) -> np.ndarray:
         """float32 [len(ids), dim]: the full vectors of these ids (each must be held)."""
         ids = np.asarray(ids, np.int64)
-        if self.vectors is None:
-            return self.index.reconstruct_batch(ids)
+        if self._flat_by_row is None and self.vectors is None:
+            return self.index.reconstruct_batch(ids)  # IVF-Flat's direct map
         rows = ids if self._ids_are_rows else self.table.rows_of_ids(ids)
         if len(rows) and (rows < 0).any():
             raise KeyError(int(ids[np.flatnonzero(rows < 0)[0]]))
+        if self.vectors is None:
+            return self._flat_by_row.reconstruct_batch(rows)
         return self.vectors[rows].astype(np.float32)
+
+    @cached_property
+    def _flat_by_row(self) -> faiss.Index | None:
+        """A flat version's IndexFlat, whose positions are the table's rows (None otherwise:
+        IVF, or a flat index still read with its id -> position map)."""
+        if type(self.index) is faiss.IndexIDMap:
+            return faiss.downcast_index(self.index.index)
+        return None
 
     def _rows_of(self, keys: list[str]) -> np.ndarray:
         """Each key's row (-1: not held), by binary search over the mapped key order: no dict
@@ -642,7 +678,7 @@ def _index_type(index: faiss.Index) -> str:
     ivf = ivf_or_none(index)
     if ivf is not None:
         return type(faiss.downcast_index(ivf)).__name__
-    if isinstance(index, faiss.IndexIDMap2):
+    if isinstance(index, faiss.IndexIDMap):
         return type(faiss.downcast_index(index.index)).__name__
     return type(index).__name__
 
@@ -826,6 +862,7 @@ class IndexRepository:
         if not _holds_ids(index, table):
             raise IndexLoadError(f"index version {version}: table ids are not the ids the "
                                  "index holds")
+        index = _without_rev_map(index, table)
         # the checks' temporaries, kept by Arrow's allocator otherwise
         pa.default_memory_pool().release_unused()
         photos = None

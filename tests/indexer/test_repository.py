@@ -313,3 +313,44 @@ def test_a_loaded_version_is_mapped_from_its_file_and_an_update_leaves_it_whole(
     latest = repo.load()
     _, found = latest.search(np.vstack([vecs[:1], unit_vectors(1, d=16, seed=9)]), 1)
     assert found[0][0] != keys[0] and found[1][0] == f"{PREFIX}new.jpg"
+
+
+def test_a_flat_version_is_served_without_an_id_map_of_its_own(tmp_path):
+    """A flat version's positions are its table's rows: served as an IndexIDMap, its vectors
+    read by row, searches and filters answer as the IndexIDMap2 it was written as; one whose
+    index holds the ids in another order keeps FAISS's id -> position map."""
+    import faiss
+
+    from indexer.index_policy import new_flat_index
+    from indexer.photo_filter import PhotoFilter
+    from indexer.photo_table import PhotoTable
+
+    n = 50
+    vecs = unit_vectors(n, d=16, seed=4)
+    ids = np.arange(100, 100 + n, dtype=np.int64)  # ids that are not rows
+    keys = [f"{PREFIX}{i:03d}.jpg" for i in range(n)]
+    repo = IndexRepository(tmp_path)
+    index = new_flat_index(16)
+    index.add_with_ids(vecs, ids)
+    photos = PhotoTable.from_rows([{"folder": "even" if i % 2 == 0 else "odd"} for i in range(n)])
+    repo.commit_version(index, ids, keys, ["e"] * n, "m-1", photos=photos)
+    served = repo.load()
+    assert type(served.index) is faiss.IndexIDMap and served.count == n
+    np.testing.assert_allclose(served.stored_vectors([keys[7], keys[3]]), vecs[[7, 3]])
+    np.testing.assert_allclose(served.vectors_of_ids(ids[::-1]), vecs[::-1])
+    with pytest.raises(KeyError):
+        served.vectors_of_ids(np.array([7]))
+    scores, found = served.search(vecs[:4], 3)
+    assert [f[0] for f in found] == keys[:4] and scores[:, 0] == pytest.approx(1, abs=1e-5)
+    _, found = served.search(vecs[:4], 3, where=PhotoFilter(folders=["odd"]))
+    assert all(int(k[len(PREFIX):len(PREFIX) + 3]) % 2 == 1 for row in found for k in row)
+    assert found[1][0] == keys[1]
+
+    shuffled = new_flat_index(16)  # the same ids, added in another order than the table's
+    order = np.random.default_rng(0).permutation(n)
+    shuffled.add_with_ids(vecs[order], ids[order])
+    repo.commit_version(shuffled, ids, keys, ["e"] * n, "m-1")
+    kept = repo.load()
+    assert type(kept.index) is faiss.IndexIDMap2
+    np.testing.assert_allclose(kept.stored_vectors([keys[7], keys[3]]), vecs[[7, 3]])
+    assert [f[0] for f in kept.search(vecs[:4], 1)[1]] == keys[:4]

@@ -62,7 +62,7 @@ def republish(repo: IndexRepository, keep: slice | list[int] | None = None,
         rows = rows[keep]
     elif keep is not None:
         rows = list(keep)
-    vecs = np.stack([cur.index.reconstruct(int(cur.ids[i])) for i in rows]).astype(np.float32)
+    vecs = cur.vectors_of_ids(cur.ids[np.asarray(rows, np.int64)])
     index = new_flat_index(cur.index.d)
     ids = cur.ids[rows]
     index.add_with_ids(vecs, ids)

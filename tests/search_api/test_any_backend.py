@@ -95,7 +95,7 @@ def _search(client, text, top_k=10):
 @pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
 def test_a_third_backend_serves_like_faiss(svc, client, encoder, remote):
     current = svc.repo.load()
-    vectors = current.index.reconstruct_batch(current.ids)
+    vectors = current.vectors_of_ids(current.ids)
     index = ExactIndex(remote)
     index.publish("v1", encoder.model_id, list(current.keys), vectors)
     settings = svc.settings.model_copy(update={"milvus_refresh_s": 0.05})
