@@ -53,6 +53,25 @@ def test_ivf_keeps_ids_removal_and_reaches_recall(tmp_path):
     assert keys[0] == [f"k{ids[10]}"]
 
 
+def test_tuning_stops_where_more_lists_buy_no_recall():
+    """A target out of reach (here above 1) does not send nprobe to every list: tuning stops at
+    the first nprobe that twice as many lists improve by less than PLATEAU_GAIN."""
+    x = _clustered(4000, 32)
+    ids = np.arange(4000, dtype=np.int64)
+    spec = choose_index(len(x), 32, flat_max_madds=100)
+    index, _ = build_index(x, ids, spec)
+    queries = x[:200] + 0.3 * np.random.default_rng(1).standard_normal((200, 32)).astype(
+        np.float32)
+    nprobe, recall, _ = index_mod.tune_nprobe(index, x, ids, queries, target_recall=1.01)
+    ivf = index_mod.faiss.extract_index_ivf(index)
+    assert ivf.nprobe == nprobe < ivf.nlist // 2
+    ivf.nprobe = nprobe * 2
+    _, found = index.search(queries, 10)
+    _, truth = index_mod.faiss.knn(queries, x, 10, metric=index_mod.faiss.METRIC_INNER_PRODUCT)
+    assert index_mod.recall_at(found, truth) - recall < index_mod.PLATEAU_GAIN
+    assert recall >= 0.95  # where recall stops growing, not short of it
+
+
 def test_update_restructures_when_the_collection_outgrows_flat(monkeypatch):
     x = _clustered(3000, 16)
     flat, _ = build_index(x, np.arange(3000))
