@@ -5,7 +5,7 @@ worker writes a part, one task publishes), this tree against a baseline commit, 
 
 The parts are written once (random unit vectors, `FaissIndex.write`, the draft format both
 trees share); each tree then publishes its own copy of the draft in a fresh process, which
-reports its peak resident memory (ru_maxrss) before and after `publish`, and the time it took.
+reports its peak resident memory (VmHWM) before and after `publish`, and the time it took.
 The index built is the one the policy picks for --rows (IVF-Flat at 1M under the default
 INDEX_MEMORY_MB); what differs is how the parts are merged into the vectors it is built from.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,15 +25,21 @@ import numpy as np
 from common import ROOT, header, save_json, table
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import indexer.faiss_index as module
+
+def peak_mb():  # VmHWM: this process's peak (ru_maxrss would start from the parent's at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 index = module.FaissIndex(sys.argv[2])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mb()
 t = time.perf_counter()
 out = index.publish(sys.argv[3])
-print(json.dumps({"before_mb": before / 1024, "seconds": time.perf_counter() - t,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"before_mb": before, "seconds": time.perf_counter() - t,
+                  "peak_mb": peak_mb(),
                   "count": out["count"], "module": module.__file__}))
 """
 
@@ -55,12 +60,13 @@ def main() -> int:
     version = index.begin("bench", args.dim)
     rng = np.random.default_rng(0)
     per = -(-args.rows // args.parts)
+    # shuffled keys, as shards of a listing are not in key order once merged
+    names = rng.permutation(args.rows)
     for n, start in enumerate(range(0, args.rows, per)):
         size = min(per, args.rows - start)
         x = rng.standard_normal((size, args.dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        # shuffled keys, as shards of a listing are not in key order once merged
-        keys = [f"photos/{i:09d}.jpg" for i in rng.permutation(args.rows)[start:start + size]]
+        keys = [f"photos/{i:09d}.jpg" for i in names[start:start + size]]
         index.write(version, keys, x, ["etag"] * size, part=f"{n:05d}")
     parts_mb = sum(f.stat().st_size for f in template.rglob("part-*.npz")) / 2**20
     print(f"{args.rows:,} rows of dim {args.dim} in {args.parts} parts ({parts_mb:.0f} MiB)",

@@ -1,6 +1,8 @@
 """Several processes serving one FAISS version: what each added process costs the machine, with
 versions memory-mapped from their file (how IndexRepository.load reads them) against read into
-each process's own memory (how it read them before, and what `writable_index` still does).
+each process's own memory (how it read them before, and what `writable_index` still does);
+for a flat version also mapped as an IndexIDMap2 (how `load` served it before it dropped
+FAISS's per-process id -> position map: "mapped-idmap2").
 
     python bench/shared_index.py [--n 1000000] [--kind flat] [--processes 3]
 
@@ -38,7 +40,14 @@ from indexer.repository import IndexRepository
 from indexer.index_policy import ivf_or_none
 repo, mode = IndexRepository(sys.argv[1]), sys.argv[2]
 version = repo.current_version()
-index = repo.load(version).index if mode == "mapped" else repo.writable_index(version)
+if mode == "mapped":
+    index = repo.load(version).index
+elif mode == "mapped-idmap2":  # a flat version as loaded before: IndexIDMap2, whose read
+    repo.load(version)  # builds an id -> position hash map in each process
+    index = faiss.read_index(str(repo.versions_dir / version / "index.faiss"),
+                             faiss.IO_FLAG_MMAP_IFC)
+else:
+    index = repo.writable_index(version)
 ivf = ivf_or_none(index)
 if ivf is not None:
     ivf.nprobe = ivf.nlist
@@ -120,7 +129,9 @@ def main() -> int:
         print(f"published {args.n} vectors ({args.kind}): index.faiss {size / 2**20:.0f} MiB "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = []
-        for mode in ("in-memory", "mapped"):
+        modes = ("in-memory", "mapped-idmap2", "mapped") if args.kind == "flat" else \
+            ("in-memory", "mapped")
+        for mode in modes:
             rows += measure(Path(tmp), mode, args.processes)
     for r in rows:
         prev = next((q for q in rows if q["mode"] == r["mode"] and
