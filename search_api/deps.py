@@ -111,12 +111,12 @@ def _json_field(k: str, v: str) -> Any:
         raise HTTPException(422, f"form field {k!r} must be {JSON_FIELDS[k]}") from None
 
 
-async def _form_fields(request: Request, limits: RequestLimits) -> dict[str, Any]:
-    """The original clients' form: JSON_FIELDS as JSON text, LIST_FIELDS as repeated fields or
-    one field holding a JSON list; everything else text, converted by the model (lax)."""
-    max_json = limits.max_json_bytes
+async def parsed_form(request: Request, limits: RequestLimits):
+    """The request's form, parsed once (Starlette keeps it on the request) within the form
+    limits; a temporary disk too full to spool an upload to is a 507, another failure to
+    store it a 503, a malformed body a 400."""
     try:
-        form = await request.form(max_files=limits.MAX_FORM_FILES,
+        return await request.form(max_files=limits.MAX_FORM_FILES,
                                   max_fields=limits.MAX_FORM_FIELDS,
                                   max_part_size=limits.max_upload_bytes)
     except StarletteHTTPException:  # 413 from the body limit, 408 from the body timeout, 400
@@ -128,6 +128,13 @@ async def _form_fields(request: Request, limits: RequestLimits) -> dict[str, Any
         raise HTTPException(503, f"cannot receive the upload: {_short(exc)}") from None
     except Exception as exc:  # malformed multipart bodies
         raise HTTPException(400, f"malformed form body: {_short(exc)}") from None
+
+
+async def _form_fields(request: Request, limits: RequestLimits) -> dict[str, Any]:
+    """The original clients' form: JSON_FIELDS as JSON text, LIST_FIELDS as repeated fields or
+    one field holding a JSON list; everything else text, converted by the model (lax)."""
+    max_json = limits.max_json_bytes
+    form = await parsed_form(request, limits)
     fields: dict[str, Any] = {}
     for k, v in form.multi_items():
         if isinstance(v, UploadFile):
@@ -215,3 +222,20 @@ class BodyRoute(APIRoute):
                 await request.close()  # uploaded files of a multipart form, if any
 
         return handler
+
+
+class UploadRoute(APIRoute):
+    """A route taking file uploads, served by FastAPI as usual once `parsed_form` has parsed
+    its multipart body (FastAPI then reads the form kept on the request): the form limits
+    apply, and an upload that cannot be stored is a 507 / 503, not FastAPI's 400."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def parse_first(request: Request):
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "multipart/form-data":
+                await parsed_form(request, request.app.state.limits)
+            return await handler(request)
+
+        return parse_first

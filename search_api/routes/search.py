@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from core.settings import Settings
 from indexer.photo_filter import PhotoFilter
-from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep
+from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep, UploadRoute
 from search_api.errors import responses
 from search_api.images import FORMATS_DOC, ImageTooLarge
 from search_api.schemas import DEDUPE_DOC, FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, \
@@ -28,7 +28,7 @@ from search_api.search_service import Results
 from search_api.text_queries import TextQuery, read_term_texts, read_text_queries
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
-UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503)
+UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503, 507)
 FORM_NOTE = ("\n\nThe same fields are accepted as a form (urlencoded or multipart), as the "
              "original clients send them.")
 
@@ -123,7 +123,7 @@ def _form_filters(model: type[PhotoFilter], raw: str | None) -> PhotoFilter | No
 
 def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     """The routes of one app: their bodies carry that app's limits (schemas.bodies)."""
-    router = APIRouter()
+    router = APIRouter(route_class=UploadRoute)  # uploads parsed within the form limits
     text = APIRouter(route_class=BodyRoute)  # JSON-or-form bodies, no dependencies
     TextBody, SearchBody, BatchBody = bodies.text, bodies.search, bodies.batch
     page = bodies.page_fields
@@ -147,7 +147,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                       "embedding": vec[0].tolist(), "filename": None, "text": body.text})
 
     @router.post("/encode_image", response_model=EmbeddingOut, dependencies=[ApiKeyDep],
-                 responses=responses(400, 401, 413, 415, 422))
+                 responses=UPLOAD_ERRORS)
     async def encode_image(image: ImageFile, service: ServiceDep):
         """Embed an image (multipart file field `image`)."""
         filename, data = await read_image(image)

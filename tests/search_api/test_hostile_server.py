@@ -399,4 +399,7 @@ def test_full_temp_dir_during_multipart_is_507(tiny_flickr, tmp_path, encoder, m
     with TestClient(svc.app, raise_server_exceptions=False) as c:
         r = c.post("/search_images_by_text", data={"text": "red"},
                    files={"image": ("a.jpg", b"x" * 10_000, "image/jpeg")})
-    assert r.status_code == 507, r.text
+        assert r.status_code == 507, r.text
+        for route in ("/search_images_by_image", "/encode_image"):  # FastAPI's own uploads
+            r = c.post(route, files={"image": ("a.jpg", b"x" * 10_000, "image/jpeg")})
+            assert r.status_code == 507 and "space" in r.json()["detail"], (route, r.text)
