@@ -159,7 +159,7 @@ def _holds_ids(index: faiss.Index, table: KeyTable) -> bool:
 
 def _without_rev_map(index: faiss.Index, table: KeyTable) -> faiss.Index:
     """A flat version as served: its vectors and ids in an IndexIDMap. Reading an
-    IndexIDMap2 builds an id -> position hash map for reconstruct(id) in every process (~40 MB
+    IndexIDMap2 builds an id -> position hash map for reconstruct(id) in every process (~11 MB
     at 1M, not shared between the processes serving a version); a served version reads its
     vectors by table row instead, which are the positions (checked here). The vectors stay
     mapped from the file."""
