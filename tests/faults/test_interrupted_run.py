@@ -57,7 +57,9 @@ def test_a_test_run_stopped_by_a_signal_stops_the_servers_its_fixtures_started(t
         try:
             out = proc.communicate(timeout=EXIT_S)[0]
         except subprocess.TimeoutExpired:
-            pytest.fail(f"pytest did not exit within {EXIT_S} s of {signum.name}")
+            proc.kill()  # what it had printed by then says where it hung
+            pytest.fail(f"pytest did not exit within {EXIT_S} s of {signum.name}, load "
+                        f"{os.getloadavg()[0]:.1f}:\n{proc.communicate()[0][-3000:]}")
         assert proc.returncode != 0, out[-3000:]
         assert not _alive(server["pid"]), f"the S3 server outlived the test run:\n{out[-3000:]}"
         assert not _listening(port)
