@@ -130,7 +130,7 @@ def _index_ids(index: faiss.Index) -> np.ndarray | None:
     """The ids an IndexIDMap(2) or IVF index holds (None for another index type)."""
     ivf = ivf_or_none(index)
     if ivf is None:
-        if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
+        if isinstance(index, faiss.IndexIDMap):  # IndexIDMap2 is one too
             return faiss.vector_to_array(index.id_map).astype(np.int64)
         return None
     parts = [faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), ivf.invlists.list_size(lst)).copy()
