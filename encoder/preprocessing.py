@@ -5,8 +5,6 @@ torch and torchvision when called, so the service decodes without them (its NumP
 eval transform is encoder/pixels.py)."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import io
 import warnings
 from typing import TYPE_CHECKING
@@ -166,23 +164,6 @@ def decode_cost(img: Image.Image, min_side: int | None = DECODE_MIN_SIDE) -> int
     converted = (lw // f + 1) * (lh // f + 1) * 4 * (3 if f == 1 else 2)
     strips = lw * min(lh, _STRIP_ROWS) * 4 * 3 if f > 1 else 0
     return loaded + converted + strips
-
-
-_libc = None
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere. Called
-    after large decodes, so that a burst of big images does not leave RSS high for good."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
 
 
 def eval_transform(spec: ImageSpec):

@@ -21,12 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
+from core.memory import release_memory
 from encoder.bundle import ServingBundle, ensure_bundle
 from encoder.errors import NoSpatialMap
 from encoder.onnx_sessions import new_session
 from encoder.pixels import PixelNormalizer
 from encoder.scoring import cell_map
-from encoder.preprocessing import release_memory
 
 log = logging.getLogger(__name__)
 

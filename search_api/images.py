@@ -24,9 +24,9 @@ from contextlib import asynccontextmanager
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, UnidentifiedImageError
 
+from core.memory import release_memory
 from encoder.image_formats import PILLOW_FORMATS, RawRefused, RawTooLarge, raw_size
-from encoder.preprocessing import (DECODE_MIN_SIDE, BadImage, decode_cost, decode_image,
-                                   release_memory)
+from encoder.preprocessing import DECODE_MIN_SIDE, BadImage, decode_cost, decode_image
 
 FORMATS_DOC = "a JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF image"
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from encoder.preprocessing import (DECODE_MIN_SIDE, BadImage, decode_cost, decode_image,
-                                   release_memory)
+from core.memory import release_memory
+from encoder.preprocessing import DECODE_MIN_SIDE, BadImage, decode_cost, decode_image
 from tests.conftest import make_image
 
 
