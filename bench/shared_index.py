@@ -9,10 +9,11 @@ FAISS's per-process id -> position map: "mapped-idmap2").
 One version of N synthetic unit vectors (dimension 256, the model's; the values do not change
 what memory holds) is published in a temp dir. Per mode, reader processes are started one after
 another; each loads the version, runs 20 searches (a flat scan touches every page; an IVF index
-is probed with nprobe = nlist for the same reason) and waits. After each start: the machine's
-used memory (MemTotal - MemAvailable: file pages that can be dropped count as available) and
-the readers' summed Pss (proportional set size: a page shared by k processes counts 1/k in
-each, so the sum is what the readers hold together, shared file pages included).
+is probed with nprobe = nlist for the same reason; "mapped" searches through the loaded
+version and reads each hit's last component back, as the API does) and waits. After each
+start: the machine's used memory (MemTotal - MemAvailable: file pages that can be dropped count
+as available) and the readers' summed Pss (proportional set size: a page shared by k processes
+counts 1/k in each, so the sum is what the readers hold together, shared file pages included).
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ from indexer.repository import IndexRepository
 from indexer.index_policy import ivf_or_none
 repo, mode = IndexRepository(sys.argv[1]), sys.argv[2]
 version = repo.current_version()
-if mode == "mapped":
-    index = repo.load(version).index
+served = None
+if mode == "mapped":  # as the API serves it: searched through the version, hits read back
+    served = repo.load(version)
+    index = served.index
 elif mode == "mapped-idmap2":  # a flat version as loaded before: IndexIDMap2, whose read
     repo.load(version)  # builds an id -> position hash map in each process
     index = faiss.read_index(str(repo.versions_dir / version / "index.faiss"),
@@ -54,7 +57,10 @@ if ivf is not None:
 faiss.omp_set_num_threads(1)
 q = np.random.default_rng(0).normal(size=(20, index.d)).astype(np.float32)
 for row in q:
-    index.search(row[None], 10)
+    if served is not None:
+        served.search(row[None], 10, readback=index.d - 1)
+    else:
+        index.search(row[None], 10)
 print("ready", flush=True)
 time.sleep(3600)
 """

@@ -73,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from core.atomic import atomic_dir, write_atomic
 from core.hashing import sha256_file
+from core.memory import release_memory
 from indexer import photo_columns
 from indexer.index_policy import (
     RERANK_DEPTH,
@@ -174,6 +175,18 @@ def _without_rev_map(index: faiss.Index, table: KeyTable) -> faiss.Index:
     return lean
 
 
+def _without_direct_map(index: faiss.Index) -> faiss.Index:
+    """An IVF version as served: without its id -> (list, offset) hash map, which reading the
+    file builds in every process (~31 MB at 1M, not shared). A served version finds its
+    vectors by table row instead (`IndexVersion._ivf_position_of_row`, 4 bytes a row);
+    `writable_index` reads the file again, map included, for updates."""
+    ivf = ivf_or_none(index)
+    if ivf is not None and ivf.direct_map.type != faiss.DirectMap.NoMap:
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+        release_memory()  # glibc keeps the freed map otherwise
+    return index
+
+
 @dataclass
 class PassingIds:
     """The ids a filter lets through in one version: the ids when few (exact search), else a
@@ -257,14 +270,54 @@ class IndexVersion:
     def vectors_of_ids(self, ids: np.ndarray) -> np.ndarray:
         """float32 [len(ids), dim]: the full vectors of these ids (each must be held)."""
         ids = np.asarray(ids, np.int64)
-        if self._flat_by_row is None and self.vectors is None:
-            return self.index.reconstruct_batch(ids)  # IVF-Flat's direct map
+        if self.vectors is None and self._flat_by_row is None and self._ivf is None:
+            return self.index.reconstruct_batch(ids)  # an IndexIDMap2's own id -> position map
         rows = ids if self._ids_are_rows else self.table.rows_of_ids(ids)
-        if len(rows) and (rows < 0).any():
-            raise KeyError(int(ids[np.flatnonzero(rows < 0)[0]]))
-        if self.vectors is None:
+        if len(rows) and ((rows < 0) | (rows >= self.table.num_rows)).any():
+            bad = (rows < 0) | (rows >= self.table.num_rows)
+            raise KeyError(int(ids[np.flatnonzero(bad)[0]]))
+        if self.vectors is not None:
+            return self.vectors[rows].astype(np.float32)
+        if self._flat_by_row is not None:
             return self._flat_by_row.reconstruct_batch(rows)
-        return self.vectors[rows].astype(np.float32)
+        return self._ivf_flat_vectors(rows)
+
+    @cached_property
+    def _ivf(self):
+        return ivf_or_none(self.index)
+
+    def _ivf_flat_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """IVF-Flat: these rows' vectors, read from their lists' codes (raw float32)."""
+        ivf = self._ivf
+        _, starts = self._ivf_list_starts
+        at = self._ivf_position_of_row[rows]
+        lists = np.searchsorted(starts, at, side="right") - 1
+        out = np.empty((len(rows), ivf.d), np.float32)
+        for lst in np.unique(lists):
+            size, mine = int(ivf.invlists.list_size(int(lst))), lists == lst
+            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(lst)), size * ivf.code_size)
+            out[mine] = codes.view(np.float32).reshape(size, ivf.d)[at[mine] - starts[lst]]
+        return out
+
+    @cached_property
+    def _ivf_list_starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """IVF: each list's size and where it starts in the lists laid end to end."""
+        ivf = ivf_or_none(self.index)
+        sizes = np.array([ivf.invlists.list_size(lst) for lst in range(ivf.nlist)], np.int64)
+        return sizes, np.concatenate([[0], np.cumsum(sizes)])
+
+    @cached_property
+    def _ivf_position_of_row(self) -> np.ndarray:
+        """IVF: where each table row's vector is in the lists laid end to end (uint32 while
+        they fit: 4 MB a process at 1M, against the direct map's ~31 MB)."""
+        ivf = ivf_or_none(self.index)
+        sizes, starts = self._ivf_list_starts
+        out = np.empty(len(self.ids), np.uint32 if len(self.ids) < 2**32 else np.int64)
+        for lst in np.flatnonzero(sizes):
+            ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(int(lst)), int(sizes[lst]))
+            rows = ids if self._ids_are_rows else self.table.rows_of_ids(ids)
+            out[rows] = np.arange(starts[lst], starts[lst + 1])
+        return out
 
     @cached_property
     def _flat_by_row(self) -> faiss.Index | None:
@@ -417,8 +470,7 @@ class IndexVersion:
         """IVF: the ids of every list, list after list, and where each list starts (list l:
         ids[starts[l]:starts[l+1]])."""
         ivf = ivf_or_none(self.index)
-        sizes = np.array([ivf.invlists.list_size(lst) for lst in range(ivf.nlist)], np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
+        sizes, starts = self._ivf_list_starts
         ids = np.empty(int(starts[-1]), np.int64)
         for lst in np.flatnonzero(sizes):
             ids[starts[lst]:starts[lst + 1]] = faiss.rev_swig_ptr(
@@ -640,7 +692,7 @@ class IndexVersion:
         scores = scores[:, : max((len(r) for r in keys), default=0)]
         if readback is None:
             return scores, keys
-        # one reconstruct_batch per row: ~15 us for 10 hits
+        # one vectors_of_ids per row: ~15 us for 10 hits
         return scores, keys, [self.vectors_of_ids(row[row >= 0])[:, readback] for row in ids]
 
 
@@ -862,7 +914,7 @@ class IndexRepository:
         if not _holds_ids(index, table):
             raise IndexLoadError(f"index version {version}: table ids are not the ids the "
                                  "index holds")
-        index = _without_rev_map(index, table)
+        index = _without_direct_map(_without_rev_map(index, table))
         # the checks' temporaries, kept by Arrow's allocator otherwise
         pa.default_memory_pool().release_unused()
         photos = None

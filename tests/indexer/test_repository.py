@@ -354,3 +354,41 @@ def test_a_flat_version_is_served_without_an_id_map_of_its_own(tmp_path):
     assert type(kept.index) is faiss.IndexIDMap2
     np.testing.assert_allclose(kept.stored_vectors([keys[7], keys[3]]), vecs[[7, 3]])
     assert [f[0] for f in kept.search(vecs[:4], 1)[1]] == keys[:4]
+
+
+@pytest.mark.parametrize("ids_are_rows", [True, False])
+def test_an_ivf_flat_version_is_served_without_a_direct_map(tmp_path, ids_are_rows):
+    """Reading an IVF-Flat version builds FAISS's id -> (list, offset) hash map in every
+    process; a served version drops it and reads vectors from the lists by table row: the
+    same vectors, searches and errors for ids it does not hold. Updates still remove by id
+    (they read the file again, map included)."""
+    import faiss
+
+    from indexer.index_policy import new_ivf_index
+
+    n, d = 400, 16
+    vecs = unit_vectors(n, d=d, seed=5)
+    ids = np.arange(n, dtype=np.int64) * (1 if ids_are_rows else 3) + (0 if ids_are_rows else 7)
+    keys = [f"{PREFIX}{i:03d}.jpg" for i in range(n)]
+    repo = IndexRepository(tmp_path)
+    index = new_ivf_index(d, 8)
+    index.train(vecs)
+    index.add_with_ids(vecs, ids)
+    repo.commit_version(index, ids, keys, ["e"] * n, "m-1", extra={"index_params": {"nprobe": 8}})
+    served = repo.load()
+    ivf = faiss.extract_index_ivf(served.index)
+    assert ivf.direct_map.type == faiss.DirectMap.NoMap
+    picked = np.array([399, 0, 123, 5, 5])
+    np.testing.assert_array_equal(served.vectors_of_ids(ids[picked]), vecs[picked])
+    np.testing.assert_array_equal(served.stored_vectors([keys[9], keys[200]]), vecs[[9, 200]])
+    for missing in ([-1], [int(ids.max()) + 1], [] if ids_are_rows else [8]):
+        if missing:
+            with pytest.raises(KeyError):
+                served.vectors_of_ids(np.array(missing))
+    scores, found, tails = served.search(vecs[:3], 2, readback=d - 1)
+    assert [f[0] for f in found] == keys[:3]
+    np.testing.assert_allclose([t[0] for t in tails], vecs[:3, -1])
+    writable = repo.writable_index(served.version)
+    assert faiss.extract_index_ivf(writable).direct_map.type == faiss.DirectMap.Hashtable
+    writable.remove_ids(ids[:2])
+    assert writable.ntotal == n - 2
