@@ -10,10 +10,10 @@ Versions are collections, readers follow an alias:
 
 A rebuild fills a new collection, flushes it, checks its count, waits for its index, and
 publishes it with `alter_alias` (`create_alias` the first time): one atomic switch on the
-server, every API replica follows within MILVUS_REFRESH_S. An update upserts into the published
-collection (object key = primary key, the object's etag stored beside the vector) and deletes
-keys by filter; nothing is copied (`begin(..., base=<published>)` returns the published
-collection itself, and publishing it only counts it). `prune` drops unaliased collections
+server, every API replica follows within MILVUS_REFRESH_S. An update writes into the published
+collection (object key = primary key, the object's etag stored beside the vector: keys it holds
+upserted, new ones inserted) and deletes keys by filter; nothing is copied (`begin(...,
+base=<published>)` returns the published collection itself, and publishing it only counts it). `prune` drops unaliased collections
 beyond the newest few, and drafts that can never be published: a new collection is marked a
 draft (`draft`, `draft_base`: the collection published when it was begun, `draft_begun`) until
 its publish clears the mark, and a draft begun on a collection no longer published (a rebuild
@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 
 KEY_MAX = 1024  # S3 keys are at most 1024 bytes
 ETAG_MAX = 256
-WRITE_BATCH = 2000  # rows per upsert: ~2 MB at 257-d, far below gRPC's message limit
+WRITE_BATCH = 2000  # rows per insert or upsert: ~2 MB at 257-d, far below gRPC's message limit
+HELD_CHECK_BATCH = 8000  # keys per query asking which of them a collection holds
 PAGE = 16384  # rows per query page (Milvus caps offset + limit at 16384)
 # below this many rows a publish does not flush: growing segments are searched exactly and
 # fast, and flushing costs seconds; above, flushing seals the segments the vector index covers
@@ -93,6 +94,12 @@ NEAR_KEYS_MAX = 100_000  # keys an expression may name for `near` (servers witho
 RANGE_FILTER_MAX = 1e6  # a range search's upper score bound: none (scores are cosines, <= 1)
 NEAR_CACHE_S = 30.0  # such a key list is reused this long (in-place updates show after it)
 DRAFT_ABANDONED_S = 2 * 24 * 3600  # a draft begun this long ago belongs to no live run (FAISS's)
+# A version is written once by its rebuild: the server's merging of its fresh segments (and
+# indexing the merged ones again) kept a 1M collection busy for 25+ minutes after its publish
+# (BENCHMARKS.md §7). So a collection does not compact while it is written and published; from
+# its first change in place (a key rewritten or removed) Milvus compacts it as usual.
+AUTO_COMPACTION = "collection.autocompaction.enabled"
+NO_AUTO_COMPACTION = {AUTO_COMPACTION: "false"}
 
 
 def _public(exc: BaseException) -> str:
@@ -538,8 +545,8 @@ class MilvusIndex(VectorIndex):
         """One query on the primary key (`key > after`, at most `limit` rows, capped at PAGE).
         In iterator mode, as pymilvus's query iterator asks, the server answers with the
         smallest keys in order; a plain limited query returns any `limit` of them (milvus-lite
-        does). Strong: a page sees every write made before. A key cannot come twice: rows are
-        written by upsert on it, and a query returns one row per primary key."""
+        does). Strong: a page sees every write made before. A key cannot come twice: a key
+        already held is written by upsert, and a query returns one row per primary key."""
         filt = "" if after is None else f"key > {json.dumps(after, ensure_ascii=False)}"
         self._ensure_loaded(version)
         with self.calls():
@@ -688,7 +695,8 @@ class MilvusIndex(VectorIndex):
                                                   index_params=index_params,
                                                   consistency_level="Bounded",
                                                   properties={"model_id": model_id,
-                                                              **draft},
+                                                              **draft,
+                                                              **NO_AUTO_COMPACTION},
                                                   timeout=self.timeout_s * 6)
                 break
             except MilvusException as exc:
@@ -702,12 +710,30 @@ class MilvusIndex(VectorIndex):
                  self.index_type, dim, family)
         return name
 
+    def _held(self, collection: str, keys: list[str]) -> set[str]:
+        """Which of these keys the collection holds (Strong: every write made before)."""
+        held: set[str] = set()
+        for s in range(0, len(keys), HELD_CHECK_BATCH):
+            chunk = keys[s:s + HELD_CHECK_BATCH]
+            with self.calls():
+                rows = self.client.query(collection, filter=_in(chunk), limit=len(chunk),
+                                         output_fields=["key"], consistency_level="Strong",
+                                         timeout=self.timeout_s * 6)
+            held.update(r["key"] for r in rows)
+        return held
+
     def write(self, version, keys, vectors, etags, part="0", info=None) -> int:
-        """Upsert rows by object key, with their metadata: writing the same rows again leaves
-        the same collection. A collection made before metadata existed takes none."""
+        """Write rows by object key, with their metadata: writing the same rows again leaves
+        the same collection. Keys the collection holds are upserted, the others inserted: an
+        upsert also writes a delete of its key, and segments full of deletes are compacted (and
+        indexed again) by the server right after they are flushed, even the first write of a
+        fresh collection. A collection made before metadata existed takes none."""
         vectors = check_rows(keys, vectors, etags)
         infos = photo_columns.check_infos(info, len(keys)) or [None] * len(keys)
         photos = self.has_photos(version)
+        keys = list(keys)
+        # a key twice in one call: upserts, which keep one row for it
+        held = self._held(version, keys) if len(set(keys)) == len(keys) else set(keys)
         for s in range(0, len(keys), WRITE_BATCH):
             rows = [{"key": k, "etag": e, "vector": v, "tail": v[-1],
                      **(milvus_photos.to_fields(photo_columns.clean_info(i, k)) if photos
@@ -715,12 +741,21 @@ class MilvusIndex(VectorIndex):
                     for k, e, v, i in zip(keys[s:s + WRITE_BATCH], etags[s:s + WRITE_BATCH],
                                           vectors[s:s + WRITE_BATCH].tolist(),
                                           infos[s:s + WRITE_BATCH])]
+            new = [r for r in rows if r["key"] not in held]
+            known = [r for r in rows if r["key"] in held]
             with self.calls():
-                self.client.upsert(version, rows, timeout=self.timeout_s * 6)
+                if new:
+                    self.client.insert(version, new, timeout=self.timeout_s * 6)
+                if known:
+                    self.client.upsert(version, known, timeout=self.timeout_s * 6)
+        if held:
+            self._changed_in_place(version)
         return len(keys)
 
     def remove(self, version: str, keys: Iterable[str], part: str = "0") -> int:
         keys = list(dict.fromkeys(keys))
+        if keys:
+            self._changed_in_place(version)
         for s in range(0, len(keys), WRITE_BATCH):
             with self.calls():
                 self.client.delete(version, filter=_in(keys[s:s + WRITE_BATCH]),
@@ -760,7 +795,10 @@ class MilvusIndex(VectorIndex):
             self.client.load_collection(version, timeout=self.timeout_s * 12)
             # no longer a draft before anyone is served it (killed between the two: an
             # unpublished version, kept as the newest few are)
-            self.client.alter_collection_properties(version, {"draft": "0"},
+            # with the compaction setting again: Milvus 2.3.5's data coordinator keeps only the
+            # properties of the last change, and would compact the fresh segments after all
+            self.client.alter_collection_properties(version, {"draft": "0",
+                                                              **NO_AUTO_COMPACTION},
                                                     timeout=self.timeout_s)
             if self.published(model_id) is None:
                 try:
@@ -779,6 +817,18 @@ class MilvusIndex(VectorIndex):
             if self.client.list_aliases(version, timeout=self.timeout_s).get("aliases"):
                 raise ValueError(f"{version} is published; it cannot be discarded")
             self.client.drop_collection(version, timeout=self.timeout_s)
+
+    def _changed_in_place(self, collection: str) -> None:
+        """A published collection whose rows are rewritten or removed: Milvus compacts it as
+        usual from now on (merging small segments, dropping deleted rows). A draft keeps
+        still: a retried part rewrites its own rows before anyone searches them."""
+        with self.calls():
+            properties = self.client.describe_collection(
+                collection, timeout=self.timeout_s).get("properties") or {}
+            if properties.get("draft") != "1" and properties.get(AUTO_COMPACTION) == "false":
+                self.client.alter_collection_properties(collection, {AUTO_COMPACTION: "true"},
+                                                        timeout=self.timeout_s)
+                log.info("%s changed in place: compacted by Milvus as usual", collection)
 
     def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
                tuning_queries=None, info=None) -> dict | None:

@@ -19,7 +19,7 @@ them. The ranges cover the whole key space, so a key uploaded after planning is 
 whichever shard's range holds it, and each shard finds the indexed keys of its range that left
 the store: no step but the plan's one listing needs every key. A shard retried rewrites its own
 part; where the backend updates the published version in place (Milvus), an update's shards
-write straight into it (upserts by key: a retry writes the same rows).
+write straight into it (written by key: a retry writes the same rows).
 
 Files the decoders refused are remembered by key and etag (`indexer.listing.RefusalTable`,
 when one is given): the plan and each shard skip those unchanged since, a shard records what it

@@ -275,6 +275,52 @@ def test_milvus_names_and_metric(milvus_server, milvus_prefix):
             index.client.drop_collection(name)
 
 
+@pytest.mark.parametrize("kind", ["milvus", "milvus-lite"])
+def test_milvus_writes_insert_new_keys_and_upsert_held_ones(kind, request, tmp_path):
+    """A fresh version's rows are inserted (an upsert also writes a delete of its key, and
+    segments of deletes are compacted and indexed again); rewritten keys are upserted: one row
+    per key, the newest etag and vector. A draft's rewrite (a retried part) leaves it without
+    auto-compaction; a published collection changed in place gets it back."""
+    from tests.indexer.conftest import backend_settings
+
+    index = open_index(backend_settings(kind, request, tmp_path))
+    calls = []
+    for name in ("insert", "upsert"):
+        real = getattr(index.client, name)
+
+        def spy(collection, rows, *a, _name=name, _real=real, **kw):
+            calls.append((_name, sorted(r["key"] for r in rows)))
+            return _real(collection, rows, *a, **kw)
+
+        setattr(index.client, name, spy)
+    try:
+        keys, vecs = _keys(6), unit_vectors(6, DIM)
+        version = index.begin("m", DIM)
+        index.write(version, keys[:4], vecs[:4], ["a"] * 4)
+        assert calls == [("insert", keys[:4])]
+        calls.clear()
+        index.write(version, keys[2:], vecs[2:][::-1], ["b"] * 4)  # 2 held, 2 new
+        assert calls == [("insert", keys[4:]), ("upsert", keys[2:4])]
+        index.publish(version)
+        assert index.status("m")["count"] == 6
+        view = index.view("m")
+        assert [e for _, e in index.keys_page(version)] == ["a", "a", "b", "b", "b", "b"]
+        np.testing.assert_allclose(view.stored_vectors(keys[2:]), vecs[2:][::-1], atol=1e-6)
+        def auto_compaction():
+            properties = index.client.describe_collection(version).get("properties") or {}
+            return properties.get("collection.autocompaction.enabled")
+
+        assert auto_compaction() == "false"  # written once by its rebuild: it keeps still
+        index.update("m", keys[:1], vecs[:1], ["c"], delete=[keys[5]])
+        assert auto_compaction() == "true"  # changed in place: compacted as usual
+        assert index.status("m")["count"] == 5
+    finally:
+        if kind == "milvus":
+            for name in index.versions():
+                index.client.drop_collection(name)
+        index.close()
+
+
 # --- the same command line on both backends ------------------------------------------------
 @pytest.mark.parametrize("kind", ["faiss", "milvus"])
 def test_indexer_commands_behave_alike(kind, request, tmp_path, tiny_flickr, small_checkpoint,
