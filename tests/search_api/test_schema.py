@@ -1,4 +1,5 @@
-"""Schemathesis against the service's own OpenAPI schema, in process over ASGI.
+"""Schemathesis against the service's own OpenAPI schema, in process over ASGI, on the FAISS
+and on the Milvus backend.
 
 Positive and negative cases are generated from the schema for every operation; whatever is
 sent, the service must answer with a documented status code, a documented content type and a
@@ -44,9 +45,45 @@ KEY = "schema-test-key"
 SERVICE_OPTIONS = dict(max_top_k=20, api_key=KEY)
 
 
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def served(request, svc, tiny_flickr, encoder, tmp_path_factory):
+    """(app, indexed keys) of the tiny dev split on each index backend: FAISS, and a real
+    Milvus standalone (the server's own errors must not leak as 5xx either)."""
+    if request.param == "faiss":
+        yield svc.app, sorted(svc.service.index.current.keys)
+        return
+    import uuid
+
+    from core.settings import Settings
+    from flickr8k.sources import open_source
+    from indexer import pipeline
+    from indexer.ingest import ingest
+    from indexer.milvus_index import MilvusIndex
+    from objectstore import LocalStore
+    from search_api.main import build_service, create_app
+    from tests.search_api.helpers import PREFIX
+
+    server = request.getfixturevalue("milvus_server")
+    tmp = tmp_path_factory.mktemp("schema-milvus")
+    store = LocalStore(tmp / "store", "b")
+    ingest(open_source(str(tiny_flickr[0])), store, split="dev", progress=False)
+    prefix = f"t_schema_{uuid.uuid4().hex[:8]}"
+    index = MilvusIndex(server.uri, prefix=prefix, timeout_s=5.0)
+    pipeline.rebuild(store, encoder, index, PREFIX, progress=False)
+    settings = Settings(index_backend="milvus", milvus_uri=server.uri,
+                        milvus_collection_prefix=prefix, reload_interval_s=0,
+                        index_dir=str(tmp / "no-index-here"), **SERVICE_OPTIONS)
+    service = build_service(settings, encoder=encoder, index=index, store=store)
+    keys = sorted(k for k, _ in index.keys_page(index.published(encoder.model_id),
+                                                limit=1000))
+    yield create_app(settings, service), keys
+    for name in index.versions():
+        index.client.drop_collection(name)
+
+
 @pytest.fixture(scope="module")
-def api_schema(svc):
-    return schemathesis.openapi.from_asgi("/openapi.json", svc.app)
+def api_schema(served):
+    return schemathesis.openapi.from_asgi("/openapi.json", served[0])
 
 
 def _operations(schema) -> dict:
@@ -146,9 +183,9 @@ CASES = [(label, mode) for label in OPERATIONS
 
 
 @pytest.mark.parametrize("label,mode", CASES)
-def test_openapi_contract(api_schema, svc, label, mode):
+def test_openapi_contract(api_schema, served, label, mode):
     operation = _operations(api_schema)[label]
-    indexed = sorted(svc.service.index.current.keys)
+    indexed = served[1]
     excluded = [positive_data_acceptance] if label in UPLOADS else []
 
     @given(case=operation.as_strategy(generation_mode=mode))
