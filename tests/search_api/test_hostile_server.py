@@ -301,6 +301,10 @@ def test_json_under_the_limit_still_works(server):
     ("/search_images_by_texts", r'{"queries": ["dog", "\ud800"]}'),
     ("/search_images_by_text", r'{"query": "dog", "image_embeddings": '
                                r'[{"filename": "a\ud800.jpg", "embedding": [0.1]}]}'),
+    ("/search_images_by_key", r'{"keys": ["flickr8k/images/\ud800.jpg"]}'),
+    ("/search_images_by_key", r'{"keys": ["a.jpg"], "negative_keys": ["\udfff"]}'),
+    ("/search_images_by_text", r'{"query": "dog", "filters": {"folders": ["\ud800"]}}'),
+    ("/search_images_by_text", r'{"terms": {"positive": [{"text": "dog \ud800"}]}}'),
 ])
 def test_lone_surrogates_are_422(server, path, raw):
     if "embedding\"" in raw:  # the model's dimension
@@ -363,6 +367,13 @@ FUZZ = [
     b"POST /search_images_by_text HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form"
     b"-urlencoded\r\nContent-Length: 12\r\n\r\ntext=%ED%A0%80",
     b"GET /health?\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    # the newer GET routes: undecodable and lone-surrogate query strings and keys
+    b"GET /explain?key=%ED%A0%80&q=dog%ED%B0%80 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /explain?key=a.jpg&q=\xff\xfe&format=json HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /duplicates?threshold=%ED%A0%80&limit=\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /facets?limit=99999999999999999999999 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /images/%ED%A0%80/info HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /images/..%2F..%2Fetc%2Fpasswd HTTP/1.1\r\nHost: x\r\n\r\n",
 ]
 
 
