@@ -10,7 +10,8 @@
 2. Scale: --big vectors in Milvus (--milvus-index: IVF_FLAT by default, IVF_SQ8 or HNSW) and in
    FAISS (IVF as index_policy picks it); each searched at the smallest nprobe (HNSW: ef) whose
    recall@10 against exact search on --queries queries reaches --recall (0.95): build time,
-   recall, p50 of one query (direct calls, no HTTP, one FAISS thread as the API), memory
+   recall, p50 of one query (direct calls, no HTTP, one FAISS thread as the API), searches per
+   second from --clients threads, memory
    (Milvus: the server's RSS growth and its index files; FAISS: the index's bytes).
 
 Vectors: clustered unit vectors of the model's index dimension (random centres, each copied with
@@ -90,6 +91,22 @@ def p50_ms(fn, queries: np.ndarray) -> float:
         fn(q[None, :])
         lat.append(time.perf_counter() - t)
     return round(float(np.median(lat)) * 1000, 2)
+
+
+def throughput(fn, queries: np.ndarray, clients: int, total: int) -> float:
+    """Searches per second with `clients` threads each sending one query at a time (as the
+    API's concurrent requests reach the index), `total` in all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(c: int) -> None:
+        for i in range(c, total, clients):
+            fn(queries[i % len(queries)][None, :])
+
+    fn(queries[:1])
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return round(total / (time.perf_counter() - t), 1)
 
 
 def settle(index, collection: str, quiet_s: float, limit_s: float) -> float | str:
@@ -247,6 +264,8 @@ def scale(args, milvus, dim: int) -> list[dict]:
                  "build s": f"{build_s:.0f} (insert {insert_s:.0f})",
                  "recall@10": round(rec, 3),
                  "p50 ms": p50_ms(lambda q: view.search(q, 10), queries),
+                 f"{args.clients} clients q/s": throughput(lambda q: view.search(q, 10), queries,
+                                                           args.clients, args.throughput_n),
                  "p50 ms right after publish": fresh_p50,
                  "settled after s": settle_s,
                  "memory MB": f"{rss - base_rss:.0f} RSS growth; index files "
@@ -275,6 +294,8 @@ def scale(args, milvus, dim: int) -> list[dict]:
     rows.append({"engine": name, "vectors": args.big, "build s": f"{build_s:.0f}",
                  "recall@10": round(rec, 3),
                  "p50 ms": p50_ms(lambda q: built.search(q, 10), queries),
+                 f"{args.clients} clients q/s": throughput(lambda q: built.search(q, 10), queries,
+                                                           args.clients, args.throughput_n),
                  "memory MB": f"{args.big * (dim * 4 + 8) / 2**20:.0f} (vectors + ids)",
                  "segments": "one index"})
     return rows
@@ -310,6 +331,10 @@ def main() -> int:
                    help="the index type of the --big run")
     p.add_argument("--nlist", type=int, default=1024, help="IVF lists per Milvus segment")
     p.add_argument("--recall", type=float, default=0.95, help="the recall@10 both must reach")
+    p.add_argument("--clients", type=int, default=16,
+                   help="scale: concurrent searching threads of the throughput figure")
+    p.add_argument("--throughput-n", type=int, default=1600,
+                   help="scale: searches of the throughput figure")
     p.add_argument("--settle", type=float, default=120,
                    help="scale: seconds without segment changes that count as settled")
     p.add_argument("--settle-limit", type=float, default=1800,

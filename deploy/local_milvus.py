@@ -31,6 +31,10 @@ from deploy.ports import free_port  # noqa: E402
 _ENV_LOCK = threading.Lock()  # the wheel copies os.environ when it starts the server
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord",
               "dataNode")
+# Segments seal at 0.23 of this size as Milvus estimates rows, from each VARCHAR's max length:
+# the photo fields make that ~5x a real row, and at the default 512 MB a 1M collection was 44
+# segments of ~23k rows, each searched and indexed on its own (p50 10.2 ms, BENCHMARKS.md §7)
+SEGMENT_MAX_MB = 2048
 
 
 def _config_class():
@@ -69,6 +73,7 @@ class LocalMilvus:
         self.server.config.update(**ports)
         for comp in COMPONENTS:
             self.server.config.set(f"{comp}.ip", "127.0.0.1")
+        self.server.config.set("dataCoord.segment.maxSize", SEGMENT_MAX_MB)
         self.port = ports["proxy_port"]
         self.etcd_ports = (ports["etcd_port"], free_port())  # client, peer
 
