@@ -183,7 +183,6 @@ def _without_direct_map(index: faiss.Index) -> faiss.Index:
     ivf = ivf_or_none(index)
     if ivf is not None and ivf.direct_map.type != faiss.DirectMap.NoMap:
         ivf.set_direct_map_type(faiss.DirectMap.NoMap)
-        release_memory()  # glibc keeps the freed map otherwise
     return index
 
 
@@ -293,10 +292,8 @@ class IndexVersion:
         at = self._ivf_position_of_row[rows]
         lists = np.searchsorted(starts, at, side="right") - 1
         out = np.empty((len(rows), ivf.d), np.float32)
-        for lst in np.unique(lists):
-            size, mine = int(ivf.invlists.list_size(int(lst))), lists == lst
-            codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(int(lst)), size * ivf.code_size)
-            out[mine] = codes.view(np.float32).reshape(size, ivf.d)[at[mine] - starts[lst]]
+        for i, (lst, offset) in enumerate(zip(lists.tolist(), (at - starts[lists]).tolist())):
+            ivf.reconstruct_from_offset(lst, offset, faiss.swig_ptr(out[i]))
         return out
 
     @cached_property
@@ -915,8 +912,10 @@ class IndexRepository:
             raise IndexLoadError(f"index version {version}: table ids are not the ids the "
                                  "index holds")
         index = _without_direct_map(_without_rev_map(index, table))
-        # the checks' temporaries, kept by Arrow's allocator otherwise
+        # the checks' temporaries (and a dropped map), kept by Arrow's allocator and by glibc
+        # otherwise: each serving process would hold them for good
         pa.default_memory_pool().release_unused()
+        release_memory()
         photos = None
         if INFO_FILE in manifest.checksums:
             try:

@@ -39,6 +39,10 @@ def test_scale_file_validates_and_puts_the_api_and_dags_on_milvus(tmp_path):
     milvus = services["milvus"]
     # the server version the tests run (PyPI milvus==2.3.5), on the stack's MinIO and its etcd
     assert milvus["image"].endswith(":v2.3.5")
+    from deploy.local_milvus import SEGMENT_MAX_MB  # the segment size the tests' server runs
+
+    assert f"maxSize: {SEGMENT_MAX_MB} " in " ".join(milvus["command"])
+    assert milvus["command"][-1].endswith("exec milvus run standalone")
     assert milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
     assert milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
     assert {"etcd", "minio"} <= set(milvus["depends_on"])
