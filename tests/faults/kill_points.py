@@ -11,15 +11,16 @@ waits for the marker and SIGKILLs the process. The product code has no fault swi
     after_current   CURRENT moved to the new version, the draft not yet removed
     milvus_loaded   Milvus: the new collection loaded, the alias not yet switched
     after_alias     Milvus: the alias switched to the new collection, the step not finished
-    milvus_upserted Milvus: a shard's first batch of upserts sent, the rest not
+    milvus_written  Milvus: a shard's first batch of rows written (inserted or upserted), the
+                    rest not
 
 Pause points (FAULT_RELEASE names a file): the process writes FAULT_MARKER, then waits until
 that file exists and carries on, so that the test can take a server away in between:
 
     s3_put          S3Store.put: FAULT_AFTER puts (default 1) done; every later one waits
     s3_get          S3Store.get: FAULT_AFTER gets (default 1) done; every later one waits
-    milvus_upsert   Milvus: FAULT_AFTER upserts (default 1, two rows each) done; every later
-                    one waits
+    milvus_write    Milvus: FAULT_AFTER row writes (inserts or upserts; default 1, two rows
+                    each) done; every later one waits
     milvus_publish_load  Milvus: the publish about to load the new collection (the alias not
                     yet switched); it waits before the load
 """
@@ -42,14 +43,20 @@ def _stop_here():
     time.sleep(600)  # the test SIGKILLs this process now
 
 
-def _paused_after(cls, name):
-    """cls.name: the first FAULT_AFTER calls go through, the marker is written once they have
-    returned, and every later call (by when it began, in any thread) waits for the release."""
+def _paused_after(cls, *names):
+    """cls.<names>, counted together: the first FAULT_AFTER calls go through, the marker is
+    written once they have returned, and every later call (by when it began, in any thread)
+    waits for the release."""
     import threading
-    import time
-    real = getattr(cls, name)
     after, release = int(os.environ.get("FAULT_AFTER", "1")), os.environ["FAULT_RELEASE"]
     lock, started, done = threading.Lock(), [0], [0]
+    for name in names:
+        _pause_calls(cls, name, after, release, lock, started, done)
+
+
+def _pause_calls(cls, name, after, release, lock, started, done):
+    import time
+    real = getattr(cls, name)
 
     def call(self, *args, **kwargs):
         with lock:
@@ -78,11 +85,11 @@ def _pause():
 
 
 def _install(point):
-    if point == "milvus_upsert":
+    if point == "milvus_write":
         import indexer.milvus_index
         from pymilvus import MilvusClient
-        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several upserts
-        _paused_after(MilvusClient, "upsert")
+        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several writes
+        _paused_after(MilvusClient, "insert", "upsert")
     elif point == "milvus_publish_load":
         import threading
         from indexer.milvus_index import MilvusIndex
@@ -155,18 +162,19 @@ def _install(point):
             _stop_here()
 
         IndexRepository._point_current = point_current
-    elif point == "milvus_upserted":
+    elif point == "milvus_written":
         import indexer.milvus_index
         from pymilvus import MilvusClient
-        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several upserts
-        real = MilvusClient.upsert
+        indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several writes
+        for name in ("insert", "upsert"):
+            real = getattr(MilvusClient, name)
 
-        def upsert(self, *args, **kwargs):
-            out = real(self, *args, **kwargs)
-            _stop_here()
-            return out
+            def write_then_stop(self, *args, _real=real, **kwargs):
+                out = _real(self, *args, **kwargs)
+                _stop_here()
+                return out
 
-        MilvusClient.upsert = upsert
+            setattr(MilvusClient, name, write_then_stop)
     elif point in ("milvus_loaded", "after_alias"):
         from pymilvus import MilvusClient
         name = "load_collection" if point == "milvus_loaded" else "alter_alias"

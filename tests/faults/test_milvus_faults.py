@@ -1,7 +1,7 @@
 """The Milvus publish SIGKILLed after the new collection is loaded (the alias not yet switched)
 and after the alias switch, on a real Milvus server: readers (the index, the API's index
 holder) see the old collection or the new one, whole; the publish task's retry completes; an
-update's shard killed half-way through its upserts is retried to the same rows. After each:
+update's shard killed half-way through its row writes is retried to the same rows. After each:
 `python -m indexer verify` passes and a search for a known photo finds it."""
 from __future__ import annotations
 
@@ -71,14 +71,14 @@ def test_a_milvus_publish_killed_serves_old_or_new_and_its_retry_completes(
     assert milvus_run.top_hit(encoder, photo_key(11)) == photo_key(11)
 
 
-def test_an_update_shard_killed_mid_upsert_is_retried_to_the_same_rows(milvus_run, encoder):
+def test_an_update_shard_killed_mid_write_is_retried_to_the_same_rows(milvus_run, encoder):
     milvus_run.encoder_model_id = encoder.model_id
     milvus_run.put(range(8))
     milvus_run.run_all()
     milvus_run.put(range(8, 12))
     plan = milvus_run.plan()
     assert [s["mode"] for s in plan] == ["update"]
-    milvus_run.kill_shard(plan, 0, "milvus_upserted")
+    milvus_run.kill_shard(plan, 0, "milvus_written")
     report = milvus_run.shard_process(plan, 0)
     out = milvus_run.publish(plan, [report])
     assert (out["action"], out["count"]) == ("updated", 12)

@@ -1,5 +1,5 @@
 """The Milvus server itself SIGKILLed (not our process): while `python -m indexer rebuild` writes
-its new collection and as its publish loads it; while `python -m indexer update` upserts in
+its new collection and as its publish loads it; while `python -m indexer update` writes in
 place. The command fails in one line naming Milvus; after Milvus is started again on the same
 data the alias still serves the old, complete collection (a rebuild) or the published one
 with a part of the update (an update); the rerun completes (an update's to the same rows, none
@@ -105,7 +105,7 @@ def _completes(run: IndexRun, *args) -> dict:
     return json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("point", ["milvus_upsert", "milvus_publish_load"])
+@pytest.mark.parametrize("point", ["milvus_write", "milvus_publish_load"])
 def test_milvus_killed_during_a_rebuild_keeps_the_old_collection_served(
         run, own_milvus, encoder, point):
     run.put(range(8))
@@ -139,13 +139,13 @@ def test_milvus_killed_during_an_in_place_update_and_the_rerun_writes_the_same_r
     collection = _served(run, encoder.model_id)[0]
     run.put(range(8, 12))
 
-    # the first two new rows upserted, the next upsert waits while Milvus is killed
-    rc, log = pause_at(_cli("update"), run.env, "milvus_upsert", run.dir / "marker", run.dir,
+    # the first two new rows written, the next write waits while Milvus is killed
+    rc, log = pause_at(_cli("update"), run.env, "milvus_write", run.dir / "marker", run.dir,
                        lambda: _kill(own_milvus), timeout=240)
     _failed_clearly(rc, log)
     own_milvus.start()
 
-    # the update applies in place: the same collection, the old rows, at most the upserts
+    # the update applies in place: the same collection, the old rows, at most the writes
     # Milvus acknowledged before it died
     version, keys, count = _back(run, encoder.model_id)
     assert version == collection and count == len(keys)
