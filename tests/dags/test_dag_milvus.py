@@ -1,7 +1,7 @@
 """The re-index DAG on the Milvus backend for real (`airflow dags test`, INDEX_BACKEND=milvus,
-a real Milvus standalone, a local-directory store): the shards upsert into a new collection and
+a real Milvus standalone, a local-directory store): the shards write into a new collection and
 publish_index switches the model's alias to it; the result equals a single-process rebuild; an
-update writes into the published collection in place (upserts and deletes, no new collection);
+update writes into the published collection in place (writes and deletes, no new collection);
 runs with nothing to do publish nothing. Nothing on local disk holds vectors."""
 from __future__ import annotations
 
