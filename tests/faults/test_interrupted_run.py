@@ -30,6 +30,10 @@ def test_waits_to_be_stopped(s3_server):
 '''
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.s3
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
                          ids=["SIGTERM", "SIGHUP", "SIGINT"])
@@ -41,7 +45,10 @@ def test_a_test_run_stopped_by_a_signal_stops_the_servers_its_fixtures_started(t
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
          "--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "RUNNING_MARKER": str(marker)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # as a terminal starts it: a run launched in the background (`cmd &` from a script)
+        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=_sigint_as_a_terminal_gives_it)
     server = None
     try:
         deadline = time.monotonic() + 120
