@@ -13,9 +13,9 @@ publishes it with `alter_alias` (`create_alias` the first time): one atomic swit
 server, every API replica follows within MILVUS_REFRESH_S. An update writes into the published
 collection (object key = primary key, the object's etag stored beside the vector: keys it holds
 upserted, new ones inserted) and deletes keys by filter; nothing is copied (`begin(...,
-base=<published>)` returns the published collection itself, and publishing it only counts it). `prune` drops unaliased collections
-beyond the newest few, and drafts that can never be published: a new collection is marked a
-draft (`draft`, `draft_base`: the collection published when it was begun, `draft_begun`) until
+base=<published>)` returns the published collection itself, and publishing it only counts
+it). `prune` drops unaliased collections beyond the newest few, and drafts that can never be
+published: a new collection is marked a draft (`draft`, `draft_base`: the collection published when it was begun, `draft_begun`) until
 its publish clears the mark, and a draft begun on a collection no longer published (a rebuild
 that died with its server, a plan overtaken: `shards` refuses to publish it) or untouched for
 DRAFT_ABANDONED_S goes at once, rather than filling one of the newest few.
@@ -832,7 +832,7 @@ class MilvusIndex(VectorIndex):
 
     def update(self, model_id, keys, vectors, etags, delete=(), extra=None,
                tuning_queries=None, info=None) -> dict | None:
-        """Upsert and delete in the published collection (no new version). None when this model
+        """Write and delete in the published collection (no new version). None when this model
         has none (rebuild instead)."""
         collection = self.published(model_id)
         if collection is None or self._model_of(collection) != model_id:

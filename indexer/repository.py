@@ -272,8 +272,8 @@ class IndexVersion:
         if self.vectors is None and self._flat_by_row is None and self._ivf is None:
             return self.index.reconstruct_batch(ids)  # an IndexIDMap2's own id -> position map
         rows = ids if self._ids_are_rows else self.table.rows_of_ids(ids)
-        if len(rows) and ((rows < 0) | (rows >= self.table.num_rows)).any():
-            bad = (rows < 0) | (rows >= self.table.num_rows)
+        bad = (rows < 0) | (rows >= self.table.num_rows)
+        if bad.any():
             raise KeyError(int(ids[np.flatnonzero(bad)[0]]))
         if self.vectors is not None:
             return self.vectors[rows].astype(np.float32)
@@ -299,7 +299,7 @@ class IndexVersion:
     @cached_property
     def _ivf_list_starts(self) -> tuple[np.ndarray, np.ndarray]:
         """IVF: each list's size and where it starts in the lists laid end to end."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         sizes = np.array([ivf.invlists.list_size(lst) for lst in range(ivf.nlist)], np.int64)
         return sizes, np.concatenate([[0], np.cumsum(sizes)])
 
@@ -307,7 +307,7 @@ class IndexVersion:
     def _ivf_position_of_row(self) -> np.ndarray:
         """IVF: where each table row's vector is in the lists laid end to end (uint32 while
         they fit: 4 MB a process at 1M, against the direct map's ~31 MB)."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         sizes, starts = self._ivf_list_starts
         out = np.empty(len(self.ids), np.uint32 if len(self.ids) < 2**32 else np.int64)
         for lst in np.flatnonzero(sizes):
@@ -689,7 +689,7 @@ class IndexVersion:
         scores = scores[:, : max((len(r) for r in keys), default=0)]
         if readback is None:
             return scores, keys
-        # one vectors_of_ids per row: ~15 us for 10 hits
+        # one vectors_of_ids per row: 10-32 us for 10 hits (flat / IVF-Flat)
         return scores, keys, [self.vectors_of_ids(row[row >= 0])[:, readback] for row in ids]
 
 
