@@ -18,7 +18,8 @@ it). `prune` drops unaliased collections beyond the newest few, and drafts that 
 published: a new collection is marked a draft (`draft`, `draft_base`: the collection
 published when it was begun, `draft_begun`) until its publish clears the mark, and a draft
 begun on a collection no longer published (a rebuild that died with its server, a plan
-overtaken: `shards` refuses to publish it) or untouched for DRAFT_ABANDONED_S goes at once, rather than filling one of the newest few.
+overtaken: `shards` refuses to publish it) or untouched for DRAFT_ABANDONED_S goes at once,
+rather than filling one of the newest few.
 
 Fields: key VARCHAR (primary), etag VARCHAR, vector FLOAT_VECTOR (Scoring's index vectors as
 they are), tail FLOAT (the vector's last component, copied at write), metric IP: the score of a
