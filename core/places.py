@@ -101,6 +101,7 @@ _table_lock = threading.Lock()
 _table: _Table | None = None
 
 
+@lru_cache(maxsize=8192)  # query words repeat: each is read once per query
 def normalize_place_name(text: str) -> str:
     """The form names are looked up by: case folded, accents stripped, hyphens, apostrophes
     and dots read as spaces, spaces collapsed ("Île-de-France" -> "ile de france")."""

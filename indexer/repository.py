@@ -103,6 +103,7 @@ REQUIRED_FILES = ("index.faiss", TABLE_FILE)
 INFO_FILE = "info.parquet"  # optional: versions made before metadata have none
 VECTORS_FILE = "vectors.npy"  # a compressed version's full vectors (fp16, table order)
 VECTORS_CHUNK = 1_000_000  # rows copied at a time when a version's vectors are written
+RECENT_ROWS_MAX = 4096  # hits' key -> row a loaded version remembers (IndexVersion._rows_of)
 FILTER_CACHE_SIZE = 16  # filters whose passing ids a loaded version keeps (<= ~130 KB each)
 EXACT_MIN_ROWS = 2048  # this few passing ids are always searched exactly
 FILTER_CANDIDATES_PER_HIT = 20  # IVF: passing vectors in the probed lists per hit wanted
@@ -213,6 +214,9 @@ class IndexVersion:
     vectors: np.ndarray | None = None
 
     def __post_init__(self):
+        # key -> row of the hits its searches returned lately: `info` of a search's hits (every
+        # search answer asks) finds their rows here, not by a binary search per key (~10 us)
+        self._recent_rows: dict[str, int] = {}
         self._passing = LRUCache(FILTER_CACHE_SIZE)
         self._seen = LRUCache(4 * FILTER_CACHE_SIZE)  # filters searched near the query once
         self._passing_lock = threading.Lock()
@@ -325,9 +329,29 @@ class IndexVersion:
         return None
 
     def _rows_of(self, keys: list[str]) -> np.ndarray:
-        """Each key's row (-1: not held), by binary search over the mapped key order: no dict
-        of every key in each serving process."""
-        return self.table.rows_of_keys(keys)
+        """Each key's row (-1: not held): a recent hit's from `_recent_rows`, others by binary
+        search over the mapped key order (no dict of every key in each serving process)."""
+        recent = self._recent_rows
+        rows = [recent.get(k, -2) if isinstance(k, str) else -1 for k in keys]
+        if -2 in rows:
+            found = iter(self.table.rows_of_keys([k for k, r in zip(keys, rows) if r == -2]))
+            rows = [next(found) if r == -2 else r for r in rows]
+        return np.array(rows, np.int64)
+
+    def _keys_of_hits(self, ids: np.ndarray) -> list[str]:
+        """The keys of one query's hit ids (-1: none; KeyError for an id the table lacks),
+        their rows remembered for `_rows_of`."""
+        ids = ids[ids >= 0]
+        rows = ids if self._ids_are_rows else self.table.rows_of_ids(ids)
+        bad = (rows < 0) | (rows >= self.table.num_rows)
+        if bad.any():
+            raise KeyError(int(ids[np.flatnonzero(bad)[0]]))
+        keys = [self.keys[r] for r in rows.tolist()]
+        recent = self._recent_rows
+        if len(recent) > RECENT_ROWS_MAX:
+            recent.clear()
+        recent.update(zip(keys, rows.tolist()))
+        return keys
 
     def stored_vectors(self, keys: list[str]) -> np.ndarray:
         """The vectors the index holds for these keys (as published; KeyError(key) for a key
@@ -684,7 +708,7 @@ class IndexVersion:
                 return empty_result(len(queries), readback)
         if self.vectors is not None:
             scores, ids = rerank(queries, ids, self.vectors_of_ids, min(k, ids.shape[1]))
-        keys = [[self.key_of(i) for i in row if i >= 0] for row in ids]
+        keys = [self._keys_of_hits(row) for row in ids]
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         scores = scores[:, : max((len(r) for r in keys), default=0)]
         if readback is None:

@@ -94,6 +94,10 @@ class TermQuery:
             out += (" " if out else "") + sign + t.typed()
         return out
 
+    def chars(self) -> int:
+        """Characters of text in its terms (what reading their hints costs)."""
+        return sum(len(t.text) for t in self.terms if t.text is not None)
+
     def with_encoded(self, encoded: list[str | None]) -> "TermQuery":
         return TermQuery([replace(t, encoded_text=e) for t, e in zip(self.terms, encoded)])
 

@@ -63,6 +63,11 @@ class Hit:
     duplicates: int | None = None  # photos collapsed into this one (None: not deduplicated)
     duplicate_keys: tuple[str, ...] | None = None  # the first MAX_COLLAPSED_KEYS of them
 
+    def with_info(self, info: dict | None) -> "Hit":
+        # dataclasses.replace costs ~6 us a hit, this ~1
+        return Hit(self.rank, self.key, self.score, self.similarity, self.match, info,
+                   self.duplicates, self.duplicate_keys)
+
 
 @dataclass(frozen=True)
 class Results:
@@ -275,7 +280,7 @@ class SearchService:
                   for w, found, gone, less in zip(wheres, found_counts, removed, folded)]
         infos = await self._infos(view, [h.key for hits in pages for h in hits])
         return [Results(view.version, total,
-                        [replace(h, info=hit_info(infos.get(h.key))) for h in hits],
+                        [h.with_info(hit_info(infos.get(h.key))) for h in hits],
                         groups.mode if groups is not None else None)
                 for total, hits in zip(totals, pages)]
 

@@ -12,7 +12,8 @@ still needs words to rank by.
 hints are read from its positive texts, one after another; negative texts are encoded as written.
 
 The parser's first use loads its tables (seconds): the app's start calls `warm_up()` before
-serving, and the routes read queries in the thread pool, never on the event loop.
+serving, and the routes read queries through `run_parser`: on the event loop for a short text
+once the tables are loaded, else in the thread pool.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 
@@ -110,6 +112,20 @@ def read_term_texts(query: TermQuery, filters: PhotoFilter | None, parse_hints: 
         encoded.append(read.encoded_text)
     read_query = query.with_encoded(encoded)
     return read_query, TextQuery(read_query.typed(), read_query.typed(), merged, hints)
+
+
+# once the tables are loaded a text of up to this many characters is read in 0.1-0.5 ms, less
+# than the thread hop it would otherwise take (BENCHMARKS.md §1); the parse is pure Python and
+# holds the GIL in a worker thread too
+INLINE_MAX_CHARS = 128
+
+
+async def run_parser(fn, chars: int, *args):
+    """fn(*args) (read_text_queries or read_term_texts over `chars` characters of text): on
+    the event loop when that is short and the parser is loaded, else in the thread pool."""
+    if chars <= INLINE_MAX_CHARS and _warm.is_set():
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 _warm = threading.Event()

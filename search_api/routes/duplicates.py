@@ -3,11 +3,10 @@ the served index version (indexer.duplicates' report, beside the index), largest
 each photo with its size and date so a person can decide what to keep. Nothing here deletes."""
 from __future__ import annotations
 
-import json
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -16,6 +15,7 @@ from indexer.duplicates import report_path
 from search_api.dedupe import load_report
 from search_api.deps import ServiceDep, SettingsDep
 from search_api.errors import ErrorOut, responses
+from search_api.json_response import json_response
 from search_api.search_service import iso_time
 
 RUN_IT = "run `python -m indexer duplicates`"
@@ -115,4 +115,4 @@ async def get_duplicates(
             "pixel_check": report.pixel_check, "created": report.created, "photos": report.photos,
             "total_groups": len(report.groups), "total_photos": report.duplicated_photos,
             "offset": offset, "groups": groups}
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return json_response(body)

@@ -16,9 +16,9 @@ from search_api.deps import ServiceDep
 from search_api.errors import responses
 from search_api.explain import NotIndexed
 from search_api.images import ImageTooLarge
+from search_api.json_response import json_response
 from search_api.query_terms import parse_typed, plain
-from search_api.routes.search import _json
-from search_api.text_queries import read_term_texts
+from search_api.text_queries import read_term_texts, run_parser
 
 DEFAULT_SIZE = 512
 
@@ -66,9 +66,9 @@ def build_router(settings: Settings) -> APIRouter:
         query = parse_typed(q, ("query", "q")) or plain(q)
         service.ready()
         if parse_hints:
-            query, _ = await run_in_threadpool(read_term_texts, query, None, True,
-                                               datetime.now(timezone.utc),
-                                               request.app.state.settings.query_time_zone)
+            query, _ = await run_parser(read_term_texts, query.chars(), query, None, True,
+                                        datetime.now(timezone.utc),
+                                        request.app.state.settings.query_time_zone)
         try:
             explanation, cached = await service.explainer.explain(key, query, size)
         except NotIndexed as exc:
@@ -81,7 +81,7 @@ def build_router(settings: Settings) -> APIRouter:
         headers = {"Cache-Control": "private, max-age=600",
                    "X-Explain-Cache": "hit" if cached else "miss"}
         if format == "json":
-            out = _json(explanation.to_json())
+            out = json_response(explanation.to_json())
             out.headers.update(headers)
             return out
         png = await run_in_threadpool(explanation.png)

@@ -5,13 +5,12 @@ The text search also takes queries of several terms (typed with `+`/`-`, or `ter
 `terms` says how the query was read."""
 # no `from __future__ import annotations`: FastAPI reads the per-app body types defined in
 # build_router from the endpoints' signatures
-import json
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -21,20 +20,18 @@ from indexer.photo_filter import PhotoFilter
 from search_api.deps import ApiKeyDep, BodyRoute, ServiceDep, UploadRoute
 from search_api.errors import responses
 from search_api.images import FORMATS_DOC, ImageTooLarge
+from search_api.json_response import json_response
 from search_api.schemas import DEDUPE_DOC, FILTERS_DOC, FILTERS_FORM_EXAMPLE, Bodies, \
     EmbeddingOut, SearchOut
 from search_api.query_terms import Term, TermQuery, check, from_structured, parse_typed, plain
 from search_api.search_service import Results
-from search_api.text_queries import TextQuery, read_term_texts, read_text_queries
+from search_api.text_queries import TextQuery, read_term_texts, read_text_queries, run_parser
 
 TEXT_ERRORS = responses(400, 413, 415, 422, 503)
 UPLOAD_ERRORS = responses(400, 401, 413, 415, 422, 503, 507)
 FORM_NOTE = ("\n\nThe same fields are accepted as a form (urlencoded or multipart), as the "
              "original clients send them.")
 
-
-def _json(data) -> Response:
-    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
 
 
 def _image_base(settings: Settings, request: Request) -> str:
@@ -89,23 +86,23 @@ def _term_query(body) -> TermQuery | None:
 
 async def _read_terms(request: Request, query: TermQuery, filters: PhotoFilter | None,
                       parse_hints: bool) -> tuple[TermQuery, TextQuery]:
-    """read_term_texts with the service's clock and zone (in the thread pool with hints)."""
+    """read_term_texts with the service's clock and zone (text_queries.run_parser)."""
     if not parse_hints:
         return read_term_texts(query, filters, False, None, None)
-    return await run_in_threadpool(read_term_texts, query, filters, True,
-                                   datetime.now(timezone.utc),
-                                   request.app.state.settings.query_time_zone)
+    return await run_parser(read_term_texts, query.chars(), query, filters, True,
+                            datetime.now(timezone.utc),
+                            request.app.state.settings.query_time_zone)
 
 
 async def _read_queries(request: Request, texts: list[str], filters: PhotoFilter | None,
                         parse_hints: bool) -> list[TextQuery]:
-    """The texts as the service searches them: hints read with the service's clock and zone,
-    in the thread pool (the parser's tables may still be loading)."""
+    """The texts as the service searches them: hints read with the service's clock and zone
+    (text_queries.run_parser)."""
     settings = request.app.state.settings
     if not parse_hints:
         return read_text_queries(texts, filters, False, None, None)
-    return await run_in_threadpool(read_text_queries, texts, filters, True,
-                                   datetime.now(timezone.utc), settings.query_time_zone)
+    return await run_parser(read_text_queries, sum(map(len, texts)), texts, filters, True,
+                            datetime.now(timezone.utc), settings.query_time_zone)
 
 
 def _form_filters(model: type[PhotoFilter], raw: str | None) -> PhotoFilter | None:
@@ -143,7 +140,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
     async def encode_text(request: Request, body: TextBody):
         encoders = request.app.state.service.encoders
         vec = await encoders.encode_texts([body.text])
-        return _json({"model_id": encoders.model_id, "dim": encoders.dim,
+        return json_response({"model_id": encoders.model_id, "dim": encoders.dim,
                       "embedding": vec[0].tolist(), "filename": None, "text": body.text})
 
     @router.post("/encode_image", response_model=EmbeddingOut, dependencies=[ApiKeyDep],
@@ -153,7 +150,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         filename, data = await read_image(image)
         encoders = service.encoders
         vec = await encoders.encode_images([await service.images.decode_upload(data)])
-        return _json({"model_id": encoders.model_id, "dim": encoders.dim,
+        return json_response({"model_id": encoders.model_id, "dim": encoders.dim,
                       "embedding": vec[0].tolist(), "filename": filename, "text": None})
 
     @text.post("/search_images_by_text", response_model=SearchOut, responses=TEXT_ERRORS,
@@ -189,7 +186,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                 body.min_match, body.dedupe)
             if not filters.is_empty():
                 results = Results(None, 0, [], results.dedupe)
-            return _json(_out(request, asked.text, service.model_id, results, urls=False,
+            return json_response(_out(request, asked.text, service.model_id, results, urls=False,
                               asked=asked, terms=terms))
         service.ready()  # before encoding: 503 at once
         if terms is not None:
@@ -197,13 +194,13 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
             results = await service.search_terms(terms, body.top_k, body.offset,
                                                  body.min_score, body.min_match, asked.where,
                                                  body.include_terms, body.dedupe)
-            return _json(_out(request, asked.text, service.model_id, results,
+            return json_response(_out(request, asked.text, service.model_id, results,
                               asked=replace(asked, encoded_text=None), terms=terms))
         [asked] = await _read_queries(request, [body.text], body.filters, body.parse_hints)
         vec = await service.encoders.encode_texts([asked.encoded_text])
         [results] = await service.search(vec, body.top_k, body.offset, body.min_score,
                                          body.min_match, asked.where, dedupe=body.dedupe)
-        return _json(_out(request, body.text, service.model_id, results, asked=asked))
+        return json_response(_out(request, body.text, service.model_id, results, asked=asked))
 
     @router.post("/search_images_by_image", response_model=SearchOut, dependencies=[ApiKeyDep],
                  responses=UPLOAD_ERRORS)
@@ -227,7 +224,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         vec = await service.encoders.encode_images([img])
         [results] = await service.search(vec, top_k, offset, min_score, min_match, where,
                                          dedupe=dedupe)
-        return _json(_out(request, filename, service.model_id, results, filters=where))
+        return json_response(_out(request, filename, service.model_id, results, filters=where))
 
     @text.post("/search_images_by_texts", response_model=list[SearchOut], responses=TEXT_ERRORS,
                  description="Several text queries in one call (one batched forward pass, one "
@@ -257,7 +254,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
                                                      body.include_terms, body.dedupe)
                 out[i] = _out(request, a.text, service.model_id, results,
                               asked=replace(a, encoded_text=None), terms=query)
-        return _json(out)
+        return json_response(out)
 
     ByKeyBody = bodies.by_key
 
@@ -277,7 +274,7 @@ def build_router(settings: Settings, bodies: Bodies) -> APIRouter:
         results = await service.search_terms(query, body.top_k, body.offset, body.min_score,
                                              body.min_match, body.filters, body.include_terms,
                                              body.dedupe)
-        return _json(_out(request, query.typed(), service.model_id, results,
+        return json_response(_out(request, query.typed(), service.model_id, results,
                           filters=body.filters, terms=query))
 
     router.include_router(text)

@@ -2,7 +2,6 @@
 routes."""
 from __future__ import annotations
 
-import json
 import mimetypes
 from typing import Annotated
 
@@ -18,13 +17,10 @@ from search_api.deps import ApiKeyDep, MetricsDep, ServiceDep, SettingsDep
 from search_api.errors import responses
 from search_api.images import ImageTooLarge
 from search_api.index_holder import NoIndex
+from search_api.json_response import json_response
 from search_api.schemas import FacetsOut, HealthOut, PhotoInfoOut, ReloadOut
 
 INFO_COUNTS = ("with_date", "with_position", "with_place")
-
-
-def _json(data) -> Response:
-    return Response(json.dumps(data, separators=(",", ":")), media_type="application/json")
 
 router = APIRouter()
 
@@ -63,7 +59,7 @@ async def get_facets(service: ServiceDep,
                          description="values per field, most common first")] = 20):
     """What the served index holds, for a filter bar: the most common folders, countries,
     cities, cameras and years, each with how many photos have it."""
-    return _json(await service.facets(limit))
+    return json_response(await service.facets(limit))
 
 
 @router.get("/images/{key:path}/info", response_model=PhotoInfoOut,
@@ -84,7 +80,7 @@ async def get_image_info(key: str, service: ServiceDep):
     if info is None:
         raise HTTPException(404, f"no metadata for {key[:200]!r}: not in the served index "
                                  "version, or indexed without metadata")
-    return _json({"key": key, **info})
+    return json_response({"key": key, **info})
 
 
 @router.get("/images/{key:path}", name="get_image",

@@ -392,3 +392,40 @@ def test_an_ivf_flat_version_is_served_without_a_direct_map(tmp_path, ids_are_ro
     assert faiss.extract_index_ivf(writable).direct_map.type == faiss.DirectMap.Hashtable
     writable.remove_ids(ids[:2])
     assert writable.ntotal == n - 2
+
+
+@pytest.mark.parametrize("ids_are_rows", [True, False])
+def test_info_of_searched_keys_equals_info_found_by_key(tmp_path, monkeypatch, ids_are_rows):
+    """A search remembers its hits' rows (`info` of an answer's hits reads them there, not by
+    a binary search per key): the metadata is the same either way, for keys searched before,
+    keys never searched and keys the version lacks, and the memory stays bounded."""
+    import faiss
+
+    from indexer import repository
+    from indexer.photo_table import PhotoTable
+
+    n, d = 300, 8
+    vecs = unit_vectors(n, d=d, seed=3)
+    ids = np.arange(n, dtype=np.int64) * (1 if ids_are_rows else 5) + (0 if ids_are_rows else 2)
+    keys = [f"{PREFIX}{i:03d}.jpg" for i in range(n)]
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    index.add_with_ids(vecs, ids)
+    photos = PhotoTable.from_rows([{"width": 100 + i, "city": f"c{i}"} if i % 3 else None
+                                   for i in range(n)])
+    repo = IndexRepository(tmp_path)
+    repo.commit_version(index, ids, keys, ["e"] * n, "m-1", photos=photos)
+    expected = {k: None if i % 3 == 0 else {"width": 100 + i, "city": f"c{i}"}
+                for i, k in enumerate(keys)}
+    cold = repo.load().info(keys[:40] + ["nope.jpg", 7])
+    assert cold == [expected[k] for k in keys[:40]] + [None, None]
+    served = repo.load()
+    _, found = served.search(vecs[:20], 5)
+    hits = [k for row in found for k in row]
+    assert [row[0] for row in found] == keys[:20]
+    asked = hits + keys[200:210] + ["nope.jpg"]
+    assert served.info(asked) == [expected.get(k) for k in asked]
+    monkeypatch.setattr(repository, "RECENT_ROWS_MAX", 32)
+    for start in range(0, n, 10):  # more hits than it remembers
+        served.search(vecs[start:start + 1], 20)
+        assert len(served._recent_rows) <= 32 + 20
+    assert served.info(keys[::7]) == [expected[k] for k in keys[::7]]

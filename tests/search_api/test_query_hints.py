@@ -99,3 +99,27 @@ def test_reading_costs_well_under_a_few_milliseconds(scores):
             read_hints(query, NOW + timedelta(seconds=1))
     per_query_ms = (time.perf_counter() - started) * 1000 / (3 * len(queries))
     assert per_query_ms < 5.0  # ~0.1 ms measured; the margin is for a loaded shared machine
+
+
+def test_short_texts_are_read_on_the_event_loop_once_the_parser_is_loaded(monkeypatch):
+    """Reading a short query's hints costs less than a thread hop: on the event loop once the
+    tables are loaded; a long text, or a parser still loading, goes to the thread pool."""
+    import asyncio
+    import threading
+
+    from search_api import text_queries
+
+    def where(text):
+        return threading.current_thread().name
+
+    async def run(text):
+        return await text_queries.run_parser(where, len(text), text)
+
+    loop_thread = threading.current_thread().name
+    text_queries.warm_up()
+    short, long = "snow in Norway last winter", "a dog " * 40
+    assert len(short) <= text_queries.INLINE_MAX_CHARS < len(long)
+    assert asyncio.run(run(short)) == loop_thread
+    assert asyncio.run(run(long)) != loop_thread
+    monkeypatch.setattr(text_queries, "_warm", threading.Event())  # tables not loaded yet
+    assert asyncio.run(run(short)) != loop_thread
