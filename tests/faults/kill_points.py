@@ -23,6 +23,9 @@ that file exists and carries on, so that the test can take a server away in betw
                     each) done; every later one waits
     milvus_publish_load  Milvus: the publish about to load the new collection (the alias not
                     yet switched); it waits before the load
+    embed_shard     indexer.jobs.embed_shard about to embed its shard (hooked when the module
+                    is first imported: any process of an Airflow deployment may carry the
+                    hook, only the task processes import it); every call waits
 """
 from __future__ import annotations
 
@@ -84,8 +87,43 @@ def _pause():
         time.sleep(0.02)
 
 
+def _when_imported(module_name, patch):
+    """patch(module) once `module_name` is first imported in this process (or its forks)."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    class _Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != module_name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _Hook())
+
+
 def _install(point):
-    if point == "milvus_write":
+    if point == "embed_shard":
+        def patch(jobs):
+            real = jobs.embed_shard
+
+            def embed_shard(*args, **kwargs):
+                _pause()
+                return real(*args, **kwargs)
+
+            jobs.embed_shard = embed_shard
+
+        _when_imported("indexer.jobs", patch)
+    elif point == "milvus_write":
         import indexer.milvus_index
         from pymilvus import MilvusClient
         indexer.milvus_index.WRITE_BATCH = 2  # a shard's rows in several writes
