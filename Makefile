@@ -37,8 +37,10 @@ demo:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory setup-base; echo "=== install: $$(( $$(date +%s) - t0 )) s"
 	./deploy/demo.sh
 
+# test files spread over TEST_WORKERS processes (each with its own servers: S3, Milvus)
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 stop:
 	@if [ -f data/api.pid ]; then kill $$(cat data/api.pid) 2>/dev/null || true; rm -f data/api.pid; echo stopped; fi
