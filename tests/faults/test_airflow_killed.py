@@ -116,17 +116,21 @@ class Deployment:
         return session
 
     def stop_all(self) -> None:
+        """SIGTERM each process's group, then SIGKILL whatever of its session is left (task
+        processes in groups of their own included): nothing outlives the test."""
         for name in list(self.procs):
             proc = self.procs.pop(name)
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(30)
             except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            for pid in _session(proc.pid):
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
+            proc.wait()
 
     def log(self, name: str) -> str:
         logs = sorted(self.dir.glob(f"{name}-*.log"))
