@@ -43,17 +43,19 @@ REMOTE_BATCH_MAX = 64
 
 
 class NoIndex(LookupError):
-    """No index version is served yet (a 503)."""
+    """No index version is served yet (a 503). retry_after_s: when the holder looks again."""
 
-    def __init__(self):
+    def __init__(self, retry_after_s: float | None = None):
         super().__init__("no index is loaded yet; run `python -m indexer rebuild`")
+        self.retry_after_s = retry_after_s
 
 
 class IndexDown(NoIndex):
     """The index does not answer (Milvus down): a 503 that says so."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, retry_after_s: float | None = None):
         LookupError.__init__(self, message)
+        self.retry_after_s = retry_after_s
 
 
 def filter_key(where) -> str | None:
@@ -140,9 +142,10 @@ class IndexHolder:
         NoIndex (IndexDown while the index does not answer). Never a call to the index."""
         current = self.current
         if self.down:
-            raise IndexDown(self.last_error or "the vector index does not answer")
+            raise IndexDown(self.last_error or "the vector index does not answer",
+                            self.watch_s or None)
         if current is None:
-            raise NoIndex()
+            raise NoIndex(self.watch_s or None)
         return current
 
     def failed(self, exc: IndexUnavailable) -> None:
@@ -172,7 +175,7 @@ class IndexHolder:
                 found = self._search_now(view, vectors, k, readback, where)
         except IndexUnavailable as exc:  # 503 now, and for the next requests
             self.failed(exc)
-            raise IndexDown(str(exc)) from None
+            raise IndexDown(str(exc), self.watch_s or None) from None
         return found[0], found[1], (found[2] if readback is not None else None)
 
     def _search_now(self, view, vectors: np.ndarray, k: int, readback: int | None, where=None):
@@ -193,7 +196,7 @@ class IndexHolder:
             return fn(*args, **kwargs)
         except IndexUnavailable as exc:
             self.failed(exc)
-            raise IndexDown(str(exc)) from None
+            raise IndexDown(str(exc), self.watch_s or None) from None
 
     # --- reloading ---------------------------------------------------------------------------
     def _unavailable(self, exc: IndexUnavailable, served: str | None) -> dict:

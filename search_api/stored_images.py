@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(RuntimeError):
-    """The object store does not answer, or none is configured (a 503)."""
+    """The object store does not answer, or none is configured (a 503). retry_after_s: when
+    the store is tried again (None: not configured, no use retrying)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ImageNotFound(LookupError):
@@ -92,7 +97,8 @@ class StoredImages:
         store = self.get_store()
         if store is None:
             raise StoreUnavailable("object store unavailable: "
-                                   f"{self.store_error or 'not configured'}")
+                                   f"{self.store_error or 'not configured'}",
+                                   self.store_retry_s if self.store_factory else None)
         t0 = time.perf_counter()
         try:
             data = store.get(key)
@@ -103,7 +109,8 @@ class StoredImages:
             raise ImageNotFound("no such image (invalid image key)") from None
         except StoreError as exc:
             self.mark_store(False, str(exc))
-            raise StoreUnavailable(f"object store unavailable: {self.store_error}") from None
+            raise StoreUnavailable(f"object store unavailable: {self.store_error}",
+                                   self.store_retry_s) from None
         finally:
             self.observe("image_fetch", time.perf_counter() - t0)
         self.mark_store(True)

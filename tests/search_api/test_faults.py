@@ -50,6 +50,7 @@ def test_object_store_down_and_back(tiny_flickr, tmp_path, encoder):
                 img = c.get(url)
                 assert img.status_code == 503, img.text
                 assert "object store unavailable" in img.json()["detail"]
+                assert int(img.headers["Retry-After"]) >= 1  # when the store is tried again
             metrics = c.get("/metrics").text
             assert "search_api_store_up 0.0" in metrics
 

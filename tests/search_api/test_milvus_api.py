@@ -195,6 +195,7 @@ def test_milvus_down_means_503_and_degraded_then_it_recovers(milvus_service, mil
         try:
             r = _search(c, "a red circle")
             assert r.status_code == 503
+            assert r.headers["Retry-After"] == "1"  # the holder asks Milvus again within 0.2 s
             detail = r.json()["detail"]
             assert "Milvus" in detail and "does not answer" in detail
             assert "Traceback" not in r.text and "/" not in detail and "127.0.0.1" not in detail
