@@ -39,15 +39,14 @@ class Deployment:
     """An Airflow home with a scheduler, a dag-processor and an api-server of its own, started
     and killed here."""
 
-    def __init__(self, tmp_path: Path, run: IndexRun):
-        self.dir = tmp_path / "airflow"
+    def __init__(self, base: Path, env: dict, **settings: str):
+        """`env`: the index's settings (store, model, index); `settings`: more variables for
+        every Airflow process (REINDEX_SCHEDULE, ...)."""
+        self.dir = base / "airflow"
         self.dir.mkdir()
         self.port = free_port()
-        self.marker = tmp_path / "shard-paused"
-        self.release = tmp_path / "shard-release"
         (self.dir / "home").mkdir()
-        env = migrated_home(self.dir / "home")
-        self.env = {**run.env, **env,
+        self.env = {**env, **migrated_home(self.dir / "home"),
                     "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                     "AIRFLOW__CORE__PARALLELISM": "2",
                     "AIRFLOW__CORE__EXECUTION_API_SERVER_URL":
@@ -59,9 +58,7 @@ class Deployment:
                     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
                     "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "10",
                     "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "5",
-                    "REINDEX_SCHEDULE": "@once", "FLICKR8K_TASK_RETRIES": "2",
-                    "FAULT_POINT": "embed_shard", "FAULT_MARKER": str(self.marker),
-                    "FAULT_RELEASE": str(self.release)}
+                    **settings}
         self.home = self.env["AIRFLOW_HOME"]
         self.procs: dict[str, subprocess.Popen] = {}
         self.events: list[dict] = []
@@ -144,9 +141,9 @@ class Deployment:
 
     def tasks(self, run_id: str) -> dict[str, dict]:
         with closing(sqlite3.connect(Path(self.home) / "airflow.db")) as db:
-            return {(t if m < 0 else f"{t}[{m}]"): {"state": s, "try_number": n}
-                    for t, m, s, n in db.execute(
-                        "SELECT task_id, map_index, state, try_number FROM task_instance "
+            return {(t if m < 0 else f"{t}[{m}]"): {"state": s, "try_number": n, "pid": pid}
+                    for t, m, s, n, pid in db.execute(
+                        "SELECT task_id, map_index, state, try_number, pid FROM task_instance "
                         "WHERE dag_id=? AND run_id=?", (DAG, run_id))}
 
     def xcom(self, run_id: str, task_id: str):
@@ -168,17 +165,22 @@ class Deployment:
                 f"run {n} not ended in {RUN_TIMEOUT_S} s: {runs}\n{self.log('scheduler')}"
             time.sleep(1)
 
+    @property
+    def release(self) -> Path:
+        return Path(self.env["FAULT_RELEASE"])
+
     def wait_for_paused_shard(self) -> int:
-        """The pid of a task process waiting inside embed_shard."""
+        """The pid of a task process waiting inside embed_shard (FAULT_POINT=embed_shard)."""
+        marker = Path(self.env["FAULT_MARKER"])
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not self.marker.exists():
+        while not marker.exists():
             for name, proc in self.procs.items():
                 assert proc.poll() is None, f"{name} ended:\n{self.log(name)}"
             assert time.monotonic() < deadline, \
                 f"no shard started in {RUN_TIMEOUT_S} s: {self.runs()}\n{self.log('scheduler')}"
             time.sleep(0.2)
         time.sleep(0.5)  # the other slot's shard too, when it starts at the same time
-        return int(self.marker.read_text())
+        return int(marker.read_text())
 
 
 def _session(sid: int) -> list[int]:
@@ -206,7 +208,9 @@ def _alive(pid: int) -> bool:
 def deployment(tmp_path, small_checkpoint):
     run = IndexRun(tmp_path / "index-run", small_checkpoint)
     run.put(range(PHOTOS))
-    dep = Deployment(tmp_path, run)
+    dep = Deployment(tmp_path, run.env, REINDEX_SCHEDULE="@once", FLICKR8K_TASK_RETRIES="2",
+                     FAULT_POINT="embed_shard", FAULT_MARKER=str(tmp_path / "shard-paused"),
+                     FAULT_RELEASE=str(tmp_path / "shard-release"))
     dep.run = run
     try:
         yield dep
