@@ -186,9 +186,13 @@ class DagRuns:
         self.dag, self.log, self.rng = DAG, log, rng
         self.dep = Deployment(work, env, REINDEX_SCHEDULE=f"*/{minutes} * * * *",
                               FLICKR8K_TASK_RETRIES="3")
-        for name in ("api-server", "dag-processor", "scheduler"):
-            self.dep.start(name)
-        self.dep.cli("dags", "unpause", DAG)
+        try:
+            for name in ("api-server", "dag-processor", "scheduler"):
+                self.dep.start(name)
+            self.dep.cli("dags", "unpause", DAG)
+        except BaseException:  # nothing it started outlives a failed start
+            self.dep.stop_all()
+            raise
         self.ended: set[str] = set()
         self.kill_task_until: float | None = None
         # the task each task kill waits for, in turn: a shard mid-embedding, the publish,
