@@ -53,6 +53,7 @@ from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, median, pct, save_json, table
 from deploy.ports import free_port
+from search_api.testing import rss_mb
 
 QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city street",
            "a little girl in a pink dress", "people sitting on a bench next to the water",
@@ -60,16 +61,6 @@ QUERIES = ["two dogs playing in the snow", "a man rides a bicycle down a city st
            "children playing soccer on a field", "a woman climbing a rock wall"]
 PREFIX = "flickr8k/images/"
 WARM_UP_S = 60
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 class Replica:
@@ -143,9 +134,8 @@ class CommandUpdates:
             self.log("SIGKILL update", pid=self.proc.pid)
         if self.proc is not None and self.proc.poll() is not None:
             rc, self.proc = self.proc.returncode, None
-            self.history.append({"ended s": round(now - T0[0], 1), "rc": rc,
+            self.history.append({"ended s": self.log("update ended", rc=rc), "rc": rc,
                                  "seconds": round(now - self.started, 1)})
-            self.log("update ended", rc=rc)
             if rc != 0:
                 self.next_at = now  # run again at once
             return rc == 0
@@ -213,14 +203,13 @@ class DagRuns:
             self.ended.add(run_id)
             tasks = self.dep.tasks(run_id)
             out = self.dep.xcom(run_id, "publish_index")
-            self.history.append({
-                "ended s": round(now - T0[0], 1), "run": run_id.split("__")[-1][:19],
-                "state": state, "tasks": len(tasks),
-                "retried": sum(t["try_number"] > 1 for t in tasks.values()),
-                "publish": tasks.get("publish_index", {}).get("state"),
-                "count": (out or {}).get("count")})
-            self.log("run ended", run=run_id, state=state,
-                     publish=self.history[-1]["publish"], retried=self.history[-1]["retried"])
+            run = {"run": run_id.split("__")[-1][:19], "state": state, "tasks": len(tasks),
+                   "retried": sum(t["try_number"] > 1 for t in tasks.values()),
+                   "publish": tasks.get("publish_index", {}).get("state"),
+                   "count": (out or {}).get("count")}
+            self.history.append({"ended s": self.log("run ended", run=run_id, state=state,
+                                                     publish=run["publish"],
+                                                     retried=run["retried"]), **run})
             if state == "failed":  # the next one mends it; not left to the schedule
                 self.dep.cli("dags", "trigger", self.dag)
                 self.log("run triggered")
@@ -228,6 +217,8 @@ class DagRuns:
         return published
 
     def _kill_a_task(self, now: float) -> None:
+        from tests.faults.test_airflow_killed import _alive
+
         for run_id, state in self.dep.runs():
             if state != "running":
                 continue
@@ -274,21 +265,12 @@ class DagRuns:
         return {name: proc.pid for name, proc in self.dep.procs.items()}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
     except OSError:
         return "?"
 
-
-T0 = [0.0]  # the soak's start (time.time())
 
 
 async def search_load(url: str, clients: int, stop: threading.Event, samples: list) -> None:
@@ -378,11 +360,13 @@ def soak(args, cleanup: contextlib.ExitStack) -> int:
     verifies: list[dict] = []
     rss: dict[str, list[tuple[float, int, float]]] = {}  # name: (t, pid, MB)
     outages: list[list[float]] = []  # Milvus [killed, started again] (time.time())
-    T0[0] = t_start = time.time()
+    t_start = time.time()
 
-    def log(kind: str, **kw) -> None:
+    def log(kind: str, **kw) -> float:
+        """Record an event; its time in seconds since the soak's start."""
         events.append({"t": round(time.time() - t_start, 1), "event": kind, **kw})
         print(f"[{events[-1]['t']:7.1f} s] {kind} {kw if kw else ''}", flush=True)
+        return events[-1]["t"]
 
     def verify() -> None:
         v = run_json([sys.executable, "-m", "indexer", "verify", "--json"], env)
@@ -401,7 +385,7 @@ def soak(args, cleanup: contextlib.ExitStack) -> int:
         env, work, args.update_every, log, rng)
     cleanup.callback(runs.stop)
     victims = [rep.name for rep in replicas] + runs.victims + (["milvus"] if milvus else [])
-    T0[0] = t_start = time.time()  # all started: the soak's clock
+    t_start = time.time()  # all started: the soak's clock
     bag: list[str] = []
 
     with Balancer([rep.port for rep in replicas]) as balancer:
@@ -422,7 +406,7 @@ def soak(args, cleanup: contextlib.ExitStack) -> int:
                     procs["milvus"] = milvus.pid
                 for name, pid in procs.items():
                     mb = rss_mb(pid)
-                    if mb is not None:
+                    if mb == mb:  # NaN: gone
                         rss.setdefault(name, []).append((round(now - t_start, 1), pid, mb))
                 next_rss = now + 5
             if runs.tick(now):  # published: the version must equal the bucket

@@ -85,8 +85,8 @@ DOMAIN_ERRORS: list[tuple[type[Exception], int, str]] = [
 
 
 def retry_after(exc: Exception) -> dict[str, str] | None:
-    """A 503's `Retry-After` header (whole seconds, RFC 9110): when the service looks for what
-    is missing again, as the error that says so knows it; None when waiting would not help."""
+    """The `Retry-After` header of an error that says when to retry (whole seconds, RFC 9110:
+    the 503s of a missing index or store, when the service looks again); None otherwise."""
     seconds = getattr(exc, "retry_after_s", None)
     return {"Retry-After": str(max(1, math.ceil(seconds)))} if seconds else None
 
@@ -95,7 +95,7 @@ def install(app: FastAPI) -> None:
     for exc_type, status, prefix in DOMAIN_ERRORS:
         async def handler(request: Request, exc: Exception, status=status, prefix=prefix):
             return JSONResponse({"detail": _text(prefix + str(exc))}, status_code=status,
-                                headers=retry_after(exc) if status == 503 else None)
+                                headers=retry_after(exc))
         app.add_exception_handler(exc_type, handler)
 
     @app.exception_handler(ClientDisconnect)

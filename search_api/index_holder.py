@@ -143,10 +143,16 @@ class IndexHolder:
         current = self.current
         if self.down:
             raise IndexDown(self.last_error or "the vector index does not answer",
-                            self.watch_s or None)
+                            self.retry_after_s)
         if current is None:
-            raise NoIndex(self.watch_s or None)
+            raise NoIndex(self.retry_after_s)
         return current
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """When a client's retry may find the index (the watcher's next look; None: no
+        watcher)."""
+        return self.watch_s or None
 
     def failed(self, exc: IndexUnavailable) -> None:
         """A search found the index down: answer 503 at once until a reload finds it back."""
@@ -175,7 +181,7 @@ class IndexHolder:
                 found = self._search_now(view, vectors, k, readback, where)
         except IndexUnavailable as exc:  # 503 now, and for the next requests
             self.failed(exc)
-            raise IndexDown(str(exc), self.watch_s or None) from None
+            raise IndexDown(str(exc), self.retry_after_s) from None
         return found[0], found[1], (found[2] if readback is not None else None)
 
     def _search_now(self, view, vectors: np.ndarray, k: int, readback: int | None, where=None):
@@ -196,7 +202,7 @@ class IndexHolder:
             return fn(*args, **kwargs)
         except IndexUnavailable as exc:
             self.failed(exc)
-            raise IndexDown(str(exc), self.watch_s or None) from None
+            raise IndexDown(str(exc), self.retry_after_s) from None
 
     # --- reloading ---------------------------------------------------------------------------
     def _unavailable(self, exc: IndexUnavailable, served: str | None) -> dict:
