@@ -34,6 +34,7 @@ import numpy as np
 from common import ROOT, header, save_json, table
 from load_test import run_load, start_service
 from deploy.ports import free_port
+from search_api.testing import rss_mb
 
 sys.path.insert(0, str(ROOT))
 
@@ -54,14 +55,6 @@ def clustered(n: int, dim: int, centres: int = 5000, seed: int = 0,
             sigma * rng.standard_normal((e - s, dim), dtype=np.float32)
         out[s:e] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
     return out
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:

@@ -52,6 +52,8 @@ import urllib.request
 from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, median, pct, save_json, table
+from deploy.balancer import Balancer
+from deploy.local_airflow import REINDEX_DAG, LocalAirflow, alive
 from deploy.ports import free_port
 from search_api.testing import rss_mb
 
@@ -170,16 +172,14 @@ class DagRuns:
     victims = ["task", "scheduler"]
 
     def __init__(self, env: dict, work: Path, every: float, log, rng: random.Random):
-        from tests.faults.test_airflow_killed import DAG, Deployment
-
         minutes = max(1, round(every / 60))
-        self.dag, self.log, self.rng = DAG, log, rng
-        self.dep = Deployment(work, env, REINDEX_SCHEDULE=f"*/{minutes} * * * *",
+        self.dag, self.log, self.rng = REINDEX_DAG, log, rng
+        self.dep = LocalAirflow(work, env, REINDEX_SCHEDULE=f"*/{minutes} * * * *",
                               FLICKR8K_TASK_RETRIES="3")
         try:
             for name in ("api-server", "dag-processor", "scheduler"):
                 self.dep.start(name)
-            self.dep.cli("dags", "unpause", DAG)
+            self.dep.cli("dags", "unpause", REINDEX_DAG)
         except BaseException:  # nothing it started outlives a failed start
             self.dep.stop_all()
             raise
@@ -217,14 +217,12 @@ class DagRuns:
         return published
 
     def _kill_a_task(self, now: float) -> None:
-        from tests.faults.test_airflow_killed import _alive
-
         for run_id, state in self.dep.runs():
             if state != "running":
                 continue
             for name, t in self.dep.tasks(run_id).items():
                 if name.split("[")[0] == self.task_target and t["state"] == "running" \
-                        and t["pid"] and _alive(t["pid"]):
+                        and t["pid"] and alive(t["pid"]):
                     if now < self.task_seen.setdefault((run_id, name, t["pid"]), now) + \
                             self.task_delay:
                         continue
@@ -323,9 +321,6 @@ def soak(args, cleanup: contextlib.ExitStack) -> int:
     """The soak; every process it starts is stopped by `cleanup`, however it ends."""
     header(f"soak: search load, bucket changes, index runs ({args.indexer}) and kills, "
            f"{args.backend}")
-    sys.path.insert(0, str(ROOT))
-    from tests.faults.test_api_replicas import Balancer
-
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     names = sorted(x.name for x in (FLICKR / "Images").iterdir())

@@ -33,14 +33,7 @@ from pathlib import Path
 
 from common import FLICKR, MODEL, ROOT, header, median, save_json, table
 from deploy.ports import free_port
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from search_api.testing import rss_mb
 
 
 def measure(tree: Path, env: dict, photo: bytes, encode_only: bool) -> dict:

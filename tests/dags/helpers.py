@@ -2,68 +2,26 @@
 a run left: task states and XComs from Airflow's metadata DB, the index directory."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from deploy.local_airflow import AIRFLOW, DAGS, ROOT, index_writers_pool, migrated_home, \
+    require_airflow  # noqa: F401  (the DAG tests' shared names)
 from tests.indexer.helpers import PREFIX  # noqa: F401  (the DAG tests' image prefix)
 
-ROOT = Path(__file__).resolve().parents[2]
-DAGS = ROOT / "dags"
-AIRFLOW = Path(sys.executable).parent / "airflow"
 ARTIFACTS = ROOT / "test-artifacts"
 RUN_TIMEOUT_S = 300
 END_GRACE_S = 60  # how long `dags test` may take to exit once its run has finished
 
-if importlib.util.find_spec("airflow") is None or not AIRFLOW.exists():
-    raise RuntimeError("apache-airflow is missing: `make setup` (pip install -e '.[airflow,test]')")
-
-# variables of ours (and Airflow's) that must not leak from the developer's shell into the runs
-_OURS = ("MODEL_PATH", "STORE_BACKEND", "LOCAL_STORE_DIR", "MINIO_", "INDEX_DIR", "FLICKR8K_",
-         "AIRFLOW", "REINDEX_SCHEDULE", "INDEX_KEEP_VERSIONS", "EMBEDDING_DIM", "DEVICE", "EMBED_",
-         "INDEX_BACKEND", "MILVUS_")
-
-
-def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
-
-
-def index_writers_pool() -> tuple[str, int]:
-    """(name, slots) of the pool the DAGs' index writers run in (dags/flickr8k_common.py)."""
-    spec = importlib.util.spec_from_file_location("flickr8k_common", DAGS / "flickr8k_common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
-    return common.INDEX_WRITERS_POOL, common.INDEX_WRITERS_POOL_SLOTS
-
-
-def migrated_home(home: Path) -> dict:
-    """An Airflow home with a migrated SQLite DB and the index writers' pool, as a deployment's
-    Airflow setup makes them; the environment to run Airflow in it."""
-    env = {**clean_env(), "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
-           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           # a tiny slice on a shared 2-core machine: one math thread avoids oversubscription
-           "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, cwd=home, capture_output=True,
-                       text=True, timeout=180)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    pool, slots = index_writers_pool()
-    if subprocess.run([str(AIRFLOW), "pools", "get", pool], env=env, cwd=home,
-                      capture_output=True, timeout=120).returncode != 0:  # created if missing
-        r = subprocess.run([str(AIRFLOW), "pools", "set", pool, str(slots),
-                            "index writers: publish and prune, one at a time"], env=env, cwd=home,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return env
+require_airflow()
 
 
 def _task_name(task_id: str, map_index: int) -> str:
