@@ -37,6 +37,7 @@ ARROW_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string()}
 NAME_FIELDS = {"camera": ("camera_make", "camera_model"), "country": ("country", "country_code"),
                "region": ("region",), "city": ("city",)}
 SCHEMA = pa.schema([(name, ARROW_TYPES[kind]) for name, kind in INFO_COLUMNS.items()])
+_SET_TEST_MAX = 4096  # folders (with those above them) tested in Python below, Arrow above
 FIRST_SECOND, LAST_SECOND = -62135596800.0, 253402300799.0  # years 1..9999 (datetime's range)
 
 
@@ -49,7 +50,7 @@ class PhotoTable:
         self._codes: dict[str, tuple[np.ndarray, list]] = {}
         self._groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._accepts = LRUCache(256)  # (column, value test) -> accepted codes
-        self._prefixes: dict[str, tuple[pa.Array, np.ndarray]] = {}
+        self._prefixes: dict[str, tuple[list[str], np.ndarray]] = {}
 
     # --- making and storing ------------------------------------------------------------------
     @classmethod
@@ -161,9 +162,13 @@ class PhotoTable:
             values = self.codes(name)[1]
             if isinstance(accept, _InFolders):  # each value's own folders looked up at once
                 prefixes, owner = self._folders_of(name)
-                found = pc.is_in(prefixes, value_set=strings(sorted(accept.folders)))
-                hit = np.bincount(owner, weights=to_numpy(found),
-                                  minlength=len(values) + 1) > 0
+                if len(prefixes) <= _SET_TEST_MAX:  # a set test costs less than Arrow's call
+                    found = np.fromiter((p in accept.folders for p in prefixes), bool,
+                                        len(prefixes))
+                else:
+                    found = to_numpy(pc.is_in(strings(prefixes),
+                                              value_set=strings(sorted(accept.folders))))
+                hit = np.bincount(owner, weights=found, minlength=len(values) + 1) > 0
             else:
                 hit = np.array([bool(accept(v)) for v in values] + [False], bool)
             if key is not None:
@@ -171,14 +176,14 @@ class PhotoTable:
                     self._accepts[key] = hit
         return hit
 
-    def _folders_of(self, name: str) -> tuple[pa.Array, np.ndarray]:
+    def _folders_of(self, name: str) -> tuple[list[str], np.ndarray]:
         """Each distinct value of a folder column with the folders above it (flattened), and
         the code each belongs to: a folder filter matches a value when it names any of them."""
         values = self.codes(name)[1]
         with self._lock:
             if name not in self._prefixes:
                 pairs = [(p, code) for code, v in enumerate(values) for p in (v, *_ancestors(v))]
-                self._prefixes[name] = (strings([p for p, _ in pairs]),
+                self._prefixes[name] = ([p for p, _ in pairs],
                                         np.array([c for _, c in pairs], np.int64))
             return self._prefixes[name]
 
@@ -268,17 +273,39 @@ class PhotoTable:
         """How many rows pass, when one condition makes the filter and its per-column order
         counts it exactly (folders, a date range, a region, a city; a row with any of these
         has metadata): no pass over the table. None otherwise."""
+        return self.candidate_rows(where, 0)[0] if self.one_condition(where) else None
+
+    @staticmethod
+    def one_condition(where: PhotoFilter) -> bool:
+        """Whether the filter is one condition whose per-column order gives exactly the rows
+        passing it (folders, a date range, a region, a city): `candidate_rows` are those."""
         asked = {name for name, value in where if value is not None}
-        single = (asked == {"folders"} and all(where.folders)
-                  or asked <= {"taken_after", "taken_before"} or asked in ({"region"}, {"city"}))
-        return self.candidate_rows(where, 0)[0] if single and asked else None
+        return bool(asked) and (asked == {"folders"} and all(where.folders)
+                                or asked <= {"taken_after", "taken_before"}
+                                or asked in ({"region"}, {"city"}))
+
+    def group_codes(self, where: PhotoFilter) -> tuple[str, np.ndarray] | None:
+        """(column, codes) when the filter is one condition of whole groups of one column
+        (folders, a region, a city): the rows passing are those of these codes in
+        `groups(column)`. None otherwise."""
+        if not self.one_condition(where):
+            return None
+        if where.folders is not None:
+            name, accept = "folder", _in_folders(where.folders)
+        elif where.region is not None or where.city is not None:
+            field = "region" if where.region is not None else "city"
+            (name,) = NAME_FIELDS[field]
+            accept = _same_as(getattr(where, field))
+        else:
+            return None
+        return name, np.flatnonzero(self._accepted(name, accept)[:-1])
 
     def _rows_with(self, names: tuple[str, ...], accept):
         """(how many, a function giving them) of the rows whose value in any of these columns
         `accept` holds for: the rows of each accepted code, from the column's grouping."""
         parts = []
         for name in names:
-            order, starts = self._by_code(name)
+            order, starts = self.groups(name)
             codes = np.flatnonzero(self._accepted(name, accept)[:-1])
             parts.append((order, starts[codes], starts[codes + 1]))
         count = sum(int((e - b).sum()) for _, b, e in parts)
@@ -297,7 +324,7 @@ class PhotoTable:
         order = known[np.argsort(taken[known], kind="stable")].astype(_row_type(len(taken)))
         return order, taken[order]
 
-    def _by_code(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def groups(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A string column's rows grouped by code (code c's rows: order[starts[c]:starts[c+1]])."""
         codes, values = self.codes(name)
         with self._lock:

@@ -31,7 +31,7 @@ the table:
   - the narrowest condition (folders, a date range, a camera or place name) gives its rows from
     a per-column order (PhotoTable.candidate_rows); when few, the filter is evaluated over those
     rows only. Few ids pass (exact search over them costs no more than the IVF probe it
-    replaces; at 1M vectors of dim 256 and k=10, up to ~20k ids, EXACT_MIN_ROWS at least):
+    replaces; at 1M vectors of dim 256 and k=10, up to ~5k ids, EXACT_MIN_ROWS at least):
     their stored vectors are gathered and scored exactly. More: an IDSelectorBitmap over them in
     FAISS's SearchParameters: flat, an exact scan that skips the rest; IVF, the lists probed are
     chosen for the filter: the lists nearest the query that hold passing vectors, as many as
@@ -39,9 +39,16 @@ the table:
     `search_preassigned` with the selector. Lists near the query without a passing photo are
     skipped instead of probed for nothing (when few lists hold any, only those are ranked): a
     filter of photos unlike the query (a folder of another trip) still finds its best ones.
+  - IVF, a filter of whole groups of one column (folders, a region, a city): how many of its
+    photos each list holds is summed from the version's per-value list counts (built once per
+    column), the lists are chosen from those counts, and the filter is evaluated over the chosen
+    lists' photos only (`_search_grouped`): no pass over its photos, and a folder unlike the
+    query is found where it is.
   - IVF, when many may pass, at a filter's first search: the filter is evaluated over the
     photos of the lists nearest the query only (`_search_near`), the same choice of lists; when
-    those hold too few, or the filter is searched again, counted as above.
+    those hold too few, searched by group as above, or counted as above (then kept).
+  - IVF-Flat vectors gathered for an exact search are read in one gather from the mapped
+    file's lists (`_ivf_mapped_lists`), not list by list.
 What was counted is kept per filter (FILTER_CACHE_SIZE filters), for the next page or words.
 `count_matching` (an answer's total) counts a one-condition filter from its column's order
 (folders, dates, region, city), else it counts and keeps the passing ids.
@@ -68,6 +75,7 @@ from typing import Iterable
 import faiss
 import numpy as np
 import pyarrow as pa
+from numpy.lib.stride_tricks import sliding_window_view
 from cachetools import LRUCache
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -107,7 +115,11 @@ RECENT_ROWS_MAX = 4096  # hits' key -> row a loaded version remembers (IndexVers
 FILTER_CACHE_SIZE = 16  # filters whose passing ids a loaded version keeps (<= ~130 KB each)
 EXACT_MIN_ROWS = 2048  # this few passing ids are always searched exactly
 FILTER_CANDIDATES_PER_HIT = 20  # IVF: passing vectors in the probed lists per hit wanted
-GATHER_COST = 2.0  # scoring a gathered vector costs about this many scanned ones
+_ID_BYTES = 8  # an IVF list's ids are int64
+# scoring a gathered vector (a random read from the mapped lists, a TLB miss each) costs about
+# this many scanned ones (1M IVF-Flat: exact over 5k ids 1.26 ms, over 10k 5.4 ms; the lists
+# holding 200 of them ~1 ms)
+GATHER_COST = 10.0
 
 
 class Manifest(BaseModel):
@@ -220,6 +232,7 @@ class IndexVersion:
         self._passing = LRUCache(FILTER_CACHE_SIZE)
         self._seen = LRUCache(4 * FILTER_CACHE_SIZE)  # filters searched near the query once
         self._passing_lock = threading.Lock()
+        self._lists_of_groups: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
     def model_id(self) -> str:
@@ -293,12 +306,36 @@ class IndexVersion:
         """IVF-Flat: these rows' vectors, read from their lists' codes (raw float32)."""
         ivf = self._ivf
         _, starts = self._ivf_list_starts
-        at = self._ivf_position_of_row[rows]
+        at = self._ivf_position_of_row[rows].astype(np.int64)
+        if self._ivf_mapped_lists is not None:  # one gather (a code is d float32, unaligned)
+            lists = self._list_of_row[rows]
+            offsets = at * ivf.code_size + _ID_BYTES * starts[lists]
+            codes = sliding_window_view(self._ivf_mapped_lists, ivf.code_size)[offsets]
+            return codes.view(np.float32).reshape(len(rows), ivf.d)
         lists = np.searchsorted(starts, at, side="right") - 1
         out = np.empty((len(rows), ivf.d), np.float32)
         for i, (lst, offset) in enumerate(zip(lists.tolist(), (at - starts[lists]).tolist())):
             ivf.reconstruct_from_offset(lst, offset, faiss.swig_ptr(out[i]))
         return out
+
+    @cached_property
+    def _ivf_mapped_lists(self) -> np.ndarray | None:
+        """IVF read from its mapped file: the lists as one byte array, each list's codes then
+        its ids, list after list, as the file lays them out (a view: no copy); None when they
+        are not laid out so (an index built in memory: its lists are read one by one)."""
+        ivf = self._ivf
+        sizes, starts = self._ivf_list_starts
+        held = np.flatnonzero(sizes)
+        if not len(held):
+            return None
+        invlists = ivf.invlists
+        codes = np.array([int(invlists.get_codes(int(lst))) for lst in held], np.int64)
+        ids = np.array([int(invlists.get_ids(int(lst))) for lst in held], np.int64)
+        if not ((codes - codes[0] == starts[held] * (ivf.code_size + _ID_BYTES)).all()
+                and (ids - codes == sizes[held] * ivf.code_size).all()):
+            return None
+        end = int(ids[-1] - codes[0])  # the last list's codes end where its ids begin
+        return faiss.rev_swig_ptr(invlists.get_codes(int(held[0])), end)
 
     @cached_property
     def _ivf_list_starts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -430,6 +467,8 @@ class IndexVersion:
         count, candidates = self.photos.candidate_rows(where, most)
         if candidates is None:
             return self.count if count is None else count, None
+        if self.photos.one_condition(where):  # the candidates are the rows passing
+            return count, candidates
         rows = candidates[self.photos.mask(where, candidates)]
         return len(rows), rows
 
@@ -447,8 +486,11 @@ class IndexVersion:
         if self._ids_are_rows and mask is not None:
             by_id = mask  # ids 0..n-1 in table order: the mask is the bitmap's bits
         else:
-            by_id = np.zeros(int(self.ids.max()) + 1, bool)
-            by_id[self.ids[rows] if rows is not None else self.ids[mask]] = True
+            by_id = np.zeros(self._id_bound, bool)
+            if rows is None:
+                by_id[self.ids[mask]] = True
+            else:
+                by_id[rows if self._ids_are_rows else self.ids[rows]] = True
         out = PassingIds(count, None, np.packbits(by_id, bitorder="little"))
         if rows is not None and ivf_or_none(self.index) is not None:  # few: count them now
             self._held(out, np.bincount(self._list_of_row[rows], minlength=self._nlist))
@@ -592,7 +634,7 @@ class IndexVersion:
         ids, _ = self._ids_by_list
         # one round: when the lists nearest the query hold too few, the filter's photos are
         # elsewhere (a folder unlike the query), and counting them all finds them sooner
-        for nearest in (few,):
+        for nearest in (few, 4 * few):
             scores, lists = ivf.quantizer.search(queries, min(ivf.nlist, nearest))
             positions, ends = self._in_lists(lists)
             passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
@@ -604,6 +646,62 @@ class IndexVersion:
                 return self._search_lists(queries, depth, lists, scores,
                                           np.packbits(by_id, bitorder="little"))
         return None
+
+    def _group_list_counts(self, where: PhotoFilter) -> tuple[int, np.ndarray] | None:
+        """IVF, a filter of whole groups of one column (PhotoTable.group_codes: folders, a
+        region, a city): (how many pass, how many of them each list holds), summed from the
+        column's per-value list counts (`_lists_of_group`), not counted photo by photo. None
+        for other filters."""
+        if self.photos is None or ivf_or_none(self.index) is None:
+            return None
+        found = self.photos.group_codes(where)
+        if found is None:
+            return None
+        name, codes = found
+        starts, lists, counts = self._lists_of_group(name)
+        begins, sizes = starts[codes], starts[codes + 1] - starts[codes]
+        ends = np.cumsum(sizes)
+        at = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(begins - ends + sizes, sizes)
+        per_list = np.bincount(lists[at], weights=counts[at], minlength=self._nlist)
+        return int(counts[at].sum()), per_list.astype(np.int64)
+
+    def _lists_of_group(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """IVF: for each value of a grouped column, the lists holding its photos and how many
+        (value c: lists[starts[c]:starts[c+1]], counts[...]), built once per version and column
+        (one sort of its rows' (value, list) pairs; at most 8 bytes a row)."""
+        with self._passing_lock:
+            hit = self._lists_of_groups.get(name)
+        if hit is None:
+            order, starts = self.photos.groups(name)
+            known = order[starts[0]:]  # code -1 (unknown) sorts first
+            values = np.repeat(np.arange(len(starts) - 1, dtype=np.int64), np.diff(starts))
+            pairs, counts = np.unique(values * self._nlist + self._list_of_row[known],
+                                      return_counts=True)
+            hit = (np.searchsorted(pairs // self._nlist, np.arange(len(starts))),
+                   (pairs % self._nlist).astype(np.int32), counts.astype(np.int32))
+            with self._passing_lock:
+                self._lists_of_groups[name] = hit
+        return hit
+
+    def _search_grouped(self, queries: np.ndarray, k: int, where: PhotoFilter, depth: int):
+        """IVF, a filter of whole groups (`_group_list_counts`): the lists chosen for it from
+        its count per list (`_lists_for`), the filter evaluated over those lists' photos only,
+        and searched. None for other filters."""
+        grouped = self._group_list_counts(where)
+        if grouped is None:
+            return None
+        count, list_counts = grouped
+        k, depth = min(k, count), min(depth, count)
+        if k <= 0:
+            return _no_hits(len(queries))
+        passing = self._held(PassingIds(count, None, None), list_counts)
+        lists, scores = self._lists_for(queries, k, passing, depth)
+        positions, _ = self._in_lists(lists)
+        passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
+        ids = self._ids_by_list[0][positions[passed]]
+        bitmap = np.zeros((self._id_bound + 7) // 8, np.uint8)
+        np.bitwise_or.at(bitmap, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
+        return self._search_lists(queries, depth, lists, scores, bitmap)
 
     def _near_above(self, k: int) -> int:
         """IVF: from how many passing photos `_search_near` is tried first: when the lists it
@@ -667,10 +765,18 @@ class IndexVersion:
                                             if near else self._subset_most)
             with self._passing_lock:
                 first = self._seen.pop(key, None) is None
+            exact = rows is not None and len(rows) <= self._exact_max_rows(len(rows), k)
+            if near and not exact and (rows is not None or most <= self._subset_most):
+                # whole groups (folders, a place): their lists counted per group, no pass
+                found = self._search_grouped(queries, k, where, depth)
+                if found is not None:
+                    return found
             if rows is None and near and first:
                 # many may pass, seen for the first time: look near the query; a filter
                 # searched again (a next page, other words) is counted once and kept
                 found = self._search_near(queries, k, where, most, depth)
+                if found is None:  # its photos are elsewhere
+                    found = self._search_grouped(queries, k, where, depth)
                 if found is not None:
                     with self._passing_lock:
                         self._seen[key] = True
@@ -682,7 +788,7 @@ class IndexVersion:
                 self._passing[key] = passing
         k, depth = min(k, passing.count), min(depth, passing.count)
         if k <= 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return _no_hits(len(queries))
         return self._search_passing(queries, k, passing, depth)
 
     def search(self, queries: np.ndarray, k: int, readback: int | None = None,
@@ -715,6 +821,10 @@ class IndexVersion:
             return scores, keys
         # one vectors_of_ids per row: 10-32 us for 10 hits (flat / IVF-Flat)
         return scores, keys, [self.vectors_of_ids(row[row >= 0])[:, readback] for row in ids]
+
+
+def _no_hits(queries: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((queries, 0), np.float32), np.zeros((queries, 0), np.int64)
 
 
 def _bits(bitmap: np.ndarray, ids: np.ndarray) -> np.ndarray:

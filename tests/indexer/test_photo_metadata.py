@@ -406,13 +406,25 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
         else:
             assert tried == []  # few: from the narrowest condition's rows
         assert view.count_matching(where) == matching
-    # the lists near the queries hold too few of the folder's photos: counted, then searched
-    view._passing.clear()
+    # a folder's photos far from the queries: its lists counted per folder (from the
+    # version's per-folder list counts), no try near the query, no pass over its photos
+    view.forget_filters()
     tried.clear()
     monkeypatch.setattr(view, "_near_above", lambda k: 0)
-    truth, _ = exact_filtered(vectors, keys, infos, queries, PhotoFilter(folders=["c19/s00"]))
-    assert view.search(queries, K, where=PhotoFilter(folders=["c19/s00"]))[1] == truth
-    assert len(tried) == 1 and tried[0] is None
+    small = PhotoFilter(folders=["c19/s00"])
+    truth, _ = exact_filtered(vectors, keys, infos, queries, small)
+    assert view.search(queries, K, where=small)[1] == truth
+    assert tried == [] and view._cached_passing(small)[1] is None
+    # the lists near the queries hold too few: a filter of whole folders is searched from
+    # its per-folder list counts, any other filter counted, then searched
+    view.forget_filters()
+    monkeypatch.setattr(view, "_search_near", lambda *a: tried.append(None))
+    broad = PhotoFilter(folders=[f"c{c:02d}" for c in range(10)])
+    for where, grouped in ((broad, True), (dates, False)):
+        truth, _ = exact_filtered(vectors, keys, infos, queries, where)
+        found = view.search(queries, K, where=where)[1]
+        assert np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]) >= 0.95
+        assert tried[-1] is None and (view._cached_passing(where)[1] is None) == grouped
 
 
 # --- Milvus: the expression, servers without arithmetic, collections made before -----------
