@@ -255,12 +255,10 @@ class PhotoTable:
         options = []  # (how many, how to get them)
         if where.folders is not None and all(where.folders):
             options.append(self._rows_with(("folder",), _in_folders(where.folders)))
-        after, before = where.time_range()
-        if after is not None or before is not None:
-            order, taken = self._by_time
-            lo = 0 if after is None else int(np.searchsorted(taken, after, "left"))
-            hi = len(taken) if before is None else int(np.searchsorted(taken, before, "left"))
-            options.append((max(0, hi - lo), lambda: order[lo:max(lo, hi)]))
+        span = self.time_span(where)
+        if span is not None:
+            lo, hi = span
+            options.append((hi - lo, lambda: self.by_time[lo:hi]))
         for field, names in NAME_FIELDS.items():
             if getattr(where, field) is not None:
                 options.append(self._rows_with(names, _same_as(getattr(where, field))))
@@ -316,9 +314,25 @@ class PhotoTable:
             return np.unique(out) if len(parts) > 1 else out  # a row may match two columns
         return count, rows
 
+    def time_span(self, where: PhotoFilter) -> tuple[int, int] | None:
+        """The filter's date range as positions in `by_time` (its rows: by_time[lo:hi]); None
+        when it has none."""
+        after, before = where.time_range()
+        if after is None and before is None:
+            return None
+        _, taken = self._by_time
+        lo = 0 if after is None else int(np.searchsorted(taken, after, "left"))
+        hi = len(taken) if before is None else int(np.searchsorted(taken, before, "left"))
+        return lo, max(lo, hi)
+
+    @property
+    def by_time(self) -> np.ndarray:
+        """The rows with a date, by date (NaN, unknown, left out)."""
+        return self._by_time[0]
+
     @cached_property
     def _by_time(self) -> tuple[np.ndarray, np.ndarray]:
-        """The rows with a date, by date, and those dates (NaN, unknown, left out)."""
+        """`by_time` and those dates."""
         taken = self.numbers("taken_at")
         known = np.flatnonzero(~np.isnan(taken))
         order = known[np.argsort(taken[known], kind="stable")].astype(_row_type(len(taken)))

@@ -39,14 +39,16 @@ the table:
     `search_preassigned` with the selector. Lists near the query without a passing photo are
     skipped instead of probed for nothing (when few lists hold any, only those are ranked): a
     filter of photos unlike the query (a folder of another trip) still finds its best ones.
-  - IVF, a filter of whole groups of one column (folders, a region, a city): how many of its
-    photos each list holds is summed from the version's per-value list counts (built once per
-    column), the lists are chosen from those counts, and the filter is evaluated over the chosen
-    lists' photos only (`_search_grouped`): no pass over its photos, and a folder unlike the
-    query is found where it is.
-  - IVF, when many may pass, at a filter's first search: the filter is evaluated over the
-    photos of the lists nearest the query only (`_search_near`), the same choice of lists; when
-    those hold too few, searched by group as above, or counted as above (then kept).
+  - IVF, a one-condition filter (whole folders, a region, a city, a date range) that is not
+    few: how many of its photos each list holds is read from the version's per-column list
+    counts (per value for folders and places; cumulative along the photos by date, plus two
+    partial blocks), the lists are chosen from those counts, and the filter is evaluated over
+    the chosen lists' photos only (`_search_counted`): no pass over its photos, nothing kept,
+    and a folder unlike the query is found where it is.
+  - IVF, a filter of several conditions that many may pass, at its first search: evaluated
+    over the photos of the lists nearest the query only (`_search_near`), the same choice of
+    lists; when those hold too few, or the filter is searched again, counted as above (and
+    kept).
   - IVF-Flat vectors gathered for an exact search are read in one gather from the mapped
     file's lists (`_ivf_mapped_lists`), not list by list.
 What was counted is kept per filter (FILTER_CACHE_SIZE filters), for the next page or words.
@@ -300,7 +302,7 @@ class IndexVersion:
 
     @cached_property
     def _ivf(self):
-        return ivf_or_none(self.index)
+        return ivf_or_none(self.index)  # kept: looked up several times in each filtered search
 
     def _ivf_flat_vectors(self, rows: np.ndarray) -> np.ndarray:
         """IVF-Flat: these rows' vectors, read from their lists' codes (raw float32)."""
@@ -492,22 +494,25 @@ class IndexVersion:
             else:
                 by_id[rows if self._ids_are_rows else self.ids[rows]] = True
         out = PassingIds(count, None, np.packbits(by_id, bitorder="little"))
-        if rows is not None and ivf_or_none(self.index) is not None:  # few: count them now
+        if rows is not None and self._ivf is not None:  # few: count them now
             self._held(out, np.bincount(self._list_of_row[rows], minlength=self._nlist))
         return out
 
-    def _held(self, passing: PassingIds, counts: np.ndarray | None = None) -> PassingIds:
+    def _held(self, passing: PassingIds, counts: np.ndarray | None = None,
+              share: float = 0.5) -> PassingIds:
         """IVF: the passing vectors of every list (`counts`, or counted from the bitmap), once
-        per filter, and the lists holding any when they are at most half of them."""
+        per filter, and the lists holding any (ranked instead of every list) when they are at
+        most this share of them (a filter kept: half; searched once: fewer, their centroids
+        copied for one search)."""
         if passing.list_counts is None:
-            ivf = ivf_or_none(self.index)
+            ivf = self._ivf
             if counts is None:
                 ids, starts = self._ids_by_list
                 held = np.concatenate([[0], np.cumsum(_bits(passing.bitmap, ids),
                                                       dtype=np.int64)])
                 counts = held[starts[1:]] - held[starts[:-1]]
             nonempty = np.flatnonzero(counts)
-            if len(nonempty) <= ivf.nlist // 2:
+            if len(nonempty) <= ivf.nlist * share:
                 passing.held_lists = nonempty.astype(np.int64)
                 passing.held_centroids = np.ascontiguousarray(self._centroids[nonempty])
             passing.list_counts = counts
@@ -521,18 +526,18 @@ class IndexVersion:
 
     @cached_property
     def _nlist(self) -> int:
-        return int(ivf_or_none(self.index).nlist)
+        return int(self._ivf.nlist)
 
     @cached_property
     def _centroids(self) -> np.ndarray:
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         return ivf.quantizer.reconstruct_n(0, ivf.nlist).astype(np.float32)
 
     @cached_property
     def _ids_by_list(self) -> tuple[np.ndarray, np.ndarray]:
         """IVF: the ids of every list, list after list, and where each list starts (list l:
         ids[starts[l]:starts[l+1]])."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         sizes, starts = self._ivf_list_starts
         ids = np.empty(int(starts[-1]), np.int64)
         for lst in np.flatnonzero(sizes):
@@ -582,7 +587,7 @@ class IndexVersion:
         """About how many IVF lists hold FILTER_CANDIDATES_PER_HIT * k passing vectors, if
         they were spread evenly (never fewer than the version's own nprobe): the cost model
         of `_exact_max_rows`."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         wanted = math.ceil(FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / max(1, passing))
         return int(min(ivf.nlist, max(ivf.nprobe, wanted)))
 
@@ -592,7 +597,7 @@ class IndexVersion:
         FILTER_CANDIDATES_PER_HIT * k of them (all, when fewer pass), and at least nprobe.
         The quantizer ranks the lists (FAISS's own threads, not numpy's BLAS: its threads
         wait for cores a busy machine does not give them)."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         queries = coarse_queries(self.index, queries)
         target = min(passing.count, max(FILTER_CANDIDATES_PER_HIT * k, depth))
         few = 4 * self._nprobe_for(passing.count, k) + 16
@@ -627,7 +632,7 @@ class IndexVersion:
         over the photos of the lists nearest each query only, not the whole table (as
         `_lists_for` chooses the lists, without counting every photo first). None when those
         lists hold too few: the caller counts them all."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         queries = coarse_queries(self.index, queries)
         target = max(FILTER_CANDIDATES_PER_HIT * k, depth)
         few = 2 * self._nprobe_for(most, k) + 8
@@ -647,23 +652,50 @@ class IndexVersion:
                                           np.packbits(by_id, bitorder="little"))
         return None
 
-    def _group_list_counts(self, where: PhotoFilter) -> tuple[int, np.ndarray] | None:
-        """IVF, a filter of whole groups of one column (PhotoTable.group_codes: folders, a
-        region, a city): (how many pass, how many of them each list holds), summed from the
-        column's per-value list counts (`_lists_of_group`), not counted photo by photo. None
-        for other filters."""
-        if self.photos is None or ivf_or_none(self.index) is None:
+    def _list_counts(self, where: PhotoFilter) -> tuple[int, np.ndarray] | None:
+        """IVF, a one-condition filter (PhotoTable.one_condition): (how many pass, how many of
+        them each list holds), from per-version list counts, not counted photo by photo: a
+        filter of whole groups of one column (folders, a region, a city) sums its values' list
+        counts (`_lists_of_group`); a date range, the cumulative counts along the photos by
+        date (`_lists_by_time`) and the photos of its two partial blocks. None otherwise."""
+        if self.photos is None or self._ivf is None or not self.photos.one_condition(where):
             return None
         found = self.photos.group_codes(where)
-        if found is None:
+        if found is not None:
+            name, codes = found
+            starts, lists, counts = self._lists_of_group(name)
+            begins, sizes = starts[codes], starts[codes + 1] - starts[codes]
+            ends = np.cumsum(sizes)
+            at = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(begins - ends + sizes,
+                                                                          sizes)
+            per_list = np.bincount(lists[at], weights=counts[at], minlength=self._nlist)
+            return int(counts[at].sum()), per_list.astype(np.int64)
+        span = self.photos.time_span(where)
+        if span is None:
             return None
-        name, codes = found
-        starts, lists, counts = self._lists_of_group(name)
-        begins, sizes = starts[codes], starts[codes + 1] - starts[codes]
-        ends = np.cumsum(sizes)
-        at = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(begins - ends + sizes, sizes)
-        per_list = np.bincount(lists[at], weights=counts[at], minlength=self._nlist)
-        return int(counts[at].sum()), per_list.astype(np.int64)
+        lo, hi = span
+        block, cumulative = self._lists_by_time
+        order, lists = self.photos.by_time, self._list_of_row
+        first, last = -(-lo // block), hi // block  # the whole blocks inside [lo, hi)
+        if first >= last:
+            return hi - lo, np.bincount(lists[order[lo:hi]], minlength=self._nlist)
+        per_list = (cumulative[last] - cumulative[first]).astype(np.int64)
+        per_list += np.bincount(lists[order[lo:first * block]], minlength=self._nlist)
+        per_list += np.bincount(lists[order[last * block:hi]], minlength=self._nlist)
+        return hi - lo, per_list
+
+    @cached_property
+    def _lists_by_time(self) -> tuple[int, np.ndarray]:
+        """IVF: (block, cumulative): how many of the first j * block photos by date
+        (PhotoTable.by_time) each list holds, per j; about 128 blocks (int32: 2 MB at 4,096
+        lists), built once per version."""
+        order, lists = self.photos.by_time, self._list_of_row
+        block = max(4096, -(-len(order) // 128))
+        cumulative = np.zeros((len(order) // block + 1, self._nlist), np.int32)
+        for j in range(1, len(cumulative)):
+            cumulative[j] = cumulative[j - 1] + np.bincount(
+                lists[order[(j - 1) * block:j * block]], minlength=self._nlist)
+        return block, cumulative
 
     def _lists_of_group(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """IVF: for each value of a grouped column, the lists holding its photos and how many
@@ -683,22 +715,27 @@ class IndexVersion:
                 self._lists_of_groups[name] = hit
         return hit
 
-    def _search_grouped(self, queries: np.ndarray, k: int, where: PhotoFilter, depth: int):
-        """IVF, a filter of whole groups (`_group_list_counts`): the lists chosen for it from
-        its count per list (`_lists_for`), the filter evaluated over those lists' photos only,
-        and searched. None for other filters."""
-        grouped = self._group_list_counts(where)
-        if grouped is None:
+    def _search_counted(self, queries: np.ndarray, k: int, where: PhotoFilter, depth: int,
+                        rows: np.ndarray | None = None):
+        """IVF, a one-condition filter (`_list_counts`): the lists chosen for it from its count
+        per list (`_lists_for`), the filter evaluated over those lists' photos only (or its
+        passing `rows`, when given and fewer), and searched. None for other filters."""
+        counted = self._list_counts(where)
+        if counted is None:
             return None
-        count, list_counts = grouped
+        count, list_counts = counted
         k, depth = min(k, count), min(depth, count)
         if k <= 0:
             return _no_hits(len(queries))
-        passing = self._held(PassingIds(count, None, None), list_counts)
+        passing = self._held(PassingIds(count, None, None), list_counts, share=1 / 16)
         lists, scores = self._lists_for(queries, k, passing, depth)
         positions, _ = self._in_lists(lists)
-        passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
-        ids = self._ids_by_list[0][positions[passed]]
+        if rows is not None and len(rows) < len(positions):
+            ids = rows if self._ids_are_rows else self.ids[rows]
+        else:
+            passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
+            ids = self._ids_by_list[0][positions[passed]]
+        ids = ids.astype(np.int64, copy=False)
         bitmap = np.zeros((self._id_bound + 7) // 8, np.uint8)
         np.bitwise_or.at(bitmap, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
         return self._search_lists(queries, depth, lists, scores, bitmap)
@@ -706,7 +743,7 @@ class IndexVersion:
     def _near_above(self, k: int) -> int:
         """IVF: from how many passing photos `_search_near` is tried first: when the lists it
         evaluates hold, spread evenly, twice the passing photos it needs."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         return int(2 * FILTER_CANDIDATES_PER_HIT * k * ivf.nlist / (4 * ivf.nprobe + 16))
 
     @cached_property
@@ -717,7 +754,7 @@ class IndexVersion:
         """Up to how many passing ids an exact search over them is chosen: while it costs no
         more than the search it replaces (a flat scan of every vector; IVF: the coarse
         quantizer plus the lists `_nprobe_for` probes)."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         if ivf is None:
             scanned = self.count
         else:
@@ -731,7 +768,7 @@ class IndexVersion:
             vectors = self.vectors_of_ids(passing.ids)
             scores, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
             return scores, np.where(rows >= 0, passing.ids[np.maximum(rows, 0)], -1)
-        if ivf_or_none(self.index) is None:  # flat: an exact scan that skips the ids not passing
+        if self._ivf is None:  # flat: an exact scan that skips the ids not passing
             selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
             return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
         lists, centroid_scores = self._lists_for(queries, k, passing, depth)
@@ -740,7 +777,7 @@ class IndexVersion:
     def _search_lists(self, queries: np.ndarray, k: int, lists: np.ndarray,
                       centroid_scores: np.ndarray, bitmap: np.ndarray):
         """IVF: (scores, ids) of the top k in these lists among the ids the bitmap holds."""
-        ivf = ivf_or_none(self.index)
+        ivf = self._ivf
         queries = coarse_queries(self.index, queries)
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
         params = faiss.SearchParametersIVF(sel=selector, nprobe=lists.shape[1])
@@ -759,24 +796,23 @@ class IndexVersion:
         depth = max(k, depth or k)
         key, passing = self._cached_passing(where)
         if passing is None:
-            ivf = ivf_or_none(self.index)
+            ivf = self._ivf
             near = ivf is not None and self.photos is not None
             most, rows = self._passing_rows(where, min(self._near_above(k), self._subset_most)
                                             if near else self._subset_most)
             with self._passing_lock:
                 first = self._seen.pop(key, None) is None
             exact = rows is not None and len(rows) <= self._exact_max_rows(len(rows), k)
-            if near and not exact and (rows is not None or most <= self._subset_most):
-                # whole groups (folders, a place): their lists counted per group, no pass
-                found = self._search_grouped(queries, k, where, depth)
+            if near and not exact:
+                # one condition (folders, a place, a date range): its lists counted from the
+                # version's per-column counts, no pass over its photos
+                found = self._search_counted(queries, k, where, depth, rows)
                 if found is not None:
                     return found
             if rows is None and near and first:
                 # many may pass, seen for the first time: look near the query; a filter
                 # searched again (a next page, other words) is counted once and kept
                 found = self._search_near(queries, k, where, most, depth)
-                if found is None:  # its photos are elsewhere
-                    found = self._search_grouped(queries, k, where, depth)
                 if found is not None:
                     with self._passing_lock:
                         self._seen[key] = True

@@ -366,10 +366,11 @@ def test_photo_table_over_some_rows_and_candidate_rows(library):
 @pytest.mark.parametrize("share", [0.5, 0.05, 0.004])
 def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypatch, share,
                                                           kind):
-    """A filter's first search on IVF, before anything is counted: evaluated over the lists
-    near the query when many pass, from the narrowest condition's rows when few do, and
-    counted in full when the lists near the query hold too few; the best passing photos
-    either way."""
+    """A filter's first search on IVF, before anything is counted: one condition (a date
+    range, whole folders) chooses its lists from the version's per-column list counts; a
+    filter of several conditions is evaluated over the lists near the query when many pass,
+    and counted in full when those hold too few; few passing: from the narrowest condition's
+    rows. The best passing photos whichever way."""
     compressed_above(monkeypatch, kind)
     n = 8000
     centers, cluster, vectors, queries = clustered(n, seed=8)
@@ -379,26 +380,36 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
     faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
     view = faiss_index.view(MODEL)
     assert view.manifest["index_params"]["kind"] == kind
-    tried = []
-    search_near = view._search_near
+    tried, counted = [], []
+    search_near, search_counted = view._search_near, view._search_counted
     monkeypatch.setattr(view, "_search_near",
                         lambda *a: tried.append(search_near(*a)) or tried[-1])
+    monkeypatch.setattr(view, "_search_counted",
+                        lambda *a: counted.append(search_counted(*a)) or counted[-1])
     start = datetime.fromtimestamp(T2019 + 100 * DAY, timezone.utc)
-    dates = PhotoFilter(taken_after=start, taken_before=start + timedelta(days=n * share))
+    end = start + timedelta(days=n * share)
+    dates = PhotoFilter(taken_after=start, taken_before=end)
+    # the same photos, two conditions (none of them has a position)
+    dates_two = PhotoFilter(taken_after=start, taken_before=end, has_position=False)
     # half the library around the queries; or folders far from them (k 50: a page of photos
     # unlike the query needs more lists)
     folders = {0.5: [f"c{c:02d}" for c in range(10)], 0.05: ["c19"],
                0.004: ["c19/s00", "c19/s01"]}[share]
-    for where, k in ((dates, K), (PhotoFilter(folders=folders), 50)):
+    for where, k in ((dates, K), (dates_two, K), (PhotoFilter(folders=folders), 50)):
         truth, matching = exact_filtered(vectors, keys, infos, queries, where, k=k)
         assert abs(matching / n - share) < share / 2
         tried.clear()
-        view._passing.clear()
+        counted.clear()
+        view.forget_filters()
         scores, found = view.search(queries, k, where=where)
         assert [len(r) for r in found] == [min(k, matching)] * 5
         assert np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]) >= 0.95
         assert np.all(np.diff(scores, axis=1) <= 1e-6)
-        if matching > min(view._near_above(k), view._subset_most):
+        exact = matching <= view._exact_max_rows(matching, k)
+        if where is not dates_two:  # one condition: its lists counted per column, never kept
+            assert tried == [] and (counted == [] if exact else counted[-1] is not None)
+            assert view._cached_passing(where)[1] is None or exact
+        elif matching > min(view._near_above(k), view._subset_most):
             assert len(tried) == 1 and tried[0] is not None  # found near the query
             # searched again (a next page, other words): counted once, and kept
             assert view.search(queries, k, where=where)[1] == found
@@ -406,25 +417,56 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
         else:
             assert tried == []  # few: from the narrowest condition's rows
         assert view.count_matching(where) == matching
-    # a folder's photos far from the queries: its lists counted per folder (from the
-    # version's per-folder list counts), no try near the query, no pass over its photos
+    # a folder's photos far from the queries: found where they are
     view.forget_filters()
-    tried.clear()
     monkeypatch.setattr(view, "_near_above", lambda k: 0)
     small = PhotoFilter(folders=["c19/s00"])
     truth, _ = exact_filtered(vectors, keys, infos, queries, small)
     assert view.search(queries, K, where=small)[1] == truth
-    assert tried == [] and view._cached_passing(small)[1] is None
-    # the lists near the queries hold too few: a filter of whole folders is searched from
-    # its per-folder list counts, any other filter counted, then searched
+    # the lists near the queries hold too few of a filter of several conditions: counted,
+    # then searched (and kept)
     view.forget_filters()
+    tried.clear()
     monkeypatch.setattr(view, "_search_near", lambda *a: tried.append(None))
-    broad = PhotoFilter(folders=[f"c{c:02d}" for c in range(10)])
-    for where, grouped in ((broad, True), (dates, False)):
-        truth, _ = exact_filtered(vectors, keys, infos, queries, where)
-        found = view.search(queries, K, where=where)[1]
-        assert np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]) >= 0.95
-        assert tried[-1] is None and (view._cached_passing(where)[1] is None) == grouped
+    truth, matching = exact_filtered(vectors, keys, infos, queries, dates_two)
+    found = view.search(queries, K, where=dates_two)[1]
+    assert np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]) >= 0.95
+    if matching > min(view._near_above(K), view._subset_most):
+        assert tried == [None]
+    assert view._cached_passing(dates_two)[1].count == matching
+
+
+def test_faiss_ivf_list_counts_of_a_filter_equal_its_photos_counted(faiss_index, monkeypatch):
+    """The per-list counts a one-condition filter is searched with, read from the version's
+    per-column counts (dates: whole blocks of the photos by date and the photos of two partial
+    ones; folders: their values' counts), equal its passing photos counted list by list."""
+    compressed_above(monkeypatch, "ivf")
+    n = 20_000  # more than two blocks of photos by date
+    _, cluster, vectors, _ = clustered(n, seed=4)
+    keys = [f"c{c:02d}/s{i % 7}/{i:05d}.jpg" for i, c in enumerate(cluster)]
+    infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
+             if i % 10 else {} for i in range(n)]  # a tenth without a date
+    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
+    view = faiss_index.view(MODEL)
+    block, _ = view._lists_by_time
+    assert 2 * block < n * 0.9
+
+    def day(d):
+        return datetime.fromtimestamp(T2019 + d * DAY, timezone.utc)
+
+    filters = [PhotoFilter(taken_after=day(a), taken_before=day(b))
+               for a, b in ((0, 10), (100, 100 + n // 2), (5, n), (-50, 3 * n))]
+    filters += [PhotoFilter(taken_before=day(n // 3)), PhotoFilter(taken_after=day(n // 4)),
+                PhotoFilter(folders=["c03"]), PhotoFilter(folders=["c01/s2", "c07", "c09/s0"]),
+                PhotoFilter(folders=["nowhere"])]
+    for where in filters:
+        rows = np.flatnonzero(view.photos.mask(where))
+        count, per_list = view._list_counts(where)
+        assert count == len(rows)
+        np.testing.assert_array_equal(per_list, np.bincount(view._list_of_row[rows],
+                                                            minlength=view._nlist))
+    # several conditions: none (counted photo by photo instead)
+    assert view._list_counts(PhotoFilter(folders=["c03"], taken_before=day(9))) is None
 
 
 # --- Milvus: the expression, servers without arithmetic, collections made before -----------
