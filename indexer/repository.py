@@ -879,6 +879,12 @@ def _chosen(lists: np.ndarray, scores: np.ndarray, counts: np.ndarray, target: i
     """Per query, the nearest lists holding passing vectors (lists ranked nearest first),
     until they hold `target` of them and at least `wanted` lists; padded with -1, which FAISS
     skips, with their centroid scores."""
+    if len(lists) == 1:  # one query (most searches): the same choice in a few calls
+        nonempty = np.flatnonzero(counts[0])
+        held = np.cumsum(counts[0, nonempty])
+        width = min(len(nonempty), max(int(np.searchsorted(held, target)) + 1, wanted))
+        return (np.ascontiguousarray(lists[:, nonempty[:width]], np.int64),
+                np.ascontiguousarray(scores[:, nonempty[:width]], np.float32))
     held = np.cumsum(counts, axis=1)
     nonempty = counts > 0
     seen = np.cumsum(nonempty, axis=1)

@@ -469,6 +469,24 @@ def test_faiss_ivf_list_counts_of_a_filter_equal_its_photos_counted(faiss_index,
     assert view._list_counts(PhotoFilter(folders=["c03"], taken_before=day(9))) is None
 
 
+def test_lists_chosen_for_one_query_equal_the_batched_choice():
+    """The IVF lists a filter probes (the nearest holding passing photos, until they hold the
+    target and at least `wanted` lists): the one-query shortcut chooses as the batched code."""
+    from indexer.repository import _chosen
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        width = int(rng.integers(1, 40))
+        counts = rng.integers(0, 5, (1, width)) * (rng.random((1, width)) < 0.6)
+        lists = rng.permutation(1000)[:width][None].astype(np.int64)
+        scores = np.sort(rng.random((1, width)).astype(np.float32))[:, ::-1]
+        target, wanted = int(rng.integers(1, 60)), int(rng.integers(1, 12))
+        one = _chosen(lists, scores, counts, target, wanted)
+        both = _chosen(*(np.repeat(a, 2, axis=0) for a in (lists, scores, counts)), target, wanted)
+        for mine, batched in zip(one, both):
+            np.testing.assert_array_equal(mine[0], batched[0])
+
+
 # --- Milvus: the expression, servers without arithmetic, collections made before -----------
 def test_milvus_near_box_holds_the_circle():
     """The bounding box a server without arithmetic reads `near` from holds every point of
