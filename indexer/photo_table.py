@@ -50,7 +50,7 @@ class PhotoTable:
         self._codes: dict[str, tuple[np.ndarray, list]] = {}
         self._groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._accepts = LRUCache(256)  # (column, value test) -> accepted codes
-        self._prefixes: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._prefixes: dict[str, tuple[list[str] | pa.Array, np.ndarray]] = {}
 
     # --- making and storing ------------------------------------------------------------------
     @classmethod
@@ -162,11 +162,11 @@ class PhotoTable:
             values = self.codes(name)[1]
             if isinstance(accept, _InFolders):  # each value's own folders looked up at once
                 prefixes, owner = self._folders_of(name)
-                if len(prefixes) <= _SET_TEST_MAX:  # a set test costs less than Arrow's call
+                if isinstance(prefixes, list):  # few: a set test costs less than Arrow's call
                     found = np.fromiter((p in accept.folders for p in prefixes), bool,
                                         len(prefixes))
                 else:
-                    found = to_numpy(pc.is_in(strings(prefixes),
+                    found = to_numpy(pc.is_in(prefixes,
                                               value_set=strings(sorted(accept.folders))))
                 hit = np.bincount(owner, weights=found, minlength=len(values) + 1) > 0
             else:
@@ -176,14 +176,17 @@ class PhotoTable:
                     self._accepts[key] = hit
         return hit
 
-    def _folders_of(self, name: str) -> tuple[list[str], np.ndarray]:
-        """Each distinct value of a folder column with the folders above it (flattened), and
-        the code each belongs to: a folder filter matches a value when it names any of them."""
+    def _folders_of(self, name: str) -> tuple[list[str] | pa.Array, np.ndarray]:
+        """Each distinct value of a folder column with the folders above it (flattened; a list
+        up to _SET_TEST_MAX of them, else an Arrow array), and the code each belongs to: a
+        folder filter matches a value when it names any of them."""
         values = self.codes(name)[1]
         with self._lock:
             if name not in self._prefixes:
                 pairs = [(p, code) for code, v in enumerate(values) for p in (v, *_ancestors(v))]
-                self._prefixes[name] = ([p for p, _ in pairs],
+                prefixes = [p for p, _ in pairs]
+                self._prefixes[name] = (prefixes if len(prefixes) <= _SET_TEST_MAX
+                                        else strings(prefixes),
                                         np.array([c for _, c in pairs], np.int64))
             return self._prefixes[name]
 

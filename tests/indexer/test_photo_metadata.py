@@ -323,9 +323,10 @@ def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, k
     assert view.search(queries, 50, where=where)[1] == truth
 
 
-def test_photo_table_over_some_rows_and_candidate_rows(library):
+def test_photo_table_over_some_rows_and_candidate_rows(library, monkeypatch):
     """`mask(where, rows)` is the whole-table mask at those rows, for every field; the rows
     `candidate_rows` gives hold every passing row, and none is given above `most`."""
+    from indexer import photo_table
     from indexer.photo_table import PhotoTable
 
     keys, _, _, infos = library
@@ -355,11 +356,15 @@ def test_photo_table_over_some_rows_and_candidate_rows(library):
     assert exact == 7  # folders (2), dates (2), region, city (2)
     # a folder filter, looked up for all values at once, is the row-by-row test: the folder
     # or below it, not a longer name
+    # (few folders: a set test in Python; many: Arrow's is_in)
     folders = ["2023", "2023/beach", "2023/beachside", "2023/beach/day1", "2024/beach", ""]
-    table = PhotoTable.from_rows([{"folder": f} for f in folders])
-    for asked in (["2023/beach"], ["2023"], ["2024", "2023/beachside"], ["beach"]):
-        where = PhotoFilter(folders=asked)
-        assert table.mask(where).tolist() == [where.matches({"folder": f}) for f in folders]
+    for set_test_max in (4096, 0):
+        monkeypatch.setattr(photo_table, "_SET_TEST_MAX", set_test_max)
+        table = PhotoTable.from_rows([{"folder": f} for f in folders])
+        for asked in (["2023/beach"], ["2023"], ["2024", "2023/beachside"], ["beach"]):
+            where = PhotoFilter(folders=asked)
+            assert table.mask(where).tolist() == [where.matches({"folder": f}) for f in folders]
+        assert isinstance(table._folders_of("folder")[0], list) == bool(set_test_max)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
