@@ -639,17 +639,15 @@ class IndexVersion:
         ids, _ = self._ids_by_list
         # one round: when the lists nearest the query hold too few, the filter's photos are
         # elsewhere (a folder unlike the query), and counting them all finds them sooner
-        for nearest in (few, 4 * few):
+        for nearest in (few,):
             scores, lists = ivf.quantizer.search(queries, min(ivf.nlist, nearest))
             positions, ends = self._in_lists(lists)
             passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
             counts = self._per_list(passed, ends, lists.shape)
             if _enough(counts, target, ivf.nprobe):
-                by_id = np.zeros(self._id_bound, bool)
-                by_id[ids[positions[passed]]] = True
                 lists, scores = _chosen(lists, scores, counts, target, ivf.nprobe)
                 return self._search_lists(queries, depth, lists, scores,
-                                          np.packbits(by_id, bitorder="little"))
+                                          _bitmap(ids[positions[passed]], self._id_bound))
         return None
 
     def _list_counts(self, where: PhotoFilter) -> tuple[int, np.ndarray] | None:
@@ -735,10 +733,7 @@ class IndexVersion:
         else:
             passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
             ids = self._ids_by_list[0][positions[passed]]
-        ids = ids.astype(np.int64, copy=False)
-        bitmap = np.zeros((self._id_bound + 7) // 8, np.uint8)
-        np.bitwise_or.at(bitmap, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
-        return self._search_lists(queries, depth, lists, scores, bitmap)
+        return self._search_lists(queries, depth, lists, scores, _bitmap(ids, self._id_bound))
 
     def _near_above(self, k: int) -> int:
         """IVF: from how many passing photos `_search_near` is tried first: when the lists it
@@ -861,6 +856,15 @@ class IndexVersion:
 
 def _no_hits(queries: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((queries, 0), np.float32), np.zeros((queries, 0), np.int64)
+
+
+def _bitmap(ids: np.ndarray, bound: int) -> np.ndarray:
+    """A little-endian bitmap (np.packbits' order) of ids below `bound` with these set: built
+    from the ids themselves (a few thousand, not a bool per id packed)."""
+    ids = np.asarray(ids, np.int64)
+    bitmap = np.zeros((bound + 7) // 8, np.uint8)
+    np.bitwise_or.at(bitmap, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
+    return bitmap
 
 
 def _bits(bitmap: np.ndarray, ids: np.ndarray) -> np.ndarray:
