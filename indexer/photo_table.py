@@ -274,32 +274,31 @@ class PhotoTable:
         """How many rows pass, when one condition makes the filter and its per-column order
         counts it exactly (folders, a date range, a region, a city; a row with any of these
         has metadata): no pass over the table. None otherwise."""
-        return self.candidate_rows(where, 0)[0] if self.one_condition(where) else None
+        one = self.one_condition(where)
+        return None if one is None else one.count
 
-    @staticmethod
-    def one_condition(where: PhotoFilter) -> bool:
-        """Whether the filter is one condition whose per-column order gives exactly the rows
-        passing it (folders, a date range, a region, a city): `candidate_rows` are those."""
+    def one_condition(self, where: PhotoFilter) -> OneCondition | None:
+        """The filter as one condition whose per-column order gives exactly the rows passing
+        it (whole folders, a region, a city: codes of a grouped column; a date range: a span
+        of the rows by date), or None (several conditions, or others)."""
         asked = {name for name, value in where if value is not None}
-        return bool(asked) and (asked == {"folders"} and all(where.folders)
-                                or asked <= {"taken_after", "taken_before"}
-                                or asked in ({"region"}, {"city"}))
-
-    def group_codes(self, where: PhotoFilter) -> tuple[str, np.ndarray] | None:
-        """(column, codes) when the filter is one condition of whole groups of one column
-        (folders, a region, a city): the rows passing are those of these codes in
-        `groups(column)`. None otherwise."""
-        if not self.one_condition(where):
-            return None
-        if where.folders is not None:
+        if asked == {"folders"} and all(where.folders):
             name, accept = "folder", _in_folders(where.folders)
-        elif where.region is not None or where.city is not None:
-            field = "region" if where.region is not None else "city"
+        elif asked in ({"region"}, {"city"}):
+            field = asked.pop()
             (name,) = NAME_FIELDS[field]
             accept = _same_as(getattr(where, field))
+        elif asked and asked <= {"taken_after", "taken_before"}:
+            after, before = where.time_range()
+            lo, hi = self._span(after, before)
+            return OneCondition(self, hi - lo, span=(lo, hi), bounds=(after, before))
         else:
             return None
-        return name, np.flatnonzero(self._accepted(name, accept)[:-1])
+        order, starts = self.groups(name)
+        accepted = self._accepted(name, accept)
+        codes = np.flatnonzero(accepted[:-1])
+        return OneCondition(self, int((starts[codes + 1] - starts[codes]).sum()),
+                            column=name, codes=codes, accepted=accepted)
 
     def _rows_with(self, names: tuple[str, ...], accept):
         """(how many, a function giving them) of the rows whose value in any of these columns
@@ -321,8 +320,9 @@ class PhotoTable:
         """The filter's date range as positions in `by_time` (its rows: by_time[lo:hi]); None
         when it has none."""
         after, before = where.time_range()
-        if after is None and before is None:
-            return None
+        return None if after is None and before is None else self._span(after, before)
+
+    def _span(self, after: float | None, before: float | None) -> tuple[int, int]:
         _, taken = self._by_time
         lo = 0 if after is None else int(np.searchsorted(taken, after, "left"))
         hi = len(taken) if before is None else int(np.searchsorted(taken, before, "left"))
@@ -395,6 +395,40 @@ class PhotoTable:
         out["year"] = Counter({int(y): int(c) for y, c in zip(*np.unique(years,
                                                                          return_counts=True))})
         return {name: top(out[name], limit) for name in FACETS}
+
+
+@dataclass(frozen=True)
+class OneCondition:
+    """A filter of one condition (PhotoTable.one_condition): `count` rows pass; either the
+    accepted `codes` of a grouped `column` (`accepted`: per code, and last for unknown, whether
+    it passes) or a `span` of the rows by date (PhotoTable.by_time) with its `bounds`."""
+    table: PhotoTable
+    count: int
+    column: str | None = None
+    codes: np.ndarray | None = None
+    accepted: np.ndarray | None = None
+    span: tuple[int, int] | None = None
+    bounds: tuple[float | None, float | None] | None = None
+
+    def rows(self) -> np.ndarray:
+        """The rows passing, from the column's order (by value, or by date)."""
+        if self.column is None:
+            lo, hi = self.span
+            return self.table.by_time[lo:hi]
+        order, starts = self.table.groups(self.column)
+        parts = [order[b:e] for b, e in zip(starts[self.codes], starts[self.codes + 1])]
+        return np.concatenate(parts) if parts else np.zeros(0, order.dtype)
+
+    def passes(self, rows: np.ndarray) -> np.ndarray:
+        """Whether each of these rows passes (PhotoTable.mask over them, in one or two numpy
+        calls: no other condition to test)."""
+        if self.column is not None:
+            return np.take(self.accepted, np.take(self.table.codes(self.column)[0], rows))
+        taken = np.take(self.table.numbers("taken_at"), rows)  # NaN compares False
+        after, before = self.bounds
+        if after is None:
+            return taken < before
+        return taken >= after if before is None else (taken >= after) & (taken < before)
 
 
 @dataclass(frozen=True)

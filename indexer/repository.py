@@ -94,7 +94,7 @@ from indexer.index_policy import (
 )
 from indexer.key_table import Column, KeyTable
 from indexer.photo_filter import PhotoFilter, active
-from indexer.photo_table import PhotoTable
+from indexer.photo_table import OneCondition, PhotoTable
 from indexer.vector_index import IndexLoadError, check_readback, empty_result, new_version_name
 
 __all__ = ["IndexLoadError", "IndexRepository", "IndexVersion", "VERSION_NAME"]
@@ -122,6 +122,9 @@ _ID_BYTES = 8  # an IVF list's ids are int64
 # this many scanned ones (1M IVF-Flat: exact over 5k ids 1.26 ms, over 10k 5.4 ms; the lists
 # holding 200 of them ~1 ms)
 GATHER_COST = 10.0
+# a list entry FAISS's selector skips costs about this share of one it scores (1M IVF-Flat, a
+# date filter: 88 lists holding 21k entries, 200 of them passing, ~0.2 ms)
+SKIP_COST = 0.25
 
 
 class Manifest(BaseModel):
@@ -461,16 +464,19 @@ class IndexVersion:
         than over every row (a contiguous pass)."""
         return self.count // 8
 
-    def _passing_rows(self, where: PhotoFilter, most: int) -> tuple[int, np.ndarray | None]:
+    def _passing_rows(self, where: PhotoFilter, most: int,
+                      one: OneCondition | None = None) -> tuple[int, np.ndarray | None]:
         """(at most how many pass, the table rows passing the filter): the rows found from its
-        narrowest condition when that leaves `most` rows or fewer, else None."""
+        narrowest condition when that leaves `most` rows or fewer, else None (`one`: the
+        filter as one condition, when it is one)."""
         if self.photos is None:
             return 0, np.zeros(0, np.int64)
+        one = one or self.photos.one_condition(where)
+        if one is not None:  # its column's order gives exactly the rows passing
+            return one.count, (one.rows() if one.count <= most else None)
         count, candidates = self.photos.candidate_rows(where, most)
         if candidates is None:
             return self.count if count is None else count, None
-        if self.photos.one_condition(where):  # the candidates are the rows passing
-            return count, candidates
         rows = candidates[self.photos.mask(where, candidates)]
         return len(rows), rows
 
@@ -650,37 +656,31 @@ class IndexVersion:
                                           _bitmap(ids[positions[passed]], self._id_bound))
         return None
 
-    def _list_counts(self, where: PhotoFilter) -> tuple[int, np.ndarray] | None:
-        """IVF, a one-condition filter (PhotoTable.one_condition): (how many pass, how many of
-        them each list holds), from per-version list counts, not counted photo by photo: a
-        filter of whole groups of one column (folders, a region, a city) sums its values' list
-        counts (`_lists_of_group`); a date range, the cumulative counts along the photos by
-        date (`_lists_by_time`) and the photos of its two partial blocks. None otherwise."""
-        if self.photos is None or self._ivf is None or not self.photos.one_condition(where):
-            return None
-        found = self.photos.group_codes(where)
-        if found is not None:
-            name, codes = found
-            starts, lists, counts = self._lists_of_group(name)
+    def _list_counts(self, one: OneCondition) -> np.ndarray:
+        """IVF, a one-condition filter: how many of its photos each list holds, from
+        per-version list counts, not counted photo by photo: whole groups of one column
+        (folders, a region, a city) sum their values' list counts (`_lists_of_group`); a date
+        range, the cumulative counts along the photos by date (`_lists_by_time`) and the photos
+        of its two partial blocks."""
+        if one.column is not None:
+            starts, lists, counts = self._lists_of_group(one.column)
+            codes = one.codes
             begins, sizes = starts[codes], starts[codes + 1] - starts[codes]
             ends = np.cumsum(sizes)
             at = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(begins - ends + sizes,
                                                                           sizes)
-            per_list = np.bincount(lists[at], weights=counts[at], minlength=self._nlist)
-            return int(counts[at].sum()), per_list.astype(np.int64)
-        span = self.photos.time_span(where)
-        if span is None:
-            return None
-        lo, hi = span
+            return np.bincount(lists[at], weights=counts[at],
+                               minlength=self._nlist).astype(np.int64)
+        lo, hi = one.span
         block, cumulative = self._lists_by_time
         order, lists = self.photos.by_time, self._list_of_row
         first, last = -(-lo // block), hi // block  # the whole blocks inside [lo, hi)
         if first >= last:
-            return hi - lo, np.bincount(lists[order[lo:hi]], minlength=self._nlist)
+            return np.bincount(lists[order[lo:hi]], minlength=self._nlist)
         per_list = (cumulative[last] - cumulative[first]).astype(np.int64)
         per_list += np.bincount(lists[order[lo:first * block]], minlength=self._nlist)
         per_list += np.bincount(lists[order[last * block:hi]], minlength=self._nlist)
-        return hi - lo, per_list
+        return per_list
 
     @cached_property
     def _lists_by_time(self) -> tuple[int, np.ndarray]:
@@ -713,27 +713,36 @@ class IndexVersion:
                 self._lists_of_groups[name] = hit
         return hit
 
-    def _search_counted(self, queries: np.ndarray, k: int, where: PhotoFilter, depth: int,
-                        rows: np.ndarray | None = None):
-        """IVF, a one-condition filter (`_list_counts`): the lists chosen for it from its count
-        per list (`_lists_for`), the filter evaluated over those lists' photos only (or its
-        passing `rows`, when given and fewer), and searched. None for other filters."""
-        counted = self._list_counts(where)
-        if counted is None:
-            return None
-        count, list_counts = counted
-        k, depth = min(k, count), min(depth, count)
+    def _search_counted(self, queries: np.ndarray, k: int, one: OneCondition, depth: int,
+                        rows: np.ndarray | None):
+        """IVF, a one-condition filter: the lists chosen for it from its count per list
+        (`_list_counts`, `_lists_for`), searched for its photos in them: its passing `rows`
+        in those lists, when given and fewer than the lists' photos, else those photos
+        tested (`OneCondition.passes`)."""
+        k, depth = min(k, one.count), min(depth, one.count)
         if k <= 0:
             return _no_hits(len(queries))
-        passing = self._held(PassingIds(count, None, None), list_counts, share=1 / 16)
+        passing = self._held(PassingIds(one.count, None, None), self._list_counts(one),
+                             share=1 / 16)
         lists, scores = self._lists_for(queries, k, passing, depth)
-        positions, _ = self._in_lists(lists)
-        if rows is not None and len(rows) < len(positions):
-            ids = rows if self._ids_are_rows else self.ids[rows]
+        ids, starts = self._ids_by_list
+        probed = lists[lists >= 0]
+        if len(lists) > 1:  # several queries: a list once
+            probed = np.unique(probed)
+        entries = int((starts[probed + 1] - starts[probed]).sum())
+        if rows is not None and len(rows) < entries:
+            is_probed = np.zeros(self._nlist, bool)
+            is_probed[probed] = True
+            rows = rows[is_probed[self._list_of_row[rows]]]
+            found = rows if self._ids_are_rows else self.ids[rows]
         else:
-            passed = self.photos.mask(where, np.take(self._rows_by_list, positions))
-            ids = self._ids_by_list[0][positions[passed]]
-        return self._search_lists(queries, depth, lists, scores, _bitmap(ids, self._id_bound))
+            positions, _ = self._in_lists(probed)
+            found = ids[positions[one.passes(np.take(self._rows_by_list, positions))]]
+        if len(found) * GATHER_COST < entries * SKIP_COST + len(found):
+            # few of the lists' photos pass: score those, not the lists (whose every entry
+            # the selector would test)
+            return self._search_exact(queries, min(depth, len(found)), found)
+        return self._search_lists(queries, depth, lists, scores, _bitmap(found, self._id_bound))
 
     def _near_above(self, k: int) -> int:
         """IVF: from how many passing photos `_search_near` is tried first: when the lists it
@@ -759,15 +768,20 @@ class IndexVersion:
     def _search_passing(self, queries: np.ndarray, k: int, passing: PassingIds, depth: int):
         """(scores, ids) of the top `depth` (>= k: a compressed index's candidates) among
         the passing ids, -1 ids where a row has fewer; the lists probed chosen for k."""
-        if passing.ids is not None:  # exact, over just these vectors (FAISS's threads)
-            vectors = self.vectors_of_ids(passing.ids)
-            scores, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-            return scores, np.where(rows >= 0, passing.ids[np.maximum(rows, 0)], -1)
+        if passing.ids is not None:
+            return self._search_exact(queries, k, passing.ids)
         if self._ivf is None:  # flat: an exact scan that skips the ids not passing
             selector = faiss.IDSelectorBitmap(len(passing.bitmap), faiss.swig_ptr(passing.bitmap))
             return self.index.search(queries, k, params=faiss.SearchParameters(sel=selector))
         lists, centroid_scores = self._lists_for(queries, k, passing, depth)
         return self._search_lists(queries, depth, lists, centroid_scores, passing.bitmap)
+
+    def _search_exact(self, queries: np.ndarray, k: int, ids: np.ndarray):
+        """(scores, ids) of the top k among these ids, scored from their stored vectors
+        (FAISS's threads)."""
+        vectors = self.vectors_of_ids(ids)
+        scores, rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores, np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
     def _search_lists(self, queries: np.ndarray, k: int, lists: np.ndarray,
                       centroid_scores: np.ndarray, bitmap: np.ndarray):
@@ -793,17 +807,16 @@ class IndexVersion:
         if passing is None:
             ivf = self._ivf
             near = ivf is not None and self.photos is not None
+            one = None if self.photos is None else self.photos.one_condition(where)
             most, rows = self._passing_rows(where, min(self._near_above(k), self._subset_most)
-                                            if near else self._subset_most)
+                                            if near else self._subset_most, one)
             with self._passing_lock:
                 first = self._seen.pop(key, None) is None
             exact = rows is not None and len(rows) <= self._exact_max_rows(len(rows), k)
-            if near and not exact:
+            if near and one is not None and not exact:
                 # one condition (folders, a place, a date range): its lists counted from the
                 # version's per-column counts, no pass over its photos
-                found = self._search_counted(queries, k, where, depth, rows)
-                if found is not None:
-                    return found
+                return self._search_counted(queries, k, one, depth, rows)
             if rows is None and near and first:
                 # many may pass, seen for the first time: look near the query; a filter
                 # searched again (a next page, other words) is counted once and kept
@@ -813,7 +826,7 @@ class IndexVersion:
                         self._seen[key] = True
                     return found
             if rows is None:
-                rows = self._passing_rows(where, self._subset_most)[1]
+                rows = self._passing_rows(where, self._subset_most, one)[1]
             passing = self._count_passing(where, rows)
             with self._passing_lock:
                 self._passing[key] = passing

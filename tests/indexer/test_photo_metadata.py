@@ -352,7 +352,12 @@ def test_photo_table_over_some_rows_and_candidate_rows(library, monkeypatch):
         counted = table.exact_count(where)
         if counted is not None:
             exact += 1
-            assert counted == int(table.mask(where).sum()), fields
+            whole = table.mask(where)
+            assert counted == int(whole.sum()), fields
+            # its rows, and its test over some rows, without the whole filter
+            one = table.one_condition(where)
+            assert sorted(one.rows().tolist()) == np.flatnonzero(whole).tolist(), fields
+            np.testing.assert_array_equal(one.passes(rows), whole[rows], err_msg=str(fields))
     assert exact == 7  # folders (2), dates (2), region, city (2)
     # a folder filter, looked up for all values at once, is the row-by-row test: the folder
     # or below it, not a longer name
@@ -441,6 +446,48 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
     assert view._cached_passing(dates_two)[1].count == matching
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_faiss_ivf_one_condition_lists_scanned_or_their_passing_photos_scored(
+        faiss_index, monkeypatch, kind):
+    """A one-condition filter in the lists chosen for it: the lists scanned with its selector,
+    or (few of their entries pass) its photos in them scored from their stored vectors, give
+    the same hits, whether those photos come from its passing rows or from the lists' photos
+    tested."""
+    from indexer import repository
+
+    compressed_above(monkeypatch, kind)
+    n = 8000
+    _, cluster, vectors, queries = clustered(n, seed=5)
+    keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
+    infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
+             for i in range(n)]
+    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
+    view = faiss_index.view(MODEL)
+    start = datetime.fromtimestamp(T2019 + 300 * DAY, timezone.utc)
+    filters = [PhotoFilter(taken_after=start, taken_before=start + timedelta(days=400)),
+               PhotoFilter(folders=["c01", "c07/s03"])]
+    monkeypatch.setattr(view, "_exact_max_rows", lambda *a: 0)  # never exact over them all
+    scored = []
+    search_exact = view._search_exact
+    monkeypatch.setattr(view, "_search_exact", lambda *a: scored.append(1) or search_exact(*a))
+    found = {}
+    for skip_cost in (0.0, 1e9):  # the lists scanned; their passing photos scored
+        monkeypatch.setattr(repository, "SKIP_COST", skip_cost)
+        for near_above in (0, n):  # the lists' photos tested; the filter's passing rows
+            monkeypatch.setattr(view, "_near_above", lambda k: near_above)
+            scored.clear()
+            view.forget_filters()
+            found[skip_cost, near_above] = [view.search(queries, K, where=w) for w in filters]
+            assert len(scored) == (len(filters) if skip_cost else 0)
+    for where, (_, want_keys) in zip(filters, found[0.0, 0]):
+        truth, _ = exact_filtered(vectors, keys, infos, queries, where)
+        assert np.mean([len(set(f) & set(t)) / K for f, t in zip(want_keys, truth)]) >= 0.9
+    for (skip_cost, near_above), results in found.items():
+        for (scores, hits), (want_scores, want_keys) in zip(results, found[0.0, 0]):
+            assert hits == want_keys, (skip_cost, near_above)
+            np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
 def test_faiss_ivf_list_counts_of_a_filter_equal_its_photos_counted(faiss_index, monkeypatch):
     """The per-list counts a one-condition filter is searched with, read from the version's
     per-column counts (dates: whole blocks of the photos by date and the photos of two partial
@@ -466,12 +513,11 @@ def test_faiss_ivf_list_counts_of_a_filter_equal_its_photos_counted(faiss_index,
                 PhotoFilter(folders=["nowhere"])]
     for where in filters:
         rows = np.flatnonzero(view.photos.mask(where))
-        count, per_list = view._list_counts(where)
-        assert count == len(rows)
+        per_list = view._list_counts(view.photos.one_condition(where))
         np.testing.assert_array_equal(per_list, np.bincount(view._list_of_row[rows],
                                                             minlength=view._nlist))
-    # several conditions: none (counted photo by photo instead)
-    assert view._list_counts(PhotoFilter(folders=["c03"], taken_before=day(9))) is None
+    # several conditions: not one (counted photo by photo instead)
+    assert view.photos.one_condition(PhotoFilter(folders=["c03"], taken_before=day(9))) is None
 
 
 def test_lists_chosen_for_one_query_equal_the_batched_choice():
