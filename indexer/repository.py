@@ -43,8 +43,10 @@ the table:
     few: how many of its photos each list holds is read from the version's per-column list
     counts (per value for folders and places; cumulative along the photos by date, plus two
     partial blocks), the lists are chosen from those counts, and the filter is evaluated over
-    the chosen lists' photos only (`_search_counted`): no pass over its photos, nothing kept,
-    and a folder unlike the query is found where it is.
+    the chosen lists' photos only (`_search_counted`; its own rows in those lists, when its
+    column's order gives few): no pass over its photos, nothing kept, and a folder unlike the
+    query is found where it is. When few of the chosen lists' entries pass (a narrow date
+    range), those photos are scored from their stored vectors instead of the lists scanned.
   - IVF, a filter of several conditions that many may pass, at its first search: evaluated
     over the photos of the lists nearest the query only (`_search_near`), the same choice of
     lists; when those hold too few, or the filter is searched again, counted as above (and
