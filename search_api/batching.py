@@ -4,7 +4,9 @@ Concurrent requests each submit their inputs; the worker takes everything queued
 previous forward pass ran and encodes it in one batched call. No waiting window is added (a lone
 request runs at once), the model is never called from many threads at the same time (on a
 2-core machine that oversubscribes torch's intra-op threads), and under load one forward pass
-serves many queries.
+serves many queries. With `split_from` set, a queue that long is taken half at a time: clients
+waiting on one batch all come back at once, and while the model encodes one half the event loop
+answers the other and reads its next requests, instead of the two taking turns.
 """
 from __future__ import annotations
 
@@ -25,14 +27,17 @@ _STOP = object()
 
 class Batcher:
     def __init__(self, fn: Callable[[list], Sequence], name: str, max_batch: int = 32,
-                 observe: Callable[[float, int], None] | None = None, retry_alone: bool = True):
+                 observe: Callable[[float, int], None] | None = None, retry_alone: bool = True,
+                 split_from: int | None = None):
         """fn maps a list of items to one result per item. retry_alone: after a failed batch,
         run each request alone so one bad input fails only its own request (off where a failure
         is never the input's, e.g. an index that does not answer: retrying would only wait
-        longer)."""
+        longer). split_from: from this many queued requests, a batch takes half of them (see
+        the module doc; None: everything queued, up to max_batch)."""
         self.fn = fn
         self.name = name
         self.max_batch = max_batch
+        self.split_from = split_from
         self.retry_alone = retry_alone
         self.observe = observe  # (seconds, items) after each batched call
         self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -70,7 +75,11 @@ class Batcher:
             jobs = [first]
             n = len(first[0])
             stop = False
-            while n < self.max_batch:
+            most = self.max_batch
+            queued = 1 + self._q.qsize()
+            if self.split_from is not None and queued > self.split_from:
+                most = min(most, max(self.split_from, -(-queued // 2)))
+            while n < most:
                 try:
                     job = self._q.get_nowait()
                 except queue.Empty:
