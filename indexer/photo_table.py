@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cachetools import LRUCache
 
-from indexer.arrow_numpy import from_numpy, strings, to_numpy
-from indexer.photo_columns import DATE_NOT_READ, FACETS, INFO_COLUMNS, public_info
+from indexer.arrow_numpy import strings, to_numpy
+from indexer.photo_columns import DATE_NOT_READ, FACETS, INFO_COLUMNS
 from indexer.photo_filter import PhotoFilter, orientation_of, unit_sphere
 
 ARROW_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string()}
@@ -116,9 +116,22 @@ class PhotoTable:
 
     # --- reading -----------------------------------------------------------------------------
     def rows(self, positions) -> list[dict | None]:
-        """The stored metadata of these rows, as view.info gives it."""
-        return [public_info(r) for r in
-                self.table.take(from_numpy(np.asarray(positions, np.int64))).to_pylist()]
+        """The stored metadata of these rows, as view.info gives it (photo_columns.public_info:
+        the known values), read from the per-column arrays filters and facets use (numbers
+        as float64, strings as dictionary codes): a quarter of an Arrow take of every column
+        and its to_pylist, for a page of hits."""
+        positions = np.asarray(positions, np.int64)
+        columns = []
+        for name, kind in INFO_COLUMNS.items():
+            if kind == "str":
+                codes, values = self.codes(name)
+                column = [values[c] if c >= 0 else None for c in codes[positions].tolist()]
+            else:
+                column = self.numbers(name)[positions].tolist()  # NaN: unknown
+                column = [None if v != v else int(v) if kind == "int" else v for v in column]
+            columns.append((name, column))
+        return [{name: column[i] for name, column in columns if column[i] is not None} or None
+                for i in range(len(positions))]
 
     def numbers(self, name: str) -> np.ndarray:
         """A numeric column as float64, NaN where unknown."""

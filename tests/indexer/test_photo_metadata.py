@@ -333,6 +333,11 @@ def test_photo_table_over_some_rows_and_candidate_rows(library, monkeypatch):
     table = PhotoTable.from_rows([None if i is None else clean_info(i, k)
                                   for k, i in zip(keys, infos)])
     rows = np.random.default_rng(3).permutation(N)[:700]
+    # a page of rows' metadata, read from the per-column arrays, is the table's own rows
+    # (as JSON: an int column gives ints)
+    assert json.dumps(table.rows(rows)) == json.dumps(
+        [public_info(table.table.slice(r, 1).to_pylist()[0]) for r in rows])
+    assert any(r is None for r in table.rows(rows))  # rows without metadata among them
     narrowed = 0
     for fields in FILTERS:
         where = PhotoFilter.model_validate(fields)
