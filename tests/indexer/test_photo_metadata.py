@@ -377,6 +377,18 @@ def test_photo_table_over_some_rows_and_candidate_rows(library, monkeypatch):
         assert isinstance(table._folders_of("folder")[0], list) == bool(set_test_max)
 
 
+def dated_library(faiss_index, monkeypatch, kind: str, n: int, seed: int):
+    """A `kind` version of `clustered` photos in folders c<cluster>/s<i % 25>, each with a
+    date (its days spread over n days): (view, keys, vectors, infos, queries)."""
+    compressed_above(monkeypatch, kind)
+    _, cluster, vectors, queries = clustered(n, seed=seed)
+    keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
+    infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
+             for i in range(n)]
+    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
+    return faiss_index.view(MODEL), keys, vectors, infos, queries
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 @pytest.mark.parametrize("share", [0.5, 0.05, 0.004])
 def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypatch, share,
@@ -386,14 +398,8 @@ def test_faiss_ivf_first_search_of_a_filter_matches_exact(faiss_index, monkeypat
     filter of several conditions is evaluated over the lists near the query when many pass,
     and counted in full when those hold too few; few passing: from the narrowest condition's
     rows. The best passing photos whichever way."""
-    compressed_above(monkeypatch, kind)
     n = 8000
-    centers, cluster, vectors, queries = clustered(n, seed=8)
-    keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
-    infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
-             for i in range(n)]
-    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
-    view = faiss_index.view(MODEL)
+    view, keys, vectors, infos, queries = dated_library(faiss_index, monkeypatch, kind, n, 8)
     assert view.manifest["index_params"]["kind"] == kind
     tried, counted = [], []
     search_near, search_counted = view._search_near, view._search_counted
@@ -460,14 +466,8 @@ def test_faiss_ivf_one_condition_lists_scanned_or_their_passing_photos_scored(
     tested."""
     from indexer import repository
 
-    compressed_above(monkeypatch, kind)
     n = 8000
-    _, cluster, vectors, queries = clustered(n, seed=5)
-    keys = [f"c{c:02d}/s{i % 25:02d}/{i:05d}.jpg" for i, c in enumerate(cluster)]
-    infos = [{"taken_at": T2019 + (i * 7919 % n) * DAY, "taken_at_source": "exif"}
-             for i in range(n)]
-    faiss_index.rebuild(MODEL, keys, vectors, ["e"] * n, info=infos)
-    view = faiss_index.view(MODEL)
+    view, keys, vectors, infos, queries = dated_library(faiss_index, monkeypatch, kind, n, 5)
     start = datetime.fromtimestamp(T2019 + 300 * DAY, timezone.utc)
     filters = [PhotoFilter(taken_after=start, taken_before=start + timedelta(days=400)),
                PhotoFilter(folders=["c01", "c07/s03"])]
