@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 CLEANERS = ("lower", "whitespace")
+ONE_BY_ONE_MAX = 64  # texts up to this many are tokenized one at a time (TextTokenizer.tokenize)
 
 
 def _basic_clean(text: str) -> str:
@@ -75,10 +76,21 @@ class TextTokenizer:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         clean = self.config.clean
-        encoded = self.tokenizer.encode_batch([clean_text(t, clean) for t in texts])
-        ids = np.asarray([e.ids for e in encoded], dtype=np.int64)
+        texts = [clean_text(t, clean) for t in texts]
+        if len(texts) <= ONE_BY_ONE_MAX:
+            # holding the GIL: encode_batch lets it go and then waits to take it back, up to
+            # the interpreter's switch interval (5 ms) while another thread runs Python (the
+            # service's event loop), for ~10 us of work a text
+            encoded = [self.tokenizer.encode(t) for t in texts]
+        else:
+            encoded = self.tokenizer.encode_batch(texts)
+        # padded to the longest, as encode_batch pads (one at a time, each is its own length)
+        width = max((len(e.ids) for e in encoded), default=0)
+        ids = np.full((len(encoded), width), self.config.pad_id, np.int64)
+        mask = np.zeros((len(encoded), width), np.int64)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = e.attention_mask
         if self.config.mask == "nonzero":
             mask = (ids != 0).astype(np.int64)
-        else:
-            mask = np.asarray([e.attention_mask for e in encoded], dtype=np.int64)
         return {"input_ids": ids, "attention_mask": mask}

@@ -21,6 +21,7 @@ from encoder.bundle import FORMAT, BundleMissing, StaleBundle, check_tokenizer, 
 from encoder.pixels import ImageSpec, PixelNormalizer
 from encoder.preprocessing import decode_image, eval_transform
 from encoder.serving import ServingEncoder
+from encoder.tokens import ONE_BY_ONE_MAX
 from tests.conftest import save_banked_checkpoint
 from tests.encoder.test_preprocessing import _photo
 
@@ -69,6 +70,9 @@ def banked(tmp_path_factory) -> Path:
 def _assert_serves_like(encoder: Encoder, serving: ServingEncoder) -> None:
     assert serving.model_id == encoder.model_id and serving.dim == encoder.dim
     check_tokenizer(encoder.model, serving.tokenizer)
+    # more texts than are tokenized one at a time: the batched call, padded the same
+    many = [" ".join(["a dog"] * (i % 9 + 1)) + "." for i in range(ONE_BY_ONE_MAX + 6)]
+    check_tokenizer(encoder.model, serving.tokenizer, many)
     cos = (serving.encode_texts(TEXTS) * encoder.encode_texts(TEXTS)).sum(1)
     assert cos.min() > 0.9999
     images = _photos(4)
