@@ -30,8 +30,13 @@ def test_waits_to_be_stopped(s3_server):
 '''
 
 
-def _sigint_as_a_terminal_gives_it() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# as a terminal starts it: a run launched in the background (`cmd &` from a script) inherits
+# SIGINT ignored, and Python then never raises KeyboardInterrupt. Set by a small launcher that
+# execs pytest, not by a preexec_fn: that runs Python in the fork child of this worker, which
+# may hold gRPC's threads (the Milvus client of tests run before in it), and a child once
+# died there of SIGABRT ("epoll_wait error: Bad file descriptor") before it could exec.
+SIGINT_AS_A_TERMINAL = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+                        " os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 @pytest.mark.s3
@@ -42,13 +47,10 @@ def test_a_test_run_stopped_by_a_signal_stops_the_servers_its_fixtures_started(t
     marker = tmp_path / "running.json"
     # the repository's fixtures as a plugin, on a test file of this test's own
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")],
+        [sys.executable, "-c", SIGINT_AS_A_TERMINAL, "-m", "pytest", "-q", "-p", "tests.conftest",
+         "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path / "test_inner.py")],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "RUNNING_MARKER": str(marker)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        # as a terminal starts it: a run launched in the background (`cmd &` from a script)
-        # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
-        preexec_fn=_sigint_as_a_terminal_gives_it)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = None
     try:
         deadline = time.monotonic() + 120
