@@ -113,6 +113,8 @@ def _open(page, base_url, query=""):
     page.goto(f"{base_url}/?per_page=20{query}")
     page.wait_for_function("() => document.getElementById('status').textContent"
                            ".includes('9 images')")
+    # the filter bar is shown once /facets answers, a request of its own beside /status
+    page.wait_for_load_state("networkidle")
 
 
 def test_filter_bar_choices_come_from_the_facets(page, base_url):
