@@ -69,7 +69,9 @@ class LeanClient:
             raise RuntimeError(f"{path}: HTTP {r.status}")
 
 
-async def clients(url: str, n_clients: int, n_requests: int) -> tuple[list[float], float]:
+async def clients(base: str, n_clients: int, n_requests: int) -> tuple[list[float], float]:
+    """(latencies, req/s) of n_requests searches from n_clients concurrent keep-alive httpx
+    clients against the service at `base`."""
     import httpx
 
     lat: list[float] = []
@@ -80,7 +82,8 @@ async def clients(url: str, n_clients: int, n_requests: int) -> tuple[list[float
             for i in todo:
                 q = QUERIES[(i + w) % len(QUERIES)]
                 t = time.perf_counter()
-                r = await client.post(url, json={"query": q, "top_k": 10})
+                r = await client.post(base + "/search_images_by_text",
+                                      json={"query": q, "top_k": 10})
                 lat.append(time.perf_counter() - t)
                 r.raise_for_status()
         t0 = time.perf_counter()
@@ -122,6 +125,10 @@ async def lean_clients(base: str, n_clients: int, n_requests: int) -> tuple[list
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(n_clients)))
     return lat, n_requests / (time.perf_counter() - t0)
+
+
+# the 16 clients' load generators, each run in turn on every tree
+GENERATORS = {"httpx": clients, "lean asyncio client": lean_clients}
 
 
 def main() -> int:
@@ -204,10 +211,10 @@ def main() -> int:
         t_lean1 = {name: [] for name in search}
         tower16 = []  # texts/s of the text tower fed batches of 16, in-process
         thr1 = {name: [] for name in search}
-        lat16 = {name: [] for name in search}
-        cpu16 = {name: {"server": [], "clients": []} for name in search}
-        thr16 = {name: [] for name in search}
-        lean16 = {name: {"thr": [], "lat": [], "server": [], "clients": []} for name in search}
+        # 16 clients per load generator: latencies, req/s and the CPU the server and this
+        # (client) process used meanwhile, per block
+        load16 = {(name, gen): {"lat": [], "thr": [], "server": [], "clients": []}
+                  for name in search for gen in GENERATORS}
         for _ in range(args.rounds):
             for client in lean.values():
                 client.reconnect()
@@ -229,27 +236,19 @@ def main() -> int:
                 enc.encode_texts(batch)
             tower16.append(max(1, args.requests * 2 // args.concurrency) * len(batch)
                            / (time.perf_counter() - t))
-            for (name, url), server in zip(search.items(), servers):
+            for name, server in zip(search, servers):
                 # 1-client throughput: back-to-back requests, nothing else in between
-                lat, thr = asyncio.run(clients(url, 1, args.requests))
+                lat, thr = asyncio.run(clients(urls[name], 1, args.requests))
                 thr1[name].append(thr)
-                # where the 2 cores go meanwhile: the server process, this (client) process
-                before = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
-                lat, thr = asyncio.run(clients(url, args.concurrency, args.requests * 2))
-                wall = time.perf_counter() - before[2]
-                cpu16[name]["server"].append((cpu_seconds(server.pid) - before[0]) / wall)
-                cpu16[name]["clients"].append((time.process_time() - before[1]) / wall)
-                lat16[name] += lat
-                thr16[name].append(thr)
-                # the same through the lean load generator
-                before = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
-                lat, thr = asyncio.run(lean_clients(urls[name], args.concurrency,
-                                                    args.requests * 2))
-                wall = time.perf_counter() - before[2]
-                lean16[name]["server"].append((cpu_seconds(server.pid) - before[0]) / wall)
-                lean16[name]["clients"].append((time.process_time() - before[1]) / wall)
-                lean16[name]["lat"] += lat
-                lean16[name]["thr"].append(thr)
+                for gen, run in GENERATORS.items():
+                    out = load16[name, gen]
+                    before = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+                    lat, thr = asyncio.run(run(urls[name], args.concurrency, args.requests * 2))
+                    wall = time.perf_counter() - before[2]
+                    out["server"].append((cpu_seconds(server.pid) - before[0]) / wall)
+                    out["clients"].append((time.process_time() - before[1]) / wall)
+                    out["lat"] += lat
+                    out["thr"].append(thr)
         health = http.get(urls["this tree"] + "/health").json()
     finally:
         for server in servers:
@@ -271,29 +270,24 @@ def main() -> int:
              "req/s": median(thr1[name]), "ratio": f"p50 {h50 / f50:.2f} x floor"},
             {"what": f"HTTP POST /search_images_by_text ({name}), http.client", "clients": 1,
              "p50 ms": 1000 * l50, "p95 ms": 1000 * pct(t_lean1[name], 95),
-             "req/s": 1 / np.mean(t_lean1[name]), "ratio": f"p50 {l50 / f50:.2f} x floor"},
-            {"what": f"HTTP POST /search_images_by_text ({name}), httpx",
-             "clients": args.concurrency,
-             "p50 ms": 1000 * median(lat16[name]), "p95 ms": 1000 * pct(lat16[name], 95),
-             "req/s": median(thr16[name]),
-             "ratio": f"throughput {median(thr16[name]) / limit:.2f} x the tower's limit "
-                      f"(CPU: server {median(cpu16[name]['server']):.2f}, clients "
-                      f"{median(cpu16[name]['clients']):.2f} of 2 cores)"},
-            {"what": f"HTTP POST /search_images_by_text ({name}), lean asyncio client",
-             "clients": args.concurrency,
-             "p50 ms": 1000 * median(lean16[name]["lat"]),
-             "p95 ms": 1000 * pct(lean16[name]["lat"], 95), "req/s": median(lean16[name]["thr"]),
-             "ratio": f"throughput {median(lean16[name]['thr']) / limit:.2f} x the tower's "
-                      f"limit (CPU: server {median(lean16[name]['server']):.2f}, clients "
-                      f"{median(lean16[name]['clients']):.2f} of 2 cores)"}]
+             "req/s": 1 / np.mean(t_lean1[name]), "ratio": f"p50 {l50 / f50:.2f} x floor"}]
+        for gen in GENERATORS:
+            out = load16[name, gen]
+            rows.append(
+                {"what": f"HTTP POST /search_images_by_text ({name}), {gen}",
+                 "clients": args.concurrency, "p50 ms": 1000 * median(out["lat"]),
+                 "p95 ms": 1000 * pct(out["lat"], 95), "req/s": median(out["thr"]),
+                 "ratio": f"throughput {median(out['thr']) / limit:.2f} x the tower's limit "
+                          f"(CPU: server {median(out['server']):.2f}, clients "
+                          f"{median(out['clients']):.2f} of 2 cores)"})
     print(f"index: {index.count} vectors ({index.manifest.get('index_type')}), text runtime "
           f"{args.text_runtime}, {args.rounds} rounds x {args.requests} requests, "
           f"trees: {', '.join(f'{k}={v}' for k, v in trees.items())}; "
           f"service reports {health.get('model_id', '?')}\n")
     print(table(rows))
     save_json("query", {"rows": rows, "floor": t_floor, "http1": t_http1, "lean1": t_lean1,
-                        "thr1": thr1, "thr16": thr16, "tower16": tower16, "cpu16": cpu16,
-                        "lean16": lean16})
+                        "thr1": thr1, "tower16": tower16,
+                        "load16": {f"{name}, {gen}": v for (name, gen), v in load16.items()}})
     return 0
 
 
