@@ -455,7 +455,8 @@ class IndexVersion:
         key, hit = self._cached_passing(where)
         if hit is not None:
             return hit
-        out = self._count_passing(where, self._passing_rows(where, self._subset_most)[1])
+        out = self._count_passing(where, self._passing_rows(where, self._subset_most,
+                                                            self._one_condition(where))[1])
         with self._passing_lock:
             self._passing[key] = out
         return out
@@ -466,14 +467,16 @@ class IndexVersion:
         than over every row (a contiguous pass)."""
         return self.count // 8
 
+    def _one_condition(self, where: PhotoFilter) -> OneCondition | None:
+        return None if self.photos is None else self.photos.one_condition(where)
+
     def _passing_rows(self, where: PhotoFilter, most: int,
-                      one: OneCondition | None = None) -> tuple[int, np.ndarray | None]:
+                      one: OneCondition | None) -> tuple[int, np.ndarray | None]:
         """(at most how many pass, the table rows passing the filter): the rows found from its
         narrowest condition when that leaves `most` rows or fewer, else None (`one`: the
-        filter as one condition, when it is one)."""
+        filter as one condition, `_one_condition(where)`)."""
         if self.photos is None:
             return 0, np.zeros(0, np.int64)
-        one = one or self.photos.one_condition(where)
         if one is not None:  # its column's order gives exactly the rows passing
             return one.count, (one.rows() if one.count <= most else None)
         count, candidates = self.photos.candidate_rows(where, most)
@@ -809,7 +812,7 @@ class IndexVersion:
         if passing is None:
             ivf = self._ivf
             near = ivf is not None and self.photos is not None
-            one = None if self.photos is None else self.photos.one_condition(where)
+            one = self._one_condition(where)
             most, rows = self._passing_rows(where, min(self._near_above(k), self._subset_most)
                                             if near else self._subset_most, one)
             with self._passing_lock:
