@@ -23,6 +23,7 @@ from pathlib import Path
 from core.logs import setup_logging
 from core.settings import REPO_ROOT, get_settings
 from training.data import add_data_args, load_set_from_folder, load_splits
+from training.query_styles import QUERY_STYLES
 from training.train import LOSSES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-variants", type=int, default=0,
                    help="with --unfreeze-text-layers: augmented copies of each caption cached "
                         "beside it (meaning kept: articles, adjectives, synonyms, case, typos)")
+    p.add_argument("--typed-variants", type=typed_styles, default=(), metavar="STYLE[,STYLE]",
+                   help="with --unfreeze-text-layers: a copy of each caption per query style as "
+                        f"people type them ({', '.join(QUERY_STYLES[1:])}), drawn as the "
+                        "augmented copies are")
     p.add_argument("--augment-p", type=float, default=0.5,
-                   help="probability that a step uses one of a caption's augmented copies")
+                   help="probability that a step uses one of a caption's copies (augmented or "
+                        "typed) instead of the caption")
     p.add_argument("--position-dropout", type=float, default=0.0)
     p.add_argument("--query-bank", type=int, default=1000,
                    help="training captions kept for hubness correction at search time (0: off)")
@@ -93,10 +99,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true")
 
 
+def typed_styles(value: str) -> tuple[str, ...]:
+    """--typed-variants: query styles, comma-separated, each a copy ("caption" is the caption)."""
+    styles = tuple(dict.fromkeys(s.strip() for s in value.split(",") if s.strip()))
+    unknown = [s for s in styles if s not in QUERY_STYLES[1:]]
+    if unknown or not styles:
+        raise argparse.ArgumentTypeError(
+            f"unknown query style(s) {', '.join(unknown) or value!r}; known: "
+            f"{', '.join(QUERY_STYLES[1:])}")
+    return styles
+
+
 def check_train_args(p: argparse.ArgumentParser, args) -> None:
     """Options that only the text-tower training reads are refused without it (never ignored)."""
-    if not args.unfreeze_text_layers and (args.caption_variants or args.image_side != "locked"):
-        p.error("--caption-variants and --image-side apply to --unfreeze-text-layers N")
+    if not args.unfreeze_text_layers and (args.caption_variants or args.typed_variants
+                                          or args.image_side != "locked"):
+        p.error("--caption-variants, --typed-variants and --image-side apply to "
+                "--unfreeze-text-layers N")
     if args.unfreeze_text_layers and args.model:
         p.error("--unfreeze-text-layers trains our dual encoder's text tower; with --model use "
                 "--train-part")
@@ -123,7 +142,8 @@ def make_trainer(args, out: Path):
                       position_dropout=args.position_dropout, query_bank=args.query_bank,
                       loss=args.loss, negatives_queue=args.negatives_queue,
                       keep_best=args.keep_best, image_side=args.image_side,
-                      caption_variants=args.caption_variants, augment_p=args.augment_p,
+                      caption_variants=args.caption_variants,
+                      typed_variants=args.typed_variants, augment_p=args.augment_p,
                       log_path=str(out.with_suffix(".log.jsonl")))
     eval_sets = [load_set_from_folder(f) for f in args.eval_set]
     if args.model:  # a pretrained open_clip model, end to end

@@ -5,7 +5,8 @@ The layers below the fine-tuned ones never change, so their output is computed o
 pooling and the heads. The image tower is locked at its weights and run once per image
 (`pooled_image_features`); its head is either locked too ("locked": the image embeddings, and
 so an index, stay as they were up to the model id) or trained beside the text side ("head").
-Augmented captions (`training.caption_augment`) are cached beside the originals as variants.
+Augmented captions (`training.caption_augment`) and the captions in query styles as people type
+them (`training.query_styles`) are cached beside the originals as variants.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from training.data import Flickr8kSplit
 from training.features import TokenStates, pooled_image_features, text_states
+from training.query_styles import styled_queries
 from training.train import DualEncoderTrainer, corrected_metrics
 
 IMAGE_SIDES = ("locked", "head")
@@ -23,8 +25,9 @@ IMAGE_SIDES = ("locked", "head")
 
 class TextTowerTrainer(DualEncoderTrainer):
     """Our dual encoder with `config.text_tail_layers` top text layers trained (cfg.image_side:
-    "locked" or "head"; cfg.caption_variants augmented copies of each caption, one drawn with
-    probability cfg.augment_p per caption and step)."""
+    "locked" or "head"; cfg.caption_variants augmented copies of each caption and one copy per
+    style of cfg.typed_variants, one of them drawn with probability cfg.augment_p per caption and
+    step)."""
 
     def setup(self) -> list[dict]:
         m, cfg = self.model, self.cfg
@@ -46,13 +49,16 @@ class TextTowerTrainer(DualEncoderTrainer):
         for p in layers + heads:
             p.requires_grad_(True)
 
-        self.variants, self.augment_p = cfg.caption_variants, cfg.augment_p
+        self.augment_p = cfg.augment_p
         texts = list(self.train_texts)
-        if self.variants:
+        if cfg.caption_variants:
             from training.caption_augment import augmented_variants
 
-            for variant in augmented_variants(self.train_texts, self.variants, cfg.seed):
+            for variant in augmented_variants(self.train_texts, cfg.caption_variants, cfg.seed):
                 texts += variant
+        for style in cfg.typed_variants:
+            texts += styled_queries(self.train_texts, style, cfg.seed)
+        self.variants = cfg.caption_variants + len(cfg.typed_variants)
         self.train_states = text_states(m.text_backbone, texts, self.text_split, cfg.cache_dir,
                                         device=self.device)
         self.train_pooled = self.pooled(self.train_split)
@@ -116,4 +122,5 @@ class TextTowerTrainer(DualEncoderTrainer):
 
     def describe(self) -> dict:
         return {**super().describe(), "image_side": self.image_side,
-                "caption_variants": self.variants}
+                "caption_variants": self.cfg.caption_variants,
+                "typed_variants": list(self.cfg.typed_variants)}

@@ -59,9 +59,11 @@ class TrainConfig:
     negatives_queue: int = 0  # recent image/text embeddings kept as extra negatives (0: none)
     keep_best: bool = False  # restore the epoch with the best selection score at the end
     # text-tower training (training/text_tower.py): the image side "locked" or its "head" trained;
-    # augmented copies of each caption, one drawn instead of the caption with probability augment_p
+    # augmented copies of each caption and copies in query styles ("keywords", ...), one of them
+    # drawn instead of the caption with probability augment_p
     image_side: str = "locked"
     caption_variants: int = 0
+    typed_variants: tuple[str, ...] = ()
     augment_p: float = 0.5
     log_path: str | None = None
     extra: dict = field(default_factory=dict)

@@ -10,7 +10,9 @@ from encoder.checkpoint import read_payload
 from encoder.spec import CheckpointFile
 from training.cli import main as train_main
 from training.data import load_split_from_folder
+from training.caption_augment import augmented_variants
 from training.features import pooled_image_features, text_states
+from training.query_styles import styled_queries
 from training.text_tower import TextTowerTrainer
 from training.train import TrainConfig, build_model, corrected_metrics, embed_split
 
@@ -130,6 +132,33 @@ def test_image_head_side_trains_the_head_not_the_tower(tiny_flickr, tmp_path):
     assert not _same(head, _snapshot(model, "image_head."))
 
 
+def test_augmented_and_typed_copies_are_cached_after_the_captions_and_drawn(tiny_flickr,
+                                                                             tmp_path):
+    root, _ = tiny_flickr
+    train = load_split_from_folder(str(root), "train")
+    model = build_model(ModelConfig(embed_dim=16, text_tail_layers=1))
+    cfg = TrainConfig(epochs=1, batch_size=8, device="cpu", cache_dir=str(tmp_path / "c"),
+                      workers=0, query_bank=0, caption_variants=1,
+                      typed_variants=("keywords", "question"), augment_p=1.0)
+    trainer = TextTowerTrainer(model, train, None, cfg)
+    drawn: list[int] = []
+    embed_states = trainer.embed_states
+    trainer.embed_states = lambda states, rows: (drawn.extend(rows), embed_states(states, rows))[1]
+    trainer.fit()
+    captions = list(trainer.train_texts)
+    n = len(captions)
+    expected = [*captions, *augmented_variants(captions, 1, cfg.seed)[0],
+                *styled_queries(captions, "keywords", cfg.seed),
+                *styled_queries(captions, "question", cfg.seed)]
+    cached = text_states(model.text_backbone, expected, model.text_split, tmp_path / "other",
+                         progress=False)
+    assert len(trainer.train_states) == 4 * n
+    assert torch.equal(trainer.train_states.lengths, cached.lengths)
+    assert torch.equal(trainer.train_states.flat, cached.flat)
+    # augment_p 1: every step's caption is one of its copies, each copy kind drawn
+    assert drawn and min(drawn) >= n and {r // n for r in drawn} == {1, 2, 3}
+
+
 def test_cli_resumes_a_checkpoint_with_text_layers_unfrozen(tiny_flickr, tmp_path, cpu_args):
     root, _ = tiny_flickr
     base = tmp_path / "base.pt"
@@ -149,7 +178,9 @@ def test_cli_resumes_a_checkpoint_with_text_layers_unfrozen(tiny_flickr, tmp_pat
 
 def test_text_tower_options_are_refused_without_text_layers(tiny_flickr, tmp_path, cpu_args):
     root, _ = tiny_flickr
-    for extra in (["--caption-variants", "2"], ["--image-side", "head"]):
+    for extra in (["--caption-variants", "2"], ["--typed-variants", "keywords"],
+                  ["--image-side", "head"], ["--unfreeze-text-layers", "1",
+                                             "--typed-variants", "keywords,haiku"]):
         with pytest.raises(SystemExit) as exc:
             train_main(["--data", str(root), "--out", str(tmp_path / "x.pt"), "--epochs", "1",
                         *extra, *cpu_args])
