@@ -23,7 +23,7 @@ from pathlib import Path
 from core.logs import setup_logging
 from core.settings import REPO_ROOT, get_settings
 from training.data import add_data_args, load_set_from_folder, load_splits
-from training.query_styles import QUERY_STYLES
+from training.query_styles import QUERY_STYLES, parse_styles
 from training.train import LOSSES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def typed_styles(value: str) -> tuple[str, ...]:
     """--typed-variants: query styles, comma-separated, each a copy ("caption" is the caption)."""
-    styles = tuple(dict.fromkeys(s.strip() for s in value.split(",") if s.strip()))
-    unknown = [s for s in styles if s not in QUERY_STYLES[1:]]
-    if unknown or not styles:
-        raise argparse.ArgumentTypeError(
-            f"unknown query style(s) {', '.join(unknown) or value!r}; known: "
-            f"{', '.join(QUERY_STYLES[1:])}")
-    return styles
+    try:
+        return parse_styles(value, QUERY_STYLES[1:])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_train_args(p: argparse.ArgumentParser, args) -> None:

@@ -12,6 +12,8 @@ import random
 import re
 
 QUERY_STYLES: tuple[str, ...] = ("caption", "keywords", "short", "photos-of", "question", "typos")
+# styles whose queries are drawn (which nouns, which template, which slips): one seed is one draw
+DRAWN_STYLES = frozenset({"keywords", "question", "typos"})
 
 ARTICLES = frozenset({"a", "an", "the"})
 PREPOSITIONS = frozenset({
@@ -218,6 +220,17 @@ def styled_query(caption: str, style: str, rng: random.Random) -> str:
     out = _SPACES.sub(" ", out).strip()
     # a query with no word left ("photos of " of an empty caption) falls back to the caption
     return out if words(out) and out != "photos of" else caption
+
+
+def parse_styles(value: str, known: tuple[str, ...] = QUERY_STYLES) -> tuple[str, ...]:
+    """Comma-separated style names, each once, in the order given; ValueError naming the known
+    ones for an unknown or empty list."""
+    styles = tuple(dict.fromkeys(s.strip() for s in value.split(",") if s.strip()))
+    unknown = [s for s in styles if s not in known]
+    if unknown or not styles:
+        raise ValueError(f"unknown query style(s) {', '.join(unknown) or repr(value)}; known: "
+                         f"{', '.join(known)}")
+    return styles
 
 
 def styled_queries(captions: list[str], style: str, seed: int = 0) -> list[str]:

@@ -212,3 +212,32 @@ def test_evaluate_command_records_query_styles_in_the_card(tiny_flickr, small_ch
     assert read_card(ckpt)["evaluations"]["dev"]["query_styles"] == result["query_styles"]
     assert eval_main([*args, "--no-write-card"]) == 0
     assert "query_styles" not in json.loads(capsys.readouterr().out)
+
+
+def test_drawn_styles_average_their_draws_and_styles_can_be_named(tiny_flickr, small_checkpoint,
+                                                                  tmp_path, cpu_args, capsys):
+    from training.data import load_splits
+    from training.evaluate import evaluate_checkpoint
+    from training.evaluate import main as eval_main
+
+    root, _ = tiny_flickr
+    (dev,), _ = load_splits(["dev"], str(root))
+    one = evaluate_checkpoint(str(small_checkpoint), dev, str(tmp_path / "c"), "cpu",
+                              query_styles=("keywords", "short"))["query_styles"]
+    three = evaluate_checkpoint(str(small_checkpoint), dev, str(tmp_path / "c"), "cpu",
+                                query_styles=("keywords", "short"),
+                                style_seeds=3)["query_styles"]
+    assert list(one) == list(three) == ["keywords", "short"]
+    assert three["short"] == one["short"]  # not drawn: one pass whatever the seeds
+    draws = three["keywords"]["R@1_per_seed"]
+    assert len(draws) == 3 and draws[0] == one["keywords"]["R@1"]
+    assert three["keywords"]["R@1"] == pytest.approx(sum(draws) / 3)
+    args = ["--data", str(root), "--checkpoint", str(small_checkpoint), "--device", "cpu",
+            "--cache-dir", str(tmp_path / "c"), "--no-write-card"]
+    assert eval_main([*args, "--query-styles", "typos,caption", "--style-seeds", "2"]) == 0
+    styles = json.loads(capsys.readouterr().out)["query_styles"]
+    assert list(styles) == ["typos", "caption"] and len(styles["typos"]["R@1_per_seed"]) == 2
+    for bad in (["--query-styles", "haiku"], ["--query-styles", "--style-seeds", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            eval_main([*args, *bad])
+        assert exc.value.code == 2
