@@ -32,40 +32,6 @@ def _raw_response(status: int, reason: str, detail: str) -> bytes:
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
 
 
-class _OneSendTransport:
-    """The connection's transport as one response writes to it: the response head is held and
-    written with the first body bytes, one send instead of uvicorn's two (a syscall each, ~15 %
-    of the event loop's busy time under load). What comes before the response (100 Continue)
-    goes out as written; a HEAD response (no body write) sends its head at once; closing sends
-    what is held first."""
-
-    __slots__ = ("_transport", "_cycle", "_head", "_head_seen")
-
-    def __init__(self, transport, cycle):
-        self._transport, self._cycle = transport, cycle
-        self._head: bytes | None = None
-        self._head_seen = False
-
-    def write(self, data) -> None:
-        if not self._head_seen and self._cycle.response_started:
-            self._head_seen = True  # the response's first write is its head
-            if self._cycle.scope["method"] != "HEAD":
-                self._head = data
-                return
-        elif self._head is not None:
-            data, self._head = self._head + data, None
-        self._transport.write(data)
-
-    def close(self) -> None:
-        if self._head is not None:
-            self._transport.write(self._head)
-            self._head = None
-        self._transport.close()
-
-    def __getattr__(self, name):
-        return getattr(self._transport, name)
-
-
 class _HeadRefused(Exception):
     def __init__(self, status: int, reason: str, detail: str):
         self.status, self.reason, self.detail = status, reason, detail
@@ -208,9 +174,6 @@ def limited_http_protocol(max_head_bytes: int, max_url_bytes: int, max_headers: 
             self._in_head = False
             self._cancel_head_timer()
             super().on_headers_complete()
-            cycle = self.cycle  # this request's new cycle (its task has not run yet)
-            if cycle is not None and cycle.transport is self.transport:
-                cycle.transport = _OneSendTransport(self.transport, cycle)
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
