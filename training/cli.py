@@ -235,7 +235,7 @@ def ship_command(argv: list[str]) -> int:
     sets = [trainer.dev_split, *trainer.eval_sets]
     results = evaluate_sets(str(out), sets, trainer.cfg.cache_dir, trainer.device,
                             use_cache=trainer.cfg.cache, plots=not args.no_plots,
-                            query_styles=args.query_styles)
+                            query_styles=QUERY_STYLES if args.query_styles else ())
     record_evaluations(str(out), results)
     # what a score means to a person (the match the API and the page show), fitted on dev
     calibrate(str(out), trainer.dev_split, trainer.cfg.cache_dir, trainer.device,

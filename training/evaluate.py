@@ -60,7 +60,7 @@ def query_style_metrics(model, split: Flickr8kSplit, img: torch.Tensor,
 
 def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/features",
                         device: str = "cpu", use_cache: bool = True, plots: bool = False,
-                        query_styles: bool | tuple[str, ...] = False, style_seeds: int = 1) -> dict:
+                        query_styles: tuple[str, ...] = (), style_seeds: int = 1) -> dict:
     loaded = load_checkpoint(path)
     model = loaded.model.to(device)
     img, txt, owner = embed_split(model, split, cache_dir, device, use_cache=use_cache)
@@ -77,18 +77,18 @@ def evaluate_checkpoint(path: str, split, cache_dir: str | None = ".cache/featur
     result = {"model_id": loaded.model_id, "split": split.name, "images": len(split),
               "captions": len(owner), **corrected_metrics(model, img, txt, owner)}
     if query_styles:
-        styles = QUERY_STYLES if query_styles is True else query_styles
-        result["query_styles"] = query_style_metrics(model, split, img, styles, style_seeds)
+        result["query_styles"] = query_style_metrics(model, split, img, query_styles,
+                                                     style_seeds)
     return result
 
 
 def evaluate_sets(path: str, sets: list[Flickr8kSplit], cache_dir: str | None = ".cache/features",
                   device: str = "cpu", use_cache: bool = True, plots: bool = False,
-                  query_styles: bool | tuple[str, ...] = False, style_seeds: int = 1) -> dict:
+                  query_styles: tuple[str, ...] = (), style_seeds: int = 1) -> dict:
     """Each set's figures under its name, stamped with the date and commit; `plots` draws the
     first set's examples (dev when it is evaluated) and the card's training curve;
-    `query_styles` adds each set's text->image figures per query style (True: every style;
-    or the styles named), drawn styles averaged over `style_seeds` draws."""
+    `query_styles` adds each set's text->image figures in those query styles, the drawn ones
+    averaged over `style_seeds` draws."""
     results = {}
     for n, split in enumerate(sets):
         result = evaluate_checkpoint(path, split, cache_dir, device, use_cache=use_cache,

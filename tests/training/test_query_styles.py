@@ -185,7 +185,7 @@ def test_caption_style_figures_equal_the_standard_text_to_image(tiny_flickr, sma
             else small_checkpoint)
     (dev,), _ = load_splits(["dev"], str(root))
     result = evaluate_checkpoint(str(ckpt), dev, str(tmp_path / "cache"), "cpu",
-                                 query_styles=True)
+                                 query_styles=QUERY_STYLES)
     assert ("raw_cosine" in result) == bank
     styles = result["query_styles"]
     assert list(styles) == list(QUERY_STYLES)

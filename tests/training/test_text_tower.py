@@ -8,9 +8,9 @@ import torch
 from encoder import Encoder, ModelConfig, load_checkpoint, read_card, save_checkpoint
 from encoder.checkpoint import read_payload
 from encoder.spec import CheckpointFile
+from training.caption_augment import augmented_variants
 from training.cli import main as train_main
 from training.data import load_split_from_folder
-from training.caption_augment import augmented_variants
 from training.features import pooled_image_features, text_states
 from training.query_styles import styled_queries
 from training.text_tower import TextTowerTrainer
