@@ -9,7 +9,9 @@ upload that cannot be spooled to its full temporary disk is a 503, not a 500."""
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
+import time
 
 import httpx
 
@@ -41,15 +43,24 @@ def index_on_tmpfs(index_run):
         subprocess.run(["umount", "-l", str(index_run.index_dir)], check=False)
 
 
-def _fill(path) -> None:
-    """Write zeros to `path` until the file system is full."""
+def _fill(path, settle_s: float = 0.3, within_s: float = 10.0) -> None:
+    """Write zeros to `path` until the file system is full, and until it stays full for
+    `settle_s`: space freed just after (an upload's spooled file, unnamed, closed by the API
+    once its answer went out) is taken too, or a later upload would fit in it."""
     chunk = b"\0" * (1 << 16)
+    deadline = time.monotonic() + within_s
     with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+        while True:
+            try:
+                while True:
+                    f.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+            time.sleep(settle_s)
+            free = os.statvfs(path)
+            if free.f_bavail * free.f_frsize < len(chunk):
+                return
+            assert time.monotonic() < deadline, "the file system does not stay full"
 
 
 def _update_ready_to_publish(index_run):
