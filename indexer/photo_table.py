@@ -119,19 +119,29 @@ class PhotoTable:
         """The stored metadata of these rows, as view.info gives it (photo_columns.public_info:
         the known values), read from the per-column arrays filters and facets use (numbers
         as float64, strings as dictionary codes): a quarter of an Arrow take of every column
-        and its to_pylist, for a page of hits."""
+        and its to_pylist, for a page of hits. Columns without a value in any row are not
+        read (a library without GPS or camera data: half of them)."""
         positions = np.asarray(positions, np.int64)
-        columns = []
-        for name, kind in INFO_COLUMNS.items():
+        names, columns = [], []
+        for name, kind in self._filled_columns:
             if kind == "str":
                 codes, values = self.codes(name)
                 column = [values[c] if c >= 0 else None for c in codes[positions].tolist()]
             else:
                 column = self.numbers(name)[positions].tolist()  # NaN: unknown
                 column = [None if v != v else int(v) if kind == "int" else v for v in column]
-            columns.append((name, column))
-        return [{name: column[i] for name, column in columns if column[i] is not None} or None
-                for i in range(len(positions))]
+            names.append(name)
+            columns.append(column)
+        if not columns:
+            return [None] * len(positions)
+        return [{name: v for name, v in zip(names, row) if v is not None} or None
+                for row in zip(*columns)]
+
+    @cached_property
+    def _filled_columns(self) -> list[tuple[str, str]]:
+        """(name, kind) of the INFO_COLUMNS with a value in some row."""
+        return [(name, kind) for name, kind in INFO_COLUMNS.items()
+                if self.table.column(name).null_count < self.num_rows]
 
     def numbers(self, name: str) -> np.ndarray:
         """A numeric column as float64, NaN where unknown."""

@@ -141,14 +141,16 @@ def create_app(settings: Settings | None = None,
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
+    # known when the service is built before the app
+    dim = service.encoders.dim if service is not None else None
+    has_scale = service.match_scale is not None if service is not None else None
+    # the search routes first: a request is matched against the routes in order (no two
+    # routes share a path), and searches are most of the traffic
+    app.include_router(search.build_router(settings, bodies(limits, dim, has_scale)))
     app.include_router(web.router)
     app.include_router(system.router)
     app.include_router(duplicates.router)
     app.include_router(explain.build_router(settings))
-    # known when the service is built before the app
-    dim = service.encoders.dim if service is not None else None
-    has_scale = service.match_scale is not None if service is not None else None
-    app.include_router(search.build_router(settings, bodies(limits, dim, has_scale)))
     web.mount_static(app)
     _openapi_security(app, settings)
     return app

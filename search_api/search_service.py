@@ -52,7 +52,9 @@ class NoMatchScale(ValueError):
     """A min_match asked of a model without a match scale (a 422)."""
 
 
-@dataclass(frozen=True)
+# not frozen: a frozen dataclass's __init__ costs ~0.7 us, this ~0.13 (20 per query's page);
+# a Hit is built once and never changed (with_info makes a new one)
+@dataclass(slots=True)
 class Hit:
     rank: int  # 1-based, in the full ranking (offset included)
     key: str
@@ -100,6 +102,8 @@ MATCH_DECIMALS = 1  # finer than a person reads, coarse enough to compare as sho
 
 def iso_time(seconds) -> str | None:
     """Unix seconds as ISO 8601 in UTC (None for a missing or unusable value)."""
+    if seconds is None:  # the common missing value, without an exception's cost
+        return None
     try:
         return datetime.fromtimestamp(float(seconds), timezone.utc).isoformat(timespec="seconds")
     except (TypeError, ValueError, OverflowError, OSError):
@@ -126,17 +130,21 @@ def hit_info(stored: dict | None) -> dict | None:
     camera, what size. None when the index holds no metadata for the photo."""
     if not stored:
         return None
-    place = [stored.get("city") or stored.get("region"), stored.get("country")]
-    make, model = stored.get("camera_make") or "", stored.get("camera_model") or ""
-    # models often repeat the make ("Canon" / "Canon EOS R6", "NIKON CORPORATION" / "NIKON D750")
-    brand = make.split()[0].casefold() if make.split() else ""
-    camera = model if brand and model.casefold().startswith(brand) else \
-        " ".join(p for p in (make, model) if p)
-    return {"taken_at": iso_time(stored.get("taken_at")),
-            "taken_at_source": stored.get("taken_at_source"),
-            "place": ", ".join(p for p in place if p) or None,
+    get = stored.get
+    place = [p for p in (get("city") or get("region"), get("country")) if p]
+    make, model = get("camera_make") or "", get("camera_model") or ""
+    camera = None
+    if make or model:
+        # models often repeat the make ("Canon" / "Canon EOS R6", "NIKON CORPORATION" /
+        # "NIKON D750")
+        brand = make.split()[0].casefold() if make.split() else ""
+        camera = model if brand and model.casefold().startswith(brand) else \
+            " ".join(p for p in (make, model) if p)
+    return {"taken_at": iso_time(get("taken_at")),
+            "taken_at_source": get("taken_at_source"),
+            "place": ", ".join(place) or None,
             "camera": camera or None,
-            "width": stored.get("width"), "height": stored.get("height")}
+            "width": get("width"), "height": get("height")}
 
 
 def page(scores, keys, similarities, offset: int, top_k: int, min_score: float | None,

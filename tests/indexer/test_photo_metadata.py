@@ -323,6 +323,25 @@ def test_faiss_filtered_search_paths_give_full_pages(faiss_index, monkeypatch, k
     assert view.search(queries, 50, where=where)[1] == truth
 
 
+def test_photo_table_rows_where_columns_hold_no_value():
+    """A library without GPS or camera data leaves those columns empty in every row: a page's
+    rows are still each row's known values (and None for a row with none at all)."""
+    from indexer.photo_table import PhotoTable
+
+    infos = [{"width": 640, "height": 480, "taken_at": 1.7e9 + i, "taken_at_source": "modified"}
+             if i % 3 else None for i in range(9)]
+    keys = [f"trip/{i}.jpg" for i in range(9)]
+    table = PhotoTable.from_rows([None if i is None else clean_info(i, k)
+                                  for k, i in zip(keys, infos)])
+    rows = np.array([8, 0, 4, 3, 1])
+    got = table.rows(rows)
+    assert got == [public_info(table.table.slice(r, 1).to_pylist()[0]) for r in rows]
+    assert got[0] == {"width": 640, "height": 480, "taken_at": 1.7e9 + 8,
+                      "taken_at_source": "modified", "folder": "trip"}
+    assert "lat" not in got[0] and "camera_make" not in got[0]
+    assert PhotoTable.from_rows([None, None]).rows(np.array([1, 0])) == [None, None]
+
+
 def test_photo_table_over_some_rows_and_candidate_rows(library, monkeypatch):
     """`mask(where, rows)` is the whole-table mask at those rows, for every field; the rows
     `candidate_rows` gives hold every passing row, and none is given above `most`."""
