@@ -8,16 +8,16 @@ Builds an index of N Flickr8k images in a temp dir, starts the real service (`py
 search_api`, one uvicorn worker) on a free port, then alternates: floor calls and 1-client HTTP
 calls one by one (ratio of p50s), then blocks of --load-requests searches from 16 concurrent
 clients (asyncio + keep-alive httpx, or raw HTTP/1.1 on asyncio streams, in this process) for
-throughput, against the text tower's own limit (texts per second fed batches of 16 in-process,
-as many texts, same rounds; also fed batches of 8, the most 16 clients get from the service's
-batcher, which takes a long queue half at a time), with the CPU the server and the clients used meanwhile (blocks
-of 2,000 searches, ~2 s: blocks of 400 moved ±5 % between runs). The 1-client calls go
-through httpx and through a lean keep-alive client (the standard library's http.client):
-httpx's own per-request work (~1.4 ms here) runs on the same 2 cores as the server and is not
-the service's. The service reads IMAGE_RUNTIME / TEXT_RUNTIME
-like any deployment. --baseline-tree DIR also starts the service of another checkout (cwd and
-PYTHONPATH DIR, same index, same environment, another port) and measures it in the same rounds,
-interleaved (floor, this tree, baseline), so a before/after comparison is one command.
+throughput, against the text tower's own limit (texts per second fed batches of 16 in-process, as
+many texts, same rounds; also fed batches of 8, the most 16 clients get from the service's batcher,
+which takes a long queue half at a time), with the CPU the server and the clients used meanwhile
+(blocks of 2,000 searches, ~2 s: blocks of 400 moved ±5 % between runs). The 1-client calls go
+through httpx and through a lean keep-alive client (the standard library's http.client): httpx's
+own per-request work (~1.4 ms here) runs on the same 2 cores as the server and is not the
+service's. The service reads IMAGE_RUNTIME / TEXT_RUNTIME like any deployment. --baseline-tree DIR
+also starts the service of another checkout (cwd and PYTHONPATH DIR, same index, same environment,
+another port) and measures it in the same rounds, interleaved (floor, this tree, baseline), so a
+before/after comparison is one command.
 """
 from __future__ import annotations
 
