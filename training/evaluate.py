@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         "averaged over N draws of their queries")
     args = p.parse_args(argv)
     try:
-        styles = parse_styles(args.query_styles) if args.query_styles else ()
+        styles = parse_styles(args.query_styles) if args.query_styles is not None else ()
     except ValueError as exc:
         p.error(f"--query-styles: {exc}")
     if args.style_seeds < 1:

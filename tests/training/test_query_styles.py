@@ -237,7 +237,8 @@ def test_drawn_styles_average_their_draws_and_styles_can_be_named(tiny_flickr, s
     assert eval_main([*args, "--query-styles", "typos,caption", "--style-seeds", "2"]) == 0
     styles = json.loads(capsys.readouterr().out)["query_styles"]
     assert list(styles) == ["typos", "caption"] and len(styles["typos"]["R@1_per_seed"]) == 2
-    for bad in (["--query-styles", "haiku"], ["--query-styles", "--style-seeds", "0"]):
+    for bad in (["--query-styles", "haiku"], ["--query-styles", ""],
+                ["--query-styles", "--style-seeds", "0"]):
         with pytest.raises(SystemExit) as exc:
             eval_main([*args, *bad])
         assert exc.value.code == 2
